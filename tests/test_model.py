@@ -1,0 +1,444 @@
+"""Tests of cnn_rnn_numpy: numeric gradient checks for every layer and the
+whole model, agreement with naive reference implementations, overfitting a
+tiny batch, float32/float64 agreement, and save/load."""
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+import cnn_rnn_numpy as M
+from cnn_rnn_numpy import CNNRNN, ModelFileError
+
+RTOL = 1e-6   # the issue's bound on the relative error of every gradient
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+def numeric_gradient(f, x, h=1e-5, indices=None):
+    """Central-difference gradient of the scalar f() with respect to array x (changed in place).
+
+    indices: optional list of flat indices to check (all when None).
+    Returns (flat indices, numeric gradient at them).
+    """
+    flat = x.reshape(-1)
+    if indices is None:
+        indices = np.arange(flat.size)
+    grad = np.empty(len(indices))
+    for k, i in enumerate(indices):
+        old = flat[i]
+        flat[i] = old + h
+        fp = f()
+        flat[i] = old - h
+        fm = f()
+        flat[i] = old
+        grad[k] = (fp - fm) / (2 * h)
+    return indices, grad
+
+
+def rel_error(a, b):
+    """Largest elementwise relative error, CS231n style: max |a-b| / max(|a|+|b|, 1e-8)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return float(np.max(np.abs(a - b) / np.maximum(1e-8, np.abs(a) + np.abs(b))))
+
+
+def rel_error_vector(a, b):
+    """Relative error of a gradient vector: max |a-b| / max(|a|+|b|).
+
+    Used for the whole model, where a few entries (a nearly dead ReLU channel)
+    have true gradients near 1e-11, below what central differences resolve on
+    a loss of ~2 (eps * loss / h ~ 5e-11): their elementwise ratio measures
+    rounding, not the gradient.
+    """
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return float(np.max(np.abs(a - b)) / max(1e-300, np.max(np.abs(a) + np.abs(b))))
+
+
+def check_layer(forward, backward, inputs, wrt, rng, dout_seed=0):
+    """Gradient check a layer: loss = sum(forward(*inputs) * dout).
+
+    wrt: names (indices into inputs) to check; backward returns grads in the same order.
+    """
+    out, cache = forward(*inputs)
+    dout = np.random.default_rng(dout_seed).standard_normal(out.shape)
+    grads = backward(dout, cache)
+    if not isinstance(grads, tuple):
+        grads = (grads,)
+    for k in wrt:
+        x = inputs[k]
+        idx, num = numeric_gradient(lambda: float(np.sum(forward(*inputs)[0] * dout)), x)
+        assert rel_error(num, grads[k].reshape(-1)[idx]) < RTOL, f"input {k}"
+
+
+def naive_conv(x_nchw, w, b):
+    """Reference 3x3 cross-correlation, padding 1, NCHW in and out (frameworks' convention)."""
+    N, C, H, W = x_nchw.shape
+    xp = np.pad(x_nchw, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = np.zeros((N, w.shape[0], H, W))
+    for i in range(3):
+        for j in range(3):
+            out += np.einsum('nchw,oc->nohw', xp[:, :, i:i + H, j:j + W], w[:, :, i, j])
+    return out + b[None, :, None, None]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+# --------------------------------------------------------------------------
+# layers
+# --------------------------------------------------------------------------
+
+def test_conv_forward_matches_naive_cross_correlation(rng):
+    x = rng.standard_normal((2, 5, 6, 4))          # NHWC
+    w = rng.standard_normal((3, 4, 3, 3))
+    b = rng.standard_normal(3)
+    out, _ = M.conv3x3_forward(x, w, b)
+    ref = naive_conv(x.transpose(0, 3, 1, 2), w, b).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('pool_order', [False, True])
+def test_col2im_is_the_adjoint_of_im2col(rng, pool_order):
+    x = rng.standard_normal((2, 4, 6, 3))
+    cols = M.im2col_3x3(x, pool_order=pool_order)
+    c = rng.standard_normal(cols.shape)
+    # <im2col(x), c> == <x, col2im(c)> for every x, c  <=>  col2im = im2col^T
+    np.testing.assert_allclose(np.vdot(cols, c), np.vdot(x, M.col2im_3x3(c, x.shape, pool_order)),
+                               rtol=1e-12)
+
+
+def test_conv_gradients(rng):
+    x = rng.standard_normal((2, 4, 4, 3))
+    w = rng.standard_normal((5, 3, 3, 3))
+    b = rng.standard_normal(5)
+    check_layer(M.conv3x3_forward, M.conv3x3_backward, [x, w, b], wrt=[0, 1, 2], rng=rng)
+
+
+def test_relu_gradient(rng):
+    x = rng.standard_normal((3, 4, 5))
+    x[np.abs(x) < 1e-3] = 0.5     # keep away from the kink
+    check_layer(M.relu_forward, M.relu_backward, [x], wrt=[0], rng=rng)
+
+
+def test_maxpool_forward_and_gradient(rng):
+    x = rng.standard_normal((2, 4, 6, 3))
+    out, _ = M.maxpool2x2_forward(x)
+    ref = x.reshape(2, 2, 2, 3, 2, 3).max(axis=(2, 4))
+    np.testing.assert_array_equal(out, ref)
+    check_layer(M.maxpool2x2_forward, M.maxpool2x2_backward, [x], wrt=[0], rng=rng)
+
+
+def test_maxpool_ties_do_not_double_the_gradient():
+    x = np.zeros((1, 2, 2, 1))            # four equal candidates
+    out, cache = M.maxpool2x2_forward(x)
+    dx = M.maxpool2x2_backward(np.ones_like(out), cache)
+    assert dx.sum() == 1.0 and dx[0, 0, 0, 0] == 1.0
+    # Ties between the two bottom members only, and between one top and one bottom member.
+    x = np.array([[[[0.], [1.]], [[3.], [3.]]]])
+    _, cache = M.maxpool2x2_forward(x)
+    dx = M.maxpool2x2_backward(np.ones((1, 1, 1, 1)), cache)
+    np.testing.assert_array_equal(dx.reshape(-1), [0, 0, 1, 0])
+    x = np.array([[[[2.], [5.]], [[5.], [1.]]]])
+    _, cache = M.maxpool2x2_forward(x)
+    dx = M.maxpool2x2_backward(np.ones((1, 1, 1, 1)), cache)
+    np.testing.assert_array_equal(dx.reshape(-1), [0, 1, 0, 0])
+
+
+def test_conv_relu_pool_equals_the_chain_of_plain_layers(rng):
+    x = rng.standard_normal((3, 6, 4, 2))
+    w = rng.standard_normal((4, 2, 3, 3))
+    b = rng.standard_normal(4)
+    out, cache = M.conv_relu_pool_forward(x, w, b)
+    a, c_conv = M.conv3x3_forward(x, w, b)
+    r, c_relu = M.relu_forward(a)
+    ref, c_pool = M.maxpool2x2_forward(r)
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+    dout = rng.standard_normal(out.shape)
+    dx, dw, db = M.conv_relu_pool_backward(dout, cache)
+    rdx, rdw, rdb = M.conv3x3_backward(M.relu_backward(M.maxpool2x2_backward(dout, c_pool), c_relu), c_conv)
+    np.testing.assert_allclose(dx, rdx, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dw, rdw, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(db, rdb, rtol=1e-10, atol=1e-12)
+    assert M.conv_relu_pool_backward(dout, cache, need_dx=False)[0] is None
+
+
+def test_conv_relu_pool_gradients(rng):
+    x = rng.standard_normal((2, 4, 4, 3))
+    w = rng.standard_normal((4, 3, 3, 3))
+    b = rng.standard_normal(4)
+    check_layer(M.conv_relu_pool_forward, M.conv_relu_pool_backward, [x, w, b], wrt=[0, 1, 2], rng=rng)
+
+
+@pytest.mark.parametrize('layout', ['pixels', 'rows'])
+def test_sequence_layouts_follow_the_design(rng, layout):
+    F_nchw = rng.standard_normal((2, 64, 8, 8))            # (N, channels, rows, cols)
+    seq = M.map_to_sequence(np.ascontiguousarray(F_nchw.transpose(0, 2, 3, 1)), layout)
+    if layout == 'pixels':
+        assert seq.shape == (2, 64, 64)
+        row, col, ch = 3, 5, 17
+        assert seq[1, row * 8 + col, ch] == F_nchw[1, ch, row, col]
+    else:
+        assert seq.shape == (2, 8, 512)
+        row, col, ch = 6, 2, 40
+        assert seq[1, row, col * 64 + ch] == F_nchw[1, ch, row, col]
+    back = M.sequence_to_map(seq, layout, (2, 8, 8, 64))
+    np.testing.assert_array_equal(back.transpose(0, 3, 1, 2), F_nchw)
+    with pytest.raises(ValueError, match='layout'):
+        M.map_to_sequence(F_nchw, 'columns')
+
+
+def test_rnn_matches_the_recurrence_and_its_gradients(rng):
+    N, T, D, H = 3, 5, 4, 6
+    x = rng.standard_normal((N, T, D))
+    Wx = rng.standard_normal((D, H)) * 0.5
+    Wh = rng.standard_normal((H, H)) * 0.5
+    b = rng.standard_normal(H)
+    h = np.zeros((N, H))
+    for t in range(T):
+        h = np.tanh(x[:, t] @ Wx + h @ Wh + b)
+    h_T, _ = M.rnn_forward(x, Wx, Wh, b)
+    np.testing.assert_allclose(h_T, h, rtol=1e-12)
+    check_layer(M.rnn_forward, M.rnn_backward, [x, Wx, Wh, b], wrt=[0, 1, 2, 3], rng=rng)
+
+
+def test_affine_gradients(rng):
+    check_layer(M.affine_forward, M.affine_backward,
+                [rng.standard_normal((4, 5)), rng.standard_normal((5, 3)), rng.standard_normal(3)],
+                wrt=[0, 1, 2], rng=rng)
+
+
+def test_softmax_loss_value_gradient_and_stability(rng):
+    logits = rng.standard_normal((5, 10))
+    y = rng.integers(0, 10, 5)
+    loss, dlogits = M.softmax_loss(logits, y)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert abs(loss - (-np.log(p[np.arange(5), y]).mean())) < 1e-12
+    idx, num = numeric_gradient(lambda: M.softmax_loss(logits, y)[0], logits)
+    assert rel_error(num, dlogits.reshape(-1)[idx]) < RTOL
+    # P - Y, divided by N
+    Y = np.eye(10)[y]
+    np.testing.assert_allclose(dlogits, (p - Y) / 5, rtol=1e-10)
+    # Huge logits: no overflow, no log(0), the loss of a confident wrong answer is finite.
+    big = np.array([[1e4, -1e4, 0.0], [-5e3, 5e3, 1.0]], dtype=np.float32)
+    loss, d = M.softmax_loss(big, np.array([1, 1]))
+    assert np.isfinite(loss) and np.all(np.isfinite(d))
+    assert abs(loss - 1e4) < 1.0
+    probs = M.softmax(big)
+    assert np.all(np.isfinite(probs)) and np.allclose(probs.sum(1), 1)
+
+
+def test_clip_grad_norm():
+    g = {'a': np.array([3.0, 0.0]), 'b': np.array([[4.0]])}
+    assert M.clip_grad_norm(g, 10.0) == pytest.approx(5.0)
+    assert g['a'][0] == 3.0                     # under the limit: unchanged
+    assert M.clip_grad_norm(g, 1.0) == pytest.approx(5.0)
+    total = np.sqrt(sum(np.sum(v ** 2) for v in g.values()))
+    assert total == pytest.approx(1.0, rel=1e-6)
+    np.testing.assert_allclose(g['a'], [0.6, 0.0], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# the whole model
+# --------------------------------------------------------------------------
+
+def small_batch(rng, n=2, dtype=np.float64):
+    X = rng.random((n, 3, 32, 32)).astype(dtype)
+    y = rng.integers(0, 10, n)
+    return X, y
+
+
+@pytest.mark.parametrize('layout', ['pixels', 'rows'])
+def test_parameter_names_and_shapes(layout):
+    m = CNNRNN(seq_layout=layout)
+    D = 64 if layout == 'pixels' else 512
+    expected = {'conv1_W': (64, 3, 3, 3), 'conv1_b': (64,), 'conv2_W': (64, 64, 3, 3),
+                'conv2_b': (64,), 'W_xh': (D, 128), 'W_hh': (128, 128), 'b_h': (128,),
+                'W_ho': (128, 10), 'b_o': (10,)}
+    assert {k: v.shape for k, v in m.params.items()} == expected
+    assert all(v.dtype == np.float32 for v in m.params.values())
+
+
+@pytest.mark.parametrize('layout', ['pixels', 'rows'])
+def test_model_gradient_check(rng, layout):
+    """Every parameter (a random sample of entries of each) and the input, float64."""
+    m = CNNRNN(seq_layout=layout, hidden=16, reg=0.1, seed=3, dtype=np.float64)
+    for name in m.params:           # non-zero biases, so their gradients are exercised too
+        if name.endswith('_b') or name.startswith('b_'):
+            m.params[name][:] = rng.standard_normal(m.params[name].shape) * 0.1
+    X, y = small_batch(rng)
+    m.conv_chunk = 1                # also exercises the micro-batch accumulation
+    _, grads = m.loss(X, y, input_grad=True)
+    for name, arr in list(m.params.items()) + [('X', X)]:
+        sample = rng.choice(arr.size, size=min(arr.size, 12), replace=False)
+        idx, num = numeric_gradient(lambda: m.loss(X, y)[0], arr, indices=sample)
+        err = rel_error_vector(num, grads[name].reshape(-1)[idx])
+        assert err < RTOL, f"{layout} {name}: relative error {err:.2e}"
+        assert np.max(np.abs(num)) > 1e-6, f"{layout} {name}: the check sampled only zero gradients"
+
+
+def test_l2_is_in_the_loss_and_gradients_as_designed(rng):
+    X, y = small_batch(rng)
+    m0 = CNNRNN(reg=0.0, dtype=np.float64, seed=5)
+    m1 = CNNRNN(reg=0.3, dtype=np.float64, seed=5)
+    l0, g0 = m0.loss(X, y)
+    l1, g1 = m1.loss(X, y)
+    sq = sum(np.sum(m1.params[k] ** 2) for k in M.DECAYED_PARAMS)
+    assert l1 - l0 == pytest.approx(0.15 * sq, rel=1e-10)
+    for k in m1.params:
+        expected = g0[k] + (0.3 * m1.params[k] if k in M.DECAYED_PARAMS else 0)
+        np.testing.assert_allclose(g1[k], expected, rtol=1e-10, atol=1e-14)
+
+
+def test_float32_and_float64_agree(rng):
+    X, y = small_batch(rng, n=8, dtype=np.float32)
+    m32 = CNNRNN(seq_layout='pixels', seed=7)
+    m64 = CNNRNN(seq_layout='pixels', seed=7, dtype=np.float64)
+    m64.params = {k: v.astype(np.float64) for k, v in m32.params.items()}
+    l32, g32 = m32.loss(X, y)
+    l64, g64 = m64.loss(X.astype(np.float64), y)
+    assert l32 == pytest.approx(l64, rel=1e-5)
+    for k in g32:
+        assert g32[k].dtype == np.float32
+        scale = np.abs(g64[k]).max() + 1e-12
+        assert np.abs(g32[k] - g64[k]).max() / scale < 1e-4, k
+
+
+def test_micro_batch_size_does_not_change_the_result(rng):
+    X, y = small_batch(rng, n=10)
+    m = CNNRNN(dtype=np.float64, seed=2)
+    l_a, g_a = m.loss(X, y)
+    m.conv_chunk = 3
+    l_b, g_b = m.loss(X, y)
+    assert l_a == pytest.approx(l_b, rel=1e-12)
+    for k in g_a:
+        np.testing.assert_allclose(g_a[k], g_b[k], rtol=1e-10, atol=1e-15)
+
+
+def test_forward_features_and_predict_proba_agree_with_loss(rng):
+    X, y = small_batch(rng, n=7, dtype=np.float32)
+    m = CNNRNN(seq_layout='rows', seed=4, reg=0.0)
+    logits = m.forward(X)
+    loss, _ = m.loss(X, y)
+    assert M.softmax_loss(logits, y)[0] == pytest.approx(loss, rel=1e-6)
+    probs, feats = m.predict_proba(X, batch_size=3, return_features=True)
+    np.testing.assert_allclose(probs, M.softmax(logits), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(feats, m.features(X), rtol=1e-5, atol=1e-6)
+    h = feats
+    np.testing.assert_allclose(h @ m.params['W_ho'] + m.params['b_o'], logits, rtol=1e-4, atol=1e-5)
+    assert probs.shape == (7, 10) and feats.shape == (7, 128)
+
+
+def test_initialisation(rng):
+    m = CNNRNN(seq_layout='pixels', rnn_init='orthogonal', seed=0)
+    W = m.params['W_hh'].astype(np.float64)
+    np.testing.assert_allclose(W @ W.T, np.eye(128), atol=1e-5)
+    assert np.std(m.params['conv2_W']) == pytest.approx(np.sqrt(2 / 576), rel=0.05)       # He
+    assert np.std(m.params['W_xh']) == pytest.approx(np.sqrt(2 / (64 + 128)), rel=0.05)   # Xavier
+    assert np.all(m.params['b_h'] == 0)
+    x = CNNRNN(rnn_init='xavier', seed=0).params['W_hh']
+    assert np.std(x) == pytest.approx(np.sqrt(1 / 128), rel=0.05)
+    # Seeded: the same seed gives the same parameters, another seed others.
+    assert np.array_equal(CNNRNN(seed=0).params['W_xh'], m.params['W_xh'])
+    assert not np.array_equal(CNNRNN(seed=1).params['W_xh'], m.params['W_xh'])
+    with pytest.raises(ValueError, match='rnn_init'):
+        CNNRNN(rnn_init='identity')
+
+
+@pytest.mark.parametrize('layout', ['pixels', 'rows'])
+def test_overfits_a_tiny_batch(layout):
+    """64 random images with random labels are memorised to 100% training accuracy."""
+    from main import SGD
+    rng = np.random.default_rng(0)
+    X = rng.random((64, 3, 32, 32), dtype=np.float32)
+    y = rng.integers(0, 10, 64)
+    m = CNNRNN(seq_layout=layout, reg=0.0, seed=0)
+    opt = SGD(m.params, momentum=0.9)
+    for step in range(300):
+        _, grads = m.loss(X, y)
+        M.clip_grad_norm(grads, 5.0)
+        opt.step(grads, lr=0.02)
+        if step % 10 == 9 and (m.forward(X).argmax(1) == y).mean() == 1.0:
+            break
+    assert (m.forward(X).argmax(1) == y).mean() == 1.0
+
+
+# --------------------------------------------------------------------------
+# save / load
+# --------------------------------------------------------------------------
+
+def test_save_load_round_trip(tmp_path, rng):
+    m = CNNRNN(seq_layout='rows', hidden=32, reg=1e-3, seed=9, rnn_init='xavier')
+    path = tmp_path / 'model.npz'
+    m.save(path)
+    m2 = CNNRNN.load(path)
+    assert m2.config() == m.config()
+    for k in m.params:
+        assert m2.params[k].dtype == m.params[k].dtype
+        np.testing.assert_array_equal(m2.params[k], m.params[k])
+    X, _ = small_batch(rng, n=3, dtype=np.float32)
+    np.testing.assert_array_equal(m2.forward(X), m.forward(X))
+    assert not any(p.name.startswith('model.npz.tmp') for p in tmp_path.iterdir())
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    m = CNNRNN(seq_layout='pixels')
+    good = tmp_path / 'good.npz'
+    m.save(good)
+    with pytest.raises(ModelFileError, match="seq_layout='pixels'"):
+        CNNRNN.load(good, seq_layout='rows')
+    with pytest.raises(ModelFileError, match='does not exist'):
+        CNNRNN.load(tmp_path / 'missing.npz')
+    truncated = tmp_path / 'truncated.npz'
+    truncated.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(ModelFileError, match='corrupt or truncated'):
+        CNNRNN.load(truncated)
+    garbage = tmp_path / 'garbage.npz'
+    garbage.write_bytes(b'not a zip file at all')
+    with pytest.raises(ModelFileError, match='corrupt or truncated'):
+        CNNRNN.load(garbage)
+    # A file whose arrays do not fit the configuration it declares.
+    arrays = dict(np.load(good))
+    arrays['param/W_xh'] = np.zeros((512, 128), np.float32)
+    bad_shape = tmp_path / 'bad_shape.npz'
+    np.savez(bad_shape, **arrays)
+    with pytest.raises(ModelFileError, match=r'W_xh has shape \(512, 128\).*needs \(64, 128\)'):
+        CNNRNN.load(bad_shape)
+    arrays = dict(np.load(good))
+    del arrays['param/b_o']
+    missing = tmp_path / 'missing_param.npz'
+    np.savez(missing, **arrays)
+    with pytest.raises(ModelFileError, match='missing'):
+        CNNRNN.load(missing)
+    arrays = dict(np.load(good))
+    meta = json.loads(str(arrays['meta']))
+    meta['format_version'] = 99
+    arrays['meta'] = np.array(json.dumps(meta))
+    future = tmp_path / 'future.npz'
+    np.savez(future, **arrays)
+    with pytest.raises(ModelFileError, match='format version 99'):
+        CNNRNN.load(future)
+    no_meta = tmp_path / 'plain.npz'
+    np.savez(no_meta, a=np.zeros(3))
+    with pytest.raises(ModelFileError, match='no model metadata'):
+        CNNRNN.load(no_meta)
+
+
+def test_save_is_atomic_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    m = CNNRNN()
+    path = tmp_path / 'm.npz'
+    m.save(path)
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError('disk full')
+    monkeypatch.setattr(np, 'savez', boom)
+    with pytest.raises(OSError):
+        CNNRNN(seed=1).save(path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ['m.npz']
+    assert zipfile.is_zipfile(path)
