@@ -593,7 +593,7 @@ class CNNRNN:
         logits, c_out = affine_forward(h_T, p['W_ho'], p['b_o'])         # (N,10)
         return logits, h_T, (c_conv, fmap.shape, c_rnn, c_out)
 
-    def loss(self, X, y, input_grad=False):
+    def loss(self, X, y, input_grad=False, return_logits=False):
         """Loss and gradients on a batch.
 
         Inputs:
@@ -602,10 +602,13 @@ class CNNRNN:
         - input_grad: also return the gradient with respect to X under the
           key 'X' (N, 3, 32, 32), for gradient checks and saliency maps;
           training leaves it off, it costs a col2im on the largest map
+        - return_logits: also return the logits (N, 10) the loss was computed
+          from, so a training loop can count correct answers without a second pass
 
         Returns a tuple of:
         - loss: mean cross-entropy + reg/2 * sum of squared decayed weights
         - grads: dict keyed like ``params``
+        - logits: (N, 10), only when return_logits is True
         """
         p = self.params
         logits, _, (c_conv, map_shape, c_rnn, c_out) = self._forward(X)
@@ -625,7 +628,7 @@ class CNNRNN:
         grads = {k: grads[k].astype(self.dtype, copy=False) for k in p}
         if input_grad:
             grads['X'] = np.ascontiguousarray(dx.transpose(0, 3, 1, 2))   # NHWC -> NCHW
-        return loss, grads
+        return (loss, grads, logits) if return_logits else (loss, grads)
 
     def forward(self, X):
         """Logits for a batch. X: (N, 3, 32, 32) -> (N, 10)."""
@@ -671,9 +674,12 @@ class CNNRNN:
                     f"{self.seq_layout!r} model with hidden={self.hidden} needs {shape}")
         self.params = {k: np.ascontiguousarray(params[k], dtype=self.dtype) for k in expected}
 
-    def save(self, path):
-        """Write the parameters and configuration to ``path`` (.npz), atomically."""
-        meta = dict(self.config(), format_version=FORMAT_VERSION, kind='CNNRNN')
+    def save(self, path, extra_meta=None):
+        """Write the parameters and configuration to ``path`` (.npz), atomically.
+
+        extra_meta: optional JSON-serialisable dict stored alongside (e.g. the epoch).
+        """
+        meta = dict(extra_meta or {}, **self.config(), format_version=FORMAT_VERSION, kind='CNNRNN')
         save_npz_atomic(path, {'meta': np.array(json.dumps(meta)),
                                **{f'param/{k}': v for k, v in self.params.items()}})
 

@@ -1,0 +1,299 @@
+"""End-to-end tests of the training driver on synthetic archives: the run
+folder, exact resume, the time budget, signals, divergence, bad input, and
+the learning-rate schedule."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import main
+from cnn_rnn_numpy import CNNRNN
+from conftest import REPO_ROOT, make_cifar_archive
+from viz import expected_calibration_error
+
+# 250 training images -> 225 train / 25 val; batch 32 -> 8 steps per epoch.
+SMOKE = ['--preset', 'smoke', '--subset', '1']
+STEPS_PER_EPOCH = 8
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return str(make_cifar_archive(tmp_path_factory.mktemp('cifar'), n_per_batch=50, n_test=100))
+
+
+def train_run(data_dir, out, *extra, stop_after_steps=None):
+    return main.run(SMOKE + ['--data-dir', data_dir, '--out', str(out), *extra],
+                    stop_after_steps=stop_after_steps)
+
+
+def resume(ckpt, *extra, stop_after_steps=None):
+    return main.run(['--resume', str(ckpt), *extra], stop_after_steps=stop_after_steps)
+
+
+def arrays(path):
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files if k != 'meta'}
+
+
+def folder_snapshot(path):
+    """{file name: bytes} of a folder, to prove that nothing was touched."""
+    return {name: open(os.path.join(path, name), 'rb').read() for name in sorted(os.listdir(path))
+            if os.path.isfile(os.path.join(path, name))}
+
+
+@pytest.fixture(scope='module')
+def full_run(data_dir, tmp_path_factory):
+    """A complete 3-epoch smoke run, the reference for the resume tests."""
+    out = tmp_path_factory.mktemp('runs') / 'full'
+    assert train_run(data_dir, out, '--epochs', '3') == 0
+    return out
+
+
+def test_every_run_folder_file_exists_and_is_valid(full_run):
+    names = set(os.listdir(full_run))
+    assert {'config.json', 'history.json', 'train.log', 'ckpt.npz', 'best.npz', 'metrics.json',
+            'predictions.npz'} <= names
+    cfg = json.loads((full_run / 'config.json').read_text())
+    assert cfg['preset'] == 'smoke' and cfg['epochs'] == 3 and cfg['subset'] == 1.0
+    history = json.loads((full_run / 'history.json').read_text())
+    assert [r['epoch'] for r in history] == [1, 2, 3]
+    for r in history:
+        assert set(r) >= {'train_loss', 'train_acc', 'val_loss', 'val_acc', 'lr', 'epoch_time_s',
+                          'images_per_s'}
+        assert 0 <= r['train_acc'] <= 1 and 0 <= r['val_acc'] <= 1 and r['images_per_s'] > 0
+    m = json.loads((full_run / 'metrics.json').read_text())
+    for key in ('test_loss', 'test_acc', 'ece', 'per_class_acc', 'confusion_matrix', 'best_val_acc',
+                'epochs_done', 'stopped_early', 'wall_time_s'):
+        assert key in m
+    assert m['epochs_done'] == 3 and m['stopped_early'] is False
+    assert m['best_val_acc'] == max(r['val_acc'] for r in history)
+    with np.load(full_run / 'predictions.npz') as p:
+        probs, labels, indices, hidden = p['probs'], p['labels'], p['indices'], p['hidden']
+    assert probs.shape == (100, 10) and hidden.shape == (100, 128)
+    np.testing.assert_array_equal(indices, np.arange(100))
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+    assert m['test_acc'] == pytest.approx((probs.argmax(1) == labels).mean())
+    assert m['ece'] == pytest.approx(expected_calibration_error(probs, labels), abs=1e-9)
+    cm = np.array(m['confusion_matrix'])
+    assert cm.shape == (10, 10) and cm.sum() == 100
+    np.testing.assert_array_equal(cm.sum(1), np.bincount(labels, minlength=10))
+    best = CNNRNN.load(full_run / 'best.npz')
+    assert best.seq_layout == 'pixels'
+    log = (full_run / 'train.log').read_text()
+    assert log.count('epoch ') >= 3 and 'test     accuracy' in log
+    latest = full_run.parent / 'latest'
+    assert latest.is_symlink() and latest.resolve() == full_run.resolve()
+
+
+@pytest.mark.parametrize('stop_at', [STEPS_PER_EPOCH, 5, STEPS_PER_EPOCH + 3])
+def test_stop_and_resume_is_bit_identical(data_dir, full_run, tmp_path, stop_at):
+    """Stopped after one epoch, mid-epoch in the first, or mid-epoch in the second, then resumed."""
+    out = tmp_path / 'split'
+    assert train_run(data_dir, out, '--epochs', '3', stop_after_steps=stop_at) == 0
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['stopped_early'] is True
+    assert resume(out / 'ckpt.npz') == 0
+    a, b = arrays(full_run / 'ckpt.npz'), arrays(out / 'ckpt.npz')
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for k, v in arrays(full_run / 'best.npz').items():
+        np.testing.assert_array_equal(v, arrays(out / 'best.npz')[k])
+    ha = json.loads((full_run / 'history.json').read_text())
+    hb = json.loads((out / 'history.json').read_text())
+    for ra, rb in zip(ha, hb):
+        for key in ('train_loss', 'train_acc', 'val_loss', 'val_acc', 'lr'):
+            assert ra[key] == rb[key], key
+    ma = json.loads((full_run / 'metrics.json').read_text())
+    mb = json.loads((out / 'metrics.json').read_text())
+    assert mb['stopped_early'] is False and mb['test_acc'] == ma['test_acc']
+
+
+def test_max_hours_stops_cleanly_and_evaluates(data_dir, tmp_path):
+    out = tmp_path / 'budget'
+    assert train_run(data_dir, out, '--max-hours', '1e-9') == 0
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['stopped_early'] is True and 'time budget' in m['stop_reason']
+    assert os.path.exists(out / 'predictions.npz')
+    assert 'time budget' in (out / 'train.log').read_text()
+    # The checkpoint resumes to the end.
+    assert resume(out / 'ckpt.npz') == 0
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['stopped_early'] is False and m['epochs_done'] == 2
+
+
+def test_sigterm_stops_cleanly_with_a_checkpoint(data_dir, tmp_path):
+    out = tmp_path / 'term'
+    proc = subprocess.Popen([sys.executable, 'main.py', *SMOKE, '--epochs', '200', '--data-dir', data_dir,
+                             '--out', str(out)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not os.path.exists(out / 'history.json') and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['stopped_early'] is True and 'SIGTERM' in m['stop_reason']
+    assert 1 <= m['epochs_done'] < 200
+    model, _, state, _ = main.load_checkpoint(str(out / 'ckpt.npz'))
+    assert state['stop_reason'] and state['epoch'] == m['epochs_done']
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'nan'
+    assert train_run(data_dir, out, '--epochs', '2', stop_after_steps=STEPS_PER_EPOCH) == 0
+    before = folder_snapshot(out)
+    real_loss = CNNRNN.loss
+    calls = {'n': 0}
+
+    def poisoned(self, X, y, **kw):
+        calls['n'] += 1
+        loss, grads, logits = real_loss(self, X, y, **kw)
+        return (float('nan') if calls['n'] == 3 else loss), grads, logits
+    monkeypatch.setattr(CNNRNN, 'loss', poisoned)
+    capsys.readouterr()
+    assert resume(out / 'ckpt.npz') == 1
+    assert 'the loss became nan at epoch 2, step 3' in capsys.readouterr().out
+    after = folder_snapshot(out)
+    for name in ('ckpt.npz', 'best.npz', 'history.json', 'metrics.json', 'predictions.npz'):
+        assert after[name] == before[name], name
+
+
+def bad_input_cases(data_dir, tmp_path):
+    """(name, argv, expected words in the message)."""
+    ckpt_dir = tmp_path / 'good_run'
+    assert train_run(data_dir, ckpt_dir, '--epochs', '1') == 0
+    corrupt = tmp_path / 'corrupt.npz'
+    corrupt.write_bytes((ckpt_dir / 'ckpt.npz').read_bytes()[:2000])
+    # A checkpoint whose model does not fit its declared configuration.
+    with np.load(ckpt_dir / 'ckpt.npz') as f:
+        a = {k: f[k] for k in f.files}
+    a['param/W_xh'] = np.zeros((512, 128), np.float32)
+    incompatible = tmp_path / 'incompatible.npz'
+    np.savez(incompatible, **a)
+    return ckpt_dir, [
+        ('unknown preset', ['--preset', 'turbo'], 'unknown preset'),
+        ('subset zero', ['--preset', 'smoke', '--subset', '0'], '--subset'),
+        ('subset above one', ['--preset', 'smoke', '--subset', '1.5'], '--subset'),
+        ('zero hours', ['--preset', 'smoke', '--max-hours', '0'], '--max-hours'),
+        ('negative hours', ['--preset', 'smoke', '--max-hours', '-1'], '--max-hours'),
+        ('zero epochs', ['--preset', 'smoke', '--epochs', '0'], '--epochs'),
+        ('negative lr', ['--preset', 'smoke', '--lr', '-0.1'], 'lr'),
+        ('missing resume', ['--resume', str(tmp_path / 'nope' / 'ckpt.npz')], 'does not exist'),
+        ('corrupt resume', ['--resume', str(corrupt)], 'corrupt'),
+        ('weights, not a checkpoint', ['--resume', str(ckpt_dir / 'best.npz')], 'not a resumable'),
+        ('incompatible resume', ['--resume', str(incompatible)], 'W_xh'),
+        ('existing out', SMOKE + ['--data-dir', data_dir, '--out', str(ckpt_dir)], 'already holds files'),
+        ('resume with overrides', ['--resume', str(ckpt_dir / 'ckpt.npz'), '--lr', '0.1'], 'cannot be combined'),
+    ]
+
+
+def test_bad_input_gives_one_sentence_exit_2_and_touches_nothing(data_dir, tmp_path, capsys):
+    ckpt_dir, cases = bad_input_cases(data_dir, tmp_path)
+    capsys.readouterr()
+    before = folder_snapshot(ckpt_dir)
+    listing = sorted(os.listdir(tmp_path))
+    for name, argv, words in cases:
+        if '--data-dir' not in argv and '--resume' not in argv:
+            argv = argv + ['--data-dir', data_dir, '--out', str(tmp_path / 'should_not_exist')]
+        assert main.run(argv) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert err.startswith('error: ') and words in err, (name, err)
+        assert '\n' not in err and 'Traceback' not in err, (name, err)
+        assert folder_snapshot(ckpt_dir) == before, name
+        assert sorted(os.listdir(tmp_path)) == listing, name
+
+
+def test_bad_input_through_the_real_cli(tmp_path):
+    proc = subprocess.run([sys.executable, 'main.py', '--preset', 'nope'], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith('error: unknown preset') and 'Traceback' not in proc.stderr
+    proc = subprocess.run([sys.executable, 'main.py', '--help'], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0
+    for option in ('--preset', '--subset', '--max-hours', '--resume', '--out', '--data-dir', '--epochs',
+                   '--batch-size', '--lr', '--seed', '--seq-layout', '--list-presets'):
+        assert option in proc.stdout
+    proc = subprocess.run([sys.executable, 'main.py', '--list-presets'], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and all(p in proc.stdout for p in ('fast', 'best', 'smoke'))
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    rc = main.run(SMOKE + ['--data-dir', str(tmp_path / 'empty'), '--out', str(tmp_path / 'r')])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert 'cifar-10-python.tar.gz' in err
+    assert not os.path.exists(tmp_path / 'r')
+
+
+def test_presets_are_validated(tmp_path, monkeypatch):
+    presets = main.load_presets()
+    assert presets['fast']['epochs'] == 15 and presets['fast']['batch_size'] == 256
+    assert presets['fast']['lr'] == 0.02 and presets['fast']['seq_layout'] == 'pixels'
+    assert presets['fast']['decay'] == 0.9 and presets['fast']['warmup_epochs'] == 1
+    for bad, words in [({'epochs': 15, 'colour': 'red'}, "unknown key 'colour'"),
+                       ({'epochs': -3}, 'epochs = -3 is invalid'),
+                       ({'lr': 'fast'}, 'lr'), ({'schedule': 'linear'}, 'schedule'),
+                       ({'nesterov': 1}, 'nesterov')]:
+        path = tmp_path / 'presets.json'
+        p = dict(presets['smoke'], **bad)
+        path.write_text(json.dumps({'x': p}))
+        with pytest.raises(main.UsageError, match=words):
+            main.load_presets(str(path))
+    p = dict(presets['smoke'])
+    del p['lr']
+    path.write_text(json.dumps({'x': p}))
+    with pytest.raises(main.UsageError, match='missing lr'):
+        main.load_presets(str(path))
+
+
+def test_learning_rate_schedule():
+    cfg = {'lr': 0.02, 'warmup_epochs': 1, 'schedule': 'exponential', 'decay': 0.9, 'epochs': 15,
+           'min_lr': 0.0}
+    S = 10
+    lr = lambda step: main.learning_rate(cfg, step, S)   # noqa: E731
+    assert lr(0) == pytest.approx(0.002)          # warm-up: linear per step
+    assert lr(4) == pytest.approx(0.01)
+    assert lr(9) == pytest.approx(0.02)
+    assert lr(10) == pytest.approx(0.02)          # first epoch after warm-up
+    assert lr(19) == pytest.approx(0.02)          # constant within an epoch
+    assert lr(20) == pytest.approx(0.018)
+    assert lr(149) == pytest.approx(0.02 * 0.9 ** 13)
+    cfg.update(schedule='cosine', lr=0.05, epochs=11, min_lr=0.001)
+    assert lr(9) == pytest.approx(0.05)
+    assert lr(10) == pytest.approx(0.05)          # cosine starts at the peak
+    assert lr(60) == pytest.approx(0.001 + 0.5 * 0.049)   # half way
+    assert lr(110) == pytest.approx(0.001)        # end
+    cfg['warmup_epochs'] = 0
+    assert lr(0) == pytest.approx(0.05)
+
+
+def test_sgd_momentum_and_nesterov():
+    p = {'w': np.array([1.0])}
+    opt = main.SGD(p, momentum=0.9)
+    opt.step({'w': np.array([1.0])}, lr=0.1)
+    assert p['w'][0] == pytest.approx(0.9)
+    opt.step({'w': np.array([1.0])}, lr=0.1)      # v = 0.9 * -0.1 - 0.1 = -0.19
+    assert p['w'][0] == pytest.approx(0.71)
+    q = {'w': np.array([1.0])}
+    nes = main.SGD(q, momentum=0.9, nesterov=True)
+    nes.step({'w': np.array([1.0])}, lr=0.1)      # v = -0.1; p += 0.9 * v - 0.1
+    assert q['w'][0] == pytest.approx(0.81)
+
+
+def test_real_archive_smoke_run(real_archive_dir, tmp_path):
+    """The smoke preset end to end on the real CIFAR-10 (CI links it into data/)."""
+    out = tmp_path / 'real'
+    assert main.run(['--preset', 'smoke', '--data-dir', str(real_archive_dir), '--out', str(out),
+                     '--epochs', '1']) == 0
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['test_images'] == 10000
+    with np.load(out / 'predictions.npz') as p:
+        assert p['probs'].shape == (10000, 10) and p['hidden'].shape == (10000, 128)
