@@ -1,0 +1,87 @@
+"""Overhead of the training loop over the bare training step.
+
+The bare step is the one ``benchmarks/speed.py`` times: forward, backward,
+clipping and the SGD update on a batch already in memory. The loop adds the
+data path (shuffle, augmentation, normalisation), the per-step bookkeeping,
+tqdm, validation on the whole validation split every epoch, checkpoints,
+best.npz and history.json. Both are measured in this one process, side by
+side, on the same images, and the script prints
+
+    overhead = loop wall time / (steps x median bare step time) - 1
+
+Usage:
+    python benchmarks/loop_overhead.py [--train 9000] [--epochs 2] [--preset fast] [--repeats 3]
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+import main  # noqa: E402
+from cnn_rnn_numpy import CNNRNN, clip_grad_norm  # noqa: E402
+from data_utils import BatchIterator, channel_mean_std  # noqa: E402
+
+
+def main_():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--train', type=int, default=9000, help='training images (9:1 with validation)')
+    ap.add_argument('--epochs', type=int, default=2)
+    ap.add_argument('--preset', default='fast')
+    ap.add_argument('--repeats', type=int, default=3)
+    args = ap.parse_args()
+
+    cfg = dict(main.load_presets()[args.preset], epochs=args.epochs, preset=args.preset)
+    cfg.pop('description')
+    rng = np.random.default_rng(0)
+    n_val = args.train // 9
+    data = {'X_train': rng.integers(0, 256, (args.train, 3, 32, 32), dtype=np.uint8),
+            'y_train': rng.integers(0, 10, args.train),
+            'X_val': rng.integers(0, 256, (n_val, 3, 32, 32), dtype=np.uint8),
+            'y_val': rng.integers(0, 10, n_val),
+            'X_test': np.zeros((0, 3, 32, 32), np.uint8), 'y_test': np.zeros(0, np.int64)}
+    mean, std = channel_mean_std(data['X_train'])
+    it = BatchIterator(data['X_train'], data['y_train'], cfg['batch_size'], shuffle=True,
+                       augment=True, seed=0, mean=mean, std=std)
+    X0, y0 = next(iter(it.epoch(0)))
+    steps = len(it) * args.epochs
+
+    ratios = []
+    for r in range(args.repeats):
+        # Bare step on one in-memory batch, as benchmarks/speed.py times it.
+        model = CNNRNN(seq_layout=cfg['seq_layout'], reg=cfg['weight_decay'], seed=r)
+        opt = main.SGD(model.params, momentum=cfg['momentum'], nesterov=cfg['nesterov'])
+        times = []
+        for i in range(12):
+            t0 = time.perf_counter()
+            _, grads = model.loss(X0, y0)
+            clip_grad_norm(grads, cfg['clip'])
+            opt.step(grads, 0.01)
+            times.append(time.perf_counter() - t0)
+        bare = float(np.median(times[2:]))
+
+        # The real loop, everything included.
+        model = CNNRNN(seq_layout=cfg['seq_layout'], reg=cfg['weight_decay'], seed=r)
+        opt = main.SGD(model.params, momentum=cfg['momentum'], nesterov=cfg['nesterov'])
+        state = {'epoch': 0, 'step': 0, 'global_step': 0, 'history': [], 'best_val_acc': -1.0,
+                 'best_epoch': 0, 'elapsed_s': 0.0, 'sum_loss': 0.0, 'sum_correct': 0, 'seen': 0,
+                 'mean': mean, 'std': std, 'stop_reason': None}
+        with tempfile.TemporaryDirectory() as run_dir:
+            log = main.RunLog(os.path.join(run_dir, 'train.log'))
+            t0 = time.perf_counter()
+            main.train(cfg, run_dir, model, opt, state, data, log)
+            loop = time.perf_counter() - t0
+        ratio = loop / (steps * bare)
+        ratios.append(ratio)
+        print(f"repeat {r + 1}: bare step {1e3 * bare:.1f} ms x {steps} steps = {steps * bare:.1f} s; "
+              f"loop {loop:.1f} s (validation of {n_val} images each epoch included); "
+              f"overhead {100 * (ratio - 1):+.1f}%")
+    print(f"median overhead of the loop over the bare step ({args.preset}, batch {cfg['batch_size']}, "
+          f"{cfg['seq_layout']}): {100 * (np.median(ratios) - 1):+.1f}%  (target <= +10%)")
+
+
+if __name__ == '__main__':
+    main_()
