@@ -24,7 +24,8 @@ import time
 import numpy as np
 
 from cnn_rnn_numpy import (CNNRNN, ModelFileError, clip_grad_norm, load_npz, read_meta,
-                           save_npz_atomic, softmax, softmax_loss, SEQ_LAYOUTS, RNN_INITS)
+                           save_npz_atomic, softmax_loss, SEQ_LAYOUTS, RNN_INITS)
+from data_utils import BatchIterator, DataError, channel_mean_std, load_cifar10
 
 PRESETS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'presets.json')
 CHECKPOINT_KIND = 'checkpoint'
@@ -306,7 +307,6 @@ def train(cfg, run_dir, model, opt, state, data, log, max_hours=None, stop=None,
     stop_after_steps: stop (as if the budget ran out) after this many steps of
     this call; used by the tests to interrupt a run at an exact step.
     """
-    from data_utils import BatchIterator
     from tqdm import tqdm
 
     mean, std = state.get('mean'), state.get('std')
@@ -402,9 +402,8 @@ def train(cfg, run_dir, model, opt, state, data, log, max_hours=None, stop=None,
     return state
 
 
-def final_evaluation(cfg, run_dir, model, state, data, log, t_run_start):
+def final_evaluation(cfg, run_dir, model, state, data, log):
     """Evaluate the best parameters on the test set; write metrics.json and predictions.npz."""
-    from data_utils import BatchIterator
     from viz import expected_calibration_error
 
     best_path = os.path.join(run_dir, 'best.npz')
@@ -547,27 +546,19 @@ def run(argv=None, stop_after_steps=None):
             if args.data_dir:
                 cfg['data_dir'] = args.data_dir
             run_dir = os.path.dirname(os.path.abspath(args.resume))
-        else:
-            cfg = resolve_config(args)
-        return _run(cfg, args, run_dir if args.resume else None,
-                    (model, velocity, state) if args.resume else None, stop_after_steps)
-    except (UsageError, ModelFileError, ValueError) as e:
+            return _run(cfg, args, run_dir, (model, velocity, state), stop_after_steps)
+        return _run(resolve_config(args), args, None, None, stop_after_steps)
+    except (UsageError, ModelFileError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        from data_utils import DataError
-        if isinstance(e, DataError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
 
 
 def _run(cfg, args, run_dir, resumed, stop_after_steps):
-    from data_utils import channel_mean_std, load_cifar10
-
-    t_run_start = time.monotonic()
     # Load the data before creating anything, so bad data leaves no empty run folder behind.
-    data = load_cifar10(cfg['data_dir'], subset=cfg['subset'], seed=cfg['seed'])
+    try:
+        data = load_cifar10(cfg['data_dir'], subset=cfg['subset'], seed=cfg['seed'])
+    except ValueError as e:       # e.g. a subset too small to give every class a validation image
+        raise UsageError(str(e)) from None
     if resumed is None:
         run_dir = new_run_dir(args.out, cfg['preset'])
         model = CNNRNN(seq_layout=cfg['seq_layout'], hidden=cfg['hidden'], reg=cfg['weight_decay'],
@@ -601,7 +592,7 @@ def _run(cfg, args, run_dir, resumed, stop_after_steps):
         return 1
     finally:
         stop.uninstall()
-    final_evaluation(cfg, run_dir, model, state, data, log, t_run_start)
+    final_evaluation(cfg, run_dir, model, state, data, log)
     return 0
 
 

@@ -13,7 +13,7 @@ Prints, for each sequence layout:
   side in this one run (PyTorch is not a requirement of the project).
 
 Usage:
-    python benchmarks/speed.py [--steps 10] [--batch 256] [--layouts pixels rows] [--profile]
+    python benchmarks/speed.py [--repeats 3] [--steps 10] [--batch 256] [--layouts pixels rows] [--profile]
 """
 import argparse
 import os
@@ -81,10 +81,16 @@ def numpy_peak_memory_mb(step):
 
 
 def numpy_profile(layout, batch):
-    """Wall time per layer of one training step (median of 5), in ms."""
+    """Time per layer of one training step on ONE core (median of 5), in ms.
+
+    The model runs with threads=1 and single-threaded BLAS here, so the
+    parts add up to the step: this is where the core-time goes. With the
+    default threads the step runs on every core and is correspondingly shorter.
+    """
     import cnn_rnn_numpy as M
-    names = ['im2col_3x3', 'col2im_3x3', 'conv_weight_grad', 'pool_blocks_forward',
-             'pool_blocks_backward', 'rnn_forward', 'rnn_backward',
+    from threadpoolctl import threadpool_limits
+    names = ['im2col_3x3', 'col2im_3x3', 'conv_weight_grad', 'input_grad_taps',
+             'pool_blocks_forward', 'pool_blocks_backward', 'rnn_forward', 'rnn_backward',
              'conv_relu_pool_forward', 'conv_relu_pool_backward']
     totals = {n: [] for n in names}
     originals = {n: getattr(M, n) for n in names}
@@ -100,41 +106,43 @@ def numpy_profile(layout, batch):
     for n in names:
         setattr(M, n, wrap(n))
     try:
-        _, _, step = numpy_train_step_fn(layout, batch)
-        step()
+        model, _, step = numpy_train_step_fn(layout, batch)
+        model.threads = 1
         whole = []
-        for _ in range(5):
-            current.clear()
-            t0 = time.perf_counter()
+        with threadpool_limits(1, 'blas'):
             step()
-            whole.append(time.perf_counter() - t0)
-            for n in names:
-                totals[n].append(current.get(n, 0.0))
+            for _ in range(5):
+                current.clear()
+                t0 = time.perf_counter()
+                step()
+                whole.append(time.perf_counter() - t0)
+                for n in names:
+                    totals[n].append(current.get(n, 0.0))
     finally:
         for n in names:
             setattr(M, n, originals[n])
     med = {n: 1e3 * float(np.median(v)) for n, v in totals.items()}
     step_ms = 1e3 * float(np.median(whole))
-    # Matrix products inside the block functions = block total minus the parts above.
-    fwd_mm = med['conv_relu_pool_forward'] - med['im2col_3x3'] - med['pool_blocks_forward']
+    # Matrix products and small glue inside the block functions = block total minus the parts timed.
+    fwd_rest = med['conv_relu_pool_forward'] - med['im2col_3x3'] - med['pool_blocks_forward']
     bwd_rest = (med['conv_relu_pool_backward'] - med['col2im_3x3'] - med['conv_weight_grad']
-                - med['pool_blocks_backward'])
+                - med['input_grad_taps'] - med['pool_blocks_backward'])
     rows = [('im2col (both convs)', med['im2col_3x3']),
-            ('conv forward products + bias/ReLU', fwd_mm),
+            ('conv forward products + bias/ReLU', fwd_rest),
             ('max-pool forward (both)', med['pool_blocks_forward']),
-            ('RNN forward (64 or 8 steps)', med['rnn_forward']),
+            ('RNN forward', med['rnn_forward']),
             ('RNN backward (BPTT)', med['rnn_backward']),
             ('max-pool backward (both)', med['pool_blocks_backward']),
-            ('conv dW products', med['conv_weight_grad']),
-            ('conv2 dcols product + ReLU/bias grads', bwd_rest),
-            ('col2im (conv2)', med['col2im_3x3'])]
+            ('conv dW products (both)', med['conv_weight_grad']),
+            ('conv2 input-gradient product', med['input_grad_taps']),
+            ('col2im (conv2)', med['col2im_3x3']),
+            ('ReLU/bias grads, reorder (both)', bwd_rest)]
     accounted = sum(v for _, v in rows)
     rows.append(('rest (loss, head, clip, SGD, glue)', step_ms - accounted))
     return step_ms, rows
 
 
 def torch_model(layout, hidden=128):
-    import torch
     from torch import nn
 
     class TorchCNNRNN(nn.Module):
@@ -186,6 +194,7 @@ def main():
     ap.add_argument('--batch', type=int, default=256)
     ap.add_argument('--eval-images', type=int, default=2000)
     ap.add_argument('--layouts', nargs='+', default=['pixels', 'rows'], choices=['pixels', 'rows'])
+    ap.add_argument('--repeats', type=int, default=3, help='repeat the whole comparison; medians are printed')
     ap.add_argument('--profile', action='store_true', help='print a per-layer profile of one step')
     ap.add_argument('--no-torch', action='store_true', help='skip the PyTorch comparison')
     args = ap.parse_args()
@@ -210,39 +219,57 @@ def main():
 
     header = (f"{'layout':8} {'impl':6} {'train img/s':>11} {'eval img/s':>10} "
               f"{'step ms':>8} {'peak MB':>8} {'GFLOP/s':>8}")
-    results = []
-    for layout in args.layouts:
-        model, X, step = numpy_train_step_fn(layout, args.batch)
-        t_np = median_time(step, args.steps)
-        peak = numpy_peak_memory_mb(step)
-        Xe = np.random.default_rng(1).random((args.eval_images, 3, 32, 32), dtype=np.float32)
-        t_eval = median_time(lambda: model.predict_proba(Xe, batch_size=500), 3, warmup=1)
-        gflops = flops_per_image(layout) * args.batch / t_np / 1e9
-        results.append((layout, 'numpy', args.batch / t_np, args.eval_images / t_eval,
-                        1e3 * t_np, peak, gflops))
-        if torch_ok:
-            import torch
-            tstep, teval = torch_step_fn(layout, args.batch, threads)
-            t_t = median_time(tstep, args.steps)
-            Xt = torch.from_numpy(Xe)
-            t_te = median_time(lambda: teval(Xt), 3, warmup=1)
-            results.append((layout, 'torch', args.batch / t_t, args.eval_images / t_te,
-                            1e3 * t_t, float('nan'), flops_per_image(layout) * args.batch / t_t / 1e9))
+    # Each repeat measures NumPy and PyTorch back to back, so every ratio
+    # compares the two under the same machine load; the summary takes medians.
+    results = []   # (repeat, layout, impl, train img/s, eval img/s, step ms, peak MB, GFLOP/s)
+    Xe = np.random.default_rng(1).random((args.eval_images, 3, 32, 32), dtype=np.float32)
+    for rep in range(args.repeats):
+        for layout in args.layouts:
+            model, X, step = numpy_train_step_fn(layout, args.batch)
+            t_np = median_time(step, args.steps)
+            peak = numpy_peak_memory_mb(step)
+            t_eval = median_time(lambda: model.predict_proba(Xe, batch_size=500), 3, warmup=1)
+            results.append((rep, layout, 'numpy', args.batch / t_np, args.eval_images / t_eval, 1e3 * t_np,
+                            peak, flops_per_image(layout) * args.batch / t_np / 1e9))
+            if torch_ok:
+                import torch
+                tstep, teval = torch_step_fn(layout, args.batch, threads)
+                t_t = median_time(tstep, args.steps)
+                Xt = torch.from_numpy(Xe)
+                t_te = median_time(lambda: teval(Xt), 3, warmup=1)
+                results.append((rep, layout, 'torch', args.batch / t_t, args.eval_images / t_te, 1e3 * t_t,
+                                float('nan'), flops_per_image(layout) * args.batch / t_t / 1e9))
+        if args.repeats > 1:
+            line = '; '.join(f"{lay} {impl} {tr:.0f}" for r, lay, impl, tr, *_ in results if r == rep)
+            print(f"repeat {rep + 1}: training img/s: {line}")
+
+    print(f"\nmedians over {args.repeats} repeat(s)")
     print(header)
-    for layout, impl, tr, ev, ms, peak, gf in results:
-        print(f"{layout:8} {impl:6} {tr:11.0f} {ev:10.0f} {ms:8.1f} {peak:8.0f} {gf:8.1f}")
+    impls = ['numpy'] + (['torch'] if torch_ok else [])
+    for layout in args.layouts:
+        for impl in impls:
+            rows = np.array([r[3:] for r in results if r[1] == layout and r[2] == impl], dtype=float)
+            tr, ev, ms, peak, gf = np.median(rows, axis=0)
+            print(f"{layout:8} {impl:6} {tr:11.0f} {ev:10.0f} {ms:8.1f} {peak:8.0f} {gf:8.1f}")
     if torch_ok:
         for layout in args.layouts:
-            r = {impl: (tr, ev) for lay, impl, tr, ev, *_ in results if lay == layout}
-            print(f"ratio numpy/torch, {layout}: training {r['numpy'][0] / r['torch'][0]:.2f}x, "
-                  f"evaluation {r['numpy'][1] / r['torch'][1]:.2f}x")
+            per_rep = {}
+            for rep, lay, impl, tr, ev, *_ in results:
+                if lay == layout:
+                    per_rep.setdefault(rep, {})[impl] = (tr, ev)
+            train_ratio = [v['numpy'][0] / v['torch'][0] for v in per_rep.values()]
+            eval_ratio = [v['numpy'][1] / v['torch'][1] for v in per_rep.values()]
+            print(f"ratio numpy/torch, {layout}: training {np.median(train_ratio):.2f}x "
+                  f"(per repeat {', '.join(f'{r:.2f}' for r in train_ratio)}), "
+                  f"evaluation {np.median(eval_ratio):.2f}x")
     for layout in args.layouts:
         print(f"FLOP per image per training step, {layout}: {flops_per_image(layout) / 1e6:.1f} M")
 
     if args.profile:
         for layout in args.layouts:
             step_ms, rows = numpy_profile(layout, args.batch)
-            print(f"\nprofile of one training step, {layout}, batch {args.batch}: {step_ms:.1f} ms")
+            print(f"\nsingle-core profile of one training step, {layout}, batch {args.batch}: "
+                  f"{step_ms:.1f} ms of core time")
             for name, ms in rows:
                 print(f"  {name:40} {ms:7.1f} ms  {100 * ms / step_ms:5.1f}%")
 
