@@ -490,6 +490,9 @@ def build_parser():
                     "'pixels' = 64 steps x 64 features, 'rows' = 8 steps x 512 features")
     ap.add_argument('--schedule', choices=('exponential', 'cosine'), help='override the lr schedule')
     ap.add_argument('--rnn-init', choices=RNN_INITS, help='override the W_hh initialisation')
+    ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                    help='override any preset key, e.g. --set standardize=false --set decay=0.95 '
+                         '(VALUE is read as JSON; repeatable)')
     return ap
 
 
@@ -508,10 +511,28 @@ def resolve_config(args):
         value = getattr(args, key)
         if value is not None:
             cfg[key] = value
+    cfg.update(parse_set_options(args.set))
     validate_config(cfg, 'the configuration')
     cfg['preset'] = args.preset
     cfg['data_dir'] = args.data_dir or 'data'
     return cfg
+
+
+def parse_set_options(items):
+    """['standardize=false', 'decay=0.95'] -> {'standardize': False, 'decay': 0.95}."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition('=')
+        if not sep or not key:
+            raise UsageError(f"--set {item!r} is malformed; write --set KEY=VALUE, e.g. --set decay=0.95")
+        if key not in PRESET_SCHEMA or key == 'description':
+            raise UsageError(f"--set {key}: unknown key; known keys are "
+                             f"{', '.join(sorted(k for k in PRESET_SCHEMA if k != 'description'))}")
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text            # a bare word such as rows or cosine
+    return out
 
 
 def check_args(args):
@@ -524,6 +545,7 @@ def check_args(args):
         raise UsageError(f"--epochs {args.epochs} is invalid; give a positive number of epochs")
     if args.resume:
         fixed = [f"--{k.replace('_', '-')}" for k in OVERRIDES if getattr(args, k) is not None]
+        fixed += ['--set'] if args.set else []
         fixed += ['--out'] if args.out else []
         fixed += ['--preset'] if args.preset != 'fast' else []
         if fixed:

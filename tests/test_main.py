@@ -191,6 +191,9 @@ def bad_input_cases(data_dir, tmp_path):
         ('incompatible resume', ['--resume', str(incompatible)], 'W_xh'),
         ('existing out', SMOKE + ['--data-dir', data_dir, '--out', str(ckpt_dir)], 'already holds files'),
         ('resume with overrides', ['--resume', str(ckpt_dir / 'ckpt.npz'), '--lr', '0.1'], 'cannot be combined'),
+        ('unknown --set key', ['--preset', 'smoke', '--set', 'colour=red'], 'unknown key'),
+        ('bad --set value', ['--preset', 'smoke', '--set', 'decay=2'], 'decay = 2 is invalid'),
+        ('malformed --set', ['--preset', 'smoke', '--set', 'decay'], 'malformed'),
     ]
 
 
@@ -252,6 +255,16 @@ def test_presets_are_validated(tmp_path, monkeypatch):
     path.write_text(json.dumps({'x': p}))
     with pytest.raises(main.UsageError, match='missing lr'):
         main.load_presets(str(path))
+
+
+def test_set_overrides_any_preset_key(data_dir, tmp_path):
+    out = tmp_path / 'set'
+    assert train_run(data_dir, out, '--epochs', '1', '--set', 'standardize=false', '--set', 'schedule=cosine',
+                     '--set', 'decay=0.5') == 0
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['standardize'] is False and cfg['schedule'] == 'cosine' and cfg['decay'] == 0.5
+    _, _, state, _ = main.load_checkpoint(str(out / 'ckpt.npz'))
+    assert state['mean'] is None and state['std'] is None
 
 
 def test_learning_rate_schedule():
