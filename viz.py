@@ -528,10 +528,23 @@ def plot_gallery(images, true, pred, confidence, label_names, n_wrong=None):
     return fig
 
 
+def _temp_file_beside(path, suffix):
+    """A new temporary file next to ``path`` -> (fd, name), with the usual permissions.
+
+    mkstemp creates files readable by the owner only (0600); the final file
+    should get what a plain open() would give (0666 minus the umask).
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
 def save_figure(fig, path):
     """Write a Figure as PNG atomically: a temporary file, then os.replace."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.tmp")
+    fd, tmp = _temp_file_beside(path, ".png.tmp")
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=DPI)
@@ -544,7 +557,7 @@ def save_figure(fig, path):
 def write_text_atomic(path, text):
     """Write a text file atomically: a temporary file, then os.replace."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_file_beside(path, ".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

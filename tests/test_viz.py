@@ -186,8 +186,13 @@ def full_run(tmp_path_factory):
 
 def test_every_figure_is_a_valid_nonblank_png(full_run):
     run, _ = full_run
+    umask = os.umask(0)
+    os.umask(umask)
     for stem in ALL_FIGURES:
         assert_valid_png(run / "figures" / f"{stem}.png")
+        # Atomic writes go through mkstemp (0600); the results get normal permissions.
+        assert (run / "figures" / f"{stem}.png").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (run / "report.md").stat().st_mode & 0o777 == 0o666 & ~umask
     # Atomic writes leave no temporary files behind.
     leftovers = [p.name for p in run.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
     assert leftovers == []
