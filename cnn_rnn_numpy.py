@@ -349,6 +349,23 @@ def sequence_to_map(dx, layout, map_shape):
 # Vanilla tanh RNN with backpropagation through time
 # --------------------------------------------------------------------------
 
+def flush_tiny(a):
+    """Set the entries of ``a`` that are within 2**30 of underflow to zero, in place.
+
+    Why: on x86 CPUs any arithmetic that reads a subnormal ("denormal")
+    number, one below the smallest normal float (1.2e-38 in float32), takes a
+    slow microcode path. When tanh units saturate, BPTT multiplies small
+    derivatives 1 - h^2 step after step, values underflow into that range
+    here and in the conv layers it feeds, and a training step ran 4x slower
+    (measured: 1.3 s instead of 0.3 s). Flushing at 2**30 times the smallest
+    normal (1.3e-29 in float32, 2e-299 in float64) leaves room for the few
+    factors of ~1e-2 that the later layers multiply in; values this small
+    never move a weight.
+    """
+    a[np.abs(a) < np.finfo(a.dtype).tiny * 2.0 ** 30] = 0
+    return a
+
+
 def rnn_forward(x, W_xh, W_hh, b_h):
     """Run a vanilla RNN over a whole sequence, from h_0 = 0.
 
@@ -399,6 +416,7 @@ def rnn_backward(dh_T, cache):
     for t in range(T - 1, -1, -1):
         h = hs[t + 1]
         np.multiply(dh, 1 - h * h, out=da[t])   # tanh' = 1 - tanh^2
+        flush_tiny(da[t])
         dh = da[t] @ W_hh_T
     da2 = da.reshape(T * N, H)
     dW_hh = hs[:-1].reshape(T * N, H).T @ da2

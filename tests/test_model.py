@@ -448,3 +448,34 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ['m.npz']
     assert zipfile.is_zipfile(path)
+
+
+def test_bptt_flushes_values_that_would_become_subnormal():
+    """Saturated tanh units make BPTT gradients underflow; subnormal floats are ~100x
+    slower on x86, so rnn_backward flushes them (and a margin above) to zero."""
+    rng = np.random.default_rng(0)
+    N, T, D, H = 64, 64, 8, 32
+    x = rng.standard_normal((N, T, D)).astype(np.float32)
+    Wx = (rng.standard_normal((D, H)) * 3).astype(np.float32)      # saturating inputs
+    Wh = (rng.standard_normal((H, H)) * 0.5).astype(np.float32)
+    b = np.zeros(H, np.float32)
+    _, cache = M.rnn_forward(x, Wx, Wh, b)
+    dh = np.full((N, H), 1e-20, np.float32)
+    dx, dWx, dWh, db = M.rnn_backward(dh, cache)
+    tiny = np.finfo(np.float32).tiny
+    for g in (dx, dWx, dWh, db):
+        a = np.abs(g)
+        assert not np.any((a > 0) & (a < tiny))
+    # The flush only removes what is negligible: float64 gives the same gradients.
+    cache64 = tuple(c.astype(np.float64) for c in cache)
+    dx64, dWx64, _, _ = M.rnn_backward(dh.astype(np.float64), cache64)
+    np.testing.assert_allclose(dWx, dWx64, rtol=1e-3, atol=1e-9)
+    # And the case really underflows without the flush.
+    x_tm, hs, _, _ = cache
+    d = dh
+    smallest = np.inf
+    for t in range(T - 1, -1, -1):
+        d = (d * (1 - hs[t + 1] ** 2)) @ Wh.T
+        nz = np.abs(d[d != 0])
+        smallest = min(smallest, nz.min() if nz.size else np.inf)
+    assert smallest < tiny
