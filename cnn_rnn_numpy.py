@@ -636,6 +636,38 @@ class CNNRNN:
                 grads[name] += g[name]
         return np.concatenate([dx for dx, _ in results]) if input_grad else None
 
+    def _rnn_slices(self, N):
+        """The batch split into one contiguous slice per worker thread."""
+        edges = np.linspace(0, N, min(self.threads, N) + 1).astype(int)
+        return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+    def _rnn_forward(self, seq):
+        """rnn_forward on each slice of the batch, side by side on the worker threads.
+
+        The recurrence is sequential in time but independent across images,
+        so splitting the batch lets its 64 (or 8) small steps run on every
+        core. seq: (N, T, D) -> h_T (N, H), caches.
+        """
+        p = self.params
+        slices = self._rnn_slices(seq.shape[0])
+        results = map_on_threads(lambda s: rnn_forward(seq[s], p['W_xh'], p['W_hh'], p['b_h']),
+                                 slices, self.threads)
+        return np.concatenate([h for h, _ in results]), (slices, [c for _, c in results])
+
+    def _rnn_backward(self, dh_T, caches, grads):
+        """BPTT per slice on the worker threads; sums the weight gradients into grads.
+
+        dh_T: (N, H). Returns dx (N, T, D).
+        """
+        slices, slice_caches = caches
+        results = map_on_threads(lambda i: rnn_backward(dh_T[slices[i]], slice_caches[i]),
+                                 range(len(slices)), self.threads)
+        for k, name in enumerate(('W_xh', 'W_hh', 'b_h'), start=1):
+            grads[name] = results[0][k].copy()
+            for r in results[1:]:
+                grads[name] += r[k]
+        return np.concatenate([r[0] for r in results])
+
     def _forward(self, X):
         """Forward pass up to the logits, keeping the caches for backward.
 
@@ -645,7 +677,7 @@ class CNNRNN:
         x = np.asarray(X, dtype=self.dtype).transpose(0, 2, 3, 1)       # NCHW -> NHWC view
         fmap, c_conv = self._conv_forward(x)                             # (N,8,8,64)
         seq = map_to_sequence(fmap, self.seq_layout)                     # (N,T,D)
-        h_T, c_rnn = rnn_forward(seq, p['W_xh'], p['W_hh'], p['b_h'])    # (N,H)
+        h_T, c_rnn = self._rnn_forward(seq)                              # (N,H)
         logits, c_out = affine_forward(h_T, p['W_ho'], p['b_o'])         # (N,10)
         return logits, h_T, (c_conv, fmap.shape, c_rnn, c_out)
 
@@ -671,7 +703,7 @@ class CNNRNN:
         data_loss, dlogits = softmax_loss(logits, np.asarray(y))
         grads = {}
         dh, grads['W_ho'], grads['b_o'] = affine_backward(dlogits, c_out)
-        dseq, grads['W_xh'], grads['W_hh'], grads['b_h'] = rnn_backward(dh, c_rnn)
+        dseq = self._rnn_backward(dh, c_rnn, grads)
         dx = self._conv_backward(sequence_to_map(dseq, self.seq_layout, map_shape), c_conv, grads,
                                  input_grad=input_grad)
 
