@@ -26,6 +26,7 @@ import numpy as np
 from cnn_rnn_numpy import (CNNRNN, ModelFileError, clip_grad_norm, load_npz, read_meta,
                            save_npz_atomic, softmax_loss, SEQ_LAYOUTS, RNN_INITS)
 from data_utils import BatchIterator, DataError, channel_mean_std, load_cifar10
+from viz import confusion_matrix, expected_calibration_error, write_text_atomic
 
 PRESETS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'presets.json')
 CHECKPOINT_KIND = 'checkpoint'
@@ -153,11 +154,16 @@ def learning_rate(cfg, step, steps_per_epoch):
 # --------------------------------------------------------------------------
 
 def write_json_atomic(path, obj):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-        f.write('\n')
-    os.replace(tmp, path)
+    """json.dump through viz.write_text_atomic (temporary file, then rename)."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + '\n')
+
+
+def normalization(state):
+    """(mean, std) float32 (3,) arrays from a run state, or (None, None) without standardisation."""
+    mean, std = state.get('mean'), state.get('std')
+    if mean is None:
+        return None, None
+    return np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
 
 def to_jsonable(obj):
@@ -309,9 +315,7 @@ def train(cfg, run_dir, model, opt, state, data, log, max_hours=None, stop=None,
     """
     from tqdm import tqdm
 
-    mean, std = state.get('mean'), state.get('std')
-    mean = None if mean is None else np.asarray(mean, np.float32)
-    std = None if std is None else np.asarray(std, np.float32)
+    mean, std = normalization(state)
     train_it = BatchIterator(data['X_train'], data['y_train'], cfg['batch_size'], shuffle=True,
                              augment=cfg['augment'], seed=cfg['seed'], mean=mean, std=std)
     val_it = BatchIterator(data['X_val'], data['y_val'], cfg['eval_batch_size'], mean=mean, std=std)
@@ -404,25 +408,19 @@ def train(cfg, run_dir, model, opt, state, data, log, max_hours=None, stop=None,
 
 def final_evaluation(cfg, run_dir, model, state, data, log):
     """Evaluate the best parameters on the test set; write metrics.json and predictions.npz."""
-    from viz import expected_calibration_error
-
     best_path = os.path.join(run_dir, 'best.npz')
     if os.path.exists(best_path):
         model = CNNRNN.load(best_path)
         evaluated = f"best.npz (epoch {state['best_epoch']})"
     else:
         evaluated = 'the current parameters (no epoch finished, so no best.npz yet)'
-    mean, std = state.get('mean'), state.get('std')
-    test_it = BatchIterator(data['X_test'], data['y_test'], cfg['eval_batch_size'],
-                            mean=None if mean is None else np.asarray(mean, np.float32),
-                            std=None if std is None else np.asarray(std, np.float32))
+    mean, std = normalization(state)
+    test_it = BatchIterator(data['X_test'], data['y_test'], cfg['eval_batch_size'], mean=mean, std=std)
     t0 = time.monotonic()
     test_loss, test_acc, probs, hidden = evaluate(model, test_it)
     eval_s = time.monotonic() - t0
     labels = data['y_test']
-    pred = probs.argmax(1)
-    confusion = np.zeros((10, 10), dtype=np.int64)
-    np.add.at(confusion, (labels, pred), 1)
+    confusion = confusion_matrix(labels, probs.argmax(1))
     per_class = confusion.diagonal() / np.maximum(1, confusion.sum(1))
     speeds = [r['images_per_s'] for r in state['history'] if r.get('images_per_s')]
     metrics = {
