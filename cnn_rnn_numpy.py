@@ -522,6 +522,18 @@ def map_on_threads(fn, items, threads):
         return list(_workers['pool'].map(fn, items))
 
 
+def sum_in_order(arrays):
+    """Sum a list of equally shaped arrays left to right into a new array.
+
+    A fixed order keeps float rounding, and so training runs, reproducible
+    whatever thread finished first.
+    """
+    total = arrays[0].copy()
+    for a in arrays[1:]:
+        total += a
+    return total
+
+
 # --------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------
@@ -631,9 +643,7 @@ class CNNRNN:
             return dx, {'conv1_W': dw1, 'conv1_b': db1, 'conv2_W': dw2, 'conv2_b': db2}
         results = map_on_threads(blocks, range(len(caches)), self.threads)
         for name in ('conv1_W', 'conv1_b', 'conv2_W', 'conv2_b'):
-            grads[name] = results[0][1][name].copy()
-            for _, g in results[1:]:
-                grads[name] += g[name]
+            grads[name] = sum_in_order([g[name] for _, g in results])
         return np.concatenate([dx for dx, _ in results]) if input_grad else None
 
     def _rnn_slices(self, N):
@@ -663,9 +673,7 @@ class CNNRNN:
         results = map_on_threads(lambda i: rnn_backward(dh_T[slices[i]], slice_caches[i]),
                                  range(len(slices)), self.threads)
         for k, name in enumerate(('W_xh', 'W_hh', 'b_h'), start=1):
-            grads[name] = results[0][k].copy()
-            for r in results[1:]:
-                grads[name] += r[k]
+            grads[name] = sum_in_order([r[k] for r in results])
         return np.concatenate([r[0] for r in results])
 
     def _forward(self, X):
