@@ -33,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from runfiles import RunFileError, read_npz, write_npz
+
 FORMAT_VERSION = 1
 NUM_CLASSES = 10
 SEQ_LAYOUTS = ('pixels', 'rows')
@@ -41,8 +43,8 @@ RNN_INITS = ('xavier', 'orthogonal')
 DECAYED_PARAMS = ('conv1_W', 'conv2_W', 'W_xh', 'W_hh', 'W_ho')
 
 
-class ModelFileError(Exception):
-    """A checkpoint file that cannot be loaded; the message says why and what to do."""
+class ModelFileError(RunFileError):
+    """A model or checkpoint file that cannot be loaded; the message says why and what to do."""
 
 
 # --------------------------------------------------------------------------
@@ -473,27 +475,6 @@ def softmax_loss(logits, y):
 
 
 # --------------------------------------------------------------------------
-# Optimisation helper
-# --------------------------------------------------------------------------
-
-def clip_grad_norm(grads, max_norm):
-    """Scale all gradients in place so their global L2 norm is at most max_norm.
-
-    Inputs:
-    - grads: dict name -> array
-    - max_norm: positive float, or None / <= 0 to only measure
-
-    Returns the global norm before clipping (a float).
-    """
-    total = float(np.sqrt(sum(float(np.vdot(g, g)) for g in grads.values())))
-    if max_norm and max_norm > 0 and total > max_norm:
-        scale = max_norm / (total + 1e-12)
-        for g in grads.values():
-            g *= g.dtype.type(scale)
-    return total
-
-
-# --------------------------------------------------------------------------
 # Running micro-batches on every core
 # --------------------------------------------------------------------------
 
@@ -689,7 +670,7 @@ class CNNRNN:
         logits, c_out = affine_forward(h_T, p['W_ho'], p['b_o'])         # (N,10)
         return logits, h_T, (c_conv, fmap.shape, c_rnn, c_out)
 
-    def loss(self, X, y, input_grad=False, return_logits=False):
+    def loss(self, X, y, input_grad=False, details=False):
         """Loss and gradients on a batch.
 
         Inputs:
@@ -698,13 +679,14 @@ class CNNRNN:
         - input_grad: also return the gradient with respect to X under the
           key 'X' (N, 3, 32, 32), for gradient checks and saliency maps;
           training leaves it off, it costs a col2im on the largest map
-        - return_logits: also return the logits (N, 10) the loss was computed
-          from, so a training loop can count correct answers without a second pass
+        - details: also return a dict with the logits (N, 10) and the data loss
+          (cross-entropy without the L2 term), so a training loop can report
+          both without a second pass
 
         Returns a tuple of:
         - loss: mean cross-entropy + reg/2 * sum of squared decayed weights
         - grads: dict keyed like ``params``
-        - logits: (N, 10), only when return_logits is True
+        - details: {'logits', 'data_loss'}, only when details is True
         """
         p = self.params
         logits, _, (c_conv, map_shape, c_rnn, c_out) = self._forward(X)
@@ -724,7 +706,9 @@ class CNNRNN:
         grads = {k: grads[k].astype(self.dtype, copy=False) for k in p}
         if input_grad:
             grads['X'] = np.ascontiguousarray(dx.transpose(0, 3, 1, 2))   # NHWC -> NCHW
-        return (loss, grads, logits) if return_logits else (loss, grads)
+        if details:
+            return loss, grads, {'logits': logits, 'data_loss': data_loss}
+        return loss, grads
 
     def forward(self, X):
         """Logits for a batch. X: (N, 3, 32, 32) -> (N, 10)."""
@@ -776,15 +760,17 @@ class CNNRNN:
         extra_meta: optional JSON-serialisable dict stored alongside (e.g. the epoch).
         """
         meta = dict(extra_meta or {}, **self.config(), format_version=FORMAT_VERSION, kind='CNNRNN')
-        save_npz_atomic(path, {'meta': np.array(json.dumps(meta)),
-                               **{f'param/{k}': v for k, v in self.params.items()}})
+        write_npz(path, {'meta': np.array(json.dumps(meta)),
+                         **{f'param/{k}': v for k, v in self.params.items()}})
 
     @classmethod
-    def load(cls, path, **expected):
+    def load(cls, path, return_meta=False, **expected):
         """Load a model written by ``save`` (or a training checkpoint).
 
         ``expected`` may name configuration values the caller relies on, e.g.
         ``seq_layout='rows'``; a file that disagrees raises ModelFileError.
+        With return_meta, returns (model, the file's metadata dict), so a caller
+        learns e.g. the epoch a best.npz was saved at from the file itself.
         """
         arrays = load_npz(path)
         meta = read_meta(arrays, path)
@@ -801,43 +787,19 @@ class CNNRNN:
             raise ModelFileError(f"{path} has an invalid model configuration ({e}); "
                                  f"it was not written by this version of cnn_rnn_numpy") from None
         model.set_params({k[len('param/'):]: v for k, v in arrays.items() if k.startswith('param/')})
-        return model
+        return (model, meta) if return_meta else model
 
 
 # --------------------------------------------------------------------------
-# .npz helpers shared with main.py's checkpoints
+# File metadata
 # --------------------------------------------------------------------------
-
-def save_npz_atomic(path, arrays):
-    """np.savez to a temporary file next to ``path``, then rename over it.
-
-    A crash mid-write leaves the previous file intact.
-    """
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, 'wb') as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 
 def load_npz(path):
-    """Read every array of an .npz file into a dict, with a clear error if it is unreadable."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ModelFileError(f"{path} does not exist; give the path of a .npz file written by "
-                             f"this project (for example runs/<run>/ckpt.npz)")
+    """Every array of an .npz file written by this project; any failure is a ModelFileError."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except Exception as e:  # zipfile.BadZipFile, ValueError, OSError, EOFError...
-        raise ModelFileError(f"{path} is not a readable .npz file ({type(e).__name__}); "
-                             f"it is corrupt or truncated: use another checkpoint") from None
+        return read_npz(path, fix='use another checkpoint, e.g. runs/<run>/ckpt.npz')
+    except RunFileError as e:
+        raise ModelFileError(str(e)) from None
 
 
 def read_meta(arrays, path):

@@ -1,18 +1,20 @@
 """Train the NumPy CNN+RNN on CIFAR-10: presets, schedule, SGD, checkpoints, logs.
 
     python main.py --preset fast --subset 0.4 --max-hours 1
-    python main.py --resume runs/<run>/ckpt.npz
+    python main.py --resume runs/latest/ckpt.npz [--lr 0.01]
     python main.py --list-presets
 
 A run writes into its own folder (default ``runs/<timestamp>-<preset>``):
 config.json, history.json, train.log, ckpt.npz (resumable), best.npz,
 metrics.json, predictions.npz; ``runs/latest`` points at the newest run.
-See ``../shared/DESIGN.md`` and the README for the contents of each file.
+The README describes each file.
 
 Exit codes: 0 done (also when stopped early by the time budget or Ctrl-C),
-1 training diverged (non-finite loss), 2 bad input (the message says which).
+1 training diverged (non-finite loss), 2 bad input or a file-system problem
+(the message says which), 130 aborted by a second Ctrl-C.
 """
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -20,41 +22,21 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from cnn_rnn_numpy import (CNNRNN, ModelFileError, clip_grad_norm, load_npz, read_meta,
-                           save_npz_atomic, softmax_loss, SEQ_LAYOUTS, RNN_INITS)
+import runfiles
+from cnn_rnn_numpy import CNNRNN, RNN_INITS, SEQ_LAYOUTS, ModelFileError, load_npz, read_meta
 from data_utils import BatchIterator, DataError, channel_mean_std, load_cifar10
-from viz import confusion_matrix, expected_calibration_error, write_text_atomic
+from metrics import N_BINS, confusion_matrix, expected_calibration_error, per_class_accuracy
+from optim import SGD, clip_grad_norm, learning_rate
+from runfiles import MAX_SEED, RunFileError
 
-PRESETS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'presets.json')
+PRESETS_PATH = Path(__file__).resolve().parent / 'presets.json'
 CHECKPOINT_KIND = 'checkpoint'
-
-# Every preset key: (type, check, what a good value looks like). A preset or
-# an override that fails a check is refused with that sentence.
-PRESET_SCHEMA = {
-    'description': (str, lambda v: True, 'a string'),
-    'epochs': (int, lambda v: v > 0, 'a positive integer'),
-    'batch_size': (int, lambda v: v > 0, 'a positive integer'),
-    'lr': (float, lambda v: v > 0, 'a positive number'),
-    'schedule': (str, lambda v: v in ('exponential', 'cosine'), "'exponential' or 'cosine'"),
-    'warmup_epochs': (int, lambda v: v >= 0, 'an integer >= 0'),
-    'decay': (float, lambda v: 0 < v <= 1, 'a number in (0, 1]'),
-    'min_lr': (float, lambda v: v >= 0, 'a number >= 0'),
-    'weight_decay': (float, lambda v: v >= 0, 'a number >= 0'),
-    'clip': (float, lambda v: v >= 0, 'a number >= 0 (0 disables clipping)'),
-    'momentum': (float, lambda v: 0 <= v < 1, 'a number in [0, 1)'),
-    'nesterov': (bool, lambda v: True, 'true or false'),
-    'seq_layout': (str, lambda v: v in SEQ_LAYOUTS, f"one of {list(SEQ_LAYOUTS)}"),
-    'rnn_init': (str, lambda v: v in RNN_INITS, f"one of {list(RNN_INITS)}"),
-    'hidden': (int, lambda v: v > 0, 'a positive integer'),
-    'subset': (float, lambda v: 0 < v <= 1, 'a fraction in (0, 1]'),
-    'augment': (bool, lambda v: True, 'true or false'),
-    'standardize': (bool, lambda v: True, 'true or false'),
-    'seed': (int, lambda v: v >= 0, 'an integer >= 0'),
-    'eval_batch_size': (int, lambda v: v > 0, 'a positive integer'),
-}
+EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT, EXIT_ABORTED = 0, 1, 2, 130
 
 
 class UsageError(Exception):
@@ -66,203 +48,405 @@ class Diverged(Exception):
 
 
 # --------------------------------------------------------------------------
-# Presets and configuration
+# Configuration: a preset plus command-line overrides
 # --------------------------------------------------------------------------
 
-def load_presets(path=PRESETS_PATH):
-    """All presets from presets.json, each validated against PRESET_SCHEMA."""
-    try:
-        with open(path) as f:
-            presets = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read the presets file {path} ({e}); restore it from git") from None
-    for name, preset in presets.items():
-        validate_config(preset, f"preset {name!r}", require_all=True)
-    return presets
+def setting(check, good, default=dataclasses.MISSING):
+    """A Config field with its validity check and the words for a good value."""
+    return field(default=default, metadata={'check': check, 'good': good})
 
 
-def validate_config(cfg, where, require_all=False):
-    """Check keys, types and ranges; raise UsageError naming the first problem."""
-    for key, value in cfg.items():
-        if key not in PRESET_SCHEMA:
+def _finite(v):
+    return math.isfinite(v)
+
+
+@dataclass
+class Config:
+    """Every setting of a run. The preset keys are the fields with a check.
+
+    ``Config.from_dict`` validates types and ranges; a value that fails is
+    refused with the sentence ``good`` next to it.
+    """
+    epochs: int = setting(lambda v: v > 0, 'a positive integer')
+    batch_size: int = setting(lambda v: v > 0, 'a positive integer')
+    lr: float = setting(lambda v: 0 < v and _finite(v), 'a positive finite number')
+    schedule: str = setting(lambda v: v in ('exponential', 'cosine'), "'exponential' or 'cosine'")
+    warmup_epochs: int = setting(lambda v: v >= 0, 'an integer >= 0')
+    decay: float = setting(lambda v: 0 < v <= 1, 'a number in (0, 1]')
+    min_lr: float = setting(lambda v: 0 <= v and _finite(v), 'a finite number >= 0')
+    weight_decay: float = setting(lambda v: 0 <= v and _finite(v), 'a finite number >= 0')
+    clip: float = setting(lambda v: 0 <= v and _finite(v), 'a finite number >= 0 (0 disables clipping)')
+    momentum: float = setting(lambda v: 0 <= v < 1, 'a number in [0, 1)')
+    nesterov: bool = setting(lambda v: True, 'true or false')
+    seq_layout: str = setting(lambda v: v in SEQ_LAYOUTS, f"one of {list(SEQ_LAYOUTS)}")
+    rnn_init: str = setting(lambda v: v in RNN_INITS, f"one of {list(RNN_INITS)}")
+    hidden: int = setting(lambda v: v > 0, 'a positive integer')
+    subset: float = setting(lambda v: 0 < v <= 1, 'a fraction in (0, 1]')
+    augment: bool = setting(lambda v: True, 'true or false')
+    standardize: bool = setting(lambda v: True, 'true or false')
+    seed: int = setting(lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
+    eval_batch_size: int = setting(lambda v: v > 0, 'a positive integer')
+    # Not settings: what the preset says of itself, where the run came from, what changed on resume.
+    description: str = ''
+    preset: str = ''
+    data_dir: str = 'data'
+    lr_changes: list = field(default_factory=list)
+
+    @classmethod
+    def preset_keys(cls):
+        return [f.name for f in dataclasses.fields(cls) if 'check' in f.metadata]
+
+    @classmethod
+    def check(cls, key, value, where):
+        """Raise UsageError unless ``value`` has the type and range of preset key ``key``."""
+        f = next((f for f in dataclasses.fields(cls) if f.name == key and 'check' in f.metadata), None)
+        if f is None:
             raise UsageError(f"{where} has an unknown key {key!r}; known keys are "
-                             f"{', '.join(sorted(PRESET_SCHEMA))}")
-        typ, check, good = PRESET_SCHEMA[key]
-        ok_type = (isinstance(value, bool) if typ is bool else
-                   isinstance(value, (int, float)) and not isinstance(value, bool) if typ is float else
-                   isinstance(value, int) and not isinstance(value, bool) if typ is int else
-                   isinstance(value, typ))
-        if not ok_type or not check(value):
-            raise UsageError(f"{where}: {key} = {value!r} is invalid; it must be {good}")
-    if require_all:
-        missing = sorted(set(PRESET_SCHEMA) - set(cfg) - {'description'})
-        if missing:
+                             f"{', '.join(sorted(cls.preset_keys()))}")
+        if f.type is float:    # an integer is a fine float; a bool is not a number here
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif f.type is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, f.type)
+        if not ok or not f.metadata['check'](value):
+            raise UsageError(f"{where}: {key} = {value!r} is invalid; it must be {f.metadata['good']}")
+
+    @classmethod
+    def from_dict(cls, d, where, require_all=True):
+        """Validate a dict of settings (a preset, or a checkpoint's config) -> Config."""
+        extra = {k: d[k] for k in ('description', 'preset', 'data_dir', 'lr_changes') if k in d}
+        settings = {k: v for k, v in d.items() if k not in extra}
+        for key, value in settings.items():
+            cls.check(key, value, where)
+        missing = sorted(set(cls.preset_keys()) - set(settings))
+        if require_all and missing:
             raise UsageError(f"{where} is missing {', '.join(missing)}; add them to presets.json")
+        cfg = cls(**settings, **extra)
+        cfg.check_together(where)
+        return cfg
+
+    def check_together(self, where):
+        """Checks that involve two settings."""
+        if self.min_lr > self.lr:
+            raise UsageError(f"{where}: min_lr = {self.min_lr} is above lr = {self.lr}; "
+                             f"make min_lr at most the learning rate")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
 
 
-# --------------------------------------------------------------------------
-# Optimiser and learning-rate schedule
-# --------------------------------------------------------------------------
-
-class SGD:
-    """SGD with momentum (optionally Nesterov), updating parameters in place.
-
-    v <- momentum * v - lr * g
-    p <- p + v                          (classical)
-    p <- p + momentum * v - lr * g      (Nesterov, in the form of Sutskever et al.)
-    """
-
-    def __init__(self, params, momentum=0.9, nesterov=False):
-        self.params = params
-        self.momentum = float(momentum)
-        self.nesterov = bool(nesterov)
-        self.velocity = {k: np.zeros_like(v) for k, v in params.items()}
-
-    def step(self, grads, lr):
-        for name, p in self.params.items():
-            g = grads[name]
-            v = self.velocity[name]
-            v *= p.dtype.type(self.momentum)
-            v -= p.dtype.type(lr) * g
-            if self.nesterov:
-                p += p.dtype.type(self.momentum) * v - p.dtype.type(lr) * g
-            else:
-                p += v
-
-
-def learning_rate(cfg, step, steps_per_epoch):
-    """Learning rate at global step ``step`` (0-based).
-
-    Linear warm-up per step over ``warmup_epochs`` from lr/W to lr, then
-    - 'exponential': lr * decay**k in the k-th epoch after the warm-up (constant within an epoch);
-    - 'cosine': per step from lr down to min_lr at the end of the last epoch.
-    """
-    base = cfg['lr']
-    warmup = cfg['warmup_epochs'] * steps_per_epoch
-    if step < warmup:
-        return base * (step + 1) / warmup
-    if cfg['schedule'] == 'exponential':
-        k = step // steps_per_epoch - cfg['warmup_epochs']
-        return base * cfg['decay'] ** k
-    total = cfg['epochs'] * steps_per_epoch
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return cfg['min_lr'] + 0.5 * (base - cfg['min_lr']) * (1 + math.cos(math.pi * progress))
-
-
-# --------------------------------------------------------------------------
-# Run folder, logging, atomic files
-# --------------------------------------------------------------------------
-
-def write_json_atomic(path, obj):
-    """json.dump through viz.write_text_atomic (temporary file, then rename)."""
-    write_text_atomic(path, json.dumps(obj, indent=2) + '\n')
-
-
-def normalization(state):
-    """(mean, std) float32 (3,) arrays from a run state, or (None, None) without standardisation."""
-    mean, std = state.get('mean'), state.get('std')
-    if mean is None:
-        return None, None
-    return np.asarray(mean, np.float32), np.asarray(std, np.float32)
-
-
-def to_jsonable(obj):
-    """NumPy scalars and arrays inside a structure -> plain Python, for json.dump."""
-    if isinstance(obj, dict):
-        return {k: to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
-class RunLog:
-    """Print a line and append it to train.log (flushed, so a crash loses nothing)."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __call__(self, msg):
-        stamp = datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')
-        print(msg, flush=True)
-        with open(self.path, 'a') as f:
-            f.write(f"{stamp} {msg}\n")
-
-
-def new_run_dir(out, preset):
-    """Create the run folder; refuse to reuse a non-empty one."""
-    if out is None:
-        stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-        base = os.path.join('runs', f"{stamp}-{preset}")
-        out, k = base, 1
-        while os.path.exists(out):          # two runs started in the same second
-            k += 1
-            out = f"{base}-{k}"
-    if os.path.isfile(out):
-        raise UsageError(f"--out {out} is a file; give a folder path for the run")
-    if os.path.isdir(out) and os.listdir(out):
-        raise UsageError(f"--out {out} already holds files; choose a new folder, or continue "
-                         f"that run with --resume {os.path.join(out, 'ckpt.npz')}")
-    os.makedirs(out, exist_ok=True)
-    return out
-
-
-def point_latest_at(run_dir):
-    """Make <parent>/latest a symlink to run_dir (runs/latest for the default layout)."""
-    run_dir = os.path.abspath(run_dir)
-    link = os.path.join(os.path.dirname(run_dir), 'latest')
-    tmp = f"{link}.tmp-{os.getpid()}"
+def load_presets(path=None):
+    """All presets from presets.json (or ``path``) -> {name: Config}, each validated."""
+    path = path or PRESETS_PATH
     try:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        os.symlink(os.path.basename(run_dir), tmp)
-        os.replace(tmp, link)
-    except OSError:
-        pass   # a filesystem without symlinks: the run itself is unaffected
+        presets = runfiles.read_json(path, fix='restore it from git')
+    except RunFileError as e:
+        raise UsageError(f"the presets file: {e}") from None
+    if not isinstance(presets, dict) or not presets or not all(isinstance(p, dict) for p in presets.values()):
+        raise UsageError(f"the presets file {path} must hold a JSON object of named presets, each an "
+                         f"object of settings; restore it from git")
+    for name, preset in presets.items():
+        if not isinstance(preset.get('description', ''), str):
+            raise UsageError(f"preset {name!r}: description must be a string; fix presets.json")
+    return {name: Config.from_dict(preset, f"preset {name!r}") for name, preset in presets.items()}
 
 
 # --------------------------------------------------------------------------
-# Checkpoints
+# The resumable state of a run
 # --------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    """Where a run is: what ckpt.npz stores besides parameters and momentum.
+
+    epoch is the next epoch to run (0-based) and step the next step within
+    it; sum_loss, sum_correct and seen are the running sums of the current
+    epoch; mean/std are the per-channel input statistics ((3,) lists) or None.
+    """
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    history: list = field(default_factory=list)
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    elapsed_s: float = 0.0
+    sum_loss: float = 0.0
+    sum_correct: int = 0
+    seen: int = 0
+    mean: list = None
+    std: list = None
+    stop_reason: str = None
+    eval_images_per_s: float = None
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def normalization(self):
+        """(mean, std) float32 (3,) arrays, or (None, None) without standardisation."""
+        if self.mean is None:
+            return None, None
+        return np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+
 
 def save_checkpoint(path, model, opt, state, cfg):
     """Everything needed to resume: params, velocities, position, history, config."""
     meta = dict(model.config(), format_version=1, kind=CHECKPOINT_KIND,
-                run_config=cfg, state=to_jsonable(state))
+                run_config=cfg.to_dict(), state=runfiles.to_jsonable(dataclasses.asdict(state)))
     arrays = {'meta': np.array(json.dumps(meta))}
     arrays.update({f'param/{k}': v for k, v in model.params.items()})
     arrays.update({f'velocity/{k}': v for k, v in opt.velocity.items()})
-    save_npz_atomic(path, arrays)
+    runfiles.write_npz(path, arrays)
 
 
 def load_checkpoint(path):
-    """Read a checkpoint written by save_checkpoint -> (model, velocities, state, cfg)."""
+    """Read a checkpoint written by save_checkpoint -> (model, velocities, TrainState, Config)."""
+    arrays = load_npz(path)
+    meta = read_meta(arrays, path)
+    if meta.get('kind') != CHECKPOINT_KIND:
+        raise ModelFileError(f"{path} holds model weights only (best.npz?), not a resumable "
+                             f"checkpoint; resume from the run's ckpt.npz")
     try:
-        arrays = load_npz(path)
-        meta = read_meta(arrays, path)
-        if meta.get('kind') != CHECKPOINT_KIND:
-            raise ModelFileError(f"{path} holds model weights only (best.npz?), not a resumable "
-                                 f"checkpoint; resume from the run's ckpt.npz")
-        cfg = dict(meta['run_config'])
-        validate_config({k: v for k, v in cfg.items() if k in PRESET_SCHEMA}, f"{path}'s configuration")
-        model = CNNRNN.load(path, seq_layout=cfg['seq_layout'], hidden=cfg['hidden'])
-        velocity = {k[len('velocity/'):]: v for k, v in arrays.items() if k.startswith('velocity/')}
-        if set(velocity) != set(model.params) or any(
-                velocity[k].shape != model.params[k].shape for k in velocity):
-            raise ModelFileError(f"{path} has optimizer state that does not match its model; "
-                                 f"it is corrupt: use another checkpoint")
-        return model, velocity, meta['state'], cfg
+        cfg = Config.from_dict(dict(meta['run_config']), f"{path}'s configuration", require_all=False)
+        state = TrainState.from_dict(meta['state'])
+        model = CNNRNN.load(path, seq_layout=cfg.seq_layout, hidden=cfg.hidden)
     except (KeyError, TypeError, UsageError) as e:
         raise ModelFileError(f"{path} is not a complete checkpoint of this project ({e}); "
                              f"resume from a ckpt.npz written by main.py") from None
+    velocity = {k[len('velocity/'):]: v for k, v in arrays.items() if k.startswith('velocity/')}
+    if set(velocity) != set(model.params) or any(
+            velocity[k].shape != model.params[k].shape for k in velocity):
+        raise ModelFileError(f"{path} has optimizer state that does not match its model; "
+                             f"it is corrupt: use another checkpoint")
+    return model, velocity, state, cfg
 
 
 # --------------------------------------------------------------------------
-# Evaluation
+# The run folder
 # --------------------------------------------------------------------------
+
+class RunFolder:
+    """The files of one run, the lock that makes this process their only writer, the log."""
+
+    def __init__(self, path):
+        self.path = Path(path).resolve()     # runs/latest/... -> the real folder
+        self.lock = runfiles.RunFolderLock(self.path, 'main.py')
+
+    def file(self, name):
+        return self.path / name
+
+    def log(self, msg, stream=None):
+        """Print a line (to stdout, or ``stream``) and append it, time-stamped, to train.log."""
+        print(msg, file=stream or sys.stdout, flush=True)
+        stamp = datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')
+        runfiles.append_line(self.file('train.log'), f"{stamp} {msg}")
+
+
+def new_run_folder(out, preset):
+    """Create the folder of a new run; refuse a file, a dangling link or a non-empty folder."""
+    if out is None:
+        stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+        out = base = os.path.join('runs', f"{stamp}-{preset}")
+        k = 1
+        while os.path.lexists(out):          # two runs started in the same second
+            k += 1
+            out = f"{base}-{k}"
+    path = Path(out)
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"--out {out} is a link to nothing; remove the link or give another folder")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder path for the run")
+    if path.is_dir() and any(path.iterdir()):
+        raise UsageError(f"--out {out} already holds files; choose a new folder, or continue "
+                         f"that run with --resume {path / 'ckpt.npz'}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(runfiles.describe_os_error(e, path, 'create the run folder')) from None
+    return RunFolder(path)
+
+
+def checkpoint_path(given):
+    """The ckpt.npz that --resume names: a file, or a run folder that holds one."""
+    if not given.strip():
+        raise UsageError("--resume was given an empty path; give a run's checkpoint, "
+                         "e.g. --resume runs/latest/ckpt.npz")
+    path = Path(given)
+    if path.is_dir():
+        if not (path / 'ckpt.npz').is_file():
+            raise UsageError(f"--resume {given} is a folder without a checkpoint: expected "
+                             f"{path / 'ckpt.npz'}; give a run folder written by main.py")
+        path = path / 'ckpt.npz'
+    return path
+
+
+# --------------------------------------------------------------------------
+# Stopping early: signals and the time budget
+# --------------------------------------------------------------------------
+
+class Stopper:
+    """Decides when training stops early, checked between steps.
+
+    SIGINT and SIGTERM set ``reason`` (a second one aborts with
+    KeyboardInterrupt); ``request`` does the same from code. The time budget
+    counts from construction and keeps ``reserve_s`` free for the
+    validation pass and the test evaluation that follow the stop.
+    """
+
+    def __init__(self, max_hours=None):
+        self.reason = None
+        self.max_hours = max_hours
+        self.t_start = time.monotonic()
+        self.reserve_s = 0.0
+        self.during = 'training'
+        self.ckpt = None          # the run's ckpt.npz, for the message when aborted
+        self.log = print          # the run's log, once its folder exists
+        self.previous = {}
+
+    def request(self, reason):
+        self.reason = reason
+
+    def should_stop(self):
+        """The reason to stop now, or None."""
+        if self.reason is None and self.max_hours is not None:
+            if time.monotonic() - self.t_start + self.reserve_s > self.max_hours * 3600.0:
+                self.reason = f"time budget of {self.max_hours} h reached"
+        return self.reason
+
+    def install(self):
+        def handler(signum, frame):
+            if self.reason is not None and self.reason.startswith('interrupted'):
+                raise KeyboardInterrupt
+            self.request('interrupted by ' + signal.Signals(signum).name)
+            then = ('stopping after this step' if self.during == 'training'
+                    else 'finishing the test evaluation first')
+            print(flush=True)
+            self.log(f"{self.reason}: {then} (Ctrl-C again to abort)")
+        self.previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def uninstall(self):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+        self.previous = {}
+
+
+# --------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------
+
+class Trainer:
+    """The training loop of one run: epochs of steps, then validation and checkpoint."""
+
+    def __init__(self, cfg, run, model, opt, state, data, stopper):
+        self.cfg, self.run, self.model, self.opt, self.state = cfg, run, model, opt, state
+        self.stopper = stopper
+        mean, std = state.normalization()
+        self.train_it = BatchIterator(data['X_train'], data['y_train'], cfg.batch_size, shuffle=True,
+                                      augment=cfg.augment, seed=cfg.seed, mean=mean, std=std)
+        self.val_it = BatchIterator(data['X_val'], data['y_val'], cfg.eval_batch_size, mean=mean, std=std)
+        self.steps_per_epoch = len(self.train_it)
+        self.n_eval = len(data['y_val']) + len(data['y_test'])
+        self.t_start = time.monotonic()
+        self.elapsed_before = state.elapsed_s
+        if state.eval_images_per_s:    # measured in an earlier call: reserve evaluation time now
+            stopper.reserve_s = self.n_eval / state.eval_images_per_s
+
+    def elapsed(self):
+        return self.elapsed_before + time.monotonic() - self.t_start
+
+    def lr(self):
+        return learning_rate(self.cfg, self.state.global_step, self.steps_per_epoch)
+
+    def train(self):
+        """Run epochs until the last one or a stop; the state says which."""
+        while self.state.epoch < self.cfg.epochs:
+            if not self.run_epoch():
+                return
+            self.end_epoch()
+        self.state.stop_reason = None
+
+    def run_epoch(self):
+        """The remaining steps of the current epoch. False if it stopped early (checkpoint written)."""
+        from tqdm import tqdm
+        s, cfg = self.state, self.cfg
+        t_epoch, train_time, images = time.monotonic(), 0.0, 0
+        bar = tqdm(total=self.steps_per_epoch, initial=s.step, desc=f"epoch {s.epoch + 1}/{cfg.epochs}",
+                   unit='step', leave=False, dynamic_ncols=True, disable=None)
+        t_step = time.monotonic()
+        for X, y in self.train_it.epoch(s.epoch, start=s.step):
+            if self.stopper.should_stop():
+                bar.close()
+                s.stop_reason = self.stopper.reason
+                s.elapsed_s = self.elapsed()
+                save_checkpoint(self.run.file('ckpt.npz'), self.model, self.opt, s, cfg)
+                self.run.log(f"stopped at epoch {s.epoch + 1}, step {s.step}/{self.steps_per_epoch}: "
+                             f"{s.stop_reason}; resumable checkpoint written")
+                return False
+            lr = self.lr()
+            loss, grads, details = self.model.loss(X, y, details=True)
+            if not np.isfinite(loss):
+                bar.close()
+                raise Diverged(self.divergence_message(loss, lr))
+            clip_grad_norm(grads, cfg.clip)
+            self.opt.step(grads, lr)
+            # Running sums of the epoch (cross-entropy without the L2 term, so it compares with val loss).
+            s.sum_loss += details['data_loss'] * len(y)
+            s.sum_correct += int((details['logits'].argmax(1) == y).sum())
+            s.seen += len(y)
+            s.step += 1
+            s.global_step += 1
+            images += len(y)
+            now = time.monotonic()
+            train_time, t_step = train_time + now - t_step, now
+            bar.update(1)
+            bar.set_postfix(loss=f"{s.sum_loss / s.seen:.3f}", acc=f"{s.sum_correct / s.seen:.3f}",
+                            lr=f"{lr:.4f}", img_s=f"{images / train_time:.0f}")
+        bar.close()
+        self.epoch_timing = (time.monotonic() - t_epoch, images / train_time if train_time > 0 else None)
+        return True
+
+    def end_epoch(self):
+        """Validate, keep best.npz, write ckpt.npz and history.json, log one line."""
+        s, cfg = self.state, self.cfg
+        lr = learning_rate(cfg, s.global_step - 1, self.steps_per_epoch)
+        t_val = time.monotonic()
+        val_loss, val_acc, _, _ = evaluate(self.model, self.val_it)
+        s.eval_images_per_s = len(self.val_it.y) / max(1e-9, time.monotonic() - t_val)
+        # Leave room for a validation pass and the test evaluation in the time budget.
+        self.stopper.reserve_s = self.n_eval / s.eval_images_per_s
+        epoch_time, speed = self.epoch_timing
+        record = {'epoch': s.epoch + 1, 'train_loss': s.sum_loss / s.seen,
+                  'train_acc': s.sum_correct / s.seen, 'val_loss': val_loss, 'val_acc': val_acc,
+                  'lr': lr, 'base_lr': cfg.lr, 'epoch_time_s': epoch_time + time.monotonic() - t_val,
+                  'images_per_s': speed}
+        s.history.append(record)
+        improved = val_acc > s.best_val_acc
+        if improved:
+            s.best_val_acc, s.best_epoch = val_acc, s.epoch + 1
+            self.model.save(self.run.file('best.npz'), extra_meta={'epoch': s.epoch + 1, 'val_acc': val_acc})
+        s.epoch, s.step, s.sum_loss, s.sum_correct, s.seen = s.epoch + 1, 0, 0.0, 0, 0
+        s.elapsed_s = self.elapsed()
+        save_checkpoint(self.run.file('ckpt.npz'), self.model, self.opt, s, cfg)
+        runfiles.write_json(self.run.file('history.json'), s.history)
+        shown = f"  {speed:.0f} img/s" if speed else ''
+        self.run.log(f"epoch {record['epoch']:3d}/{cfg.epochs}  train loss {record['train_loss']:.4f} "
+                     f"acc {record['train_acc']:.4f}  val loss {val_loss:.4f} acc {val_acc:.4f}"
+                     f"{' *' if improved else '  '}  lr {lr:.4g}  {record['epoch_time_s']:.1f}s{shown}")
+
+    def divergence_message(self, loss, lr):
+        """What happened, and a command that continues with a lower learning rate."""
+        s, cfg = self.state, self.cfg
+        lower = f"{max(cfg.lr / 2, cfg.min_lr):.3g}"
+        what = f"the loss became {loss} at epoch {s.epoch + 1}, step {s.step + 1} (lr {lr:.4g})"
+        ckpt = self.run.file('ckpt.npz')
+        if ckpt.is_file():
+            return (f"{what}; the last checkpoint is intact: continue from it with a lower learning "
+                    f"rate, python main.py --resume {ckpt} --lr {lower}")
+        return (f"{what}; no checkpoint was written yet, so start the run again with a lower "
+                f"learning rate, e.g. --lr {lower}")
+
 
 def evaluate(model, iterator):
     """Loss, accuracy, probabilities (N, 10) and final hidden states (N, H) over an iterator."""
@@ -280,178 +464,57 @@ def evaluate(model, iterator):
     return loss, acc, probs, np.concatenate(hidden)
 
 
-# --------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------
+def final_evaluation(cfg, run, model, state, data):
+    """Evaluate the best parameters on the test set; write metrics.json and predictions.npz.
 
-class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it between steps. A second Ctrl-C aborts at once."""
-
-    def __init__(self):
-        self.reason = None
-
-    def install(self):
-        def handler(signum, frame):
-            if self.reason is not None:
-                raise KeyboardInterrupt
-            self.reason = 'interrupted by ' + signal.Signals(signum).name
-            print(f"\n{self.reason}: stopping after this step (Ctrl-C again to abort)", flush=True)
-        self.previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def uninstall(self):
-        for s, h in getattr(self, 'previous', {}).items():
-            signal.signal(s, h)
-
-
-def train(cfg, run_dir, model, opt, state, data, log, max_hours=None, stop=None,
-          stop_after_steps=None):
-    """Run (or continue) the training loop; return the updated state.
-
-    state: dict with epoch (0-based, next to run), step (next step within it),
-    global_step, history, best_val_acc, best_epoch, elapsed_s, and the running
-    sums of the current epoch; it is what ckpt.npz stores.
-    stop_after_steps: stop (as if the budget ran out) after this many steps of
-    this call; used by the tests to interrupt a run at an exact step.
+    The epoch and validation accuracy reported come from best.npz's own
+    metadata, so they always describe the parameters evaluated.
     """
-    from tqdm import tqdm
-
-    mean, std = normalization(state)
-    train_it = BatchIterator(data['X_train'], data['y_train'], cfg['batch_size'], shuffle=True,
-                             augment=cfg['augment'], seed=cfg['seed'], mean=mean, std=std)
-    val_it = BatchIterator(data['X_val'], data['y_val'], cfg['eval_batch_size'], mean=mean, std=std)
-    steps_per_epoch = len(train_it)
-    n_val, n_test = len(data['y_val']), len(data['y_test'])
-    budget_s = None if max_hours is None else max_hours * 3600.0
-    t_start = time.monotonic()
-    elapsed_before = state['elapsed_s']
-    steps_this_call = 0
-    eval_rate = state.get('eval_images_per_s')   # for reserving time for the final evaluation
-
-    def out_of_time():
-        if budget_s is None:
-            return False
-        reserve = 0.0
-        if eval_rate:   # leave room for a validation pass and the test evaluation
-            reserve = (n_val + n_test) / eval_rate
-        return time.monotonic() - t_start + reserve > budget_s
-
-    while state['epoch'] < cfg['epochs']:
-        e = state['epoch']
-        t_epoch = time.monotonic()
-        train_time, images_here = 0.0, 0     # of this epoch, in this call
-        lr = learning_rate(cfg, state['global_step'], steps_per_epoch)
-        bar = tqdm(total=steps_per_epoch, initial=state['step'], desc=f"epoch {e + 1}/{cfg['epochs']}",
-                   unit='step', leave=False, dynamic_ncols=True, disable=None)
-        t_step = time.monotonic()
-        for X, y in train_it.epoch(e, start=state['step']):
-            if stop is not None and stop.reason:
-                state['stop_reason'] = stop.reason
-            elif stop_after_steps is not None and steps_this_call >= stop_after_steps:
-                state['stop_reason'] = f'stopped after {steps_this_call} steps (test hook)'
-            elif out_of_time():
-                state['stop_reason'] = f'time budget of {max_hours} h reached'
-            if state.get('stop_reason'):
-                bar.close()
-                state['elapsed_s'] = elapsed_before + time.monotonic() - t_start
-                save_checkpoint(os.path.join(run_dir, 'ckpt.npz'), model, opt, state, cfg)
-                log(f"stopped at epoch {e + 1}, step {state['step']}/{steps_per_epoch}: "
-                    f"{state['stop_reason']}; resumable checkpoint written")
-                return state
-            lr = learning_rate(cfg, state['global_step'], steps_per_epoch)
-            loss, grads, logits = model.loss(X, y, return_logits=True)
-            if not np.isfinite(loss):
-                bar.close()
-                raise Diverged(f"the loss became {loss} at epoch {e + 1}, step {state['step'] + 1} "
-                               f"(lr {lr:.4g}); lower --lr and resume from the last checkpoint")
-            clip_grad_norm(grads, cfg['clip'])
-            opt.step(grads, lr)
-            # Running sums of the epoch (cross-entropy without the L2 term, so it compares with val loss).
-            state['sum_loss'] += softmax_loss(logits, y)[0] * len(y)
-            state['sum_correct'] += int((logits.argmax(1) == y).sum())
-            state['seen'] += len(y)
-            state['step'] += 1
-            state['global_step'] += 1
-            steps_this_call += 1
-            images_here += len(y)
-            now = time.monotonic()
-            train_time += now - t_step
-            t_step = now
-            bar.update(1)
-            bar.set_postfix(loss=f"{state['sum_loss'] / state['seen']:.3f}",
-                            acc=f"{state['sum_correct'] / state['seen']:.3f}", lr=f"{lr:.4f}",
-                            img_s=f"{images_here / train_time:.0f}")
-        bar.close()
-
-        t_val = time.monotonic()
-        val_loss, val_acc, _, _ = evaluate(model, val_it)
-        eval_rate = state['eval_images_per_s'] = n_val / max(1e-9, time.monotonic() - t_val)
-        record = {'epoch': e + 1, 'train_loss': state['sum_loss'] / state['seen'],
-                  'train_acc': state['sum_correct'] / state['seen'], 'val_loss': val_loss,
-                  'val_acc': val_acc, 'lr': lr, 'epoch_time_s': time.monotonic() - t_epoch,
-                  'images_per_s': images_here / train_time if train_time > 0 else None}
-        state['history'].append(record)
-        improved = val_acc > state['best_val_acc']
-        if improved:
-            state['best_val_acc'], state['best_epoch'] = val_acc, e + 1
-            model.save(os.path.join(run_dir, 'best.npz'), extra_meta={'epoch': e + 1, 'val_acc': val_acc})
-        state.update(epoch=e + 1, step=0, sum_loss=0.0, sum_correct=0, seen=0)
-        state['elapsed_s'] = elapsed_before + time.monotonic() - t_start
-        save_checkpoint(os.path.join(run_dir, 'ckpt.npz'), model, opt, state, cfg)
-        write_json_atomic(os.path.join(run_dir, 'history.json'), to_jsonable(state['history']))
-        speed = f"  {record['images_per_s']:.0f} img/s" if record['images_per_s'] else ''
-        log(f"epoch {e + 1:3d}/{cfg['epochs']}  train loss {record['train_loss']:.4f} "
-            f"acc {record['train_acc']:.4f}  val loss {val_loss:.4f} acc {val_acc:.4f}"
-            f"{' *' if improved else '  '}  lr {lr:.4g}  {record['epoch_time_s']:.1f}s{speed}")
-    state['stop_reason'] = None
-    return state
-
-
-def final_evaluation(cfg, run_dir, model, state, data, log):
-    """Evaluate the best parameters on the test set; write metrics.json and predictions.npz."""
-    best_path = os.path.join(run_dir, 'best.npz')
-    if os.path.exists(best_path):
-        model = CNNRNN.load(best_path)
-        evaluated = f"best.npz (epoch {state['best_epoch']})"
+    best_path = run.file('best.npz')
+    best_epoch, best_val_acc = None, None
+    if best_path.is_file():
+        model, meta = CNNRNN.load(best_path, return_meta=True)
+        best_epoch, best_val_acc = meta.get('epoch'), meta.get('val_acc')
+        evaluated = f"best.npz (epoch {best_epoch})"
     else:
         evaluated = 'the current parameters (no epoch finished, so no best.npz yet)'
-    mean, std = normalization(state)
-    test_it = BatchIterator(data['X_test'], data['y_test'], cfg['eval_batch_size'], mean=mean, std=std)
+    mean, std = state.normalization()
+    test_it = BatchIterator(data['X_test'], data['y_test'], cfg.eval_batch_size, mean=mean, std=std)
     t0 = time.monotonic()
     test_loss, test_acc, probs, hidden = evaluate(model, test_it)
     eval_s = time.monotonic() - t0
     labels = data['y_test']
     confusion = confusion_matrix(labels, probs.argmax(1))
-    per_class = confusion.diagonal() / np.maximum(1, confusion.sum(1))
-    speeds = [r['images_per_s'] for r in state['history'] if r.get('images_per_s')]
+    speeds = [r['images_per_s'] for r in state.history if r.get('images_per_s')]
     metrics = {
         'test_loss': test_loss, 'test_acc': test_acc,
-        'ece': expected_calibration_error(probs, labels, n_bins=15),
-        'per_class_acc': per_class, 'confusion_matrix': confusion,
-        'best_val_acc': state['best_val_acc'] if state['best_epoch'] else None,
-        'best_epoch': state['best_epoch'], 'epochs_done': state['epoch'],
-        'epochs_planned': cfg['epochs'],
-        'stopped_early': bool(state.get('stop_reason')), 'stop_reason': state.get('stop_reason'),
+        'ece': expected_calibration_error(probs, labels, n_bins=N_BINS),
+        'per_class_acc': per_class_accuracy(confusion), 'confusion_matrix': confusion,
+        'best_val_acc': best_val_acc, 'best_epoch': best_epoch, 'epochs_done': state.epoch,
+        'epochs_planned': cfg.epochs,
+        'stopped_early': bool(state.stop_reason), 'stop_reason': state.stop_reason,
         'evaluated': evaluated,
-        'wall_time_s': state['elapsed_s'] + eval_s,
+        'wall_time_s': state.elapsed_s + eval_s,
         'train_images_per_s': float(np.median(speeds)) if speeds else None,
         'test_images_per_s': len(labels) / max(eval_s, 1e-9),
         'test_images': int(len(labels)), 'label_names': list(data['label_names']),
     }
-    write_json_atomic(os.path.join(run_dir, 'metrics.json'), to_jsonable(metrics))
-    save_npz_atomic(os.path.join(run_dir, 'predictions.npz'),
-                    {'probs': probs.astype(np.float32), 'labels': labels.astype(np.int64),
-                     'indices': np.arange(len(labels), dtype=np.int64),
-                     'hidden': hidden.astype(np.float32)})
-    log(summary(cfg, run_dir, metrics, data['label_names']))
+    runfiles.write_json(run.file('metrics.json'), metrics)
+    runfiles.write_npz(run.file('predictions.npz'),
+                       {'probs': probs.astype(np.float32), 'labels': labels.astype(np.int64),
+                        'indices': np.arange(len(labels), dtype=np.int64),
+                        'hidden': hidden.astype(np.float32)})
+    run.log(summary(cfg, run.path, metrics, data['label_names']))
     return metrics
 
 
 def summary(cfg, run_dir, m, names):
     """The one-screen summary printed at the end of a run."""
+    early = f"  (stopped early: {m['stop_reason']})" if m['stopped_early'] else ''
     lines = ['', '=' * 64,
              f"run      {run_dir}",
-             f"preset   {cfg['preset']}  layout {cfg['seq_layout']}  epochs {m['epochs_done']}/{cfg['epochs']}"
-             f"  subset {cfg['subset']}" + ('  (stopped early: ' + m['stop_reason'] + ')' if m['stopped_early'] else ''),
+             f"preset   {cfg.preset}  layout {cfg.seq_layout}  epochs {m['epochs_done']}/{cfg.epochs}"
+             f"  subset {cfg.subset}{early}",
              f"test     accuracy {100 * m['test_acc']:.2f}%  loss {m['test_loss']:.4f}  ECE {m['ece']:.4f}"
              f"  ({m['test_images']} images, {m['evaluated']})",
              f"val      best accuracy {100 * m['best_val_acc']:.2f}% at epoch {m['best_epoch']}"
@@ -463,20 +526,31 @@ def summary(cfg, run_dir, m, names):
     return '\n'.join(lines)
 
 
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+# Options that override a preset key of the same name.
+OVERRIDES = ('subset', 'epochs', 'batch_size', 'lr', 'seed', 'seq_layout', 'schedule', 'rnn_init')
+
+
 def build_parser():
     ap = argparse.ArgumentParser(
         description='Train the NumPy CNN+RNN on CIFAR-10.',
         epilog='Examples:\n  python main.py --preset fast --subset 0.4 --max-hours 1\n'
                '  python main.py --resume runs/latest/ckpt.npz\n  python main.py --list-presets',
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--preset', default='fast', help="named settings from presets.json (default: fast)")
+    ap.add_argument('--preset', default='fast', help='named settings from presets.json (default: fast)')
     ap.add_argument('--list-presets', action='store_true', help='print the presets and exit')
     ap.add_argument('--subset', type=float, help='fraction in (0, 1] of the 50,000 training images '
                     '(split 9:1 into train/validation); the test set is always all 10,000')
     ap.add_argument('--max-hours', type=float, help='time budget for this invocation; training stops '
                     'cleanly in time to evaluate, with a resumable checkpoint')
-    ap.add_argument('--resume', metavar='CKPT', help='continue the run that wrote this ckpt.npz, in '
-                    'its own folder, with its saved configuration')
+    ap.add_argument('--resume', metavar='CKPT', help="continue the run that wrote this ckpt.npz (or "
+                    "the run folder holding it), in its own folder, with its saved configuration; "
+                    "--lr may set a new base learning rate from the resumed step on")
+    ap.add_argument('--evaluate', action='store_true', help='with --resume of a finished run: redo '
+                    'the test evaluation (metrics.json, predictions.npz)')
     ap.add_argument('--out', help='run folder (default: runs/<timestamp>-<preset>); must be new or empty')
     ap.add_argument('--data-dir', default=None, help='folder holding cifar-10-python.tar.gz or '
                     'cifar-10-batches-py (default: data)')
@@ -494,28 +568,6 @@ def build_parser():
     return ap
 
 
-OVERRIDES = ('subset', 'epochs', 'batch_size', 'lr', 'seed', 'seq_layout', 'schedule', 'rnn_init')
-
-
-def resolve_config(args):
-    """Preset + command-line overrides -> validated config dict."""
-    presets = load_presets()
-    if args.preset not in presets:
-        raise UsageError(f"unknown preset {args.preset!r}; choose one of {', '.join(presets)} "
-                         f"(python main.py --list-presets shows them)")
-    cfg = dict(presets[args.preset])
-    cfg.pop('description', None)
-    for key in OVERRIDES:
-        value = getattr(args, key)
-        if value is not None:
-            cfg[key] = value
-    cfg.update(parse_set_options(args.set))
-    validate_config(cfg, 'the configuration')
-    cfg['preset'] = args.preset
-    cfg['data_dir'] = args.data_dir or 'data'
-    return cfg
-
-
 def parse_set_options(items):
     """['standardize=false', 'decay=0.95'] -> {'standardize': False, 'decay': 0.95}."""
     out = {}
@@ -523,9 +575,8 @@ def parse_set_options(items):
         key, sep, text = item.partition('=')
         if not sep or not key:
             raise UsageError(f"--set {item!r} is malformed; write --set KEY=VALUE, e.g. --set decay=0.95")
-        if key not in PRESET_SCHEMA or key == 'description':
-            raise UsageError(f"--set {key}: unknown key; known keys are "
-                             f"{', '.join(sorted(k for k in PRESET_SCHEMA if k != 'description'))}")
+        if key not in Config.preset_keys():
+            raise UsageError(f"--set {key}: unknown key; known keys are {', '.join(sorted(Config.preset_keys()))}")
         try:
             out[key] = json.loads(text)
         except ValueError:
@@ -534,6 +585,7 @@ def parse_set_options(items):
 
 
 def check_args(args):
+    """Checks of the options themselves, before any file is read."""
     if args.max_hours is not None and not (args.max_hours > 0 and math.isfinite(args.max_hours)):
         raise UsageError(f"--max-hours {args.max_hours} is invalid; give a positive number of hours")
     if args.subset is not None and not 0 < args.subset <= 1:
@@ -541,79 +593,164 @@ def check_args(args):
                          f"e.g. 0.4 for 40% of the training images")
     if args.epochs is not None and args.epochs <= 0:
         raise UsageError(f"--epochs {args.epochs} is invalid; give a positive number of epochs")
-    if args.resume:
-        fixed = [f"--{k.replace('_', '-')}" for k in OVERRIDES if getattr(args, k) is not None]
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UsageError(f"--lr {args.lr} is invalid; give a positive finite learning rate, e.g. --lr 0.01")
+    if args.data_dir is not None and not args.data_dir.strip():
+        raise UsageError("--data-dir was given an empty path; give the folder holding "
+                         "cifar-10-python.tar.gz, or leave the option out for data/")
+    if args.out is not None and not args.out.strip():
+        raise UsageError("--out was given an empty path; give a folder for the run, or leave the "
+                         "option out for runs/<timestamp>-<preset>")
+    if args.evaluate and args.resume is None:
+        raise UsageError('--evaluate redoes the test evaluation of a finished run; use it with --resume')
+    if args.resume is not None:
+        fixed = [f"--{k.replace('_', '-')}" for k in OVERRIDES if k != 'lr' and getattr(args, k) is not None]
         fixed += ['--set'] if args.set else []
         fixed += ['--out'] if args.out else []
         fixed += ['--preset'] if args.preset != 'fast' else []
         if fixed:
             raise UsageError(f"{', '.join(fixed)} cannot be combined with --resume: a resumed run "
-                             f"keeps its saved configuration (only --max-hours and --data-dir apply)")
+                             f"keeps its saved configuration (only --lr, --max-hours and --data-dir apply)")
 
 
-def run(argv=None, stop_after_steps=None):
-    """The CLI; returns the exit code. stop_after_steps is a hook for the tests."""
+def resolve_config(args):
+    """Preset + command-line overrides -> validated Config."""
+    presets = load_presets()
+    if args.preset not in presets:
+        raise UsageError(f"unknown preset {args.preset!r}; choose one of {', '.join(presets)} "
+                         f"(python main.py --list-presets shows them)")
+    settings = presets[args.preset].to_dict()
+    settings.update({k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None})
+    settings.update(parse_set_options(args.set))
+    settings.update(preset=args.preset, data_dir=args.data_dir or 'data', description='')
+    return Config.from_dict(settings, 'the configuration')
+
+
+def list_presets():
+    for name, cfg in load_presets().items():
+        print(f"{name:6} {cfg.description}")
+        print('       ' + ', '.join(f"{k}={getattr(cfg, k)}" for k in Config.preset_keys()))
+
+
+def run(argv=None):
+    """The command line; returns the exit code."""
     args = build_parser().parse_args(argv)
+    stopper = Stopper(args.max_hours)
+    stopper.install()
     try:
         if args.list_presets:
-            for name, p in load_presets().items():
-                print(f"{name:6} {p.get('description', '')}")
-                print('       ' + ', '.join(f"{k}={v}" for k, v in p.items() if k != 'description'))
-            return 0
+            list_presets()
+            return EXIT_OK
         check_args(args)
-        if args.resume:
-            model, velocity, state, cfg = load_checkpoint(args.resume)
-            if args.data_dir:
-                cfg['data_dir'] = args.data_dir
-            run_dir = os.path.dirname(os.path.abspath(args.resume))
-            return _run(cfg, args, run_dir, (model, velocity, state), stop_after_steps)
-        return _run(resolve_config(args), args, None, None, stop_after_steps)
-    except (UsageError, ModelFileError, DataError) as e:
+        if args.resume is not None:
+            return resume_run(args, stopper)
+        return new_run(args, stopper)
+    except (UsageError, RunFileError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except OSError as e:     # anything the modules above did not word themselves
+        print(f"error: {runfiles.describe_os_error(e, e.filename or '?', 'use')}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except MemoryError:
+        print("error: this machine ran out of memory; lower --batch-size or --set hidden "
+              "(a checkpoint already written is intact)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        ckpt = stopper.ckpt
+        then = (f"the last checkpoint is intact: python main.py --resume {ckpt} continues"
+                if ckpt is not None and ckpt.is_file() else 'no checkpoint was written yet')
+        print(f"error: aborted by a second interrupt; {then}", file=sys.stderr)
+        return EXIT_ABORTED
+    finally:
+        stopper.uninstall()
 
 
-def _run(cfg, args, run_dir, resumed, stop_after_steps):
-    # Load the data before creating anything, so bad data leaves no empty run folder behind.
+def load_data(cfg):
     try:
-        data = load_cifar10(cfg['data_dir'], subset=cfg['subset'], seed=cfg['seed'])
+        return load_cifar10(cfg.data_dir, subset=cfg.subset, seed=cfg.seed)
     except ValueError as e:       # e.g. a subset too small to give every class a validation image
         raise UsageError(str(e)) from None
-    if resumed is None:
-        run_dir = new_run_dir(args.out, cfg['preset'])
-        model = CNNRNN(seq_layout=cfg['seq_layout'], hidden=cfg['hidden'], reg=cfg['weight_decay'],
-                       seed=cfg['seed'], rnn_init=cfg['rnn_init'])
-        opt = SGD(model.params, momentum=cfg['momentum'], nesterov=cfg['nesterov'])
-        mean, std = channel_mean_std(data['X_train']) if cfg['standardize'] else (None, None)
-        state = {'epoch': 0, 'step': 0, 'global_step': 0, 'history': [], 'best_val_acc': -1.0,
-                 'best_epoch': 0, 'elapsed_s': 0.0, 'sum_loss': 0.0, 'sum_correct': 0, 'seen': 0,
-                 'mean': mean, 'std': std, 'stop_reason': None}
-        write_json_atomic(os.path.join(run_dir, 'config.json'), to_jsonable(cfg))
-        log = RunLog(os.path.join(run_dir, 'train.log'))
-        log(f"run {run_dir}: preset {cfg['preset']}, {len(data['y_train'])} train / "
-            f"{len(data['y_val'])} val / {len(data['y_test'])} test images")
-    else:
-        model, velocity, state = resumed
-        opt = SGD(model.params, momentum=cfg['momentum'], nesterov=cfg['nesterov'])
-        opt.velocity = {k: np.array(v, dtype=model.dtype) for k, v in velocity.items()}
-        state['stop_reason'] = None
-        log = RunLog(os.path.join(run_dir, 'train.log'))
-        log(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
-    point_latest_at(run_dir)
-    log('config ' + json.dumps(to_jsonable(cfg)))
 
-    stop = StopFlag()
-    stop.install()
+
+def new_run(args, stopper):
+    cfg = resolve_config(args)
+    # Data and model come first, so bad data or an absurd size leaves no empty run folder behind.
+    data = load_data(cfg)
     try:
-        state = train(cfg, run_dir, model, opt, state, data, log, max_hours=args.max_hours,
-                      stop=stop, stop_after_steps=stop_after_steps)
-    except Diverged as e:
-        log(f"error: {e}")
-        return 1
+        model = CNNRNN(seq_layout=cfg.seq_layout, hidden=cfg.hidden, reg=cfg.weight_decay,
+                       seed=cfg.seed, rnn_init=cfg.rnn_init)
+    except MemoryError:
+        raise UsageError(f"a model with hidden={cfg.hidden} needs more memory than this machine has; "
+                         f"choose a smaller --set hidden (the method uses 128)") from None
+    opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    mean, std = channel_mean_std(data['X_train']) if cfg.standardize else (None, None)
+    state = TrainState(mean=mean, std=std)
+    run = new_run_folder(args.out, cfg.preset)
+    run.lock.acquire()
+    stopper.ckpt, stopper.log = run.file('ckpt.npz'), run.log
+    try:
+        runfiles.write_json(run.file('config.json'), cfg.to_dict())
+        run.log(f"run {run.path}: preset {cfg.preset}, {len(data['y_train'])} train / "
+                f"{len(data['y_val'])} val / {len(data['y_test'])} test images")
+        return train_and_evaluate(cfg, run, model, opt, state, data, stopper)
     finally:
-        stop.uninstall()
-    final_evaluation(cfg, run_dir, model, state, data, log)
-    return 0
+        run.lock.release()
+
+
+def resume_run(args, stopper):
+    ckpt = checkpoint_path(args.resume)
+    model, velocity, state, cfg = load_checkpoint(ckpt)
+    run = RunFolder(ckpt.parent)
+    finished = state.epoch >= cfg.epochs
+    if finished and not args.evaluate and run.file('metrics.json').is_file():
+        print(f"{run.path} already finished its {cfg.epochs} epochs and has metrics.json; nothing to "
+              f"do (add --evaluate to redo the test evaluation)")
+        return EXIT_OK
+    new_lr = args.lr if args.lr is not None and args.lr != cfg.lr and not finished else None
+    if new_lr is not None and new_lr < cfg.min_lr:
+        raise UsageError(f"--lr {new_lr} is below this run's min_lr = {cfg.min_lr}; give a learning "
+                         f"rate of at least {cfg.min_lr}")
+    run.lock.acquire()
+    stopper.ckpt, stopper.log = run.file('ckpt.npz'), run.log
+    try:
+        # Read again under the lock: another process may have written it since.
+        model, velocity, state, cfg = load_checkpoint(ckpt)
+        if args.data_dir:
+            cfg.data_dir = args.data_dir
+        data = load_data(cfg)
+        if finished:
+            run.log(f"re-evaluating {run.path} (training finished at epoch {state.epoch})")
+            final_evaluation(cfg, run, model, state, data)
+            return EXIT_OK
+        if new_lr is not None:
+            # The schedule is a function of the base rate, so the new rate applies from this step on.
+            cfg.lr_changes.append({'global_step': state.global_step, 'epoch': state.epoch + 1,
+                                   'step': state.step, 'from': cfg.lr, 'to': new_lr})
+            cfg.lr = new_lr
+            runfiles.write_json(run.file('config.json'), cfg.to_dict())
+        opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        opt.velocity = {k: np.array(v, dtype=model.dtype) for k, v in velocity.items()}
+        state.stop_reason = None
+        run.log(f"resuming {run.path} at epoch {state.epoch + 1}, step {state.step}"
+                + (f", base learning rate now {new_lr} (was {cfg.lr_changes[-1]['from']})"
+                   if new_lr is not None else ''))
+        return train_and_evaluate(cfg, run, model, opt, state, data, stopper)
+    finally:
+        run.lock.release()
+
+
+def train_and_evaluate(cfg, run, model, opt, state, data, stopper):
+    runfiles.point_latest_at(run.path, warn=run.log)
+    run.log('config ' + json.dumps(cfg.to_dict()))
+    trainer = Trainer(cfg, run, model, opt, state, data, stopper)
+    try:
+        trainer.train()
+    except Diverged as e:
+        run.log(f"error: {e}", stream=sys.stderr)
+        return EXIT_DIVERGED
+    stopper.during = 'evaluation'
+    final_evaluation(cfg, run, model, state, data)
+    return EXIT_OK
 
 
 def main():

@@ -4,7 +4,7 @@ The bare step is the one ``benchmarks/speed.py`` times: forward, backward,
 clipping and the SGD update on a batch already in memory. The loop adds the
 data path (shuffle, augmentation, normalisation), the per-step bookkeeping,
 tqdm, validation on the whole validation split every epoch, checkpoints,
-best.npz and history.json. The script runs the real loop (main.train) with
+best.npz and history.json. The script runs the real loop (main.Trainer) with
 the bare-step calls (model.loss, clip_grad_norm, SGD.step) timed inside it, so
 both are measured on the same steps, the same model states and the same
 machine load, and prints
@@ -27,8 +27,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import main  # noqa: E402
-from cnn_rnn_numpy import CNNRNN, clip_grad_norm  # noqa: E402
+from cnn_rnn_numpy import CNNRNN  # noqa: E402
 from data_utils import BatchIterator, channel_mean_std  # noqa: E402
+from optim import SGD, clip_grad_norm  # noqa: E402
 
 
 def main_():
@@ -39,8 +40,8 @@ def main_():
     ap.add_argument('--repeats', type=int, default=3)
     args = ap.parse_args()
 
-    cfg = dict(main.load_presets()[args.preset], epochs=args.epochs, preset=args.preset)
-    cfg.pop('description')
+    cfg = main.load_presets()[args.preset]
+    cfg.epochs, cfg.preset = args.epochs, args.preset
     rng = np.random.default_rng(0)
     n_val = args.train // 9
     data = {'X_train': rng.integers(0, 256, (args.train, 3, 32, 32), dtype=np.uint8),
@@ -49,7 +50,7 @@ def main_():
             'y_val': rng.integers(0, 10, n_val),
             'X_test': np.zeros((0, 3, 32, 32), np.uint8), 'y_test': np.zeros(0, np.int64)}
     mean, std = channel_mean_std(data['X_train'])
-    it = BatchIterator(data['X_train'], data['y_train'], cfg['batch_size'], shuffle=True,
+    it = BatchIterator(data['X_train'], data['y_train'], cfg.batch_size, shuffle=True,
                        augment=True, seed=0, mean=mean, std=std)
     X0, y0 = next(iter(it.epoch(0)))
     steps = len(it) * args.epochs
@@ -57,23 +58,21 @@ def main_():
     ratios = []
     for r in range(args.repeats):
         # Bare step on one in-memory batch, as benchmarks/speed.py times it.
-        model = CNNRNN(seq_layout=cfg['seq_layout'], reg=cfg['weight_decay'], seed=r)
-        opt = main.SGD(model.params, momentum=cfg['momentum'], nesterov=cfg['nesterov'])
+        model = CNNRNN(seq_layout=cfg.seq_layout, reg=cfg.weight_decay, seed=r)
+        opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov)
         times = []
         for i in range(12):
             t0 = time.perf_counter()
             _, grads = model.loss(X0, y0)
-            clip_grad_norm(grads, cfg['clip'])
+            clip_grad_norm(grads, cfg.clip)
             opt.step(grads, 0.01)
             times.append(time.perf_counter() - t0)
         bare = float(np.median(times[2:]))
 
         # The real loop, everything included.
-        model = CNNRNN(seq_layout=cfg['seq_layout'], reg=cfg['weight_decay'], seed=r)
-        opt = main.SGD(model.params, momentum=cfg['momentum'], nesterov=cfg['nesterov'])
-        state = {'epoch': 0, 'step': 0, 'global_step': 0, 'history': [], 'best_val_acc': -1.0,
-                 'best_epoch': 0, 'elapsed_s': 0.0, 'sum_loss': 0.0, 'sum_correct': 0, 'seen': 0,
-                 'mean': mean, 'std': std, 'stop_reason': None}
+        model = CNNRNN(seq_layout=cfg.seq_layout, reg=cfg.weight_decay, seed=r)
+        opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        state = main.TrainState(mean=mean, std=std)
         inside = {'s': 0.0, 'n': 0}
 
         def timed(fn, count=False):
@@ -90,9 +89,9 @@ def main_():
         main.clip_grad_norm = timed(real_clip)
         try:
             with tempfile.TemporaryDirectory() as run_dir:
-                log = main.RunLog(os.path.join(run_dir, 'train.log'))
+                trainer = main.Trainer(cfg, main.RunFolder(run_dir), model, opt, state, data, main.Stopper())
                 t0 = time.perf_counter()
-                main.train(cfg, run_dir, model, opt, state, data, log)
+                trainer.train()
                 loop = time.perf_counter() - t0
         finally:
             main.clip_grad_norm = real_clip
@@ -103,8 +102,8 @@ def main_():
               f"epoch included), of which {inside['s']:.1f} s inside the bare steps: overhead "
               f"{100 * (ratio - 1):+.1f}%; against a bare step timed apart ({1e3 * bare:.0f} ms): "
               f"{100 * (loop / (steps * bare) - 1):+.1f}%")
-    print(f"median overhead of the loop over the bare step ({args.preset}, batch {cfg['batch_size']}, "
-          f"{cfg['seq_layout']}): {100 * (np.median(ratios) - 1):+.1f}%  (target <= +10%)")
+    print(f"median overhead of the loop over the bare step ({args.preset}, batch {cfg.batch_size}, "
+          f"{cfg.seq_layout}): {100 * (np.median(ratios) - 1):+.1f}%  (target <= +10%)")
 
 
 if __name__ == '__main__':

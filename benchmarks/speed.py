@@ -24,8 +24,8 @@ import tracemalloc
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-from cnn_rnn_numpy import CNNRNN, clip_grad_norm  # noqa: E402
-from main import SGD  # noqa: E402
+from cnn_rnn_numpy import CNNRNN  # noqa: E402
+from optim import SGD, clip_grad_norm  # noqa: E402
 
 FLOP_PER_IMAGE = {}  # filled by flops_per_image()
 

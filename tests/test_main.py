@@ -1,6 +1,7 @@
 """End-to-end tests of the training driver on synthetic archives: the run
 folder, exact resume, the time budget, signals, divergence, bad input, and
 the learning-rate schedule."""
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import pytest
 import main
 from cnn_rnn_numpy import CNNRNN
 from conftest import REPO_ROOT, make_cifar_archive
-from viz import expected_calibration_error
+from metrics import expected_calibration_error
 
 # 250 training images -> 225 train / 25 val; batch 32 -> 8 steps per epoch.
 SMOKE = ['--preset', 'smoke', '--subset', '1']
@@ -26,13 +27,38 @@ def data_dir(tmp_path_factory):
     return str(make_cifar_archive(tmp_path_factory.mktemp('cifar'), n_per_batch=50, n_test=100))
 
 
-def train_run(data_dir, out, *extra, stop_after_steps=None):
-    return main.run(SMOKE + ['--data-dir', data_dir, '--out', str(out), *extra],
-                    stop_after_steps=stop_after_steps)
+def train_run(data_dir, out, *extra, interrupt_after=None):
+    with interrupted_after(interrupt_after):
+        return main.run(SMOKE + ['--data-dir', data_dir, '--out', str(out), *extra])
 
 
-def resume(ckpt, *extra, stop_after_steps=None):
-    return main.run(['--resume', str(ckpt), *extra], stop_after_steps=stop_after_steps)
+def resume(ckpt, *extra, interrupt_after=None):
+    with interrupted_after(interrupt_after):
+        return main.run(['--resume', str(ckpt), *extra])
+
+
+@contextlib.contextmanager
+def interrupted_after(steps):
+    """Send this process SIGINT during training step ``steps`` (1-based), as Ctrl-C would.
+
+    The run's own signal handler (main.Stopper) then stops it after that step,
+    exactly as it does for a user.
+    """
+    if steps is None:
+        yield
+        return
+    real_loss, calls = CNNRNN.loss, {'n': 0}
+
+    def loss(self, *args, **kwargs):
+        calls['n'] += 1
+        if calls['n'] == steps:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(self, *args, **kwargs)
+    CNNRNN.loss = loss
+    try:
+        yield
+    finally:
+        CNNRNN.loss = real_loss
 
 
 def arrays(path):
@@ -94,7 +120,7 @@ def test_every_run_folder_file_exists_and_is_valid(full_run):
 def test_stop_and_resume_is_bit_identical(data_dir, full_run, tmp_path, stop_at):
     """Stopped after one epoch, mid-epoch in the first, or mid-epoch in the second, then resumed."""
     out = tmp_path / 'split'
-    assert train_run(data_dir, out, '--epochs', '3', stop_after_steps=stop_at) == 0
+    assert train_run(data_dir, out, '--epochs', '3', interrupt_after=stop_at) == 0
     m = json.loads((out / 'metrics.json').read_text())
     assert m['stopped_early'] is True
     assert resume(out / 'ckpt.npz') == 0
@@ -142,24 +168,24 @@ def test_sigterm_stops_cleanly_with_a_checkpoint(data_dir, tmp_path):
     assert m['stopped_early'] is True and 'SIGTERM' in m['stop_reason']
     assert 1 <= m['epochs_done'] < 200
     model, _, state, _ = main.load_checkpoint(str(out / 'ckpt.npz'))
-    assert state['stop_reason'] and state['epoch'] == m['epochs_done']
+    assert state.stop_reason and state.epoch == m['epochs_done']
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / 'nan'
-    assert train_run(data_dir, out, '--epochs', '2', stop_after_steps=STEPS_PER_EPOCH) == 0
+    assert train_run(data_dir, out, '--epochs', '2', interrupt_after=STEPS_PER_EPOCH) == 0
     before = folder_snapshot(out)
     real_loss = CNNRNN.loss
     calls = {'n': 0}
 
     def poisoned(self, X, y, **kw):
         calls['n'] += 1
-        loss, grads, logits = real_loss(self, X, y, **kw)
-        return (float('nan') if calls['n'] == 3 else loss), grads, logits
+        loss, grads, details = real_loss(self, X, y, **kw)
+        return (float('nan') if calls['n'] == 3 else loss), grads, details
     monkeypatch.setattr(CNNRNN, 'loss', poisoned)
     capsys.readouterr()
     assert resume(out / 'ckpt.npz') == 1
-    assert 'the loss became nan at epoch 2, step 3' in capsys.readouterr().out
+    assert 'the loss became nan at epoch 2, step 3' in capsys.readouterr().err
     after = folder_snapshot(out)
     for name in ('ckpt.npz', 'best.npz', 'history.json', 'metrics.json', 'predictions.npz'):
         assert after[name] == before[name], name
@@ -190,7 +216,7 @@ def bad_input_cases(data_dir, tmp_path):
         ('weights, not a checkpoint', ['--resume', str(ckpt_dir / 'best.npz')], 'not a resumable'),
         ('incompatible resume', ['--resume', str(incompatible)], 'W_xh'),
         ('existing out', SMOKE + ['--data-dir', data_dir, '--out', str(ckpt_dir)], 'already holds files'),
-        ('resume with overrides', ['--resume', str(ckpt_dir / 'ckpt.npz'), '--lr', '0.1'], 'cannot be combined'),
+        ('resume with overrides', ['--resume', str(ckpt_dir / 'ckpt.npz'), '--batch-size', '64'], 'cannot be combined'),
         ('unknown --set key', ['--preset', 'smoke', '--set', 'colour=red'], 'unknown key'),
         ('bad --set value', ['--preset', 'smoke', '--set', 'decay=2'], 'decay = 2 is invalid'),
         ('malformed --set', ['--preset', 'smoke', '--set', 'decay'], 'malformed'),
@@ -236,21 +262,26 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
     assert not os.path.exists(tmp_path / 'r')
 
 
+def preset_dict(cfg):
+    """A Config as it would stand in presets.json."""
+    return {k: getattr(cfg, k) for k in main.Config.preset_keys()}
+
+
 def test_presets_are_validated(tmp_path, monkeypatch):
     presets = main.load_presets()
-    assert presets['fast']['epochs'] == 15 and presets['fast']['batch_size'] == 256
-    assert presets['fast']['lr'] == 0.02 and presets['fast']['seq_layout'] == 'pixels'
-    assert presets['fast']['decay'] == 0.9 and presets['fast']['warmup_epochs'] == 1
+    fast = presets['fast']
+    assert fast.epochs == 15 and fast.batch_size == 256 and fast.lr == 0.02
+    assert fast.seq_layout == 'pixels' and fast.decay == 0.9 and fast.warmup_epochs == 1
     for bad, words in [({'epochs': 15, 'colour': 'red'}, "unknown key 'colour'"),
                        ({'epochs': -3}, 'epochs = -3 is invalid'),
                        ({'lr': 'fast'}, 'lr'), ({'schedule': 'linear'}, 'schedule'),
                        ({'nesterov': 1}, 'nesterov')]:
         path = tmp_path / 'presets.json'
-        p = dict(presets['smoke'], **bad)
+        p = dict(preset_dict(presets['smoke']), **bad)
         path.write_text(json.dumps({'x': p}))
         with pytest.raises(main.UsageError, match=words):
             main.load_presets(str(path))
-    p = dict(presets['smoke'])
+    p = preset_dict(presets['smoke'])
     del p['lr']
     path.write_text(json.dumps({'x': p}))
     with pytest.raises(main.UsageError, match='missing lr'):
@@ -264,41 +295,7 @@ def test_set_overrides_any_preset_key(data_dir, tmp_path):
     cfg = json.loads((out / 'config.json').read_text())
     assert cfg['standardize'] is False and cfg['schedule'] == 'cosine' and cfg['decay'] == 0.5
     _, _, state, _ = main.load_checkpoint(str(out / 'ckpt.npz'))
-    assert state['mean'] is None and state['std'] is None
-
-
-def test_learning_rate_schedule():
-    cfg = {'lr': 0.02, 'warmup_epochs': 1, 'schedule': 'exponential', 'decay': 0.9, 'epochs': 15,
-           'min_lr': 0.0}
-    S = 10
-    lr = lambda step: main.learning_rate(cfg, step, S)   # noqa: E731
-    assert lr(0) == pytest.approx(0.002)          # warm-up: linear per step
-    assert lr(4) == pytest.approx(0.01)
-    assert lr(9) == pytest.approx(0.02)
-    assert lr(10) == pytest.approx(0.02)          # first epoch after warm-up
-    assert lr(19) == pytest.approx(0.02)          # constant within an epoch
-    assert lr(20) == pytest.approx(0.018)
-    assert lr(149) == pytest.approx(0.02 * 0.9 ** 13)
-    cfg.update(schedule='cosine', lr=0.05, epochs=11, min_lr=0.001)
-    assert lr(9) == pytest.approx(0.05)
-    assert lr(10) == pytest.approx(0.05)          # cosine starts at the peak
-    assert lr(60) == pytest.approx(0.001 + 0.5 * 0.049)   # half way
-    assert lr(110) == pytest.approx(0.001)        # end
-    cfg['warmup_epochs'] = 0
-    assert lr(0) == pytest.approx(0.05)
-
-
-def test_sgd_momentum_and_nesterov():
-    p = {'w': np.array([1.0])}
-    opt = main.SGD(p, momentum=0.9)
-    opt.step({'w': np.array([1.0])}, lr=0.1)
-    assert p['w'][0] == pytest.approx(0.9)
-    opt.step({'w': np.array([1.0])}, lr=0.1)      # v = 0.9 * -0.1 - 0.1 = -0.19
-    assert p['w'][0] == pytest.approx(0.71)
-    q = {'w': np.array([1.0])}
-    nes = main.SGD(q, momentum=0.9, nesterov=True)
-    nes.step({'w': np.array([1.0])}, lr=0.1)      # v = -0.1; p += 0.9 * v - 0.1
-    assert q['w'][0] == pytest.approx(0.81)
+    assert state.mean is None and state.std is None
 
 
 def test_real_archive_smoke_run(real_archive_dir, tmp_path):

@@ -1,0 +1,79 @@
+"""Optimisation: SGD with momentum, global-norm gradient clipping, the learning-rate schedule.
+
+Shared by the training driver (main.py) and the benchmarks, which time the
+same update the training loop does.
+"""
+import math
+
+import numpy as np
+
+
+class SGD:
+    """SGD with momentum (optionally Nesterov), updating parameters in place.
+
+        v <- momentum * v - lr * g
+        p <- p + v                          (classical)
+        p <- p + momentum * v - lr * g      (Nesterov, in the form of Sutskever et al.)
+
+    Inputs:
+    - params: dict name -> array, updated in place by ``step``
+    - momentum: float in [0, 1)
+    - nesterov: bool
+    """
+
+    def __init__(self, params, momentum=0.9, nesterov=False):
+        self.params = params
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov)
+        self.velocity = {k: np.zeros_like(v) for k, v in params.items()}
+
+    def step(self, grads, lr):
+        """One update. grads: dict keyed like params; lr: float."""
+        for name, p in self.params.items():
+            g = grads[name]
+            v = self.velocity[name]
+            v *= p.dtype.type(self.momentum)
+            v -= p.dtype.type(lr) * g
+            if self.nesterov:
+                p += p.dtype.type(self.momentum) * v - p.dtype.type(lr) * g
+            else:
+                p += v
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale all gradients in place so their global L2 norm is at most max_norm.
+
+    Inputs:
+    - grads: dict name -> array
+    - max_norm: positive float, or None / <= 0 to only measure
+
+    Returns the global norm before clipping (a float).
+    """
+    total = float(np.sqrt(sum(float(np.vdot(g, g)) for g in grads.values())))
+    if max_norm and max_norm > 0 and total > max_norm:
+        scale = max_norm / (total + 1e-12)
+        for g in grads.values():
+            g *= g.dtype.type(scale)
+    return total
+
+
+def learning_rate(cfg, step, steps_per_epoch):
+    """Learning rate at global step ``step`` (0-based).
+
+    Linear warm-up per step over ``cfg.warmup_epochs`` from lr/W to lr, then
+    - 'exponential': lr * decay**k in the k-th epoch after the warm-up (constant within an epoch);
+    - 'cosine': per step from lr down to min_lr at the end of the last epoch.
+
+    cfg: any object with the attributes lr, schedule, warmup_epochs, decay,
+    epochs and min_lr (main.Config is one).
+    """
+    base = cfg.lr
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if cfg.schedule == 'exponential':
+        k = step // steps_per_epoch - cfg.warmup_epochs
+        return base * cfg.decay ** k
+    total = cfg.epochs * steps_per_epoch
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return cfg.min_lr + 0.5 * (base - cfg.min_lr) * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,281 @@
+"""Run-folder I/O shared by main.py and viz.py: atomic writes, safe reads, the lock, `latest`.
+
+Every file of a run folder is written the same way: into a temporary file
+beside its destination (named ``<name>.tmp-<random>``), flushed and fsynced,
+then renamed over the destination with ``os.replace``. A crash, a full disk or
+a kill at any moment leaves either the old file or the new one, never half of
+one; the temporary files such a kill leaves behind are removed the next time a
+process takes the run folder's lock (``RunFolderLock``).
+
+Every failure, of a write or of a read, is raised as ``RunFileError`` whose
+message is one sentence naming the path and the fix, so that the command-line
+tools can print it as it is and exit with code 2.
+"""
+import errno
+import fcntl
+import json
+import os
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+TEMP_MARK = '.tmp-'          # every temporary file of this module has it in its name
+LOCK_NAME = '.lock'
+# Seeds both command lines accept: what NumPy's and scikit-learn's generators both take.
+MAX_SEED = 2 ** 32 - 1
+
+
+class RunFileError(Exception):
+    """A run-folder file cannot be written or read; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------
+# Errors from the operating system, in one sentence
+# --------------------------------------------------------------------------
+
+def describe_os_error(e, path, doing='write'):
+    """One sentence for an OSError met while doing something to ``path``.
+
+    The fix depends on the cause: free space, permissions, a file where a
+    folder should be, a dangling link.
+    """
+    path = os.fspath(e.filename or path) if getattr(e, 'filename', None) else os.fspath(path)
+    code = e.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left to {doing} {path}; free disk space (files already written "
+                f"are intact) and run the command again")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"cannot {doing} {path}: permission denied or read-only file system; "
+                f"fix the folder's permissions or choose a writable folder")
+    if code == errno.ENOTDIR:
+        return (f"cannot {doing} {path}: a part of that path is a file, not a folder; "
+                f"choose a path whose parents are folders")
+    if code == errno.EISDIR:
+        return f"cannot {doing} {path}: it is a folder, not a file; give the path of a file"
+    if code == errno.ENOENT:
+        if os.path.islink(path):
+            return f"cannot {doing} {path}: it is a link to nothing; remove the link or point it at a folder"
+        return f"cannot {doing} {path}: it does not exist; check the path"
+    if code == errno.ENAMETOOLONG:
+        return f"cannot {doing} {path}: the name is too long; choose a shorter path"
+    return f"cannot {doing} {path} ({e.strerror or e}); check the path, its permissions and free space"
+
+
+# --------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------
+
+def write_atomic(path, write, binary=True):
+    """Write ``path`` atomically through ``write(file_object)``.
+
+    The temporary file gets the permissions a plain ``open`` would give
+    (mkstemp's 0600 would hide figures and reports from other users), is
+    fsynced before the rename, and is removed if anything fails.
+    Raises RunFileError for any OSError.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + TEMP_MARK)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, 'wb' if binary else 'w') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise RunFileError(describe_os_error(e, path)) from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def write_text(path, text):
+    """Write a text file atomically."""
+    write_atomic(path, lambda f: f.write(text), binary=False)
+
+
+def write_json(path, obj):
+    """Write an object as indented JSON atomically (NumPy values become plain Python)."""
+    write_text(path, json.dumps(to_jsonable(obj), indent=2) + '\n')
+
+
+def write_npz(path, arrays):
+    """Write a dict of arrays as an uncompressed .npz atomically."""
+    write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def to_jsonable(obj):
+    """NumPy scalars and arrays inside a structure -> plain Python, for json.dump."""
+    if isinstance(obj, dict):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def append_line(path, line):
+    """Append one line to a log file (train.log is a journal, so it is appended, not replaced)."""
+    try:
+        with open(path, 'a') as f:
+            f.write(line + '\n')
+    except OSError as e:
+        raise RunFileError(describe_os_error(e, path)) from None
+
+
+# --------------------------------------------------------------------------
+# Safe reads
+# --------------------------------------------------------------------------
+
+def read_json(path, fix='re-run training or restore the file'):
+    """Parse a JSON file; any failure is a RunFileError naming the file and ``fix``."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise RunFileError(describe_os_error(e, path, 'read')) from None
+    except ValueError as e:   # JSONDecodeError and UnicodeDecodeError
+        raise RunFileError(f"{path} is not valid JSON ({e}); {fix}") from None
+
+
+def read_npz(path, fix='use another file or re-run the step that wrote it'):
+    """Every array of an .npz file, read into memory, as a dict.
+
+    Every member is read here, so a truncated file, a bit flip (zip CRC
+    error) or a member that is not a plain array fails now, as one
+    RunFileError, rather than later at first use.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise RunFileError(f"{path} does not exist or is not a file; {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except OSError as e:
+        if e.errno is not None:
+            raise RunFileError(describe_os_error(e, path, 'read')) from None
+        raise RunFileError(f"{path} is not a readable .npz file ({e}); it is corrupt or truncated: {fix}") from None
+    except (zipfile.BadZipFile, ValueError, EOFError, KeyError, zlib.error) as e:
+        reason = str(e) or type(e).__name__
+        raise RunFileError(f"{path} is not a readable .npz file ({reason}); it is corrupt or "
+                           f"truncated: {fix}") from None
+
+
+# --------------------------------------------------------------------------
+# One writer per run folder
+# --------------------------------------------------------------------------
+
+class RunFolderLock:
+    """An exclusive lock on a run folder, held by one process at a time.
+
+    The lock is the operating system's (``flock`` on ``<run>/.lock``), so it
+    disappears with the process that holds it, however that process ends; the
+    file itself only records who holds it, for the message to a second process.
+    Taking the lock also removes the temporary files that a killed write left.
+
+        with RunFolderLock(run_dir, 'main.py'):
+            ...
+    """
+
+    def __init__(self, run_dir, owner):
+        self.run_dir = Path(run_dir)
+        self.owner = owner
+        self.fd = None
+
+    def acquire(self, busy_ok=False):
+        """Take the lock without waiting.
+
+        Returns True. If another process holds it, raises RunFileError naming
+        that process, or returns False when busy_ok is True.
+        """
+        path = self.run_dir / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunFileError(describe_os_error(e, path)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode('utf-8', 'replace').strip() or 'another process'
+            os.close(fd)
+            if busy_ok:
+                return False
+            raise RunFileError(f"the run folder {self.run_dir} is in use by {holder}; wait for it "
+                               f"to finish or stop it, then run the command again") from None
+        try:   # who holds the lock, for the message to a second process; optional
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{self.owner} (pid {os.getpid()})\n".encode())
+        except OSError:
+            pass
+        self.fd = fd
+        remove_stale_temp_files(self.run_dir)
+        return True
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)          # closing the descriptor releases the flock
+            self.fd = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def remove_stale_temp_files(run_dir):
+    """Delete ``*.tmp-*`` files in a run folder and its figures/ (only call under the lock)."""
+    for folder in (Path(run_dir), Path(run_dir) / 'figures'):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if TEMP_MARK in p.name and p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------
+# runs/latest
+# --------------------------------------------------------------------------
+
+def point_latest_at(run_dir, warn=print):
+    """Make ``<parent of run_dir>/latest`` a relative symlink to the run folder.
+
+    Only a missing ``latest`` or one that is already a link is (re)placed:
+    a file or folder of the user's that happens to be called ``latest`` is
+    left alone, with one warning line. The new link is made under a
+    temporary name and renamed over the old one, so ``latest`` always
+    points somewhere valid; the temporary name never outlives the call.
+    A file system without symlinks just gets no link.
+    """
+    run_dir = Path(run_dir).resolve()
+    link = run_dir.parent / 'latest'
+    if run_dir == link:
+        return      # the run folder itself is called latest
+    if os.path.lexists(link) and not link.is_symlink():
+        warn(f"warning: {link} exists and is not a link, so it was left alone and does not "
+             f"point at this run")
+        return
+    tmp = run_dir.parent / f"latest{TEMP_MARK}{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(run_dir.name, tmp)
+        os.replace(tmp, link)
+    except OSError:
+        pass        # no symlinks here (or a race with another run): the run itself is unaffected
+    finally:
+        if os.path.lexists(tmp):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass

@@ -1,0 +1,51 @@
+"""Tests of optim.py: the learning-rate schedule, SGD with momentum, gradient clipping."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from optim import SGD, clip_grad_norm, learning_rate
+
+
+def test_learning_rate_schedule():
+    cfg = {'lr': 0.02, 'warmup_epochs': 1, 'schedule': 'exponential', 'decay': 0.9, 'epochs': 15,
+           'min_lr': 0.0}
+    S = 10
+    lr = lambda step: learning_rate(SimpleNamespace(**cfg), step, S)   # noqa: E731
+    assert lr(0) == pytest.approx(0.002)          # warm-up: linear per step
+    assert lr(4) == pytest.approx(0.01)
+    assert lr(9) == pytest.approx(0.02)
+    assert lr(10) == pytest.approx(0.02)          # first epoch after warm-up
+    assert lr(19) == pytest.approx(0.02)          # constant within an epoch
+    assert lr(20) == pytest.approx(0.018)
+    assert lr(149) == pytest.approx(0.02 * 0.9 ** 13)
+    cfg.update(schedule='cosine', lr=0.05, epochs=11, min_lr=0.001)
+    assert lr(9) == pytest.approx(0.05)
+    assert lr(10) == pytest.approx(0.05)          # cosine starts at the peak
+    assert lr(60) == pytest.approx(0.001 + 0.5 * 0.049)   # half way
+    assert lr(110) == pytest.approx(0.001)        # end
+    cfg['warmup_epochs'] = 0
+    assert lr(0) == pytest.approx(0.05)
+
+
+def test_sgd_momentum_and_nesterov():
+    p = {'w': np.array([1.0])}
+    opt = SGD(p, momentum=0.9)
+    opt.step({'w': np.array([1.0])}, lr=0.1)
+    assert p['w'][0] == pytest.approx(0.9)
+    opt.step({'w': np.array([1.0])}, lr=0.1)      # v = 0.9 * -0.1 - 0.1 = -0.19
+    assert p['w'][0] == pytest.approx(0.71)
+    q = {'w': np.array([1.0])}
+    nes = SGD(q, momentum=0.9, nesterov=True)
+    nes.step({'w': np.array([1.0])}, lr=0.1)      # v = -0.1; p += 0.9 * v - 0.1
+    assert q['w'][0] == pytest.approx(0.81)
+
+
+def test_clip_grad_norm():
+    g = {'a': np.array([3.0, 0.0]), 'b': np.array([[4.0]])}
+    assert clip_grad_norm(g, 10.0) == pytest.approx(5.0)
+    assert g['a'][0] == 3.0                     # under the limit: unchanged
+    assert clip_grad_norm(g, 1.0) == pytest.approx(5.0)
+    total = np.sqrt(sum(np.sum(v ** 2) for v in g.values()))
+    assert total == pytest.approx(1.0, rel=1e-6)
+    np.testing.assert_allclose(g['a'], [0.6, 0.0], rtol=1e-6)

@@ -1,0 +1,133 @@
+"""Tests of runfiles.py: atomic writes, safe reads, the run-folder lock and `latest`."""
+import errno
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+import runfiles
+from runfiles import RunFileError
+
+
+def test_write_atomic_gives_normal_permissions_and_replaces_whole_files(tmp_path):
+    path = tmp_path / 'a.json'
+    runfiles.write_json(path, {'x': np.float32(1.5), 'y': np.arange(3)})
+    assert json.loads(path.read_text()) == {'x': 1.5, 'y': [0, 1, 2]}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    runfiles.write_text(path, 'new')
+    assert path.read_text() == 'new' and os.listdir(tmp_path) == ['a.json']
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / 'x.npz'
+    runfiles.write_npz(path, {'a': np.ones(3)})
+    before = path.read_bytes()
+
+    def fail(fd):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(runfiles.os, 'fsync', fail)
+    with pytest.raises(RunFileError, match=f'no space left to write {path}'):
+        runfiles.write_npz(path, {'a': np.zeros(3)})
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ['x.npz']
+
+
+@pytest.mark.parametrize('code, words', [
+    (errno.ENOSPC, 'no space left'), (errno.EROFS, 'read-only'), (errno.EACCES, 'permission'),
+    (errno.ENOTDIR, 'is a file, not a folder'), (errno.EISDIR, 'is a folder, not a file'),
+    (errno.ENOENT, 'does not exist'), (errno.EIO, 'check the path'),
+])
+def test_os_errors_become_one_sentence_with_the_path(code, words):
+    text = runfiles.describe_os_error(OSError(code, os.strerror(code)), '/some/where/file.json')
+    assert words in text and '/some/where/file.json' in text and '\n' not in text
+
+
+def test_read_npz_turns_every_damage_into_one_error(tmp_path):
+    good = tmp_path / 'good.npz'
+    runfiles.write_npz(good, {'a': np.arange(1000, dtype=np.float32), 'b': np.ones(5)})
+    assert set(runfiles.read_npz(good)) == {'a', 'b'}
+    data = good.read_bytes()
+    truncated = tmp_path / 'truncated.npz'
+    truncated.write_bytes(data[:len(data) // 2])
+    flipped = tmp_path / 'flipped.npz'
+    raw = bytearray(data)
+    with zipfile.ZipFile(good) as z:     # a bit inside the stored array 'a': only the CRC notices
+        info = z.getinfo('a.npy')
+    raw[info.header_offset + 30 + len(info.filename) + 400] ^= 0x10
+    flipped.write_bytes(bytes(raw))
+    text = tmp_path / 'text.npz'
+    text.write_text('hello')
+    pickled = tmp_path / 'pickled.npz'
+    np.savez(pickled, obj=np.array([{'a': 1}], dtype=object))
+    for path in (truncated, flipped, text, pickled):
+        with pytest.raises(RunFileError, match='corrupt or truncated'):
+            runfiles.read_npz(path)
+    with pytest.raises(RunFileError, match='does not exist'):
+        runfiles.read_npz(tmp_path / 'missing.npz')
+    with pytest.raises(RunFileError, match='does not exist or is not a file'):
+        runfiles.read_npz(tmp_path)
+
+
+def test_read_json_errors_name_the_file(tmp_path):
+    bad = tmp_path / 'bad.json'
+    bad.write_text('{"a": ')
+    with pytest.raises(RunFileError, match=f'{bad} is not valid JSON'):
+        runfiles.read_json(bad)
+    binary = tmp_path / 'bin.json'
+    binary.write_bytes(b'\xff\xfe\x00')
+    with pytest.raises(RunFileError, match='not valid JSON'):
+        runfiles.read_json(binary)
+    with pytest.raises(RunFileError, match='does not exist'):
+        runfiles.read_json(tmp_path / 'nope.json')
+
+
+def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
+    holder = subprocess.Popen([sys.executable, '-c',
+                               'import sys, time, runfiles; '
+                               f'runfiles.RunFolderLock({str(tmp_path)!r}, "holder.py").acquire(); '
+                               'print("locked", flush=True); time.sleep(60)'],
+                              stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(runfiles.__file__))
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        lock = runfiles.RunFolderLock(tmp_path, 'test')
+        with pytest.raises(RunFileError, match=rf'in use by holder.py \(pid {holder.pid}\)'):
+            lock.acquire()
+        assert lock.acquire(busy_ok=True) is False
+    finally:
+        holder.kill()
+        holder.wait()
+    with runfiles.RunFolderLock(tmp_path, 'test'):
+        pass
+
+
+def test_taking_the_lock_removes_stale_temporary_files(tmp_path):
+    (tmp_path / 'figures').mkdir()
+    for name in ('ckpt.npz.tmp-abc', 'figures/tsne.png.tmp-x1', 'keep.json'):
+        (tmp_path / name).write_text('x')
+    with runfiles.RunFolderLock(tmp_path, 'test'):
+        pass
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')) == [
+        '.lock', 'figures', 'keep.json']
+
+
+def test_latest_follows_runs_but_never_replaces_a_users_file(tmp_path):
+    runs = tmp_path / 'runs'
+    (runs / 'a').mkdir(parents=True)
+    (runs / 'b').mkdir()
+    runfiles.point_latest_at(runs / 'a')
+    assert os.readlink(runs / 'latest') == 'a'
+    runfiles.point_latest_at(runs / 'latest')          # through the link: still the real folder
+    assert os.readlink(runs / 'latest') == 'a'
+    runfiles.point_latest_at(runs / 'b')
+    assert os.readlink(runs / 'latest') == 'b'
+    (runs / 'latest').unlink()
+    (runs / 'latest').write_text('mine')
+    warnings = []
+    runfiles.point_latest_at(runs / 'a', warn=warnings.append)
+    assert (runs / 'latest').read_text() == 'mine' and len(warnings) == 1
+    assert sorted(os.listdir(runs)) == ['a', 'b', 'latest']
