@@ -25,7 +25,7 @@ one pixel are contiguous, so
   (N, 8, 8, 64) -> (N, 64, 64) for 'pixels', -> (N, 8, 512) for 'rows'.
 
 The public parameter shapes stay those of common frameworks (conv weights
-``(O, I, kH, kW)``, cross-correlation), see ``../shared/DESIGN.md``.
+``(O, I, kH, kW)``, cross-correlation); the README lists them.
 """
 import json
 import os
@@ -475,32 +475,35 @@ def softmax_loss(logits, y):
 
 
 # --------------------------------------------------------------------------
-# Running micro-batches on every core
+# Running a batch on every core: micro-batches on worker threads
 # --------------------------------------------------------------------------
 
-_workers = {'pool': None, 'blas': None}
+THREADS = os.cpu_count() or 1   # worker threads; 1 runs everything in the calling thread
+CONV_CHUNK = 16                 # images per conv micro-batch (the README's benchmark section says why)
+_pools = {}                     # thread count -> ThreadPoolExecutor, made once
+_blas = []                      # the threadpoolctl controller, made once
 
 
-def map_on_threads(fn, items, threads):
+def map_on_threads(fn, items, threads=None):
     """``[fn(item) for item in items]``, spread over ``threads`` worker threads.
 
-    Why: NumPy's elementwise operations and copies (im2col, pooling, col2im,
-    about half of a training step) run on one core, while BLAS alone would
-    use all of them. With threads > 1 each worker carries one micro-batch
-    from start to end with single-threaded BLAS, so every part of the step
-    uses every core. NumPy releases the GIL inside these operations. Results
-    come back in the order of ``items``, so sums over them are deterministic.
+    Each worker carries one item from start to end with single-threaded BLAS,
+    so the elementwise work (im2col, pooling, col2im), which NumPy runs on one
+    core, is spread over the cores as well as the products. NumPy releases the
+    GIL inside these operations. Results come back in the order of ``items``,
+    so sums over them are deterministic.
     """
+    threads = THREADS if threads is None else threads
     items = list(items)
     if threads <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
-    if _workers['pool'] is None or _workers['pool']._max_workers != threads:
-        _workers['pool'] = ThreadPoolExecutor(threads, thread_name_prefix='cnnrnn')
-    if _workers['blas'] is None:
+    if threads not in _pools:
+        _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix='cnnrnn')
+    if not _blas:
         import threadpoolctl
-        _workers['blas'] = threadpoolctl.ThreadpoolController()
-    with _workers['blas'].limit(limits=1, user_api='blas'):
-        return list(_workers['pool'].map(fn, items))
+        _blas.append(threadpoolctl.ThreadpoolController())
+    with _blas[0].limit(limits=1, user_api='blas'):
+        return list(_pools[threads].map(fn, items))
 
 
 def sum_in_order(arrays):
@@ -513,6 +516,82 @@ def sum_in_order(arrays):
     for a in arrays[1:]:
         total += a
     return total
+
+
+def batch_slices(N, parts):
+    """``range(N)`` cut into at most ``parts`` contiguous, nearly equal slices."""
+    edges = np.linspace(0, N, min(parts, N) + 1).astype(int)
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def conv_stack_forward(x, p, chunk=None):
+    """The two conv blocks over a batch, in micro-batches of ``chunk`` images on the workers.
+
+    Inputs:
+    - x: (N, 32, 32, 3) NHWC images
+    - p: the model's params (conv1_W, conv1_b, conv2_W, conv2_b)
+
+    Returns a tuple of:
+    - fmap: (N, 8, 8, 64) the pooled map
+    - caches: one (cache1, cache2) per micro-batch
+    """
+    chunk = chunk or CONV_CHUNK
+
+    def blocks(s):
+        r1, c1 = conv_relu_pool_forward(x[s:s + chunk], p['conv1_W'], p['conv1_b'])   # (n,16,16,64)
+        r2, c2 = conv_relu_pool_forward(r1, p['conv2_W'], p['conv2_b'])                # (n,8,8,64)
+        return r2, (c1, c2)
+    results = map_on_threads(blocks, range(0, x.shape[0], chunk))
+    return np.concatenate([r2 for r2, _ in results]), [c for _, c in results]
+
+
+def conv_stack_backward(dmap, caches, input_grad=False, chunk=None):
+    """Backward through the conv blocks, micro-batch by micro-batch.
+
+    Inputs:
+    - dmap: (N, 8, 8, 64) gradient of the pooled map
+    - caches: from ``conv_stack_forward``
+    - input_grad: also compute the gradient with respect to the input
+    - chunk: the micro-batch size the forward pass used
+
+    Returns a tuple of:
+    - grads: dict with conv1_W, conv1_b, conv2_W, conv2_b, summed over micro-batches
+    - dx: (N, 32, 32, 3), or None without input_grad
+    """
+    chunk = chunk or CONV_CHUNK
+
+    def blocks(i):
+        c1, c2 = caches[i]
+        dr1, dw2, db2 = conv_relu_pool_backward(dmap[i * chunk:(i + 1) * chunk], c2)
+        dx, dw1, db1 = conv_relu_pool_backward(dr1, c1, need_dx=input_grad)
+        return dx, {'conv1_W': dw1, 'conv1_b': db1, 'conv2_W': dw2, 'conv2_b': db2}
+    results = map_on_threads(blocks, range(len(caches)))
+    grads = {name: sum_in_order([g[name] for _, g in results]) for name in results[0][1]}
+    return grads, (np.concatenate([dx for dx, _ in results]) if input_grad else None)
+
+
+def recurrent_forward(seq, p):
+    """``rnn_forward`` on one slice of the batch per worker thread.
+
+    The recurrence is sequential in time but independent across images, so
+    splitting the batch lets its 64 (or 8) small steps run on every core.
+    seq: (N, T, D) -> h_T (N, H), caches.
+    """
+    slices = batch_slices(seq.shape[0], THREADS)
+    results = map_on_threads(lambda s: rnn_forward(seq[s], p['W_xh'], p['W_hh'], p['b_h']), slices)
+    return np.concatenate([h for h, _ in results]), (slices, [c for _, c in results])
+
+
+def recurrent_backward(dh_T, caches):
+    """BPTT per slice on the worker threads.
+
+    dh_T: (N, H). Returns grads (W_xh, W_hh, b_h summed over slices) and dx (N, T, D).
+    """
+    slices, slice_caches = caches
+    results = map_on_threads(lambda i: rnn_backward(dh_T[slices[i]], slice_caches[i]), range(len(slices)))
+    grads = {name: sum_in_order([r[k] for r in results])
+             for k, name in enumerate(('W_xh', 'W_hh', 'b_h'), start=1)}
+    return grads, np.concatenate([r[0] for r in results])
 
 
 # --------------------------------------------------------------------------
@@ -528,8 +607,6 @@ class CNNRNN:
     """
 
     channels = 64
-    conv_chunk = 16   # images per conv micro-batch, see _conv_forward
-    threads = os.cpu_count() or 1   # worker threads for the micro-batches, see map_on_threads
 
     def __init__(self, seq_layout='pixels', hidden=128, reg=5e-4, seed=0,
                  dtype=np.float32, rnn_init='orthogonal'):
@@ -588,75 +665,6 @@ class CNNRNN:
         return {k: np.ascontiguousarray(v, dtype=self.dtype) for k, v in p.items()}
 
     # ---- forward / backward --------------------------------------------
-    def _conv_forward(self, x):
-        """The two conv blocks over a batch, in micro-batches of ``conv_chunk`` images.
-
-        x: (N, 32, 32, 3) NHWC. Returns the pooled map (N, 8, 8, 64) and the caches.
-
-        Why micro-batches: on a batch of 256 the conv temporaries reach 150 MB
-        (conv2's im2col matrix), and glibc serves every allocation above 32 MB
-        with fresh pages from the kernel, whose page faults cost more than
-        the copy itself. Chunks of 16 images keep every temporary under that
-        threshold and warm in cache (the conv stack ran ~1.4x faster than on
-        the whole batch), and they are the unit of work of the worker threads
-        (map_on_threads); 16 measured best among 4, 8, 16, 32 and 64.
-        """
-        p = self.params
-
-        def blocks(s):
-            r1, c1 = conv_relu_pool_forward(x[s:s + self.conv_chunk], p['conv1_W'], p['conv1_b'])  # (n,16,16,64)
-            r2, c2 = conv_relu_pool_forward(r1, p['conv2_W'], p['conv2_b'])                         # (n,8,8,64)
-            return r2, (c1, c2)
-        results = map_on_threads(blocks, range(0, x.shape[0], self.conv_chunk), self.threads)
-        return np.concatenate([r2 for r2, _ in results]), [c for _, c in results]
-
-    def _conv_backward(self, dmap, caches, grads, input_grad=False):
-        """Backward through the conv blocks, chunk by chunk, summing the weight gradients.
-
-        dmap: (N, 8, 8, 64). With input_grad, also returns the gradient with
-        respect to the NHWC input (N, 32, 32, 3); otherwise None.
-        """
-        def blocks(i):
-            c1, c2 = caches[i]
-            s = i * self.conv_chunk
-            dr1, dw2, db2 = conv_relu_pool_backward(dmap[s:s + self.conv_chunk], c2)
-            dx, dw1, db1 = conv_relu_pool_backward(dr1, c1, need_dx=input_grad)
-            return dx, {'conv1_W': dw1, 'conv1_b': db1, 'conv2_W': dw2, 'conv2_b': db2}
-        results = map_on_threads(blocks, range(len(caches)), self.threads)
-        for name in ('conv1_W', 'conv1_b', 'conv2_W', 'conv2_b'):
-            grads[name] = sum_in_order([g[name] for _, g in results])
-        return np.concatenate([dx for dx, _ in results]) if input_grad else None
-
-    def _rnn_slices(self, N):
-        """The batch split into one contiguous slice per worker thread."""
-        edges = np.linspace(0, N, min(self.threads, N) + 1).astype(int)
-        return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
-
-    def _rnn_forward(self, seq):
-        """rnn_forward on each slice of the batch, side by side on the worker threads.
-
-        The recurrence is sequential in time but independent across images,
-        so splitting the batch lets its 64 (or 8) small steps run on every
-        core. seq: (N, T, D) -> h_T (N, H), caches.
-        """
-        p = self.params
-        slices = self._rnn_slices(seq.shape[0])
-        results = map_on_threads(lambda s: rnn_forward(seq[s], p['W_xh'], p['W_hh'], p['b_h']),
-                                 slices, self.threads)
-        return np.concatenate([h for h, _ in results]), (slices, [c for _, c in results])
-
-    def _rnn_backward(self, dh_T, caches, grads):
-        """BPTT per slice on the worker threads; sums the weight gradients into grads.
-
-        dh_T: (N, H). Returns dx (N, T, D).
-        """
-        slices, slice_caches = caches
-        results = map_on_threads(lambda i: rnn_backward(dh_T[slices[i]], slice_caches[i]),
-                                 range(len(slices)), self.threads)
-        for k, name in enumerate(('W_xh', 'W_hh', 'b_h'), start=1):
-            grads[name] = sum_in_order([r[k] for r in results])
-        return np.concatenate([r[0] for r in results])
-
     def _forward(self, X):
         """Forward pass up to the logits, keeping the caches for backward.
 
@@ -664,9 +672,9 @@ class CNNRNN:
         """
         p = self.params
         x = np.asarray(X, dtype=self.dtype).transpose(0, 2, 3, 1)       # NCHW -> NHWC view
-        fmap, c_conv = self._conv_forward(x)                             # (N,8,8,64)
+        fmap, c_conv = conv_stack_forward(x, p)                          # (N,8,8,64)
         seq = map_to_sequence(fmap, self.seq_layout)                     # (N,T,D)
-        h_T, c_rnn = self._rnn_forward(seq)                              # (N,H)
+        h_T, c_rnn = recurrent_forward(seq, p)                           # (N,H)
         logits, c_out = affine_forward(h_T, p['W_ho'], p['b_o'])         # (N,10)
         return logits, h_T, (c_conv, fmap.shape, c_rnn, c_out)
 
@@ -691,11 +699,11 @@ class CNNRNN:
         p = self.params
         logits, _, (c_conv, map_shape, c_rnn, c_out) = self._forward(X)
         data_loss, dlogits = softmax_loss(logits, np.asarray(y))
-        grads = {}
-        dh, grads['W_ho'], grads['b_o'] = affine_backward(dlogits, c_out)
-        dseq = self._rnn_backward(dh, c_rnn, grads)
-        dx = self._conv_backward(sequence_to_map(dseq, self.seq_layout, map_shape), c_conv, grads,
-                                 input_grad=input_grad)
+        dh, dW_ho, db_o = affine_backward(dlogits, c_out)
+        rnn_grads, dseq = recurrent_backward(dh, c_rnn)
+        conv_grads, dx = conv_stack_backward(sequence_to_map(dseq, self.seq_layout, map_shape), c_conv,
+                                             input_grad=input_grad)
+        grads = {**conv_grads, **rnn_grads, 'W_ho': dW_ho, 'b_o': db_o}
 
         reg_loss = 0.0
         for name in DECAYED_PARAMS:

@@ -105,9 +105,10 @@ def numpy_profile(layout, batch):
         return f
     for n in names:
         setattr(M, n, wrap(n))
+    threads_before = M.THREADS
     try:
         model, _, step = numpy_train_step_fn(layout, batch)
-        model.threads = 1
+        M.THREADS = 1
         whole = []
         with threadpool_limits(1, 'blas'):
             step()
@@ -119,6 +120,7 @@ def numpy_profile(layout, batch):
                 for n in names:
                     totals[n].append(current.get(n, 0.0))
     finally:
+        M.THREADS = threads_before
         for n in names:
             setattr(M, n, originals[n])
     med = {n: 1e3 * float(np.median(v)) for n, v in totals.items()}

@@ -263,14 +263,14 @@ def test_parameter_names_and_shapes(layout):
 
 
 @pytest.mark.parametrize('layout', ['pixels', 'rows'])
-def test_model_gradient_check(rng, layout):
+def test_model_gradient_check(rng, layout, monkeypatch):
     """Every parameter (a random sample of entries of each) and the input, float64."""
     m = CNNRNN(seq_layout=layout, hidden=16, reg=0.1, seed=3, dtype=np.float64)
     for name in m.params:           # non-zero biases, so their gradients are exercised too
         if name.endswith('_b') or name.startswith('b_'):
             m.params[name][:] = rng.standard_normal(m.params[name].shape) * 0.1
     X, y = small_batch(rng)
-    m.conv_chunk = 1                # also exercises the micro-batch accumulation
+    monkeypatch.setattr(M, 'CONV_CHUNK', 1)   # also exercises the micro-batch accumulation
     _, grads = m.loss(X, y, input_grad=True)
     for name, arr in list(m.params.items()) + [('X', X)]:
         sample = rng.choice(arr.size, size=min(arr.size, 12), replace=False)
@@ -307,11 +307,11 @@ def test_float32_and_float64_agree(rng):
         assert np.abs(g32[k] - g64[k]).max() / scale < 1e-4, k
 
 
-def test_micro_batch_size_does_not_change_the_result(rng):
+def test_micro_batch_size_does_not_change_the_result(rng, monkeypatch):
     X, y = small_batch(rng, n=10)
     m = CNNRNN(dtype=np.float64, seed=2)
     l_a, g_a = m.loss(X, y)
-    m.conv_chunk = 3
+    monkeypatch.setattr(M, 'CONV_CHUNK', 3)
     l_b, g_b = m.loss(X, y)
     assert l_a == pytest.approx(l_b, rel=1e-12)
     for k in g_a:
