@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import runfiles
-from cnn_rnn_numpy import CNNRNN, RNN_INITS, SEQ_LAYOUTS, ModelFileError, load_npz, read_meta
+from cnn_rnn_numpy import CELLS, CNNRNN, RNN_INITS, SEQ_LAYOUTS, ModelFileError, load_npz, read_meta
 from data_utils import BatchIterator, DataError, channel_mean_std, load_cifar10
 from metrics import N_BINS, confusion_matrix, expected_calibration_error, per_class_accuracy
 from optim import SGD, clip_grad_norm, learning_rate
@@ -86,6 +86,7 @@ class Config:
     standardize: bool = setting(lambda v: True, 'true or false')
     seed: int = setting(lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
     eval_batch_size: int = setting(lambda v: v > 0, 'a positive integer')
+    cell: str = setting(lambda v: v in CELLS, f"one of {list(CELLS)}", default='rnn')
     # Not settings: what the preset says of itself, where the run came from, what changed on resume.
     description: str = ''
     preset: str = ''
@@ -211,7 +212,7 @@ def load_checkpoint(path):
     try:
         cfg = Config.from_dict(dict(meta['run_config']), f"{path}'s configuration", require_all=False)
         state = TrainState.from_dict(meta['state'])
-        model = CNNRNN.load(path, seq_layout=cfg.seq_layout, hidden=cfg.hidden)
+        model = CNNRNN.load(path, seq_layout=cfg.seq_layout, hidden=cfg.hidden, cell=cfg.cell)
     except (KeyError, TypeError, UsageError) as e:
         raise ModelFileError(f"{path} is not a complete checkpoint of this project ({e}); "
                              f"resume from a ckpt.npz written by main.py") from None
@@ -513,7 +514,7 @@ def summary(cfg, run_dir, m, names):
     early = f"  (stopped early: {m['stop_reason']})" if m['stopped_early'] else ''
     lines = ['', '=' * 64,
              f"run      {run_dir}",
-             f"preset   {cfg.preset}  layout {cfg.seq_layout}  epochs {m['epochs_done']}/{cfg.epochs}"
+             f"preset   {cfg.preset}  cell {cfg.cell}  layout {cfg.seq_layout}  epochs {m['epochs_done']}/{cfg.epochs}"
              f"  subset {cfg.subset}{early}",
              f"test     accuracy {100 * m['test_acc']:.2f}%  loss {m['test_loss']:.4f}  ECE {m['ece']:.4f}"
              f"  ({m['test_images']} images, {m['evaluated']})",
@@ -531,7 +532,7 @@ def summary(cfg, run_dir, m, names):
 # --------------------------------------------------------------------------
 
 # Options that override a preset key of the same name.
-OVERRIDES = ('subset', 'epochs', 'batch_size', 'lr', 'seed', 'seq_layout', 'schedule', 'rnn_init')
+OVERRIDES = ('subset', 'epochs', 'batch_size', 'lr', 'seed', 'seq_layout', 'schedule', 'rnn_init', 'cell')
 
 
 def build_parser():
@@ -562,6 +563,8 @@ def build_parser():
                     "'pixels' = 64 steps x 64 features, 'rows' = 8 steps x 512 features")
     ap.add_argument('--schedule', choices=('exponential', 'cosine'), help='override the lr schedule')
     ap.add_argument('--rnn-init', choices=RNN_INITS, help='override the W_hh initialisation')
+    ap.add_argument('--cell', choices=CELLS, help="override the recurrent cell: 'rnn' (the method's "
+                    "vanilla tanh RNN), 'gru' or 'lstm'")
     ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                     help='override any preset key, e.g. --set standardize=false --set decay=0.95 '
                          '(VALUE is read as JSON; repeatable)')
@@ -678,7 +681,7 @@ def new_run(args, stopper):
     data = load_data(cfg)
     try:
         model = CNNRNN(seq_layout=cfg.seq_layout, hidden=cfg.hidden, reg=cfg.weight_decay,
-                       seed=cfg.seed, rnn_init=cfg.rnn_init)
+                       seed=cfg.seed, rnn_init=cfg.rnn_init, cell=cfg.cell)
     except MemoryError:
         raise UsageError(f"a model with hidden={cfg.hidden} needs more memory than this machine has; "
                          f"choose a smaller --set hidden (the method uses 128)") from None

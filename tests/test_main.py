@@ -319,3 +319,26 @@ def test_viz_on_a_run_folder_made_by_a_smoke_run(full_run, data_dir):
     m = json.loads((full_run / 'metrics.json').read_text())
     report = (full_run / 'report.md').read_text()
     assert f"{m['ece']:.4f}" in report and 'equal to metrics.json' in report
+
+
+def test_a_gated_cell_trains_resumes_and_is_recorded(data_dir, tmp_path, capsys):
+    out = tmp_path / 'gru'
+    assert train_run(data_dir, out, '--cell', 'gru', interrupt_after=3) == 0
+    assert json.loads((out / 'config.json').read_text())['cell'] == 'gru'
+    assert resume(out / 'ckpt.npz') == 0
+    assert CNNRNN.load(out / 'best.npz').cell == 'gru'
+    with np.load(out / 'predictions.npz') as p:
+        assert p['hidden'].shape == (100, 128)
+    capsys.readouterr()
+    assert resume(out / 'ckpt.npz', '--cell', 'lstm') == 2
+    assert 'cannot be combined' in capsys.readouterr().err
+    # A checkpoint whose configuration names another cell than its parameters have.
+    with np.load(out / 'ckpt.npz') as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays['meta']))
+    meta['run_config']['cell'] = 'lstm'
+    arrays['meta'] = np.array(json.dumps(meta))
+    np.savez(tmp_path / 'mismatch.npz', **arrays)
+    assert resume(tmp_path / 'mismatch.npz') == 2
+    err = capsys.readouterr().err
+    assert "cell='gru', not 'lstm'" in err and 'Traceback' not in err

@@ -1,0 +1,294 @@
+"""Tests of the gated cells: numeric gradient checks, a naive reference
+recurrence, agreement with PyTorch's nn.GRU / nn.LSTM, and no subnormals."""
+import json
+
+import numpy as np
+import pytest
+
+import cnn_rnn_numpy
+from cnn_rnn_numpy import gru_backward, gru_forward, lstm_backward, lstm_forward, sigmoid
+from test_model import numeric_gradient, rel_error
+
+RTOL = 1e-6   # the issue's bound on the elementwise relative error of every gradient
+N, T, D, H = 3, 5, 4, 6
+ERRORS = {}   # largest error per check, printed at the end with -s
+
+
+def numeric_gradient_extrapolated(f, x, h=2e-3):
+    """Central differences at steps h and h/2 combined by Richardson extrapolation.
+
+    A plain central difference at h = 1e-5 has ~1e-11 of rounding noise; over
+    five gated steps some entries of dx are ~1e-5, so their elementwise relative
+    error reaches 1e-6 even for exact gradients (it did for 1 in 3 seeds).
+    (4 D(h/2) - D(h)) / 3 cancels the h^2 term, so a larger h (less rounding)
+    is accurate to ~1e-8 relative here.
+    """
+    _, coarse = numeric_gradient(f, x, h=h)
+    idx, fine = numeric_gradient(f, x, h=h / 2)
+    return idx, (4 * fine - coarse) / 3
+
+
+def ref_sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def gru_params(rng, dtype=np.float64):
+    return [rng.standard_normal((N, T, D)).astype(dtype),
+            (rng.standard_normal((D, 3 * H)) * 0.5).astype(dtype),
+            (rng.standard_normal((H, 3 * H)) * 0.5).astype(dtype),
+            rng.standard_normal(3 * H).astype(dtype),       # gates far from 0.5
+            rng.standard_normal(H).astype(dtype)]
+
+
+def lstm_params(rng, dtype=np.float64):
+    return [rng.standard_normal((N, T, D)).astype(dtype),
+            (rng.standard_normal((D, 4 * H)) * 0.5).astype(dtype),
+            (rng.standard_normal((H, 4 * H)) * 0.5).astype(dtype),
+            rng.standard_normal(4 * H).astype(dtype)]
+
+
+def naive_gru(x, Wx, Wh, b, bhn):
+    h = np.zeros((x.shape[0], Wh.shape[0]))
+    for t in range(x.shape[1]):
+        a = x[:, t] @ Wx + b
+        g = h @ Wh
+        ar, az, an = np.split(a, 3, axis=1)
+        gr, gz, gn = np.split(g, 3, axis=1)
+        r, z = ref_sigmoid(ar + gr), ref_sigmoid(az + gz)
+        n = np.tanh(an + r * (gn + bhn))
+        h = (1 - z) * n + z * h
+    return h
+
+
+def naive_lstm(x, Wx, Wh, b):
+    h = np.zeros((x.shape[0], Wh.shape[0]))
+    c = np.zeros_like(h)
+    for t in range(x.shape[1]):
+        ai, af, ag, ao = np.split(x[:, t] @ Wx + h @ Wh + b, 4, axis=1)
+        c = ref_sigmoid(af) * c + ref_sigmoid(ai) * np.tanh(ag)
+        h = ref_sigmoid(ao) * np.tanh(c)
+    return h
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def report_errors():
+    yield
+    for k, v in ERRORS.items():
+        print(f'{k}: {v:.2e}')
+
+
+def test_sigmoid_is_the_logistic_function_and_does_not_overflow():
+    x = np.linspace(-30, 30, 1001)
+    np.testing.assert_allclose(sigmoid(x), ref_sigmoid(x), rtol=1e-14, atol=1e-15)
+    with np.errstate(all='raise'):
+        big = np.array([-1e30, -1000, -100, 0, 100, 1000, 1e30], np.float32)
+        s = sigmoid(big)
+    assert s.dtype == np.float32
+    np.testing.assert_array_equal(s, [0, 0, 0, 0.5, 1, 1, 1])
+    out = big.copy()
+    assert sigmoid(out, out=out) is out and np.array_equal(out, s)
+    # never within eps/4 of 0 or 1 without being exactly 0 or 1: sigma (1 - sigma)
+    # cannot become a (slow) subnormal number
+    s = sigmoid(np.linspace(-40, 40, 200001, dtype=np.float32))
+    gap = np.minimum(s, 1 - s)
+    assert np.all((gap == 0) | (gap >= np.finfo(np.float32).eps / 4))
+
+
+@pytest.mark.parametrize('cell', ['gru', 'lstm'])
+def test_forward_matches_the_naive_recurrence(rng, cell):
+    fwd, naive, params = {'gru': (gru_forward, naive_gru, gru_params),
+                          'lstm': (lstm_forward, naive_lstm, lstm_params)}[cell]
+    inputs = params(rng)
+    h_T, _ = fwd(*inputs)
+    np.testing.assert_allclose(h_T, naive(*inputs), rtol=1e-12, atol=1e-14)
+    # dtype follows the inputs
+    h32, cache32 = fwd(*[a.astype(np.float32) for a in inputs])
+    assert h32.dtype == np.float32
+    assert all(c.dtype == np.float32 for c in cache32 if isinstance(c, np.ndarray))
+    np.testing.assert_allclose(h32, h_T, atol=1e-5)
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+@pytest.mark.parametrize('cell', ['gru', 'lstm'])
+def test_gradients_match_central_differences(cell, seed):
+    fwd, bwd, params = {'gru': (gru_forward, gru_backward, gru_params),
+                        'lstm': (lstm_forward, lstm_backward, lstm_params)}[cell]
+    rng = np.random.default_rng(seed)
+    inputs = params(rng)
+    h_T, cache = fwd(*inputs)
+    dh = rng.standard_normal(h_T.shape)
+    dh_copy = dh.copy()
+    grads = bwd(dh, cache)
+    assert len(grads) == len(inputs)
+    # backward changes neither its upstream gradient nor the cache (it can run twice)
+    np.testing.assert_array_equal(dh, dh_copy)
+    for g, g2 in zip(grads, bwd(dh, cache)):
+        np.testing.assert_array_equal(g, g2)
+    names = ['x', 'W_xh', 'W_hh', 'b_h', 'b_hn']
+    for k, (a, g) in enumerate(zip(inputs, grads)):
+        assert g.shape == a.shape and g.dtype == np.float64
+        idx, num = numeric_gradient_extrapolated(lambda: float(np.sum(fwd(*inputs)[0] * dh)), a)
+        err = rel_error(num, g.reshape(-1)[idx])
+        key = f'numeric {cell} d{names[k]}'
+        ERRORS[key] = max(err, ERRORS.get(key, 0))
+        assert err < RTOL, names[k]
+
+
+# --------------------------------------------------------------------------
+# PyTorch's nn.GRU / nn.LSTM, mapped as in DESIGN.md
+# --------------------------------------------------------------------------
+
+def torch_layer(cell, rng):
+    torch = pytest.importorskip('torch')
+    layer = {'gru': torch.nn.GRU, 'lstm': torch.nn.LSTM}[cell](
+        D, H, batch_first=True).double()
+    with torch.no_grad():
+        for p in layer.parameters():     # random, far from the default init
+            p.copy_(torch.from_numpy(rng.standard_normal(tuple(p.shape)) * 0.7))
+    return torch, layer
+
+
+def torch_to_numpy_params(cell, layer):
+    w_ih = layer.weight_ih_l0.detach().numpy()
+    w_hh = layer.weight_hh_l0.detach().numpy()
+    b_ih = layer.bias_ih_l0.detach().numpy()
+    b_hh = layer.bias_hh_l0.detach().numpy()
+    if cell == 'lstm':
+        return [w_ih.T.copy(), w_hh.T.copy(), b_ih + b_hh]
+    b_h = b_ih.copy()
+    b_h[:2 * H] += b_hh[:2 * H]          # r and z parts of bias_hh fold in
+    return [w_ih.T.copy(), w_hh.T.copy(), b_h, b_hh[2 * H:].copy()]
+
+
+@pytest.mark.parametrize('cell', ['gru', 'lstm'])
+def test_matches_pytorch(rng, cell):
+    torch, layer = torch_layer(cell, rng)
+    fwd, bwd = {'gru': (gru_forward, gru_backward), 'lstm': (lstm_forward, lstm_backward)}[cell]
+    x = rng.standard_normal((N, T, D))
+    dh = rng.standard_normal((N, H))
+
+    xt = torch.from_numpy(x).requires_grad_(True)
+    out, _ = layer(xt)
+    h_torch = out[:, -1]
+    (h_torch * torch.from_numpy(dh)).sum().backward()
+
+    params = torch_to_numpy_params(cell, layer)
+    h_T, cache = fwd(x, *params)
+    grads = bwd(dh, cache)
+
+    errs = {'h_T': np.max(np.abs(h_T - h_torch.detach().numpy())),
+            'dx': np.max(np.abs(grads[0] - xt.grad.numpy())),
+            'dW_xh': np.max(np.abs(grads[1] - layer.weight_ih_l0.grad.numpy().T)),
+            'dW_hh': np.max(np.abs(grads[2] - layer.weight_hh_l0.grad.numpy().T))}
+    gb_ih = layer.bias_ih_l0.grad.numpy()
+    gb_hh = layer.bias_hh_l0.grad.numpy()
+    # b_h enters exactly where bias_ih does (and bias_hh where folded in)
+    errs['db_h'] = np.max(np.abs(grads[3] - gb_ih))
+    if cell == 'lstm':
+        errs['db_h vs bias_hh'] = np.max(np.abs(grads[3] - gb_hh))
+    else:
+        errs['db_h[r,z] vs bias_hh'] = np.max(np.abs(grads[3][:2 * H] - gb_hh[:2 * H]))
+        errs['db_hn'] = np.max(np.abs(grads[4] - gb_hh[2 * H:]))
+    for k, e in errs.items():
+        ERRORS[f'torch {cell} {k}'] = e
+        assert e < 1e-10, k
+
+
+# --------------------------------------------------------------------------
+# subnormals
+# --------------------------------------------------------------------------
+
+def saturated_case(cell):
+    """float32 inputs that saturate the units, and an upstream gradient that
+    underflows within the 64 steps of BPTT unless the cell flushes it."""
+    rng = np.random.default_rng(0)
+    n, t_, d, h = 64, 64, 8, 32
+    k = 3 if cell == 'gru' else 4
+    x = rng.standard_normal((n, t_, d)).astype(np.float32)
+    Wx = (rng.standard_normal((d, k * h)) * 3).astype(np.float32)     # saturating inputs
+    Wh = (rng.standard_normal((h, k * h)) * 0.5).astype(np.float32)
+    b = np.zeros(k * h, np.float32)
+    # Gate z (GRU) / f (LSTM) mostly closed: the gradient that passes straight
+    # through it, dh * z or dc * f, shrinks every step without a flushed slab.
+    b[h:2 * h] = -3
+    if cell == 'gru':
+        args = (x, Wx, Wh, b, np.zeros(h, np.float32))
+        return gru_forward, gru_backward, args, np.full((n, h), 1e-24, np.float32)
+    return lstm_forward, lstm_backward, (x, Wx, Wh, b), np.full((n, h), 1e-20, np.float32)
+
+
+def count_subnormals(arrays):
+    tiny = np.finfo(np.float32).tiny
+    return sum(int(np.sum((np.abs(a) > 0) & (np.abs(a) < tiny))) for a in arrays)
+
+
+@pytest.mark.parametrize('cell', ['gru', 'lstm'])
+def test_bptt_produces_no_subnormals_with_saturated_gates(cell, monkeypatch):
+    """As for rnn_backward: saturated units make BPTT gradients underflow, and
+    subnormal floats are ~100x slower on x86, so the cells flush them to zero."""
+    fwd, bwd, args, dh = saturated_case(cell)
+    _, cache = fwd(*args)
+    grads = bwd(dh, cache)
+    assert count_subnormals(grads) == 0
+    # The flush removes only what is negligible: float64 gives the same gradients
+    # (to float32 accuracy relative to each gradient's largest entry).
+    grads64 = bwd(dh.astype(np.float64), fwd(*[a.astype(np.float64) for a in args])[1])
+    for g, g64 in zip(grads, grads64):
+        assert np.max(np.abs(g - g64)) < 1e-4 * np.max(np.abs(g64))
+    # And the case really underflows without the flush.
+    monkeypatch.setattr(cnn_rnn_numpy, 'flush_tiny', lambda a: a)
+    assert count_subnormals(bwd(dh, cache)) > 0
+
+
+# --------------------------------------------------------------------------
+# The cells inside CNNRNN: shapes, initialisation, files
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize('layout, D', [('pixels', 64), ('rows', 512)])
+def test_gated_parameter_shapes_and_initialisation(layout, D):
+    H = 128
+    gru = cnn_rnn_numpy.CNNRNN(seq_layout=layout, cell='gru')
+    assert {k: gru.params[k].shape for k in ('W_xh', 'W_hh', 'b_h', 'b_hn')} == {
+        'W_xh': (D, 3 * H), 'W_hh': (H, 3 * H), 'b_h': (3 * H,), 'b_hn': (H,)}
+    lstm = cnn_rnn_numpy.CNNRNN(seq_layout=layout, cell='lstm')
+    assert {k: lstm.params[k].shape for k in ('W_xh', 'W_hh', 'b_h')} == {
+        'W_xh': (D, 4 * H), 'W_hh': (H, 4 * H), 'b_h': (4 * H,)}
+    assert 'b_hn' not in lstm.params
+    # Forget-gate bias 1, every other bias 0; each H x H block of W_hh orthogonal.
+    np.testing.assert_array_equal(lstm.params['b_h'], np.repeat([0, 1, 0, 0], H))
+    assert not gru.params['b_h'].any() and not gru.params['b_hn'].any()
+    for m, G in ((gru, 3), (lstm, 4)):
+        for k in range(G):
+            block = m.params['W_hh'][:, k * H:(k + 1) * H].astype(np.float64)
+            np.testing.assert_allclose(block.T @ block, np.eye(H), atol=1e-5)
+            x_block = m.params['W_xh'][:, k * H:(k + 1) * H]
+            assert abs(x_block.std() - np.sqrt(2 / (D + H))) < 0.1 * np.sqrt(2 / (D + H))
+        # The L2 term covers the whole W_xh and W_hh, not the biases.
+        assert {'W_xh', 'W_hh'} <= set(cnn_rnn_numpy.DECAYED_PARAMS)
+        assert 'b_hn' not in cnn_rnn_numpy.DECAYED_PARAMS
+
+
+def test_checkpoints_record_the_cell_and_old_files_load_as_rnn(tmp_path):
+    m = cnn_rnn_numpy.CNNRNN(cell='lstm', hidden=8, seed=1)
+    m.save(tmp_path / 'lstm.npz')
+    loaded = cnn_rnn_numpy.CNNRNN.load(tmp_path / 'lstm.npz')
+    assert loaded.cell == 'lstm'
+    for k, v in m.params.items():
+        np.testing.assert_array_equal(v, loaded.params[k])
+    with pytest.raises(cnn_rnn_numpy.ModelFileError, match="cell='lstm', not 'gru'"):
+        cnn_rnn_numpy.CNNRNN.load(tmp_path / 'lstm.npz', cell='gru')
+    # A file written before the cells existed has no 'cell' in its metadata.
+    old = cnn_rnn_numpy.CNNRNN(hidden=8, seed=2)
+    old.save(tmp_path / 'old.npz')
+    with np.load(tmp_path / 'old.npz') as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays['meta']))
+    del meta['cell']
+    arrays['meta'] = np.array(json.dumps(meta))
+    np.savez(tmp_path / 'old.npz', **arrays)
+    assert cnn_rnn_numpy.CNNRNN.load(tmp_path / 'old.npz', cell='rnn').cell == 'rnn'
