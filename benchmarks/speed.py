@@ -1,6 +1,6 @@
 """Speed and memory of the NumPy CNN+RNN, and the same model in PyTorch.
 
-Prints, for each sequence layout:
+Prints, for each sequence layout and recurrent cell (rnn, gru, lstm):
 - training throughput: one full step (forward, backward, clipping, SGD
   momentum update) at batch 256 in float32, median images/s over several
   steps after a warm-up;
@@ -10,10 +10,13 @@ Prints, for each sequence layout:
 - a profile of one step by layer (``--profile``);
 - when PyTorch is importable, the same architecture trained the same way on
   the same number of threads, and the NumPy/PyTorch ratio measured side by
-  side in this one run (PyTorch is not a requirement of the project).
+  side in this one run (PyTorch is not a requirement of the project);
+- each gated cell's step time relative to the vanilla RNN's, same layout,
+  same repeat.
 
 Usage:
-    python benchmarks/speed.py [--repeats 3] [--steps 10] [--batch 256] [--layouts pixels rows] [--profile]
+    python benchmarks/speed.py [--repeats 3] [--steps 10] [--batch 256] [--layouts pixels rows]
+                               [--cells rnn gru lstm] [--profile]
 """
 import argparse
 import os
@@ -24,22 +27,23 @@ import tracemalloc
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-from cnn_rnn_numpy import CNNRNN  # noqa: E402
+from cnn_rnn_numpy import CELL_GATES, CELLS, CNNRNN  # noqa: E402
 from optim import SGD, clip_grad_norm  # noqa: E402
 
 FLOP_PER_IMAGE = {}  # filled by flops_per_image()
 
 
-def flops_per_image(layout, hidden=128):
+def flops_per_image(layout, cell='rnn', hidden=128):
     """Multiply-add FLOPs (2 per MAC) of one training step per image.
 
     Forward matrix products, then backward ~2x forward, except that the
-    first convolution needs no input gradient.
+    first convolution needs no input gradient. A cell with G gate blocks
+    does G times the recurrent products of the vanilla RNN.
     """
     conv1 = 2 * 32 * 32 * 64 * 27
     conv2 = 2 * 16 * 16 * 64 * 576
     T, D = (64, 64) if layout == 'pixels' else (8, 512)
-    rnn = 2 * T * (D * hidden + hidden * hidden)
+    rnn = 2 * T * (D * hidden + hidden * hidden) * CELL_GATES[cell]
     head = 2 * hidden * 10
     forward = conv1 + conv2 + rnn + head
     backward = conv1 + 2 * conv2 + 2 * rnn + 2 * head
@@ -57,11 +61,11 @@ def median_time(fn, steps, warmup=2):
     return float(np.median(times))
 
 
-def numpy_train_step_fn(layout, batch, seed=0):
+def numpy_train_step_fn(layout, batch, seed=0, cell='rnn'):
     rng = np.random.default_rng(seed)
     X = rng.random((batch, 3, 32, 32), dtype=np.float32)
     y = rng.integers(0, 10, batch)
-    model = CNNRNN(seq_layout=layout, seed=seed)
+    model = CNNRNN(seq_layout=layout, seed=seed, cell=cell)
     opt = SGD(model.params, momentum=0.9)
 
     def step():
@@ -144,7 +148,7 @@ def numpy_profile(layout, batch):
     return step_ms, rows
 
 
-def torch_model(layout, hidden=128):
+def torch_model(layout, cell='rnn', hidden=128):
     from torch import nn
 
     class TorchCNNRNN(nn.Module):
@@ -154,7 +158,10 @@ def torch_model(layout, hidden=128):
                 nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                 nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
             D = 64 if layout == 'pixels' else 512
-            self.rnn = nn.RNN(D, hidden, nonlinearity='tanh', batch_first=True)
+            if cell == 'rnn':
+                self.rnn = nn.RNN(D, hidden, nonlinearity='tanh', batch_first=True)
+            else:
+                self.rnn = {'gru': nn.GRU, 'lstm': nn.LSTM}[cell](D, hidden, batch_first=True)
             self.head = nn.Linear(hidden, 10)
 
         def forward(self, x):
@@ -162,15 +169,17 @@ def torch_model(layout, hidden=128):
             n = f.shape[0]
             seq = f.reshape(n, 64, 64) if layout == 'pixels' else f.reshape(n, 8, 512)
             _, h = self.rnn(seq)
+            if cell == 'lstm':
+                h = h[0]                                    # (h_n, c_n)
             return self.head(h[-1])
     return TorchCNNRNN()
 
 
-def torch_step_fn(layout, batch, threads, seed=0):
+def torch_step_fn(layout, batch, threads, seed=0, cell='rnn'):
     import torch
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = torch_model(layout)
+    model = torch_model(layout, cell)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     X = torch.rand(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
@@ -196,6 +205,7 @@ def main():
     ap.add_argument('--batch', type=int, default=256)
     ap.add_argument('--eval-images', type=int, default=2000)
     ap.add_argument('--layouts', nargs='+', default=['pixels', 'rows'], choices=['pixels', 'rows'])
+    ap.add_argument('--cells', nargs='+', default=list(CELLS), choices=CELLS)
     ap.add_argument('--repeats', type=int, default=3, help='repeat the whole comparison; medians are printed')
     ap.add_argument('--profile', action='store_true', help='print a per-layer profile of one step')
     ap.add_argument('--no-torch', action='store_true', help='skip the PyTorch comparison')
@@ -219,53 +229,65 @@ def main():
         except ImportError:
             print("PyTorch is not importable: NumPy figures only")
 
-    header = (f"{'layout':8} {'impl':6} {'train img/s':>11} {'eval img/s':>10} "
+    header = (f"{'layout':8} {'cell':5} {'impl':6} {'train img/s':>11} {'eval img/s':>10} "
               f"{'step ms':>8} {'peak MB':>8} {'GFLOP/s':>8}")
     # Each repeat measures NumPy and PyTorch back to back, so every ratio
     # compares the two under the same machine load; the summary takes medians.
-    results = []   # (repeat, layout, impl, train img/s, eval img/s, step ms, peak MB, GFLOP/s)
+    results = []   # (repeat, layout, cell, impl, train img/s, eval img/s, step ms, peak MB, GFLOP/s)
     Xe = np.random.default_rng(1).random((args.eval_images, 3, 32, 32), dtype=np.float32)
     for rep in range(args.repeats):
         for layout in args.layouts:
-            model, X, step = numpy_train_step_fn(layout, args.batch)
-            t_np = median_time(step, args.steps)
-            peak = numpy_peak_memory_mb(step)
-            t_eval = median_time(lambda: model.predict_proba(Xe, batch_size=500), 3, warmup=1)
-            results.append((rep, layout, 'numpy', args.batch / t_np, args.eval_images / t_eval, 1e3 * t_np,
-                            peak, flops_per_image(layout) * args.batch / t_np / 1e9))
-            if torch_ok:
-                import torch
-                tstep, teval = torch_step_fn(layout, args.batch, threads)
-                t_t = median_time(tstep, args.steps)
-                Xt = torch.from_numpy(Xe)
-                t_te = median_time(lambda: teval(Xt), 3, warmup=1)
-                results.append((rep, layout, 'torch', args.batch / t_t, args.eval_images / t_te, 1e3 * t_t,
-                                float('nan'), flops_per_image(layout) * args.batch / t_t / 1e9))
+            for cell in args.cells:
+                flop = flops_per_image(layout, cell) * args.batch / 1e9
+                model, X, step = numpy_train_step_fn(layout, args.batch, cell=cell)
+                t_np = median_time(step, args.steps)
+                peak = numpy_peak_memory_mb(step)
+                t_eval = median_time(lambda: model.predict_proba(Xe, batch_size=500), 3, warmup=1)
+                results.append((rep, layout, cell, 'numpy', args.batch / t_np, args.eval_images / t_eval,
+                                1e3 * t_np, peak, flop / t_np))
+                if torch_ok:
+                    import torch
+                    tstep, teval = torch_step_fn(layout, args.batch, threads, cell=cell)
+                    t_t = median_time(tstep, args.steps)
+                    Xt = torch.from_numpy(Xe)
+                    t_te = median_time(lambda: teval(Xt), 3, warmup=1)
+                    results.append((rep, layout, cell, 'torch', args.batch / t_t, args.eval_images / t_te,
+                                    1e3 * t_t, float('nan'), flop / t_t))
         if args.repeats > 1:
-            line = '; '.join(f"{lay} {impl} {tr:.0f}" for r, lay, impl, tr, *_ in results if r == rep)
+            line = '; '.join(f"{lay} {cell} {impl} {tr:.0f}" for r, lay, cell, impl, tr, *_ in results if r == rep)
             print(f"repeat {rep + 1}: training img/s: {line}")
+
+    def rows_of(layout, cell, impl):
+        return {r[0]: r[4:] for r in results if r[1:4] == (layout, cell, impl)}
 
     print(f"\nmedians over {args.repeats} repeat(s)")
     print(header)
     impls = ['numpy'] + (['torch'] if torch_ok else [])
     for layout in args.layouts:
-        for impl in impls:
-            rows = np.array([r[3:] for r in results if r[1] == layout and r[2] == impl], dtype=float)
-            tr, ev, ms, peak, gf = np.median(rows, axis=0)
-            print(f"{layout:8} {impl:6} {tr:11.0f} {ev:10.0f} {ms:8.1f} {peak:8.0f} {gf:8.1f}")
+        for cell in args.cells:
+            for impl in impls:
+                tr, ev, ms, peak, gf = np.median(np.array(list(rows_of(layout, cell, impl).values())), axis=0)
+                print(f"{layout:8} {cell:5} {impl:6} {tr:11.0f} {ev:10.0f} {ms:8.1f} {peak:8.0f} {gf:8.1f}")
     if torch_ok:
         for layout in args.layouts:
-            per_rep = {}
-            for rep, lay, impl, tr, ev, *_ in results:
-                if lay == layout:
-                    per_rep.setdefault(rep, {})[impl] = (tr, ev)
-            train_ratio = [v['numpy'][0] / v['torch'][0] for v in per_rep.values()]
-            eval_ratio = [v['numpy'][1] / v['torch'][1] for v in per_rep.values()]
-            print(f"ratio numpy/torch, {layout}: training {np.median(train_ratio):.2f}x "
-                  f"(per repeat {', '.join(f'{r:.2f}' for r in train_ratio)}), "
-                  f"evaluation {np.median(eval_ratio):.2f}x")
+            for cell in args.cells:
+                ours, theirs = rows_of(layout, cell, 'numpy'), rows_of(layout, cell, 'torch')
+                train_ratio = [ours[r][0] / theirs[r][0] for r in ours]
+                eval_ratio = [ours[r][1] / theirs[r][1] for r in ours]
+                print(f"ratio numpy/torch, {layout} {cell}: training {np.median(train_ratio):.2f}x "
+                      f"(per repeat {', '.join(f'{x:.2f}' for x in train_ratio)}), "
+                      f"evaluation {np.median(eval_ratio):.2f}x")
+    if 'rnn' in args.cells:
+        for layout in args.layouts:
+            base = rows_of(layout, 'rnn', 'numpy')
+            for cell in args.cells:
+                if cell != 'rnn':
+                    rel = [rows_of(layout, cell, 'numpy')[r][2] / base[r][2] for r in base]
+                    print(f"step time of {cell} relative to rnn, {layout} (NumPy): {np.median(rel):.2f}x "
+                          f"(per repeat {', '.join(f'{x:.2f}' for x in rel)})")
     for layout in args.layouts:
-        print(f"FLOP per image per training step, {layout}: {flops_per_image(layout) / 1e6:.1f} M")
+        for cell in args.cells:
+            print(f"FLOP per image per training step, {layout} {cell}: {flops_per_image(layout, cell) / 1e6:.1f} M")
 
     if args.profile:
         for layout in args.layouts:

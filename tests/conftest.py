@@ -214,3 +214,26 @@ def real_archive_dir():
         pytest.skip('real CIFAR-10 archive not found at %s/cifar-10-python.tar.gz'
                     % data_dir)
     return data_dir
+
+
+def replace_archive_member(data_dir, member, content):
+    """Rewrite <data_dir>/cifar-10-python.tar.gz with cifar-10-batches-py/<member>
+    holding `content` (bytes, e.g. a crafted pickle); other members are kept."""
+    path = Path(data_dir) / 'cifar-10-python.tar.gz'
+    buf = io.BytesIO()
+    with tarfile.open(path) as src, tarfile.open(fileobj=buf, mode='w:gz') as dst:
+        for info in src:
+            if info.name == 'cifar-10-batches-py/' + member:
+                _add_file(dst, info.name, content)
+            else:
+                dst.addfile(info, src.extractfile(info) if info.isfile() else None)
+    _write_atomic(path, buf.getvalue())
+
+
+def code_running_pickle(marker_path):
+    """Pickle bytes that would run `touch marker_path` if loaded with plain
+    pickle.load; a safe loader must refuse them and leave marker_path absent."""
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f'touch {marker_path}',))
+    return pickle.dumps({b'data': Exploit(), b'labels': []}, protocol=2)

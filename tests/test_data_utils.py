@@ -5,18 +5,23 @@ Everything runs on small synthetic archives from conftest.make_cifar_archive,
 except the integration test, which uses the real archive when it is linked at
 data/cifar-10-python.tar.gz and is skipped otherwise.
 """
+import errno
 import functools
 import http.server
 import os
 import socket
+import tarfile
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import data_utils as du
-from conftest import LABEL_NAMES, batch_bytes, make_cifar_archive
+from conftest import (LABEL_NAMES, batch_bytes, code_running_pickle, make_cifar_archive,
+                      replace_archive_member)
 
 
 def load(data_dir, **kwargs):
@@ -189,15 +194,30 @@ def test_unequal_batch_sizes_are_loaded(cifar_archive_factory):
         (data['X_val'] == 7).all(axis=(1, 2, 3)).sum() == 120
 
 
-@pytest.mark.parametrize('n_rows,n_keep', [(10, 10), (10, 1), (9000, 4321), (9000, 8999)])
-def test_keep_rows_inplace_matches_fancy_indexing(n_rows, n_keep):
-    rng = np.random.default_rng(n_keep)
-    X = rng.integers(0, 256, (n_rows, 3), dtype=np.uint8)
-    keep = np.sort(rng.choice(n_rows, n_keep, replace=False))
-    expected = X[keep]
-    out = du._keep_rows_inplace(X, keep)
-    assert out.shape == (n_keep, 3)
-    np.testing.assert_array_equal(out, expected)
+def test_apportion_largest_remainder():
+    assert du.apportion([5000] * 10, 20000).tolist() == [2000] * 10
+    # Exact shares 0.75, 0.75, 1.5: the two leftover units go to the largest remainders.
+    assert du.apportion([1, 1, 2], 3).tolist() == [1, 1, 1]
+    # Exact shares 1.5, 1.5, 3: the leftover unit goes to the lower index of the tie.
+    assert du.apportion([3, 3, 6], 6).tolist() == [2, 1, 3]
+    assert du.apportion([10, 0, 5], 3).tolist() == [2, 0, 1]
+    assert du.apportion([4, 4], 0).tolist() == [0, 0]
+    assert du.apportion([], 0).tolist() == []
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        weights = rng.integers(0, rng.choice([3, 40, 5000]), rng.integers(1, 12))
+        total = int(rng.integers(0, weights.sum() + 1))
+        parts = du.apportion(weights, total)
+        assert parts.dtype == np.int64 and parts.sum() == total
+        assert np.all(parts <= weights)
+        assert np.all(np.abs(parts - weights * total / max(weights.sum(), 1)) < 1)
+
+
+@pytest.mark.parametrize('weights,total', [([3, 4], 8), ([3, 4], -1), ([3, -4], 1),
+                                           ([[1, 2]], 1)])
+def test_apportion_rejects_impossible_requests(weights, total):
+    with pytest.raises(ValueError):
+        du.apportion(weights, total)
 
 
 # ----------------------------------------------------------------------------
@@ -515,20 +535,16 @@ def test_pickle_cannot_run_code(cifar_archive_factory):
 
 
 def test_half_extracted_temp_dir_is_never_used(cifar_data_dir):
-    # A crashed extraction leaves a hidden temp dir with a partial folder.
+    # A killed extraction leaves a hidden temp folder with a partial folder.
     stale = cifar_data_dir / (du._EXTRACT_PREFIX + 'crashed') / du.FOLDER_NAME
     stale.mkdir(parents=True)
     (stale / 'data_batch_1').write_bytes(b'partial')
     data = load(cifar_data_dir)
     assert len(data['X_train']) == 225
     assert (cifar_data_dir / du.FOLDER_NAME / 'data_batch_5').is_file()
-    # A stale temp dir from over an hour ago is cleaned up on the next extraction.
-    old = time.time() - 2 * 3600
-    os.utime(stale.parent, (old, old))
-    import shutil
-    shutil.rmtree(cifar_data_dir / du.FOLDER_NAME)
-    load(cifar_data_dir)
-    assert not stale.parent.exists()
+    # The extraction cleans up only its own temp folder.
+    assert entries(cifar_data_dir) == sorted([du.ARCHIVE_NAME, du.FOLDER_NAME,
+                                              stale.parent.name])
 
 
 def test_hand_placed_archive_warns_once_about_md5(cifar_data_dir, capsys):
@@ -550,6 +566,217 @@ def test_official_md5_gives_no_warning(cifar_data_dir, capsys, monkeypatch):
     monkeypatch.setattr(du, 'CIFAR10_MD5', du.md5sum(archive))
     load(cifar_data_dir)
     assert capsys.readouterr().err == ''
+
+
+# ----------------------------------------------------------------------------
+# load_test_set: the test split for the figures, without extracting anything
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('extracted', [False, True])
+def test_load_test_set_matches_load_cifar10(tmp_path, extracted):
+    data_dir = make_cifar_archive(tmp_path, extracted=extracted)
+    before = snapshot(data_dir)
+    X, y, names = du.load_test_set(str(data_dir))
+    assert snapshot(data_dir) == before  # nothing extracted, no temp folder left
+    assert X.shape == (100, 3, 32, 32) and X.dtype == np.uint8
+    assert y.shape == (100,) and y.dtype == np.int64
+    assert names == LABEL_NAMES and all(type(name) is str for name in names)
+    reference = load(make_cifar_archive(tmp_path, name='reference'))
+    np.testing.assert_array_equal(X, reference['X_test'])
+    np.testing.assert_array_equal(y, reference['y_test'])
+
+
+def test_load_test_set_without_data_says_what_to_pass(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    for data_dir in (tmp_path / 'empty', tmp_path / 'nowhere'):
+        with pytest.raises(du.DataError) as info:
+            du.load_test_set(str(data_dir))
+        assert_one_sentence(info, str(data_dir / du.FOLDER_NAME),
+                            str(data_dir / du.ARCHIVE_NAME), '--data-dir')
+    assert entries(tmp_path) == ['empty'] and entries(tmp_path / 'empty') == []
+
+
+@pytest.mark.parametrize('extracted', [False, True])
+def test_load_test_set_refuses_pickles_that_run_code(tmp_path, extracted):
+    data_dir = make_cifar_archive(tmp_path)
+    marker = tmp_path / 'pwned'
+    replace_archive_member(data_dir, 'test_batch', code_running_pickle(marker))
+    if extracted:
+        du.extract_cifar10(str(data_dir), check_md5=False)  # extracting unpickles nothing
+    with pytest.raises(du.DataError) as info:
+        du.load_test_set(str(data_dir))
+    assert_one_sentence(info, 'test_batch', 'is corrupt (UnpicklingError: unexpected object')
+    assert not marker.exists()
+    # The crafted pickle is a real exploit: plain pickle would have run it.
+    import pickle
+    pickle.loads(code_running_pickle(marker))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize('corrupt,target,needle', [
+    ('truncate', 'test_batch', 'cifar-10-python.tar.gz is truncated or corrupt'),
+    ('missing', 'batches.meta', 'does not contain cifar-10-batches-py/batches.meta'),
+    ('pickle', 'test_batch', 'cifar-10-batches-py/test_batch in '),
+    ('labels', 'test_batch', 'has labels outside 0..9'),
+])
+def test_load_test_set_from_a_bad_archive(cifar_archive_factory, corrupt, target, needle):
+    data_dir = cifar_archive_factory(corrupt=corrupt, target=target)
+    before = snapshot(data_dir)
+    with pytest.raises(du.DataError) as info:
+        du.load_test_set(str(data_dir))
+    assert_one_sentence(info, needle, 'delete', du.ARCHIVE_NAME)
+    assert snapshot(data_dir) == before
+
+
+# ----------------------------------------------------------------------------
+# Operating-system errors: one sentence, and nothing on disk is damaged
+# ----------------------------------------------------------------------------
+
+def snapshot(data_dir):
+    """{relative path: file bytes (None for a folder)} of everything under data_dir."""
+    root = Path(data_dir)
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob('*'))}
+
+
+def assert_one_sentence(info, *needles):
+    message = str(info.value)
+    assert '\n' not in message and message.count('; ') >= 1
+    for needle in needles:
+        assert needle in message
+
+
+@pytest.fixture
+def fail_open(monkeypatch):
+    """fail_open(path, code=EACCES): open() and tarfile.open() of `path` raise
+    OSError(code), like a file without read permission; the tests run as root
+    too, where chmod alone would not stop a read."""
+    import builtins
+    failing = {}
+    real_open, real_tar_open = builtins.open, tarfile.open
+
+    def check(file):
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) in failing:
+            code = failing[os.path.abspath(file)]
+            raise OSError(code, os.strerror(code), os.fspath(file))
+
+    def fake_open(file, *args, **kwargs):
+        check(file)
+        return real_open(file, *args, **kwargs)
+
+    def fake_tar_open(name=None, *args, **kwargs):
+        check(name)
+        return real_tar_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, 'open', fake_open)
+    monkeypatch.setattr(tarfile, 'open', fake_tar_open)
+
+    def fail(path, code=errno.EACCES):
+        failing[os.path.abspath(path)] = code
+    return fail
+
+
+@pytest.mark.parametrize('call', ['load_cifar10', 'load_test_set', 'prepare_cifar10',
+                                  'download_cifar10'])
+def test_extracted_folder_that_is_a_file(cifar_data_dir, call):
+    (cifar_data_dir / du.FOLDER_NAME).write_bytes(b'not a folder')
+    before = snapshot(cifar_data_dir)
+    with pytest.raises(du.DataError) as info:
+        getattr(du, call)(str(cifar_data_dir))
+    assert_one_sentence(info, f'{cifar_data_dir / du.FOLDER_NAME} is a file', 'move it away')
+    assert snapshot(cifar_data_dir) == before
+
+
+@pytest.mark.parametrize('call', ['load_cifar10', 'load_test_set', 'prepare_cifar10',
+                                  'download_cifar10', 'extract_cifar10'])
+def test_data_dir_that_is_a_file(tmp_path, call):
+    data_dir = tmp_path / 'data'
+    data_dir.write_bytes(b'not a folder')
+    with pytest.raises(du.DataError) as info:
+        getattr(du, call)(str(data_dir))
+    assert_one_sentence(info, f'the data folder {data_dir} is a file', 'pass a folder')
+    assert entries(tmp_path) == ['data'] and data_dir.read_bytes() == b'not a folder'
+
+
+@pytest.mark.parametrize('call', ['load_cifar10', 'load_test_set'])
+@pytest.mark.parametrize('unreadable', [du.ARCHIVE_NAME, du.FOLDER_NAME + '/test_batch'])
+def test_unreadable_file(cifar_archive_factory, fail_open, call, unreadable):
+    data_dir = cifar_archive_factory(extracted=unreadable != du.ARCHIVE_NAME)
+    before = snapshot(data_dir)
+    fail_open(data_dir / unreadable)
+    with pytest.raises(du.DataError) as info:
+        getattr(du, call)(str(data_dir))
+    assert_one_sentence(info, f'could not read {data_dir / unreadable} (Permission denied)',
+                        'check its permissions')
+    assert snapshot(data_dir) == before
+
+
+def fail_after(n, real, code):
+    """A stand-in for `real` that works n times, then raises OSError(code)."""
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > n:
+            raise OSError(code, os.strerror(code))
+        return real(*args, **kwargs)
+    return fake
+
+
+@pytest.mark.parametrize('step', ['extract', 'rename'])
+def test_full_disk_during_extraction(cifar_data_dir, monkeypatch, step):
+    if step == 'extract':  # the disk fills up after three members
+        monkeypatch.setattr(tarfile.TarFile, 'extract',
+                            fail_after(3, tarfile.TarFile.extract, errno.ENOSPC))
+    else:
+        monkeypatch.setattr(os, 'replace', fail_after(0, os.replace, errno.ENOSPC))
+    before = snapshot(cifar_data_dir)
+    with pytest.raises(du.DataError) as info:
+        load(cifar_data_dir)
+    assert_one_sentence(info, f'could not extract {cifar_data_dir / du.ARCHIVE_NAME}',
+                        'No space left on device', 'free some disk space')
+    monkeypatch.undo()
+    assert snapshot(cifar_data_dir) == before  # the archive intact, no half folder
+    assert len(load(cifar_data_dir)['X_train']) == 225  # and it works once there is room
+
+
+def test_read_only_data_dir_when_extraction_is_needed(cifar_data_dir, monkeypatch):
+    monkeypatch.setattr(tempfile, 'mkdtemp', fail_after(0, tempfile.mkdtemp, errno.EROFS))
+    before = snapshot(cifar_data_dir)
+    with pytest.raises(du.DataError) as info:
+        load(cifar_data_dir)
+    assert_one_sentence(info, 'could not extract', 'Read-only file system',
+                        'make that folder writable')
+    assert snapshot(cifar_data_dir) == before
+
+
+def test_read_only_data_dir_when_download_is_needed(tmp_path, fail_open):
+    data_dir = tmp_path / 'data'
+    data_dir.mkdir()
+    fail_open(data_dir / (du.ARCHIVE_NAME + '.part'), errno.EROFS)
+    with pytest.raises(du.DataError) as info:
+        du.download_cifar10(str(data_dir), url=closed_port_url())
+    assert_one_sentence(info, f'could not write {data_dir / du.ARCHIVE_NAME}.part',
+                        'Read-only file system', 'writable')
+    assert entries(data_dir) == []
+
+
+@pytest.mark.skipif(os.name != 'posix' or os.geteuid() == 0,
+                    reason='needs a non-root POSIX user for real file permissions')
+def test_real_permissions(cifar_data_dir):
+    archive = cifar_data_dir / du.ARCHIVE_NAME
+    try:
+        os.chmod(cifar_data_dir, 0o555)  # read-only data folder
+        with pytest.raises(du.DataError, match='could not extract .*Permission denied'):
+            load(cifar_data_dir)
+        os.chmod(cifar_data_dir, 0o755)
+        os.chmod(archive, 0)  # unreadable archive
+        with pytest.raises(du.DataError, match='could not read .*Permission denied'):
+            load(cifar_data_dir)
+    finally:
+        os.chmod(cifar_data_dir, 0o755)
+        os.chmod(archive, 0o644)
+    assert entries(cifar_data_dir) == [du.ARCHIVE_NAME]
 
 
 # ----------------------------------------------------------------------------
