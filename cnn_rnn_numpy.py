@@ -33,10 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from data_utils import NUM_CLASSES
 from runfiles import RunFileError, read_npz, write_npz
 
 FORMAT_VERSION = 1
-NUM_CLASSES = 10
 SEQ_LAYOUTS = ('pixels', 'rows')
 RNN_INITS = ('xavier', 'orthogonal')
 # Recurrent cells and the number of gate blocks in their W_xh, W_hh and b_h.
@@ -74,7 +74,7 @@ def im2col_3x3(x, pool_order=False):
     N, H, W, C = x.shape
     step = 2 if pool_order else 1
     if H % step or W % step:
-        raise ValueError(f"pool order needs an even height and width, got {H}x{W}")
+        raise ValueError(f'pool order needs an even height and width, got {H}x{W}')
     xp = np.zeros((N, H + 2, W + 2, C), dtype=x.dtype)
     xp[:, 1:-1, 1:-1, :] = x
     # A view of shape (N, H, W, C, 3, 3): no data moves until the copy below.
@@ -325,7 +325,7 @@ def sequence_length_and_size(layout, rows=8, cols=8, channels=64):
         return rows * cols, channels
     if layout == 'rows':
         return rows, cols * channels
-    raise ValueError(f"unknown sequence layout {layout!r}; use one of {SEQ_LAYOUTS}")
+    raise ValueError(f'unknown sequence layout {layout!r}; use one of {SEQ_LAYOUTS}')
 
 
 def map_to_sequence(F, layout):
@@ -357,14 +357,9 @@ def sequence_to_map(dx, layout, map_shape):
 def flush_tiny(a):
     """Set the entries of ``a`` that are within 2**30 of underflow to zero, in place.
 
-    Why: on x86 CPUs any arithmetic that reads a subnormal ("denormal")
-    number, one below the smallest normal float (1.2e-38 in float32), takes a
-    slow microcode path. When tanh units saturate, BPTT multiplies small
-    derivatives 1 - h^2 step after step, values underflow into that range
-    here and in the conv layers it feeds, and a training step ran 4x slower
-    (measured: 1.3 s instead of 0.3 s). Flushing at 2**30 times the smallest
-    normal (1.3e-29 in float32, 2e-299 in float64) leaves room for the few
-    factors of ~1e-2 that the later layers multiply in; values this small
+    Saturated units make BPTT gradients underflow into subnormal floats, which
+    x86 CPUs process ~100x slower (README, "Benchmarks"). The 2**30 margin
+    leaves room for the factors the later layers multiply in; values this small
     never move a weight.
     """
     a[np.abs(a) < np.finfo(a.dtype).tiny * 2.0 ** 30] = 0
@@ -879,15 +874,15 @@ class CNNRNN:
     def __init__(self, seq_layout='pixels', hidden=128, reg=5e-4, seed=0,
                  dtype=np.float32, rnn_init='orthogonal', cell='rnn'):
         if seq_layout not in SEQ_LAYOUTS:
-            raise ValueError(f"unknown sequence layout {seq_layout!r}; use one of {SEQ_LAYOUTS}")
+            raise ValueError(f'unknown sequence layout {seq_layout!r}; use one of {SEQ_LAYOUTS}')
         if cell not in CELLS:
-            raise ValueError(f"unknown cell {cell!r}; use one of {CELLS}")
+            raise ValueError(f'unknown cell {cell!r}; use one of {CELLS}')
         if rnn_init not in RNN_INITS:
-            raise ValueError(f"unknown rnn_init {rnn_init!r}; use one of {RNN_INITS}")
+            raise ValueError(f'unknown rnn_init {rnn_init!r}; use one of {RNN_INITS}')
         if int(hidden) < 1:
-            raise ValueError(f"hidden must be a positive integer, got {hidden}")
+            raise ValueError(f'hidden must be a positive integer, got {hidden}')
         if reg < 0:
-            raise ValueError(f"reg must be >= 0, got {reg}")
+            raise ValueError(f'reg must be >= 0, got {reg}')
         self.seq_layout = seq_layout
         self.hidden = int(hidden)
         self.reg = float(reg)
@@ -1040,13 +1035,13 @@ class CNNRNN:
         missing = sorted(set(expected) - set(params))
         extra = sorted(set(params) - set(expected))
         if missing or extra:
-            raise ModelFileError(f"parameter names do not match the model: missing {missing}, "
-                                 f"unexpected {extra}")
+            raise ModelFileError(f'parameter names do not match the model: missing {missing}, '
+                                 f'unexpected {extra}')
         for name, shape in expected.items():
             if tuple(params[name].shape) != shape:
                 raise ModelFileError(
-                    f"parameter {name} has shape {tuple(params[name].shape)} but a "
-                    f"{self.seq_layout!r} model with hidden={self.hidden} needs {shape}")
+                    f'parameter {name} has shape {tuple(params[name].shape)} but a '
+                    f'{self.seq_layout!r} model with hidden={self.hidden} needs {shape}')
         self.params = {k: np.ascontiguousarray(params[k], dtype=self.dtype) for k in expected}
 
     def save(self, path, extra_meta=None):
@@ -1072,15 +1067,15 @@ class CNNRNN:
         for key, want in expected.items():
             if want is not None and meta.get(key) != want:
                 raise ModelFileError(
-                    f"{path} holds a model with {key}={meta.get(key)!r}, not {want!r}; "
-                    f"use a checkpoint trained with {key}={want!r}")
+                    f'{path} holds a model with {key}={meta.get(key)!r}, not {want!r}; '
+                    f'use a checkpoint trained with {key}={want!r}')
         try:
             model = cls(seq_layout=meta['seq_layout'], hidden=meta['hidden'], reg=meta['reg'],
                         seed=meta['seed'], dtype=expected.get('dtype') or meta['dtype'],
                         rnn_init=meta['rnn_init'], cell=meta.get('cell', 'rnn'))
         except (KeyError, ValueError, TypeError) as e:
-            raise ModelFileError(f"{path} has an invalid model configuration ({e}); "
-                                 f"it was not written by this version of cnn_rnn_numpy") from None
+            raise ModelFileError(f'{path} has an invalid model configuration ({e}); '
+                                 f'it was not written by this version of cnn_rnn_numpy') from None
         model.set_params({k[len('param/'):]: v for k, v in arrays.items() if k.startswith('param/')})
         return (model, meta) if return_meta else model
 
@@ -1100,14 +1095,14 @@ def load_npz(path):
 def read_meta(arrays, path):
     """The JSON metadata of a file written by ``CNNRNN.save`` or main.py, checked."""
     if 'meta' not in arrays:
-        raise ModelFileError(f"{path} has no model metadata; it was not written by this project")
+        raise ModelFileError(f'{path} has no model metadata; it was not written by this project')
     try:
         meta = json.loads(str(arrays['meta']))
     except ValueError:
-        raise ModelFileError(f"{path} has unreadable metadata; it is corrupt") from None
+        raise ModelFileError(f'{path} has unreadable metadata; it is corrupt') from None
     meta.setdefault('cell', 'rnn')     # files written before the gated cells existed
     version = meta.get('format_version')
     if version != FORMAT_VERSION:
-        raise ModelFileError(f"{path} has format version {version!r}, this code reads version "
-                             f"{FORMAT_VERSION}; retrain or use a matching version of the code")
+        raise ModelFileError(f'{path} has format version {version!r}, this code reads version '
+                             f'{FORMAT_VERSION}; retrain or use a matching version of the code')
     return meta

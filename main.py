@@ -78,15 +78,15 @@ class Config:
     clip: float = setting(lambda v: 0 <= v and _finite(v), 'a finite number >= 0 (0 disables clipping)')
     momentum: float = setting(lambda v: 0 <= v < 1, 'a number in [0, 1)')
     nesterov: bool = setting(lambda v: True, 'true or false')
-    seq_layout: str = setting(lambda v: v in SEQ_LAYOUTS, f"one of {list(SEQ_LAYOUTS)}")
-    rnn_init: str = setting(lambda v: v in RNN_INITS, f"one of {list(RNN_INITS)}")
+    seq_layout: str = setting(lambda v: v in SEQ_LAYOUTS, f'one of {list(SEQ_LAYOUTS)}')
+    rnn_init: str = setting(lambda v: v in RNN_INITS, f'one of {list(RNN_INITS)}')
     hidden: int = setting(lambda v: v > 0, 'a positive integer')
     subset: float = setting(lambda v: 0 < v <= 1, 'a fraction in (0, 1]')
     augment: bool = setting(lambda v: True, 'true or false')
     standardize: bool = setting(lambda v: True, 'true or false')
-    seed: int = setting(lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
+    seed: int = setting(lambda v: 0 <= v <= MAX_SEED, f'an integer in [0, {MAX_SEED}]')
     eval_batch_size: int = setting(lambda v: v > 0, 'a positive integer')
-    cell: str = setting(lambda v: v in CELLS, f"one of {list(CELLS)}", default='rnn')
+    cell: str = setting(lambda v: v in CELLS, f'one of {list(CELLS)}', default='rnn')
     # Not settings: what the preset says of itself, where the run came from, what changed on resume.
     description: str = ''
     preset: str = ''
@@ -130,8 +130,8 @@ class Config:
     def check_together(self, where):
         """Checks that involve two settings."""
         if self.min_lr > self.lr:
-            raise UsageError(f"{where}: min_lr = {self.min_lr} is above lr = {self.lr}; "
-                             f"make min_lr at most the learning rate")
+            raise UsageError(f'{where}: min_lr = {self.min_lr} is above lr = {self.lr}; '
+                             f'make min_lr at most the learning rate')
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -143,14 +143,14 @@ def load_presets(path=None):
     try:
         presets = runfiles.read_json(path, fix='restore it from git')
     except RunFileError as e:
-        raise UsageError(f"the presets file: {e}") from None
+        raise UsageError(f'the presets file: {e}') from None
     if not isinstance(presets, dict) or not presets or not all(isinstance(p, dict) for p in presets.values()):
-        raise UsageError(f"the presets file {path} must hold a JSON object of named presets, each an "
-                         f"object of settings; restore it from git")
+        raise UsageError(f'the presets file {path} must hold a JSON object of named presets, each an '
+                         f'object of settings; restore it from git')
     for name, preset in presets.items():
         if not isinstance(preset.get('description', ''), str):
-            raise UsageError(f"preset {name!r}: description must be a string; fix presets.json")
-    return {name: Config.from_dict(preset, f"preset {name!r}") for name, preset in presets.items()}
+            raise UsageError(f'preset {name!r}: description must be a string; fix presets.json')
+    return {name: Config.from_dict(preset, f'preset {name!r}') for name, preset in presets.items()}
 
 
 # --------------------------------------------------------------------------
@@ -214,13 +214,13 @@ def load_checkpoint(path):
         state = TrainState.from_dict(meta['state'])
         model = CNNRNN.load(path, seq_layout=cfg.seq_layout, hidden=cfg.hidden, cell=cfg.cell)
     except (KeyError, TypeError, UsageError) as e:
-        raise ModelFileError(f"{path} is not a complete checkpoint of this project ({e}); "
-                             f"resume from a ckpt.npz written by main.py") from None
+        raise ModelFileError(f'{path} is not a complete checkpoint of this project ({e}); '
+                             f'resume from a ckpt.npz written by main.py') from None
     velocity = {k[len('velocity/'):]: v for k, v in arrays.items() if k.startswith('velocity/')}
     if set(velocity) != set(model.params) or any(
             velocity[k].shape != model.params[k].shape for k in velocity):
-        raise ModelFileError(f"{path} has optimizer state that does not match its model; "
-                             f"it is corrupt: use another checkpoint")
+        raise ModelFileError(f'{path} has optimizer state that does not match its model; '
+                             f'it is corrupt: use another checkpoint')
     return model, velocity, state, cfg
 
 
@@ -242,23 +242,23 @@ class RunFolder:
         """Print a line (to stdout, or ``stream``) and append it, time-stamped, to train.log."""
         print(msg, file=stream or sys.stdout, flush=True)
         stamp = datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')
-        runfiles.append_line(self.file('train.log'), f"{stamp} {msg}")
+        runfiles.append_line(self.file('train.log'), f'{stamp} {msg}')
 
 
 def new_run_folder(out, preset):
     """Create the folder of a new run; refuse a file, a dangling link or a non-empty folder."""
     if out is None:
         stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-        out = base = os.path.join('runs', f"{stamp}-{preset}")
+        out = base = os.path.join('runs', f'{stamp}-{preset}')
         k = 1
         while os.path.lexists(out):          # two runs started in the same second
             k += 1
-            out = f"{base}-{k}"
+            out = f'{base}-{k}'
     path = Path(out)
     if path.is_symlink() and not path.exists():
-        raise UsageError(f"--out {out} is a link to nothing; remove the link or give another folder")
+        raise UsageError(f'--out {out} is a link to nothing; remove the link or give another folder')
     if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder path for the run")
+        raise UsageError(f'--out {out} is a file; give a folder path for the run')
     if path.is_dir() and any(path.iterdir()):
         raise UsageError(f"--out {out} already holds files; choose a new folder, or continue "
                          f"that run with --resume {path / 'ckpt.npz'}")
@@ -313,7 +313,7 @@ class Stopper:
         """The reason to stop now, or None."""
         if self.reason is None and self.max_hours is not None:
             if time.monotonic() - self.t_start + self.reserve_s > self.max_hours * 3600.0:
-                self.reason = f"time budget of {self.max_hours} h reached"
+                self.reason = f'time budget of {self.max_hours} h reached'
         return self.reason
 
     def install(self):
@@ -324,7 +324,7 @@ class Stopper:
             then = ('stopping after this step' if self.during == 'training'
                     else 'finishing the test evaluation first')
             print(flush=True)
-            self.log(f"{self.reason}: {then} (Ctrl-C again to abort)")
+            self.log(f'{self.reason}: {then} (Ctrl-C again to abort)')
         self.previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def uninstall(self):
@@ -373,7 +373,7 @@ class Trainer:
         from tqdm import tqdm
         s, cfg = self.state, self.cfg
         t_epoch, train_time, images = time.monotonic(), 0.0, 0
-        bar = tqdm(total=self.steps_per_epoch, initial=s.step, desc=f"epoch {s.epoch + 1}/{cfg.epochs}",
+        bar = tqdm(total=self.steps_per_epoch, initial=s.step, desc=f'epoch {s.epoch + 1}/{cfg.epochs}',
                    unit='step', leave=False, dynamic_ncols=True, disable=None)
         t_step = time.monotonic()
         for X, y in self.train_it.epoch(s.epoch, start=s.step):
@@ -382,8 +382,8 @@ class Trainer:
                 s.stop_reason = self.stopper.reason
                 s.elapsed_s = self.elapsed()
                 save_checkpoint(self.run.file('ckpt.npz'), self.model, self.opt, s, cfg)
-                self.run.log(f"stopped at epoch {s.epoch + 1}, step {s.step}/{self.steps_per_epoch}: "
-                             f"{s.stop_reason}; resumable checkpoint written")
+                self.run.log(f'stopped at epoch {s.epoch + 1}, step {s.step}/{self.steps_per_epoch}: '
+                             f'{s.stop_reason}; resumable checkpoint written')
                 return False
             lr = self.lr()
             loss, grads, details = self.model.loss(X, y, details=True)
@@ -402,8 +402,8 @@ class Trainer:
             now = time.monotonic()
             train_time, t_step = train_time + now - t_step, now
             bar.update(1)
-            bar.set_postfix(loss=f"{s.sum_loss / s.seen:.3f}", acc=f"{s.sum_correct / s.seen:.3f}",
-                            lr=f"{lr:.4f}", img_s=f"{images / train_time:.0f}")
+            bar.set_postfix(loss=f'{s.sum_loss / s.seen:.3f}', acc=f'{s.sum_correct / s.seen:.3f}',
+                            lr=f'{lr:.4f}', img_s=f'{images / train_time:.0f}')
         bar.close()
         self.epoch_timing = (time.monotonic() - t_epoch, images / train_time if train_time > 0 else None)
         return True
@@ -431,7 +431,7 @@ class Trainer:
         s.elapsed_s = self.elapsed()
         save_checkpoint(self.run.file('ckpt.npz'), self.model, self.opt, s, cfg)
         runfiles.write_json(self.run.file('history.json'), s.history)
-        shown = f"  {speed:.0f} img/s" if speed else ''
+        shown = f'  {speed:.0f} img/s' if speed else ''
         self.run.log(f"epoch {record['epoch']:3d}/{cfg.epochs}  train loss {record['train_loss']:.4f} "
                      f"acc {record['train_acc']:.4f}  val loss {val_loss:.4f} acc {val_acc:.4f}"
                      f"{' *' if improved else '  '}  lr {lr:.4g}  {record['epoch_time_s']:.1f}s{shown}")
@@ -439,14 +439,14 @@ class Trainer:
     def divergence_message(self, loss, lr):
         """What happened, and a command that continues with a lower learning rate."""
         s, cfg = self.state, self.cfg
-        lower = f"{max(cfg.lr / 2, cfg.min_lr):.3g}"
-        what = f"the loss became {loss} at epoch {s.epoch + 1}, step {s.step + 1} (lr {lr:.4g})"
+        lower = f'{max(cfg.lr / 2, cfg.min_lr):.3g}'
+        what = f'the loss became {loss} at epoch {s.epoch + 1}, step {s.step + 1} (lr {lr:.4g})'
         ckpt = self.run.file('ckpt.npz')
         if ckpt.is_file():
-            return (f"{what}; the last checkpoint is intact: continue from it with a lower learning "
-                    f"rate, python main.py --resume {ckpt} --lr {lower}")
-        return (f"{what}; no checkpoint was written yet, so start the run again with a lower "
-                f"learning rate, e.g. --lr {lower}")
+            return (f'{what}; the last checkpoint is intact: continue from it with a lower learning '
+                    f'rate, python main.py --resume {ckpt} --lr {lower}')
+        return (f'{what}; no checkpoint was written yet, so start the run again with a lower '
+                f'learning rate, e.g. --lr {lower}')
 
 
 def evaluate(model, iterator):
@@ -476,7 +476,7 @@ def final_evaluation(cfg, run, model, state, data):
     if best_path.is_file():
         model, meta = CNNRNN.load(best_path, return_meta=True)
         best_epoch, best_val_acc = meta.get('epoch'), meta.get('val_acc')
-        evaluated = f"best.npz (epoch {best_epoch})"
+        evaluated = f'best.npz (epoch {best_epoch})'
     else:
         evaluated = 'the current parameters (no epoch finished, so no best.npz yet)'
     mean, std = state.normalization()
@@ -513,7 +513,7 @@ def summary(cfg, run_dir, m, names):
     """The one-screen summary printed at the end of a run."""
     early = f"  (stopped early: {m['stop_reason']})" if m['stopped_early'] else ''
     lines = ['', '=' * 64,
-             f"run      {run_dir}",
+             f'run      {run_dir}',
              f"preset   {cfg.preset}  cell {cfg.cell}  layout {cfg.seq_layout}  epochs {m['epochs_done']}/{cfg.epochs}"
              f"  subset {cfg.subset}{early}",
              f"test     accuracy {100 * m['test_acc']:.2f}%  loss {m['test_loss']:.4f}  ECE {m['ece']:.4f}"
@@ -522,8 +522,8 @@ def summary(cfg, run_dir, m, names):
              if m['best_val_acc'] is not None else 'val      no epoch finished',
              f"time     {m['wall_time_s'] / 60:.1f} min"
              + (f", {m['train_images_per_s']:.0f} training images/s" if m['train_images_per_s'] else ''),
-             'per class ' + '  '.join(f"{n[:5]} {100 * a:.0f}" for n, a in zip(names, m['per_class_acc'])),
-             f"next     python viz.py {run_dir}", '=' * 64]
+             'per class ' + '  '.join(f'{n[:5]} {100 * a:.0f}' for n, a in zip(names, m['per_class_acc'])),
+             f'next     python viz.py {run_dir}', '=' * 64]
     return '\n'.join(lines)
 
 
@@ -547,9 +547,9 @@ def build_parser():
                     '(split 9:1 into train/validation); the test set is always all 10,000')
     ap.add_argument('--max-hours', type=float, help='time budget for this invocation; training stops '
                     'cleanly in time to evaluate, with a resumable checkpoint')
-    ap.add_argument('--resume', metavar='CKPT', help="continue the run that wrote this ckpt.npz (or "
-                    "the run folder holding it), in its own folder, with its saved configuration; "
-                    "--lr may set a new base learning rate from the resumed step on")
+    ap.add_argument('--resume', metavar='CKPT', help='continue the run that wrote this ckpt.npz (or '
+                    'the run folder holding it), in its own folder, with its saved configuration; '
+                    '--lr may set a new base learning rate from the resumed step on')
     ap.add_argument('--evaluate', action='store_true', help='with --resume of a finished run: redo '
                     'the test evaluation (metrics.json, predictions.npz)')
     ap.add_argument('--out', help='run folder (default: runs/<timestamp>-<preset>); must be new or empty')
@@ -577,7 +577,7 @@ def parse_set_options(items):
     for item in items:
         key, sep, text = item.partition('=')
         if not sep or not key:
-            raise UsageError(f"--set {item!r} is malformed; write --set KEY=VALUE, e.g. --set decay=0.95")
+            raise UsageError(f'--set {item!r} is malformed; write --set KEY=VALUE, e.g. --set decay=0.95')
         if key not in Config.preset_keys():
             raise UsageError(f"--set {key}: unknown key; known keys are {', '.join(sorted(Config.preset_keys()))}")
         try:
@@ -590,20 +590,20 @@ def parse_set_options(items):
 def check_args(args):
     """Checks of the options themselves, before any file is read."""
     if args.max_hours is not None and not (args.max_hours > 0 and math.isfinite(args.max_hours)):
-        raise UsageError(f"--max-hours {args.max_hours} is invalid; give a positive number of hours")
+        raise UsageError(f'--max-hours {args.max_hours} is invalid; give a positive number of hours')
     if args.subset is not None and not 0 < args.subset <= 1:
-        raise UsageError(f"--subset {args.subset} is out of range; give a fraction in (0, 1], "
-                         f"e.g. 0.4 for 40% of the training images")
+        raise UsageError(f'--subset {args.subset} is out of range; give a fraction in (0, 1], '
+                         f'e.g. 0.4 for 40% of the training images')
     if args.epochs is not None and args.epochs <= 0:
-        raise UsageError(f"--epochs {args.epochs} is invalid; give a positive number of epochs")
+        raise UsageError(f'--epochs {args.epochs} is invalid; give a positive number of epochs')
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
-        raise UsageError(f"--lr {args.lr} is invalid; give a positive finite learning rate, e.g. --lr 0.01")
+        raise UsageError(f'--lr {args.lr} is invalid; give a positive finite learning rate, e.g. --lr 0.01')
     if args.data_dir is not None and not args.data_dir.strip():
-        raise UsageError("--data-dir was given an empty path; give the folder holding "
-                         "cifar-10-python.tar.gz, or leave the option out for data/")
+        raise UsageError('--data-dir was given an empty path; give the folder holding '
+                         'cifar-10-python.tar.gz, or leave the option out for data/')
     if args.out is not None and not args.out.strip():
-        raise UsageError("--out was given an empty path; give a folder for the run, or leave the "
-                         "option out for runs/<timestamp>-<preset>")
+        raise UsageError('--out was given an empty path; give a folder for the run, or leave the '
+                         'option out for runs/<timestamp>-<preset>')
     if args.evaluate and args.resume is None:
         raise UsageError('--evaluate redoes the test evaluation of a finished run; use it with --resume')
     if args.resume is not None:
@@ -631,8 +631,8 @@ def resolve_config(args):
 
 def list_presets():
     for name, cfg in load_presets().items():
-        print(f"{name:6} {cfg.description}")
-        print('       ' + ', '.join(f"{k}={getattr(cfg, k)}" for k in Config.preset_keys()))
+        print(f'{name:6} {cfg.description}')
+        print('       ' + ', '.join(f'{k}={getattr(cfg, k)}' for k in Config.preset_keys()))
 
 
 def run(argv=None):
@@ -649,20 +649,20 @@ def run(argv=None):
             return resume_run(args, stopper)
         return new_run(args, stopper)
     except (UsageError, RunFileError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f'error: {e}', file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:     # anything the modules above did not word themselves
         print(f"error: {runfiles.describe_os_error(e, e.filename or '?', 'use')}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except MemoryError:
-        print("error: this machine ran out of memory; lower --batch-size or --set hidden "
-              "(a checkpoint already written is intact)", file=sys.stderr)
+        print('error: this machine ran out of memory; lower --batch-size or --set hidden '
+              '(a checkpoint already written is intact)', file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         ckpt = stopper.ckpt
-        then = (f"the last checkpoint is intact: python main.py --resume {ckpt} continues"
+        then = (f'the last checkpoint is intact: python main.py --resume {ckpt} continues'
                 if ckpt is not None and ckpt.is_file() else 'no checkpoint was written yet')
-        print(f"error: aborted by a second interrupt; {then}", file=sys.stderr)
+        print(f'error: aborted by a second interrupt; {then}', file=sys.stderr)
         return EXIT_ABORTED
     finally:
         stopper.uninstall()
@@ -683,8 +683,8 @@ def new_run(args, stopper):
         model = CNNRNN(seq_layout=cfg.seq_layout, hidden=cfg.hidden, reg=cfg.weight_decay,
                        seed=cfg.seed, rnn_init=cfg.rnn_init, cell=cfg.cell)
     except MemoryError:
-        raise UsageError(f"a model with hidden={cfg.hidden} needs more memory than this machine has; "
-                         f"choose a smaller --set hidden (the method uses 128)") from None
+        raise UsageError(f'a model with hidden={cfg.hidden} needs more memory than this machine has; '
+                         f'choose a smaller --set hidden (the method uses 128)') from None
     opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov)
     mean, std = channel_mean_std(data['X_train']) if cfg.standardize else (None, None)
     state = TrainState(mean=mean, std=std)
@@ -706,8 +706,8 @@ def resume_run(args, stopper):
     run = RunFolder(ckpt.parent)
     finished = state.epoch >= cfg.epochs
     if finished and not args.evaluate and run.file('metrics.json').is_file():
-        print(f"{run.path} already finished its {cfg.epochs} epochs and has metrics.json; nothing to "
-              f"do (add --evaluate to redo the test evaluation)")
+        print(f'{run.path} already finished its {cfg.epochs} epochs and has metrics.json; nothing to '
+              f'do (add --evaluate to redo the test evaluation)')
         return EXIT_OK
     new_lr = args.lr if args.lr is not None and args.lr != cfg.lr and not finished else None
     if new_lr is not None and new_lr < cfg.min_lr:
@@ -722,7 +722,7 @@ def resume_run(args, stopper):
             cfg.data_dir = args.data_dir
         data = load_data(cfg)
         if finished:
-            run.log(f"re-evaluating {run.path} (training finished at epoch {state.epoch})")
+            run.log(f're-evaluating {run.path} (training finished at epoch {state.epoch})')
             final_evaluation(cfg, run, model, state, data)
             return EXIT_OK
         if new_lr is not None:
@@ -734,7 +734,7 @@ def resume_run(args, stopper):
         opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov)
         opt.velocity = {k: np.array(v, dtype=model.dtype) for k, v in velocity.items()}
         state.stop_reason = None
-        run.log(f"resuming {run.path} at epoch {state.epoch + 1}, step {state.step}"
+        run.log(f'resuming {run.path} at epoch {state.epoch + 1}, step {state.step}'
                 + (f", base learning rate now {new_lr} (was {cfg.lr_changes[-1]['from']})"
                    if new_lr is not None else ''))
         return train_and_evaluate(cfg, run, model, opt, state, data, stopper)
@@ -749,7 +749,7 @@ def train_and_evaluate(cfg, run, model, opt, state, data, stopper):
     try:
         trainer.train()
     except Diverged as e:
-        run.log(f"error: {e}", stream=sys.stderr)
+        run.log(f'error: {e}', stream=sys.stderr)
         return EXIT_DIVERGED
     stopper.during = 'evaluation'
     final_evaluation(cfg, run, model, state, data)

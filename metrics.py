@@ -9,7 +9,8 @@ diagram and in report.md is the same computation:
 """
 import numpy as np
 
-NUM_CLASSES = 10
+from data_utils import NUM_CLASSES
+
 N_BINS = 15                 # reliability bins, the usual choice in the calibration literature
 
 
@@ -51,9 +52,9 @@ def reliability_stats(probs, labels, n_bins=N_BINS):
     probs = np.asarray(probs)
     labels = np.asarray(labels)
     if probs.ndim != 2 or labels.ndim != 1 or len(probs) != len(labels):
-        raise ValueError(f"expected probs (N, C) and labels (N,), got {probs.shape} and {labels.shape}")
+        raise ValueError(f'expected probs (N, C) and labels (N,), got {probs.shape} and {labels.shape}')
     if len(labels) == 0:
-        raise ValueError("cannot compute calibration on zero predictions")
+        raise ValueError('cannot compute calibration on zero predictions')
     # float64 so the per-bin sums over 10,000 float32 values do not lose digits.
     confidence = probs.max(axis=1).astype(np.float64)
     correct = (probs.argmax(axis=1) == labels).astype(np.float64)
@@ -61,15 +62,15 @@ def reliability_stats(probs, labels, n_bins=N_BINS):
     count = np.bincount(bins, minlength=n_bins)
     sum_correct = np.bincount(bins, weights=correct, minlength=n_bins)
     sum_confidence = np.bincount(bins, weights=confidence, minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid='ignore', divide='ignore'):
         accuracy = np.where(count > 0, sum_correct / count, np.nan)
         mean_conf = np.where(count > 0, sum_confidence / count, np.nan)
     return {
-        "edges": calibration_bin_edges(n_bins), "count": count,
-        "accuracy": accuracy, "confidence": mean_conf,
-        "sum_correct": sum_correct, "sum_confidence": sum_confidence,
-        "n": len(labels), "overall_accuracy": correct.mean(),
-        "overall_confidence": confidence.mean(),
+        'edges': calibration_bin_edges(n_bins), 'count': count,
+        'accuracy': accuracy, 'confidence': mean_conf,
+        'sum_correct': sum_correct, 'sum_confidence': sum_confidence,
+        'n': len(labels), 'overall_accuracy': correct.mean(),
+        'overall_confidence': confidence.mean(),
     }
 
 
@@ -87,7 +88,7 @@ def expected_calibration_error(probs, labels, n_bins=N_BINS):
     """
     stats = reliability_stats(probs, labels, n_bins)
     # |B|/N * |acc - conf| = |sum(correct) - sum(conf)| / N, without dividing by |B|.
-    return float(np.abs(stats["sum_correct"] - stats["sum_confidence"]).sum() / stats["n"])
+    return float(np.abs(stats['sum_correct'] - stats['sum_confidence']).sum() / stats['n'])
 
 
 # --------------------------------------------------------------------------

@@ -45,23 +45,23 @@ def describe_os_error(e, path, doing='write'):
     path = os.fspath(e.filename or path) if getattr(e, 'filename', None) else os.fspath(path)
     code = e.errno
     if code in (errno.ENOSPC, errno.EDQUOT):
-        return (f"no space left to {doing} {path}; free disk space (files already written "
-                f"are intact) and run the command again")
+        return (f'no space left to {doing} {path}; free disk space (files already written '
+                f'are intact) and run the command again')
     if code in (errno.EROFS, errno.EACCES, errno.EPERM):
         return (f"cannot {doing} {path}: permission denied or read-only file system; "
                 f"fix the folder's permissions or choose a writable folder")
     if code == errno.ENOTDIR:
-        return (f"cannot {doing} {path}: a part of that path is a file, not a folder; "
-                f"choose a path whose parents are folders")
+        return (f'cannot {doing} {path}: a part of that path is a file, not a folder; '
+                f'choose a path whose parents are folders')
     if code == errno.EISDIR:
-        return f"cannot {doing} {path}: it is a folder, not a file; give the path of a file"
+        return f'cannot {doing} {path}: it is a folder, not a file; give the path of a file'
     if code == errno.ENOENT:
         if os.path.islink(path):
-            return f"cannot {doing} {path}: it is a link to nothing; remove the link or point it at a folder"
-        return f"cannot {doing} {path}: it does not exist; check the path"
+            return f'cannot {doing} {path}: it is a link to nothing; remove the link or point it at a folder'
+        return f'cannot {doing} {path}: it does not exist; check the path'
     if code == errno.ENAMETOOLONG:
-        return f"cannot {doing} {path}: the name is too long; choose a shorter path"
-    return f"cannot {doing} {path} ({e.strerror or e}); check the path, its permissions and free space"
+        return f'cannot {doing} {path}: the name is too long; choose a shorter path'
+    return f'cannot {doing} {path} ({e.strerror or e}); check the path, its permissions and free space'
 
 
 # --------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def read_json(path, fix='re-run training or restore the file'):
     except OSError as e:
         raise RunFileError(describe_os_error(e, path, 'read')) from None
     except ValueError as e:   # JSONDecodeError and UnicodeDecodeError
-        raise RunFileError(f"{path} is not valid JSON ({e}); {fix}") from None
+        raise RunFileError(f'{path} is not valid JSON ({e}); {fix}') from None
 
 
 def read_npz(path, fix='use another file or re-run the step that wrote it'):
@@ -157,18 +157,18 @@ def read_npz(path, fix='use another file or re-run the step that wrote it'):
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise RunFileError(f"{path} does not exist or is not a file; {fix}")
+        raise RunFileError(f'{path} does not exist or is not a file; {fix}')
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     except OSError as e:
         if e.errno is not None:
             raise RunFileError(describe_os_error(e, path, 'read')) from None
-        raise RunFileError(f"{path} is not a readable .npz file ({e}); it is corrupt or truncated: {fix}") from None
+        raise RunFileError(f'{path} is not a readable .npz file ({e}); it is corrupt or truncated: {fix}') from None
     except (zipfile.BadZipFile, ValueError, EOFError, KeyError, zlib.error) as e:
         reason = str(e) or type(e).__name__
-        raise RunFileError(f"{path} is not a readable .npz file ({reason}); it is corrupt or "
-                           f"truncated: {fix}") from None
+        raise RunFileError(f'{path} is not a readable .npz file ({reason}); it is corrupt or '
+                           f'truncated: {fix}') from None
 
 
 # --------------------------------------------------------------------------
@@ -210,11 +210,11 @@ class RunFolderLock:
             os.close(fd)
             if busy_ok:
                 return False
-            raise RunFileError(f"the run folder {self.run_dir} is in use by {holder}; wait for it "
-                               f"to finish or stop it, then run the command again") from None
+            raise RunFileError(f'the run folder {self.run_dir} is in use by {holder}; wait for it '
+                               f'to finish or stop it, then run the command again') from None
         try:   # who holds the lock, for the message to a second process; optional
             os.ftruncate(fd, 0)
-            os.write(fd, f"{self.owner} (pid {os.getpid()})\n".encode())
+            os.write(fd, f'{self.owner} (pid {os.getpid()})\n'.encode())
         except OSError:
             pass
         self.fd = fd
@@ -263,10 +263,10 @@ def point_latest_at(run_dir, warn=print):
     if run_dir == link:
         return      # the run folder itself is called latest
     if os.path.lexists(link) and not link.is_symlink():
-        warn(f"warning: {link} exists and is not a link, so it was left alone and does not "
-             f"point at this run")
+        warn(f'warning: {link} exists and is not a link, so it was left alone and does not '
+             f'point at this run')
         return
-    tmp = run_dir.parent / f"latest{TEMP_MARK}{os.getpid()}"
+    tmp = run_dir.parent / f'latest{TEMP_MARK}{os.getpid()}'
     try:
         tmp.unlink(missing_ok=True)
         os.symlink(run_dir.name, tmp)

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_utils import DataError, apportion, load_test_set
-from metrics import (N_BINS, NUM_CLASSES, confusion_matrix, expected_calibration_error,
+from data_utils import NUM_CLASSES, DataError, apportion, load_test_set
+from metrics import (N_BINS, confusion_matrix, expected_calibration_error,
                      per_class_accuracy, reliability_stats)
 from runfiles import (MAX_SEED, TEMP_MARK, RunFileError, RunFolderLock, describe_os_error,
                       read_json, read_npz, write_atomic, write_text)

@@ -35,7 +35,7 @@ import tempfile
 import time
 import tracemalloc
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+import repo_on_path  # noqa: E402,F401  (the project's modules)
 data_utils = None  # the module measured: the repository's, or --module
 
 TARGET_LOAD_S = 5.0

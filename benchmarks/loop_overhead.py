@@ -18,14 +18,12 @@ Usage:
     python benchmarks/loop_overhead.py [--train 9000] [--epochs 2] [--preset fast] [--repeats 3]
 """
 import argparse
-import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+import repo_on_path  # noqa: E402,F401  (the project's modules)
 import main  # noqa: E402
 from cnn_rnn_numpy import CNNRNN  # noqa: E402
 from data_utils import BatchIterator, channel_mean_std  # noqa: E402
@@ -102,8 +100,8 @@ def main_():
               f"epoch included), of which {inside['s']:.1f} s inside the bare steps: overhead "
               f"{100 * (ratio - 1):+.1f}%; against a bare step timed apart ({1e3 * bare:.0f} ms): "
               f"{100 * (loop / (steps * bare) - 1):+.1f}%")
-    print(f"median overhead of the loop over the bare step ({args.preset}, batch {cfg.batch_size}, "
-          f"{cfg.seq_layout}): {100 * (np.median(ratios) - 1):+.1f}%  (target <= +10%)")
+    print(f'median overhead of the loop over the bare step ({args.preset}, batch {cfg.batch_size}, '
+          f'{cfg.seq_layout}): {100 * (np.median(ratios) - 1):+.1f}%  (target <= +10%)')
 
 
 if __name__ == '__main__':

@@ -20,13 +20,12 @@ Usage:
 """
 import argparse
 import os
-import sys
 import time
 import tracemalloc
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+import repo_on_path  # noqa: E402,F401  (the project's modules)
 from cnn_rnn_numpy import CELL_GATES, CELLS, CNNRNN  # noqa: E402
 from optim import SGD, clip_grad_norm  # noqa: E402
 
@@ -218,16 +217,16 @@ def main():
     except ImportError:
         blas = 'threadpoolctl not installed'
     threads = os.cpu_count()
-    print(f"numpy {np.__version__} ({blas}); {threads} CPUs; batch {args.batch}; "
-          f"median of {args.steps} steps after 2 warm-up steps")
+    print(f'numpy {np.__version__} ({blas}); {threads} CPUs; batch {args.batch}; '
+          f'median of {args.steps} steps after 2 warm-up steps')
     torch_ok = False
     if not args.no_torch:
         try:
             import torch
             torch_ok = True
-            print(f"torch {torch.__version__}, {threads} threads")
+            print(f'torch {torch.__version__}, {threads} threads')
         except ImportError:
-            print("PyTorch is not importable: NumPy figures only")
+            print('PyTorch is not importable: NumPy figures only')
 
     header = (f"{'layout':8} {'cell':5} {'impl':6} {'train img/s':>11} {'eval img/s':>10} "
               f"{'step ms':>8} {'peak MB':>8} {'GFLOP/s':>8}")
@@ -254,20 +253,20 @@ def main():
                     results.append((rep, layout, cell, 'torch', args.batch / t_t, args.eval_images / t_te,
                                     1e3 * t_t, float('nan'), flop / t_t))
         if args.repeats > 1:
-            line = '; '.join(f"{lay} {cell} {impl} {tr:.0f}" for r, lay, cell, impl, tr, *_ in results if r == rep)
-            print(f"repeat {rep + 1}: training img/s: {line}")
+            line = '; '.join(f'{lay} {cell} {impl} {tr:.0f}' for r, lay, cell, impl, tr, *_ in results if r == rep)
+            print(f'repeat {rep + 1}: training img/s: {line}')
 
     def rows_of(layout, cell, impl):
         return {r[0]: r[4:] for r in results if r[1:4] == (layout, cell, impl)}
 
-    print(f"\nmedians over {args.repeats} repeat(s)")
+    print(f'\nmedians over {args.repeats} repeat(s)')
     print(header)
     impls = ['numpy'] + (['torch'] if torch_ok else [])
     for layout in args.layouts:
         for cell in args.cells:
             for impl in impls:
                 tr, ev, ms, peak, gf = np.median(np.array(list(rows_of(layout, cell, impl).values())), axis=0)
-                print(f"{layout:8} {cell:5} {impl:6} {tr:11.0f} {ev:10.0f} {ms:8.1f} {peak:8.0f} {gf:8.1f}")
+                print(f'{layout:8} {cell:5} {impl:6} {tr:11.0f} {ev:10.0f} {ms:8.1f} {peak:8.0f} {gf:8.1f}')
     if torch_ok:
         for layout in args.layouts:
             for cell in args.cells:
@@ -287,15 +286,15 @@ def main():
                           f"(per repeat {', '.join(f'{x:.2f}' for x in rel)})")
     for layout in args.layouts:
         for cell in args.cells:
-            print(f"FLOP per image per training step, {layout} {cell}: {flops_per_image(layout, cell) / 1e6:.1f} M")
+            print(f'FLOP per image per training step, {layout} {cell}: {flops_per_image(layout, cell) / 1e6:.1f} M')
 
     if args.profile:
         for layout in args.layouts:
             step_ms, rows = numpy_profile(layout, args.batch)
-            print(f"\nsingle-core profile of one training step, {layout}, batch {args.batch}: "
-                  f"{step_ms:.1f} ms of core time")
+            print(f'\nsingle-core profile of one training step, {layout}, batch {args.batch}: '
+                  f'{step_ms:.1f} ms of core time')
             for name, ms in rows:
-                print(f"  {name:40} {ms:7.1f} ms  {100 * ms / step_ms:5.1f}%")
+                print(f'  {name:40} {ms:7.1f} ms  {100 * ms / step_ms:5.1f}%')
 
 
 if __name__ == '__main__':

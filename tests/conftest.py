@@ -13,22 +13,19 @@ in) and `cifar_data_dir` (a default archive, ready to load).
 
 `real_archive_dir` gives the project's data folder when the real archive has
 been linked there (CI does this; locally:
-`mkdir -p data && ln -sf ../shared/data/cifar-10-python.tar.gz data/`) and skips
+`mkdir -p data && ln -sf /path/to/cifar-10-python.tar.gz data/`) and skips
 the test otherwise.
 """
 import io
 import os
 import pickle
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # so plain `pytest` finds data_utils & co.
-    sys.path.insert(0, str(REPO_ROOT))
+REPO_ROOT = Path(__file__).resolve().parent.parent   # pytest.ini puts it on sys.path
 
 LABEL_NAMES = ['airplane', 'automobile', 'bird', 'cat', 'deer',
                'dog', 'frog', 'horse', 'ship', 'truck']

@@ -9,7 +9,7 @@ import cnn_rnn_numpy
 from cnn_rnn_numpy import gru_backward, gru_forward, lstm_backward, lstm_forward, sigmoid
 from test_model import numeric_gradient, rel_error
 
-RTOL = 1e-6   # the bound on the elementwise relative error of every gradient
+RTOL = 1e-6   # the bound on the elementwise relative error of every gradient
 N, T, D, H = 3, 5, 4, 6
 ERRORS = {}   # largest error per check, printed at the end with -s
 
@@ -140,7 +140,7 @@ def test_gradients_match_central_differences(cell, seed):
 
 
 # --------------------------------------------------------------------------
-# PyTorch's nn.GRU / nn.LSTM, mapped as in DESIGN.md
+# PyTorch's nn.GRU / nn.LSTM, mapped as the README states
 # --------------------------------------------------------------------------
 
 def torch_layer(cell, rng):

@@ -14,7 +14,7 @@ from cnn_rnn_numpy import CNNRNN, ModelFileError
 from optim import SGD, clip_grad_norm
 from runfiles import RunFileError
 
-RTOL = 1e-6   # the issue's bound on the relative error of every gradient
+RTOL = 1e-6   # the bound on the relative error of every gradient
 
 
 # --------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def check_layer(forward, backward, inputs, wrt, rng, dout_seed=0):
     for k in wrt:
         x = inputs[k]
         idx, num = numeric_gradient(lambda: float(np.sum(forward(*inputs)[0] * dout)), x)
-        assert rel_error(num, grads[k].reshape(-1)[idx]) < RTOL, f"input {k}"
+        assert rel_error(num, grads[k].reshape(-1)[idx]) < RTOL, f'input {k}'
 
 
 def naive_conv(x_nchw, w, b):
@@ -279,8 +279,8 @@ def test_model_gradient_check(rng, layout, cell, monkeypatch):
         # 1e-5 one of them crossed a ReLU/max-pool kink for the GRU sample.
         idx, num = numeric_gradient(lambda: m.loss(X, y)[0], arr, indices=sample, h=1e-6)
         err = rel_error_vector(num, grads[name].reshape(-1)[idx])
-        assert err < RTOL, f"{cell} {layout} {name}: relative error {err:.2e}"
-        assert np.max(np.abs(num)) > 1e-6, f"{cell} {layout} {name}: the check sampled only zero gradients"
+        assert err < RTOL, f'{cell} {layout} {name}: relative error {err:.2e}'
+        assert np.max(np.abs(num)) > 1e-6, f'{cell} {layout} {name}: the check sampled only zero gradients'
 
 
 def test_l2_is_in_the_loss_and_gradients_as_designed(rng):

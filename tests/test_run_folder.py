@@ -14,14 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import main
 import runfiles
 from cnn_rnn_numpy import CNNRNN
 from conftest import REPO_ROOT, make_cifar_archive
-from test_main import SMOKE, STEPS_PER_EPOCH, folder_snapshot, interrupted_after, resume, train_run
+from test_main import SMOKE, STEPS_PER_EPOCH, folder_snapshot, resume, train_run
 
 
 @pytest.fixture(scope='module')
