@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TRAIN_ARGS ?= --preset fast --subset 0.4 --max-hours 1
+CLAIMS_ARGS ?=
 
 .PHONY: venv dev train test bench clean
 
@@ -28,6 +29,13 @@ train: venv
 
 test: dev
 	$(BIN)/python -m pytest -q tests
+
+# The method's claims, re-measured: 10 variants x 3 seeds of the fast protocol
+# (hours of CPU; resumable: run it again to continue), then runs/claims/comparison/.
+claims: venv
+	$(BIN)/python claims.py $(CLAIMS_ARGS)
+
+.PHONY: claims
 
 bench: venv
 	$(BIN)/python benchmarks/data_bench.py

@@ -7,7 +7,8 @@ Architecture (one image of shape (3, 32, 32)):
     read the 8x8x64 map as a sequence                  (T, D)
         'pixels': T=64 steps (row-major positions), D=64 channels
         'rows':   T=8 steps (one per row),          D=512 = 8 cols x 64 channels
-    vanilla tanh RNN, H=128 units, h_0 = 0             h_T (128,)
+        'flat':   T=1 step (the whole map),         D=4096 (no recurrence: a pure CNN)
+    a tanh RNN (or GRU, LSTM), H=128 units, h_0 = 0    h_T (128,)
     affine H->10, softmax cross-entropy
 
 Every layer is a pair of functions in the CS231n style: ``*_forward`` returns
@@ -37,7 +38,10 @@ from data_utils import NUM_CLASSES
 from runfiles import RunFileError, read_npz, write_npz
 
 FORMAT_VERSION = 1
-SEQ_LAYOUTS = ('pixels', 'rows')
+# How the pooled 8x8x64 map is read: 64 steps of 64 channels, 8 steps of one
+# row each, or 'flat', the whole map as one step (with h_0 = 0 the cell is then
+# one hidden layer and W_hh is never read: the pure-CNN baseline).
+SEQ_LAYOUTS = ('pixels', 'rows', 'flat')
 RNN_INITS = ('xavier', 'orthogonal')
 # Recurrent cells and the number of gate blocks in their W_xh, W_hh and b_h.
 CELL_GATES = {'rnn': 1, 'gru': 3, 'lstm': 4}
@@ -320,11 +324,17 @@ def conv_relu_pool_backward(dout, cache, need_dx=True):
 # --------------------------------------------------------------------------
 
 def sequence_length_and_size(layout, rows=8, cols=8, channels=64):
-    """(T, D) of the sequence read from a (rows, cols, channels) map."""
+    """(T, D) of the sequence read from a (rows, cols, channels) map.
+
+    'pixels': (rows*cols, channels); 'rows': (rows, cols*channels);
+    'flat': (1, rows*cols*channels), the whole map as a single step.
+    """
     if layout == 'pixels':
         return rows * cols, channels
     if layout == 'rows':
         return rows, cols * channels
+    if layout == 'flat':
+        return 1, rows * cols * channels
     raise ValueError(f'unknown sequence layout {layout!r}; use one of {SEQ_LAYOUTS}')
 
 
@@ -334,10 +344,12 @@ def map_to_sequence(F, layout):
     Inputs:
     - F: (N, R, Cc, K) NHWC map (R rows, Cc columns, K channels)
     - layout: 'pixels' -> (N, R*Cc, K), step t = row*Cc + col, features = channels;
-              'rows'   -> (N, R, Cc*K), step t = row, features ordered col*K + channel.
+              'rows'   -> (N, R, Cc*K), step t = row, features ordered col*K + channel;
+              'flat'   -> (N, 1, R*Cc*K), one step, features ordered
+                          row*Cc*K + col*K + channel.
 
     Returns:
-    - x: (N, T, D). With NHWC both layouts are reshapes of the same memory.
+    - x: (N, T, D). With NHWC every layout is a reshape of the same memory.
     """
     N, R, Cc, K = F.shape
     T, D = sequence_length_and_size(layout, R, Cc, K)
@@ -862,7 +874,7 @@ def recurrent_backward(dh_T, caches, cell='rnn'):
 class CNNRNN:
     """Two conv blocks, a recurrent cell over the feature map, a softmax head.
 
-    Parameters (``self.params``), H = hidden, D = 64 ('pixels') or 512 ('rows'),
+    Parameters (``self.params``), H = hidden, D = 64 ('pixels'), 512 ('rows') or 4096 ('flat'),
     G = the cell's gate blocks (1 'rnn', 3 'gru', 4 'lstm'):
       conv1_W (64, 3, 3, 3), conv1_b (64,), conv2_W (64, 64, 3, 3), conv2_b (64,),
       W_xh (D, G*H), W_hh (H, G*H), b_h (G*H,), b_hn (H,) for 'gru' only,

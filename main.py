@@ -560,7 +560,8 @@ def build_parser():
     ap.add_argument('--lr', type=float, help='override the peak learning rate')
     ap.add_argument('--seed', type=int, help='override the seed (init, split, shuffles, augmentation)')
     ap.add_argument('--seq-layout', choices=SEQ_LAYOUTS, help="override how the 8x8x64 map is read: "
-                    "'pixels' = 64 steps x 64 features, 'rows' = 8 steps x 512 features")
+                    "'pixels' = 64 steps x 64 features, 'rows' = 8 steps x 512 features, "
+                    "'flat' = 1 step x 4096 features (no recurrence: the pure-CNN baseline)")
     ap.add_argument('--schedule', choices=('exponential', 'cosine'), help='override the lr schedule')
     ap.add_argument('--rnn-init', choices=RNN_INITS, help='override the W_hh initialisation')
     ap.add_argument('--cell', choices=CELLS, help="override the recurrent cell: 'rnn' (the method's "

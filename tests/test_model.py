@@ -183,18 +183,21 @@ def test_conv_relu_pool_gradients(rng):
     check_layer(M.conv_relu_pool_forward, M.conv_relu_pool_backward, [x, w, b], wrt=[0, 1, 2], rng=rng)
 
 
-@pytest.mark.parametrize('layout', ['pixels', 'rows'])
+@pytest.mark.parametrize('layout', M.SEQ_LAYOUTS)
 def test_sequence_layouts_follow_the_design(rng, layout):
     F_nchw = rng.standard_normal((2, 64, 8, 8))            # (N, channels, rows, cols)
     seq = M.map_to_sequence(np.ascontiguousarray(F_nchw.transpose(0, 2, 3, 1)), layout)
+    row, col, ch = 6, 2, 40
     if layout == 'pixels':
         assert seq.shape == (2, 64, 64)
-        row, col, ch = 3, 5, 17
         assert seq[1, row * 8 + col, ch] == F_nchw[1, ch, row, col]
-    else:
+    elif layout == 'rows':
         assert seq.shape == (2, 8, 512)
-        row, col, ch = 6, 2, 40
         assert seq[1, row, col * 64 + ch] == F_nchw[1, ch, row, col]
+    else:
+        assert seq.shape == (2, 1, 4096)
+        assert seq[1, 0, row * 512 + col * 64 + ch] == F_nchw[1, ch, row, col]
+    assert M.sequence_length_and_size(layout) == seq.shape[1:]
     back = M.sequence_to_map(seq, layout, (2, 8, 8, 64))
     np.testing.assert_array_equal(back.transpose(0, 3, 1, 2), F_nchw)
     with pytest.raises(ValueError, match='layout'):
@@ -251,10 +254,10 @@ def small_batch(rng, n=2, dtype=np.float64):
     return X, y
 
 
-@pytest.mark.parametrize('layout', ['pixels', 'rows'])
+@pytest.mark.parametrize('layout', M.SEQ_LAYOUTS)
 def test_parameter_names_and_shapes(layout):
     m = CNNRNN(seq_layout=layout)
-    D = 64 if layout == 'pixels' else 512
+    D = {'pixels': 64, 'rows': 512, 'flat': 4096}[layout]
     expected = {'conv1_W': (64, 3, 3, 3), 'conv1_b': (64,), 'conv2_W': (64, 64, 3, 3),
                 'conv2_b': (64,), 'W_xh': (D, 128), 'W_hh': (128, 128), 'b_h': (128,),
                 'W_ho': (128, 10), 'b_o': (10,)}
@@ -263,7 +266,7 @@ def test_parameter_names_and_shapes(layout):
 
 
 @pytest.mark.parametrize('cell', M.CELLS)
-@pytest.mark.parametrize('layout', ['pixels', 'rows'])
+@pytest.mark.parametrize('layout', M.SEQ_LAYOUTS)
 def test_model_gradient_check(rng, layout, cell, monkeypatch):
     """Every parameter (a random sample of entries of each) and the input, float64, every cell."""
     m = CNNRNN(seq_layout=layout, hidden=16, reg=0.1, seed=3, dtype=np.float64, cell=cell)
@@ -281,6 +284,21 @@ def test_model_gradient_check(rng, layout, cell, monkeypatch):
         err = rel_error_vector(num, grads[name].reshape(-1)[idx])
         assert err < RTOL, f'{cell} {layout} {name}: relative error {err:.2e}'
         assert np.max(np.abs(num)) > 1e-6, f'{cell} {layout} {name}: the check sampled only zero gradients'
+
+
+def test_flat_layout_is_one_hidden_layer_without_recurrence(rng):
+    """'flat': the pooled map as one step of 4096 features, h = tanh(x @ W_xh + b_h), W_hh unused."""
+    X, y = small_batch(rng, n=3)
+    m = CNNRNN(seq_layout='flat', hidden=16, reg=0.0, seed=1, dtype=np.float64)
+    m.params['b_h'][:] = rng.standard_normal(16) * 0.1
+    fmap, _ = M.conv_stack_forward(X.transpose(0, 2, 3, 1), m.params)        # (N, 8, 8, 64)
+    h = np.tanh(fmap.reshape(3, 4096) @ m.params['W_xh'] + m.params['b_h'])
+    np.testing.assert_allclose(m.features(X), h, rtol=1e-12, atol=1e-12)
+    _, grads = m.loss(X, y)
+    assert np.all(grads['W_hh'] == 0)           # h_0 = 0: the data never reaches W_hh
+    m.reg = 0.1
+    _, grads = m.loss(X, y)
+    np.testing.assert_allclose(grads['W_hh'], 0.1 * m.params['W_hh'], rtol=1e-12)   # only L2 acts on it
 
 
 def test_l2_is_in_the_loss_and_gradients_as_designed(rng):
@@ -352,7 +370,7 @@ def test_initialisation(rng):
 
 
 @pytest.mark.parametrize('cell', M.CELLS)
-@pytest.mark.parametrize('layout', ['pixels', 'rows'])
+@pytest.mark.parametrize('layout', M.SEQ_LAYOUTS)
 def test_overfits_a_tiny_batch(layout, cell):
     """64 random images with random labels are memorised to 100% training accuracy."""
     rng = np.random.default_rng(0)

@@ -1,0 +1,758 @@
+"""Compare run folders: variants over seeds, their test accuracy, and whether a difference is noise.
+
+    python compare.py RUN [RUN ...] [--out DIR] [--baseline RUN]
+
+Each RUN is a run folder written by main.py, or a folder holding run folders
+(runs/claims: its subfolders that are run folders are taken). Links such as
+runs/latest are resolved and a run given twice counts once.
+
+Runs are grouped into variants by their config.json, except the keys that
+do not change what is trained: the seed, the data folder, the preset's name
+and description (two presets with the same settings train the same thing) and
+the record of learning-rate changes on resume. A variant is labelled by the
+keys in which it differs from the baseline variant (e.g. 'weight_decay=0',
+'seq_layout=flat'). The baseline is the variant of --baseline RUN; without it,
+the variant whose settings are those of presets.json's `fast` preset; without
+that, the variant with the most runs.
+
+Written into --out (default: `comparison/` beside the run folders, i.e. in the
+folder that holds them; runs/claims/comparison for `compare.py runs/claims`):
+
+    val_accuracy.png   validation accuracy per epoch: per variant the mean over
+                       seeds as a line, the min-max band over seeds around it
+    test_accuracy.png  test accuracy per variant: mean, +- std whiskers, every seed's point
+    comparison.md      the table (variant, seeds, test accuracy and ECE mean +- std,
+                       wall time, what differs from the baseline), each variant
+                       against the baseline with Welch's t-test, every run, the runs left out
+    comparison.json    the same numbers, machine-readable
+
+A run that cannot be compared is named (on stderr and in comparison.md) and
+left out, not fatal: still training (its folder is locked by another process),
+interrupted or stopped early before finishing its epochs, no metrics yet,
+damaged or inconsistent files, or a test set of another size than the other
+runs'. A run whose loss diverged (main.py exit code 1) is not left out but
+counted as 'diverged' in its variant: for a claim such as "clipping prevents
+divergence" that count is the result.
+
+Run folders are only read (through runfiles.py, via viz.load_run), never
+written: the lock is probed without taking it over. Exit codes: 0 written;
+2 bad arguments, no comparable run, or the output cannot be written (one
+sentence on stderr).
+"""
+import argparse
+import datetime
+import fcntl
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import viz
+from metrics import expected_calibration_error
+from runfiles import LOCK_NAME, RunFileError, describe_os_error, read_json, write_atomic, write_json, write_text
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+PRESETS_PATH = Path(__file__).resolve().parent / 'presets.json'
+BASELINE_PRESET = 'fast'
+# Configuration keys that do not define a variant (see the module docstring).
+NOT_SETTINGS = ('seed', 'data_dir', 'description', 'preset', 'lr_changes')
+# Keys added to config.json after some runs were made, with the value those runs had.
+KEY_DEFAULTS = {'cell': 'rnn'}
+# Files of which at least one marks a folder as a run folder (main.py writes
+# config.json first, so even a run that crashed at once has it).
+RUN_FILES = ('config.json', 'history.json', 'metrics.json', 'ckpt.npz', 'train.log')
+# Lines of main.py's train.log: the divergence error, and the events after which
+# an earlier divergence no longer describes the run (a resume, a final summary).
+DIVERGED_MARK = 'error: the loss became'
+AFTER_DIVERGENCE_MARKS = (' resuming ', 'test     accuracy')
+# Two-sided 5% critical values of Student's t for 1..30 degrees of freedom;
+# above 30 the value for 30 is used, which errs on the side of "noise".
+T_CRIT_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+             2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+             2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+class CompareError(Exception):
+    """Bad arguments, nothing to compare, or an output that cannot be written: one sentence."""
+
+
+# --------------------------------------------------------------------------
+# Finding the run folders
+# --------------------------------------------------------------------------
+
+def is_run_folder(path):
+    return path.is_dir() and any((path / name).is_file() for name in RUN_FILES)
+
+
+def expand_runs(paths):
+    """The run folders that the command-line arguments name, resolved, each once, in order.
+
+    A run folder stands for itself; any other folder for its subfolders that
+    are run folders (sorted by name). Raises CompareError for a path that is
+    neither.
+    """
+    found = []
+    for given in paths:
+        if not given.strip():
+            raise CompareError('a RUN argument is an empty path; give run folders such as runs/latest')
+        path = Path(given)
+        try:
+            real = path.resolve()
+        except RuntimeError:       # a loop of links
+            raise CompareError(f'{given} is a loop of links; give a run folder or a folder of runs') from None
+        if not real.is_dir():
+            what = 'is a link to nothing' if path.is_symlink() else (
+                'is not a folder' if real.exists() else 'does not exist')
+            raise CompareError(f'{given} {what}; give a run folder or a folder of run folders such as runs/claims')
+        if is_run_folder(real):
+            found.append(real)
+            continue
+        inside = sorted(p for p in map(_resolved, real.iterdir()) if p is not None and is_run_folder(p))
+        if not inside:
+            raise CompareError(f'{given} is not a run folder and holds none; give folders written by '
+                               f'main.py, or a folder of them such as runs/claims')
+        found += inside
+    return list(dict.fromkeys(found))
+
+
+def _resolved(path):
+    """The real path behind links, or None for a loop of links."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return None
+
+
+def folder_in_use(run_dir):
+    """True while another process holds the run folder's lock (main.py training, viz.py drawing).
+
+    A shared lock on the existing lock file, dropped at once. Unlike
+    runfiles.RunFolderLock.acquire, this writes nothing (no owner line, no
+    clean-up of temporary files), so comparing never changes a run folder.
+    """
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:            # no lock file: no process of this project ever held it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)           # closing drops the shared lock
+
+
+# --------------------------------------------------------------------------
+# Reading one run
+# --------------------------------------------------------------------------
+
+def divergence(run_dir):
+    """main.py's divergence message if the run's train.log ends in a divergence, else None."""
+    try:
+        with open(Path(run_dir) / 'train.log', errors='replace') as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    message = None
+    for line in lines:
+        if DIVERGED_MARK in line:
+            # 'the loss became nan at epoch 3, step 5 (lr 0.02); the last checkpoint ...'
+            message = line[line.index(DIVERGED_MARK) + len('error: '):].split(';')[0]
+        elif any(mark in line for mark in AFTER_DIVERGENCE_MARKS):
+            message = None
+    return message
+
+
+def read_run(run_dir):
+    """Read and check one run folder.
+
+    Returns a dict with name, path, status and reason, and for a usable run
+    config, seed, settings, and for a finished one test_acc, ece, wall_time_s,
+    epochs_done, test_images and val_acc (list of per-epoch fractions, None
+    for a missing value). status is 'finished', 'diverged' (counted in its
+    variant) or 'left out' (reason says why and what to do).
+    """
+    run = {'name': run_dir.name, 'path': run_dir, 'status': 'left out', 'reason': None}
+
+    def left_out(reason):
+        run['reason'] = reason
+        return run
+
+    resume = f'python main.py --resume {run_dir}'
+    if folder_in_use(run_dir):
+        return left_out('its folder is in use by another process (still training?)')
+    if not (run_dir / 'config.json').is_file():
+        return left_out('it has no config.json, so its variant is unknown')
+    try:
+        files = viz.load_run(run_dir)
+    except (viz.RunFolderError, RunFileError) as e:
+        return left_out(f'damaged: {e}')
+    config, history, metrics, preds = (files[k] for k in ('config', 'history', 'metrics', 'predictions'))
+    run.update(config=config, seed=config.get('seed'), settings=settings_of(config))
+    # Before the metrics: a run resumed after a stop and then diverged keeps its earlier metrics.json.
+    diverged = divergence(run_dir)
+    if diverged:
+        run.update(status='diverged', reason=diverged)
+        return run
+    if metrics is None:
+        if (run_dir / 'ckpt.npz').is_file():
+            return left_out(f'it stopped before its test evaluation (no metrics.json); {resume} continues it')
+        return left_out('it has neither metrics.json nor a checkpoint: it crashed or was stopped '
+                        'in its first epoch (or is just starting); run it again')
+    stopped_early, test_images = metrics.get('stopped_early', False), metrics.get('test_images')
+    if not isinstance(stopped_early, bool) or not (test_images is None or (
+            isinstance(test_images, int) and not isinstance(test_images, bool) and test_images > 0)):
+        return left_out(f"damaged: {run_dir / 'metrics.json'} has stopped_early = {stopped_early!r} and "
+                        f'test_images = {test_images!r}, not what main.py writes; redo the test '
+                        f'evaluation with {resume} --evaluate')
+    if stopped_early:
+        done, planned = metrics.get('epochs_done'), metrics.get('epochs_planned', config.get('epochs'))
+        return left_out(f"it stopped early ({metrics.get('stop_reason') or 'no reason given'}) after "
+                        f'{done} of {planned} epochs; {resume} continues it')
+    if preds is None:
+        return left_out(f'it has metrics.json but no predictions.npz (its evaluation was interrupted?); '
+                        f'{resume} --evaluate redoes it')
+    if not history:
+        return left_out('it has no per-epoch history (history.json missing or empty)')
+    probs, labels = preds['probs'], preds['labels']
+    # The numbers of metrics.json must be those of the predictions beside them.
+    accuracy = float((probs.argmax(axis=1) == labels).mean())
+    ece = expected_calibration_error(probs, labels)
+    if test_images not in (None, len(labels)):
+        return left_out(f'inconsistent: metrics.json counts {test_images} test images, predictions.npz '
+                        f'holds {len(labels)}; redo the evaluation with {resume} --evaluate')
+    if abs(accuracy - metrics['test_acc']) > 1e-9 or abs(ece - metrics['ece']) > 1e-6:
+        return left_out(f"inconsistent: metrics.json (test accuracy {metrics['test_acc']:.4f}, ECE "
+                        f"{metrics['ece']:.4f}) does not match predictions.npz ({accuracy:.4f}, {ece:.4f}); "
+                        f'redo the evaluation with {resume} --evaluate')
+    run.update(status='finished', test_acc=float(metrics['test_acc']), ece=float(metrics['ece']),
+               wall_time_s=metrics.get('wall_time_s'), epochs_done=metrics.get('epochs_done'),
+               test_images=len(labels),
+               val_acc=[r.get('val_acc') for r in sorted(history, key=lambda r: r['epoch'])])
+    return run
+
+
+def leave_out_other_test_sets(runs):
+    """Leave out finished runs whose test set size differs from the most common one (ties: the larger)."""
+    sizes = [r['test_images'] for r in runs if r['status'] == 'finished']
+    if not sizes:
+        return
+    counts = {s: sizes.count(s) for s in sizes}
+    usual = max(counts, key=lambda s: (counts[s], s))
+    for r in runs:
+        if r['status'] == 'finished' and r['test_images'] != usual:
+            r.update(status='left out', reason=f"it was evaluated on {r['test_images']} test images, "
+                                               f'the other runs on {usual}')
+
+
+# --------------------------------------------------------------------------
+# Variants
+# --------------------------------------------------------------------------
+
+def canonical(value):
+    """A JSON value in a form where equal settings compare equal (an int and the same float)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {k: canonical(v) for k, v in value.items()}
+    return str(value)
+
+
+def settings_of(config):
+    """The settings that define a run's variant: its configuration minus NOT_SETTINGS."""
+    settings = dict(KEY_DEFAULTS)
+    settings.update({k: v for k, v in config.items() if k not in NOT_SETTINGS})
+    return settings
+
+
+def variant_key(settings):
+    return json.dumps({k: canonical(v) for k, v in settings.items()}, sort_keys=True)
+
+
+def show(value):
+    """A setting as a person writes it: 0.0005, false, rows."""
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, float):
+        return f'{value:g}'
+    if value is None:
+        return 'unset'
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def differences(settings, base):
+    """[(key, baseline value, this value)] for every key in which settings differ from base."""
+    keys = list(settings) + [k for k in base if k not in settings]
+    return [(k, base.get(k), settings.get(k)) for k in keys
+            if canonical(settings.get(k)) != canonical(base.get(k))]
+
+
+def preset_settings(name=BASELINE_PRESET):
+    """The settings of a preset of presets.json (read as plain JSON), or None if unreadable."""
+    try:
+        presets = read_json(PRESETS_PATH)
+    except RunFileError:
+        return None
+    preset = presets.get(name) if isinstance(presets, dict) else None
+    return settings_of(preset) if isinstance(preset, dict) else None
+
+
+def group_variants(runs, baseline_settings=None):
+    """Group finished and diverged runs by their settings; label each against the baseline.
+
+    Returns (variants, baseline, why): variants a list of dicts (label,
+    settings, differs, runs, finished, diverged), the baseline variant first,
+    then by mean test accuracy, highest first; baseline the settings dict the
+    labels are relative to; why a phrase saying how the baseline was chosen.
+    """
+    groups = {}
+    for r in runs:
+        if r['status'] in ('finished', 'diverged'):
+            groups.setdefault(variant_key(r['settings']), []).append(r)
+    if baseline_settings is not None:
+        why = 'the variant of the run given by --baseline'
+    else:
+        fast = preset_settings()
+        if fast is not None and variant_key(fast) in groups:
+            baseline_settings, why = fast, f"the variant with the settings of presets.json's `{BASELINE_PRESET}` preset"
+        else:
+            # The most finished runs, then the most runs; a tie goes to the group met first.
+            largest = max(groups.values(), key=lambda g: (sum(r['status'] == 'finished' for r in g), len(g)))
+            baseline_settings, why = largest[0]['settings'], 'the variant with the most runs'
+    base_key = variant_key(baseline_settings)
+    variants = []
+    for key, members in groups.items():
+        differs = differences(members[0]['settings'], baseline_settings)
+        label = 'baseline' if key == base_key else ', '.join(f'{k}={show(v)}' for k, _, v in differs)
+        finished = [r for r in members if r['status'] == 'finished']
+        variants.append({'label': label, 'is_baseline': key == base_key, 'settings': members[0]['settings'],
+                         'differs': differs, 'runs': members, 'finished': finished,
+                         'diverged': [r for r in members if r['status'] == 'diverged']})
+    for v in variants:
+        v.update(summarise(v['finished']))
+    variants.sort(key=lambda v: (not v['is_baseline'], v['test_acc']['mean'] is None,
+                                 -(v['test_acc']['mean'] or 0), v['label']))
+    return variants, baseline_settings, why
+
+
+# --------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------
+
+def mean_std(values):
+    """{'mean', 'std', 'values'} of a list of numbers; std is the sample std (n - 1), None below 2 values."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return {'mean': None, 'std': None, 'values': []}
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return {'mean': float(np.mean(values)), 'std': std, 'values': values}
+
+
+def summarise(finished):
+    """Per-variant numbers over its finished runs: test accuracy, ECE, wall time, the val curve.
+
+    The curve has one entry per epoch: mean, min and max of val_acc over the
+    runs that recorded that epoch (None where none did).
+    """
+    curves = [r['val_acc'] for r in finished]
+    curve = {'epoch': [], 'mean': [], 'min': [], 'max': []}
+    for e in range(max((len(c) for c in curves), default=0)):
+        values = [c[e] for c in curves if e < len(c) and c[e] is not None]
+        curve['epoch'].append(e + 1)
+        curve['mean'].append(float(np.mean(values)) if values else None)
+        curve['min'].append(min(values) if values else None)
+        curve['max'].append(max(values) if values else None)
+    return {'test_acc': mean_std([r['test_acc'] for r in finished]),
+            'ece': mean_std([r['ece'] for r in finished]),
+            'wall_time_s': mean_std([r['wall_time_s'] for r in finished]),
+            'val_curve': curve}
+
+
+def welch(variant, baseline):
+    """The variant's test accuracy against the baseline's, in percentage points.
+
+    diff = mean_v - mean_b; se = sqrt(s_v^2/n_v + s_b^2/n_b) (s the sample std
+    over seeds); t = diff / se with Welch's degrees of freedom. The difference
+    is 'better' or 'worse' when |t| exceeds Student's two-sided 5% critical
+    value at those degrees of freedom (rounded down), else 'within noise';
+    'too few runs' when either side has fewer than 2 finished runs.
+    """
+    a, b = variant['test_acc']['values'], baseline['test_acc']['values']
+    out = {'diff': None, 'se': None, 't': None, 'df': None, 't_crit': None, 'verdict': 'too few runs'}
+    if not a or not b:
+        return out
+    out['diff'] = 100 * (np.mean(a) - np.mean(b))
+    if len(a) < 2 or len(b) < 2:
+        return out
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    out['se'] = 100 * se
+    if se == 0:     # every seed gave the same accuracy on both sides
+        out['verdict'] = 'within noise' if out['diff'] == 0 else ('better' if out['diff'] > 0 else 'worse')
+        return out
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    t_crit = T_CRIT_95[min(max(int(df), 1), len(T_CRIT_95)) - 1]
+    t = out['diff'] / out['se']
+    out.update(t=t, df=df, t_crit=t_crit,
+               verdict='within noise' if abs(t) <= t_crit else ('better' if t > 0 else 'worse'))
+    return out
+
+
+# --------------------------------------------------------------------------
+# Figures (viz.py's style: constrained-layout figures, light grids, the same DPI)
+# --------------------------------------------------------------------------
+
+def variant_colors(variants):
+    """One colour per variant, the baseline black, shared by both figures."""
+    import matplotlib
+    palette = matplotlib.colormaps['tab10']
+    colors, k = {}, 0
+    for v in variants:
+        if v['is_baseline']:
+            colors[v['label']] = 'black'
+        else:
+            colors[v['label']] = palette(k % 10)
+            k += 1
+    return colors
+
+
+def legend_label(v):
+    n = len(v['finished'])
+    diverged = f", {len(v['diverged'])} diverged" if v['diverged'] else ''
+    return f"{v['label']} ({n} seed{'s' if n != 1 else ''}{diverged})"
+
+
+def plot_val_accuracy(variants, colors):
+    """Validation accuracy per epoch: mean over seeds (line) and min-max over seeds (band)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = viz._new_figure(figsize=(11, 5.5))
+    ax = fig.subplots()
+    last = 0
+    for v in variants:
+        curve = v['val_curve']
+        if not v['finished'] or not curve['epoch']:
+            continue
+        epoch = np.array(curve['epoch'])
+        mean, lo, hi = (100 * np.array([np.nan if x is None else x for x in curve[k]], dtype=float)
+                        for k in ('mean', 'min', 'max'))
+        style = {'marker': 'o', 'markersize': 3 if len(epoch) > 30 else 4}
+        ax.plot(epoch, mean, color=colors[v['label']], label=legend_label(v),
+                linewidth=2.2 if v['is_baseline'] else 1.5, zorder=3 if v['is_baseline'] else 2, **style)
+        ax.fill_between(epoch, lo, hi, color=colors[v['label']], alpha=0.15, linewidth=0)
+        if len(epoch) == 1:      # a band of one epoch has no width: show the spread as a bar
+            ax.vlines(epoch, lo, hi, color=colors[v['label']], alpha=0.4, linewidth=6)
+        last = max(last, len(epoch))
+    ax.set(title='Validation accuracy per epoch: mean over seeds, band from the lowest to the highest seed',
+           xlabel='epoch', ylabel='validation accuracy (%)')
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if last == 1:
+        ax.set_xlim(0.5, 1.5)
+        ax.set_xticks([1])
+    ax.grid(alpha=0.3)
+    ax.legend(loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return fig
+
+
+def plot_test_accuracy(variants, colors):
+    """Test accuracy per variant: the mean (diamond), +- one std (whiskers), every seed (dots)."""
+    fig = viz._new_figure(figsize=(11, 1.6 + 0.6 * len(variants)))
+    ax = fig.subplots()
+    base = next((v for v in variants if v['is_baseline']), None)
+    if base is not None and base['test_acc']['mean'] is not None:
+        ax.axvline(100 * base['test_acc']['mean'], color='0.5', linestyle='--', linewidth=1,
+                   label=f"baseline mean {100 * base['test_acc']['mean']:.2f}%")
+    for y, v in enumerate(variants):
+        color, acc = colors[v['label']], v['test_acc']
+        if acc['values']:
+            # The seeds just below the mean, each a little lower than the last, so that
+            # none hides under the mean's marker or under another seed of equal accuracy.
+            spread = np.linspace(0.14, 0.3, len(acc['values'])) if len(acc['values']) > 1 else [0.22]
+            ax.scatter(100 * np.array(acc['values']), y + np.asarray(spread), s=36, color=color,
+                       alpha=0.55, edgecolors='black', linewidths=0.5, zorder=3)
+            ax.errorbar(100 * acc['mean'], y, xerr=None if acc['std'] is None else 100 * acc['std'],
+                        fmt='D', markersize=9, color=color, ecolor=color, elinewidth=2, capsize=6, zorder=4)
+            std = '' if acc['std'] is None else f" ± {100 * acc['std']:.2f}"
+            ax.annotate(f"{100 * acc['mean']:.2f}{std}%", (100 * acc['mean'], y), xytext=(0, 11),
+                        textcoords='offset points', ha='center', fontsize=9)
+        if v['diverged']:
+            ax.annotate(f"{len(v['diverged'])} of {len(v['runs'])} diverged", (0, y),
+                        xycoords=('axes fraction', 'data'), xytext=(6, -14), textcoords='offset points',
+                        color='tab:red', fontsize=9)
+    ax.set_yticks(range(len(variants)), [legend_label(v) for v in variants])
+    ax.set_ylim(len(variants) - 0.4, -0.6)      # the baseline on top
+    ax.set(title='Test accuracy per variant: diamond = mean, whiskers = ± 1 std over seeds, dots = seeds',
+           xlabel='test accuracy (%)')
+    ax.grid(alpha=0.3, axis='x')
+    if base is not None and base['test_acc']['mean'] is not None:
+        ax.legend(loc='lower right', fontsize=9)
+    return fig
+
+
+# --------------------------------------------------------------------------
+# comparison.md and comparison.json
+# --------------------------------------------------------------------------
+
+def _pm(stat, scale, digits):
+    if stat['mean'] is None:
+        return '-'
+    std = '' if stat['std'] is None else f" ± {scale * stat['std']:.{digits}f}"
+    return f"{scale * stat['mean']:.{digits}f}{std}"
+
+
+def _minutes(seconds):
+    # Smoke runs last seconds: two decimals keep them from all reading 0.0.
+    if seconds is None:
+        return '-'
+    return f'{seconds / 60:.1f}' if seconds >= 60 else f'{seconds / 60:.2f}'
+
+
+def _signed(x, digits=2):
+    return '-' if x is None else f'{x:+.{digits}f}'
+
+
+RULE = ("The rule: the difference of the mean test accuracies (variant minus baseline) is divided by its "
+        "standard error, sqrt(s_v²/n_v + s_b²/n_b), where s is the standard deviation over seeds and n the "
+        "number of finished runs (Welch's t-test). The difference is called *better* or *worse* when |t| "
+        "is above Student's two-sided 5% critical value for Welch's degrees of freedom (rounded down; "
+        "2.78 for 3 seeds against 3 with equal spread), and *within noise* otherwise: a difference of "
+        "that size can come from the seeds alone. With 3 seeds only large differences pass; more seeds "
+        "resolve smaller ones. *Too few runs*: a side has fewer than 2 finished runs.")
+
+
+def build_markdown(variants, left_out, why, sources):
+    n_runs = sum(len(v['runs']) for v in variants)
+    lines = ['# Comparison of runs', '',
+             f"Generated by `compare.py` on {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} from "
+             + ', '.join(f'`{s}`' for s in sources) + '.', '',
+             f"{n_runs} runs in {len(variants)} variants"
+             + (f'; {len(left_out)} left out (listed at the end)' if left_out else '')
+             + f'. The baseline is {why}. Runs are grouped by their configuration except '
+             + ', '.join(NOT_SETTINGS) + '; each variant is named by the settings in which it differs '
+             'from the baseline.', '',
+             '![validation accuracy per epoch](val_accuracy.png)', '',
+             '![test accuracy per variant](test_accuracy.png)', '',
+             '## Variants', '',
+             ('| variant | seeds | diverged | test accuracy (%) | ECE | wall time (min) '
+              '| differs from the baseline in |'),
+             '| --- | ---: | ---: | ---: | ---: | ---: | --- |']
+    for v in variants:
+        differs = '(the baseline)' if v['is_baseline'] else '; '.join(
+            f'{k}: {show(b)} → {show(x)}' for k, b, x in v['differs'])
+        lines.append(f"| {v['label']} | {len(v['finished'])} | {len(v['diverged'])} of {len(v['runs'])} | "
+                     f"{_pm(v['test_acc'], 100, 2)} | {_pm(v['ece'], 1, 4)} | {_minutes(v['wall_time_s']['mean'])} | "
+                     f'{differs} |')
+    lines += ['', ('*seeds*: the finished runs of the variant. Mean ± sample standard deviation (n - 1) '
+                   'over them. A diverged run (non-finite loss, main.py exit code 1) has no test accuracy '
+                   'and counts only in the *diverged* column.'), '']
+
+    base = next((v for v in variants if v['is_baseline']), None)
+    others = [v for v in variants if not v['is_baseline']]
+    if others:
+        lines += ['## Against the baseline', '']
+        if base is None or not base['finished']:
+            lines += ['No finished run of the baseline variant: no differences to report.', '']
+        else:
+            lines += [('| variant | test accuracy difference (points) | standard error | Welch t (df) '
+                       '| verdict | diverged (baseline) |'),
+                      '| --- | ---: | ---: | ---: | --- | ---: |']
+            for v in others:
+                w = v['vs_baseline']
+                t = '-' if w['t'] is None else f"{w['t']:+.2f} ({w['df']:.1f})"
+                se = '-' if w['se'] is None else f"{w['se']:.2f}"
+                lines.append(f"| {v['label']} | {_signed(w['diff'])} | {se} | {t} | {w['verdict']} | "
+                             f"{len(v['diverged'])} of {len(v['runs'])} ({len(base['diverged'])} of "
+                             f"{len(base['runs'])}) |")
+            lines += ['', RULE, '']
+
+    lines += ['## Runs', '', '| run | variant | seed | test accuracy (%) | ECE | epochs | wall time (min) |',
+              '| --- | --- | ---: | ---: | ---: | ---: | ---: |']
+    for v in variants:
+        for r in v['runs']:
+            if r['status'] == 'diverged':
+                lines.append(f"| {r['name']} | {v['label']} | {r['seed']} | diverged: {r['reason']} | | | |")
+            else:
+                lines.append(f"| {r['name']} | {v['label']} | {r['seed']} | {100 * r['test_acc']:.2f} | "
+                             f"{r['ece']:.4f} | {r['epochs_done']} | {_minutes(r['wall_time_s'])} |")
+    lines.append('')
+    if left_out:
+        lines += ['## Left out', '']
+        lines += [f"- `{r['path']}`: {r['reason']}" for r in left_out]
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def build_json(variants, baseline_settings, left_out, why, sources):
+    def run_record(r):
+        keys = ('name', 'seed', 'status', 'test_acc', 'ece', 'wall_time_s', 'epochs_done', 'test_images')
+        record = {k: r.get(k) for k in keys}
+        record['path'] = str(r['path'])
+        if r['status'] == 'diverged':
+            record['diverged'] = r['reason']
+        return record
+
+    return {
+        'generated': datetime.datetime.now().isoformat(timespec='seconds'),
+        'sources': [str(s) for s in sources],
+        'baseline': {'chosen_as': why, 'settings': baseline_settings},
+        'not_settings': list(NOT_SETTINGS),
+        'rule': "Welch's t-test of test accuracy against the baseline, two-sided 5%",
+        'variants': [{
+            'label': v['label'], 'is_baseline': v['is_baseline'],
+            'differs': [{'key': k, 'baseline': b, 'value': x} for k, b, x in v['differs']],
+            'settings': v['settings'],
+            'finished': len(v['finished']), 'diverged': len(v['diverged']),
+            'seeds': [r['seed'] for r in v['finished']],
+            'test_acc': v['test_acc'], 'ece': v['ece'], 'wall_time_s': v['wall_time_s'],
+            'val_acc_curve': v['val_curve'],
+            'vs_baseline': v.get('vs_baseline'),
+            'runs': [run_record(r) for r in v['runs']],
+        } for v in variants],
+        'left_out': [{'run': r['name'], 'path': str(r['path']), 'reason': r['reason']} for r in left_out],
+    }
+
+
+# --------------------------------------------------------------------------
+# The whole comparison
+# --------------------------------------------------------------------------
+
+def baseline_settings_from(given):
+    """The settings of the run folder --baseline names (only its config.json is needed)."""
+    path = Path(given)
+    if not path.is_dir():
+        raise CompareError(f'--baseline {given} is not a run folder; give one of the runs, e.g. '
+                           f'runs/claims/baseline-seed0')
+    try:
+        config = read_json(path / 'config.json', fix='give another run of the baseline variant')
+    except RunFileError as e:
+        raise CompareError(f'--baseline: {e}') from None
+    if not isinstance(config, dict):
+        raise CompareError(f"--baseline {given}: its config.json is not a JSON object; give another run")
+    return settings_of(config)
+
+
+def default_out(run_dirs):
+    """`comparison/` in the folder that holds the runs (their common parent)."""
+    parent = Path(os.path.commonpath([str(p.parent) for p in run_dirs]))
+    if parent == Path(parent.anchor):
+        raise CompareError(f'the runs have no folder in common but {parent}; give --out DIR for the comparison')
+    return parent / 'comparison'
+
+
+def check_out(out, run_dirs):
+    """The resolved output folder; CompareError if it is a file or inside a run folder read."""
+    out = Path(out).resolve()
+    for r in run_dirs:
+        if out == r or r in out.parents:
+            raise CompareError(f'--out {out} is inside the run folder {r}; compare.py never writes into '
+                               f'the runs it reads: choose another folder')
+    if out.exists() and not out.is_dir():
+        raise CompareError(f'--out {out} is a file; give a folder for the comparison')
+    return out
+
+
+def compare(paths, out=None, baseline=None, log=print, warn=None):
+    """Read the runs, group them, write the figures, comparison.md and comparison.json.
+
+    paths: run folders or folders of them; out: output folder (default
+    default_out); baseline: a run folder whose variant is the baseline.
+    warn receives one line per run left out. Returns (out folder, the JSON
+    record). Raises CompareError (one sentence) when nothing can be compared
+    or the output cannot be written.
+    """
+    warn = warn or (lambda line: print(line, file=sys.stderr))
+    run_dirs = expand_runs(paths)
+    baseline_settings = baseline_settings_from(baseline) if baseline is not None else None
+    out = check_out(out if out is not None else default_out(run_dirs), run_dirs)
+    runs = [read_run(d) for d in run_dirs]
+    leave_out_other_test_sets(runs)
+    left_out = [r for r in runs if r['status'] == 'left out']
+    for r in left_out:
+        warn(f"compare.py: left out {r['path']}: {r['reason']}")
+    if not any(r['status'] == 'finished' for r in runs):
+        diverged = sum(r['status'] == 'diverged' for r in runs)
+        raise CompareError(f'no comparable run among the {len(runs)} found ({diverged} diverged, '
+                           f'{len(left_out)} left out, as listed above); finish or resume some runs first')
+    variants, baseline_settings, why = group_variants(runs, baseline_settings)
+    base = next((v for v in variants if v['is_baseline']), None)
+    for v in variants:
+        if not v['is_baseline']:
+            v['vs_baseline'] = welch(v, base) if base is not None else None
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CompareError(describe_os_error(e, out, 'create the output folder')) from None
+    colors = variant_colors(variants)
+    for stem, draw in (('val_accuracy', plot_val_accuracy), ('test_accuracy', plot_test_accuracy)):
+        start = time.perf_counter()
+        fig = draw(variants, colors)
+        write_atomic(out / f'{stem}.png', lambda f, fig=fig: fig.savefig(f, format='png', dpi=viz.DPI))
+        log(f'  {stem}.png  {time.perf_counter() - start:5.2f} s')
+    record = build_json(variants, baseline_settings, left_out, why, paths)
+    write_text(out / 'comparison.md', build_markdown(variants, left_out, why, paths))
+    write_json(out / 'comparison.json', record)
+    return out, record
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line like every other refusal of this script, not argparse's usage block.
+        self.exit(EXIT_BAD_INPUT, f'compare.py: {message}; see python compare.py --help\n')
+
+
+def parse_args(argv=None):
+    parser = _Parser(description='Compare run folders: variants over seeds, figures and a Markdown table.')
+    parser.add_argument('runs', nargs='+', metavar='RUN',
+                        help='run folders, or folders holding run folders (e.g. runs/claims)')
+    parser.add_argument('--out', default=None,
+                        help='output folder (default: comparison/ in the folder that holds the runs)')
+    parser.add_argument('--baseline', default=None, metavar='RUN',
+                        help="a run of the baseline variant (default: the runs with the settings of "
+                             "presets.json's fast preset, else the variant with the most runs)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """CLI entry point; returns the exit code (0 written, 2 refused with one sentence on stderr)."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:       # --help, or a usage error already printed as one sentence
+        return e.code
+    start = time.perf_counter()
+    try:
+        out, record = compare(args.runs, args.out, args.baseline)
+    except (CompareError, RunFileError) as e:
+        problem = str(e)
+    except OSError as e:          # anything the modules above did not word themselves
+        problem = describe_os_error(e, e.filename or (args.out or '.'), 'use')
+    else:
+        for v in record['variants']:
+            acc = v['test_acc']
+            shown = '-' if acc['mean'] is None else f"{100 * acc['mean']:.2f}%" + (
+                '' if acc['std'] is None else f" ± {100 * acc['std']:.2f}")
+            verdict = f"  {v['vs_baseline']['verdict']}" if v['vs_baseline'] else ''
+            print(f"{v['label']:<32s} {v['finished']} finished  {shown}{verdict}"
+                  + (f"  ({v['diverged']} diverged)" if v['diverged'] else ''))
+        print(f'Wrote comparison.md, comparison.json and 2 figures to {out} in '
+              f'{time.perf_counter() - start:.1f} s.')
+        return EXIT_OK
+    print(f'compare.py: {problem}', file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+if __name__ == '__main__':
+    sys.exit(main())
