@@ -272,6 +272,12 @@ def test_presets_are_validated(tmp_path, monkeypatch):
     fast = presets['fast']
     assert fast.epochs == 15 and fast.batch_size == 256 and fast.lr == 0.02
     assert fast.seq_layout == 'pixels' and fast.decay == 0.9 and fast.warmup_epochs == 1
+    assert fast.cell == 'rnn'
+    # The gated preset is the fast protocol with another reader of the map, nothing else.
+    gated = presets['gated']
+    assert (gated.cell, gated.seq_layout) == ('lstm', 'rows')
+    assert {k: getattr(gated, k) for k in main.Config.preset_keys() if k not in ('cell', 'seq_layout')} == \
+        {k: getattr(fast, k) for k in main.Config.preset_keys() if k not in ('cell', 'seq_layout')}
     for bad, words in [({'epochs': 15, 'colour': 'red'}, "unknown key 'colour'"),
                        ({'epochs': -3}, 'epochs = -3 is invalid'),
                        ({'lr': 'fast'}, 'lr'), ({'schedule': 'linear'}, 'schedule'),
