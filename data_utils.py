@@ -30,6 +30,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+if not hasattr(tarfile, 'data_filter') or not hasattr(hashlib, 'file_digest'):
+    raise ImportError(f'this project needs Python 3.11.4 or newer (tarfile extraction filters, '
+                      f'hashlib.file_digest), not {sys.version.split()[0]}; install a newer Python')
+
 CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
 CIFAR10_MD5 = 'c58f30108f718f92721af3b95e74349a'  # md5 of the official archive
 ARCHIVE_NAME = 'cifar-10-python.tar.gz'
