@@ -53,7 +53,8 @@ import numpy as np
 
 import viz
 from metrics import expected_calibration_error
-from runfiles import LOCK_NAME, RunFileError, describe_os_error, read_json, write_atomic, write_json, write_text
+from runfiles import (LOCK_NAME, RunFileError, describe_os_error, read_json, resolve_folder, write_atomic,
+                      write_json, write_text)
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -94,22 +95,13 @@ def expand_runs(paths):
     """The run folders that the command-line arguments name, resolved, each once, in order.
 
     A run folder stands for itself; any other folder for its subfolders that
-    are run folders (sorted by name). Raises CompareError for a path that is
-    neither.
+    are run folders (sorted by name). Raises RunFileError for a path that is
+    not a folder (runfiles.resolve_folder) and CompareError for a folder that
+    holds no run.
     """
     found = []
     for given in paths:
-        if not given.strip():
-            raise CompareError('a RUN argument is an empty path; give run folders such as runs/latest')
-        path = Path(given)
-        try:
-            real = path.resolve()
-        except RuntimeError:       # a loop of links
-            raise CompareError(f'{given} is a loop of links; give a run folder or a folder of runs') from None
-        if not real.is_dir():
-            what = 'is a link to nothing' if path.is_symlink() else (
-                'is not a folder' if real.exists() else 'does not exist')
-            raise CompareError(f'{given} {what}; give a run folder or a folder of run folders such as runs/claims')
+        real = resolve_folder(given, 'give a run folder or a folder of run folders such as runs/claims')
         if is_run_folder(real):
             found.append(real)
             continue

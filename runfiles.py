@@ -137,6 +137,27 @@ def append_line(path, line):
 # Safe reads
 # --------------------------------------------------------------------------
 
+def resolve_folder(given, hint):
+    """The real folder behind a path a user typed, links such as runs/latest resolved.
+
+    An empty path (an unset shell variable), a loop of links, a link to
+    nothing, a file or a missing path raise RunFileError: one sentence naming
+    the path, ending with ``hint`` (what to pass instead).
+    """
+    if not os.fspath(given).strip():
+        raise RunFileError(f'the folder given is an empty path; {hint}')
+    path = Path(given)
+    try:
+        real = path.resolve()
+    except RuntimeError:       # a loop of links
+        raise RunFileError(f'{given} is a loop of links; {hint}') from None
+    if not real.is_dir():
+        if path.is_symlink() and not real.exists():
+            raise RunFileError(f'{given} is a link to {os.readlink(path)}, which does not exist; {hint}')
+        raise RunFileError(f"{given} {'is not a folder' if real.exists() else 'does not exist'}; {hint}")
+    return real
+
+
 def read_json(path, fix='re-run training or restore the file'):
     """Parse a JSON file; any failure is a RunFileError naming the file and ``fix``."""
     try:

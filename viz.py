@@ -40,7 +40,7 @@ from data_utils import NUM_CLASSES, DataError, apportion, load_test_set
 from metrics import (N_BINS, confusion_matrix, expected_calibration_error,
                      per_class_accuracy, reliability_stats)
 from runfiles import (MAX_SEED, TEMP_MARK, RunFileError, RunFolderLock, describe_os_error,
-                      read_json, read_npz, write_atomic, write_text)
+                      read_json, read_npz, resolve_folder, write_atomic, write_text)
 
 # Used when metrics.json does not name the classes.
 CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer',
@@ -189,21 +189,10 @@ def load_run(run_dir):
     has neither config.json nor history.json or a file holds what main.py
     does not write, and RunFileError when a file cannot be read.
     """
-    if os.fspath(run_dir) == '':
-        # Path('') is the current folder, which is rarely what an empty argument meant.
-        raise RunFolderError('the run folder is an empty path; pass a run folder such as runs/latest')
-    given = Path(run_dir)
-    try:
-        # runs/latest is a symlink: work on the real folder so relative paths resolve.
-        run_dir = given.resolve()
-    except RuntimeError:    # a loop of links
-        raise RunFolderError(f'{given} is a loop of links; pass a run folder such as runs/latest') from None
-    if not run_dir.is_dir():
-        if given.is_symlink() and not run_dir.exists():
-            raise RunFolderError(f'{given} is a link to {os.readlink(given)}, which does not exist; '
-                                 f'pass a run folder such as runs/<run> or point the link at one')
-        what = 'is not a folder' if run_dir.exists() else 'does not exist'
-        raise RunFolderError(f'{given} {what}; pass a run folder such as runs/latest')
+    # runs/latest is a symlink: work on the real folder so relative paths resolve;
+    # '' must not quietly mean the current folder.
+    given = run_dir
+    run_dir = resolve_folder(run_dir, 'pass a run folder such as runs/latest')
     if not (run_dir / 'config.json').is_file() and not (run_dir / 'history.json').is_file():
         raise RunFolderError(f'{given} is not a run folder (it has no config.json or history.json); '
                              f'pass a folder written by main.py, such as runs/latest')

@@ -160,6 +160,13 @@ def test_an_injected_write_failure_keeps_the_last_checkpoint(data_dir, tmp_path,
     def no_space(fd):
         raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(runfiles.os, 'fsync', no_space)
+    resume_fails_without_touching_the_run(out, before, capsys)
+    monkeypatch.undo()
+    assert resume(out / 'ckpt.npz') == 0
+
+
+def resume_fails_without_touching_the_run(out, before, capsys):
+    """A resume on a full disk: exit 2, one sentence, the run's files as they were, no temporaries."""
     capsys.readouterr()
     assert resume(out / 'ckpt.npz') == 2
     one_sentence_error(capsys, 'no space left', 'free disk space')
@@ -167,8 +174,6 @@ def test_an_injected_write_failure_keeps_the_last_checkpoint(data_dir, tmp_path,
     for name in ('ckpt.npz', 'best.npz', 'history.json', 'config.json', 'metrics.json'):
         assert after[name] == before[name], name
     assert stale_temp_files(out) == []
-    monkeypatch.undo()
-    assert resume(out / 'ckpt.npz') == 0
 
 
 def mount_tmpfs(path, size):
@@ -208,13 +213,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_resumes(data_dir, small_disk,
     assert train_run(data_dir, out, '--epochs', '2', interrupt_after=STEPS_PER_EPOCH + 2) == 0
     before = folder_snapshot(out)
     filler = fill(small_disk)
-    capsys.readouterr()
-    assert resume(out / 'ckpt.npz') == 2
-    one_sentence_error(capsys, 'no space left', 'free disk space')
-    after = folder_snapshot(out)
-    for name in ('ckpt.npz', 'best.npz', 'history.json', 'config.json', 'metrics.json'):
-        assert after[name] == before[name], name
-    assert stale_temp_files(out) == []
+    resume_fails_without_touching_the_run(out, before, capsys)
     filler.unlink()
     assert resume(out / 'ckpt.npz') == 0
     assert json.loads((out / 'metrics.json').read_text())['stopped_early'] is False

@@ -131,3 +131,18 @@ def test_latest_follows_runs_but_never_replaces_a_users_file(tmp_path):
     runfiles.point_latest_at(runs / 'a', warn=warnings.append)
     assert (runs / 'latest').read_text() == 'mine' and len(warnings) == 1
     assert sorted(os.listdir(runs)) == ['a', 'b', 'latest']
+
+
+def test_resolve_folder_names_every_kind_of_bad_path(tmp_path):
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'file').write_text('x')
+    os.symlink('run', tmp_path / 'latest')
+    os.symlink('gone', tmp_path / 'dangling')
+    os.symlink('loop2', tmp_path / 'loop1')
+    os.symlink('loop1', tmp_path / 'loop2')
+    assert runfiles.resolve_folder(tmp_path / 'latest', 'hint') == (tmp_path / 'run').resolve()
+    for given, words in [('', 'empty path'), (' ', 'empty path'), (tmp_path / 'file', 'is not a folder'),
+                         (tmp_path / 'missing', 'does not exist'), (tmp_path / 'dangling', 'link to gone'),
+                         (tmp_path / 'loop1', 'loop of links')]:
+        with pytest.raises(RunFileError, match=f'{words}.*; pass a folder'):
+            runfiles.resolve_folder(given, 'pass a folder')
