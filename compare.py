@@ -41,7 +41,6 @@ sentence on stderr).
 """
 import argparse
 import datetime
-import fcntl
 import json
 import math
 import os
@@ -53,7 +52,7 @@ import numpy as np
 
 import viz
 from metrics import expected_calibration_error
-from runfiles import (LOCK_NAME, RunFileError, describe_os_error, read_json, resolve_folder, write_atomic,
+from runfiles import (RunFileError, describe_os_error, folder_in_use, read_json, resolve_folder, write_atomic,
                       write_json, write_text)
 
 EXIT_OK = 0
@@ -119,26 +118,6 @@ def _resolved(path):
         return path.resolve()
     except (RuntimeError, OSError):
         return None
-
-
-def folder_in_use(run_dir):
-    """True while another process holds the run folder's lock (main.py training, viz.py drawing).
-
-    A shared lock on the existing lock file, dropped at once. Unlike
-    runfiles.RunFolderLock.acquire, this writes nothing (no owner line, no
-    clean-up of temporary files), so comparing never changes a run folder.
-    """
-    try:
-        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
-    except OSError:            # no lock file: no process of this project ever held it
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)           # closing drops the shared lock
 
 
 # --------------------------------------------------------------------------

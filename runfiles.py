@@ -255,6 +255,26 @@ class RunFolderLock:
         self.release()
 
 
+def folder_in_use(run_dir):
+    """True while another process holds the run folder's lock (main.py training, viz.py drawing).
+
+    A shared lock on the existing lock file, dropped at once. Unlike
+    RunFolderLock.acquire, this writes nothing (no owner line, no clean-up of
+    temporary files), so a reader such as compare.py never changes a run folder.
+    """
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:            # no lock file: no process of this project ever held it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)           # closing drops the shared lock
+
+
 def remove_stale_temp_files(run_dir):
     """Delete ``*.tmp-*`` files in a run folder and its figures/ (only call under the lock)."""
     for folder in (Path(run_dir), Path(run_dir) / 'figures'):

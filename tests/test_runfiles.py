@@ -98,9 +98,13 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
         with pytest.raises(RunFileError, match=rf'in use by holder.py \(pid {holder.pid}\)'):
             lock.acquire()
         assert lock.acquire(busy_ok=True) is False
+        before = (tmp_path / '.lock').read_bytes()
+        assert runfiles.folder_in_use(tmp_path) is True
+        assert (tmp_path / '.lock').read_bytes() == before       # probing writes nothing
     finally:
         holder.kill()
         holder.wait()
+    assert runfiles.folder_in_use(tmp_path) is False
     with runfiles.RunFolderLock(tmp_path, 'test'):
         pass
 
