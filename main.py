@@ -30,7 +30,8 @@ import numpy as np
 import runfiles
 from cnn_rnn_numpy import CELLS, CNNRNN, RNN_INITS, SEQ_LAYOUTS, ModelFileError, load_npz, read_meta
 from data_utils import BatchIterator, DataError, channel_mean_std, load_cifar10
-from metrics import N_BINS, confusion_matrix, expected_calibration_error, per_class_accuracy
+from metrics import (N_BINS, TIME_TO_VAL_ACC, confusion_matrix, expected_calibration_error,
+                     per_class_accuracy, time_to_accuracy)
 from optim import SGD, clip_grad_norm, learning_rate
 from runfiles import MAX_SEED, RunFileError
 
@@ -428,7 +429,7 @@ class Trainer:
             s.best_val_acc, s.best_epoch = val_acc, s.epoch + 1
             self.model.save(self.run.file('best.npz'), extra_meta={'epoch': s.epoch + 1, 'val_acc': val_acc})
         s.epoch, s.step, s.sum_loss, s.sum_correct, s.seen = s.epoch + 1, 0, 0.0, 0, 0
-        s.elapsed_s = self.elapsed()
+        s.elapsed_s = record['elapsed_s'] = self.elapsed()
         save_checkpoint(self.run.file('ckpt.npz'), self.model, self.opt, s, cfg)
         runfiles.write_json(self.run.file('history.json'), s.history)
         shown = f'  {speed:.0f} img/s' if speed else ''
@@ -499,6 +500,7 @@ def final_evaluation(cfg, run, model, state, data):
         'train_images_per_s': float(np.median(speeds)) if speeds else None,
         'test_images_per_s': len(labels) / max(eval_s, 1e-9),
         'test_images': int(len(labels)), 'label_names': list(data['label_names']),
+        'time_to_val_acc': {f'{t:.2f}': time_to_accuracy(state.history, t) for t in TIME_TO_VAL_ACC},
     }
     runfiles.write_json(run.file('metrics.json'), metrics)
     runfiles.write_npz(run.file('predictions.npz'),
@@ -522,6 +524,9 @@ def summary(cfg, run_dir, m, names):
              if m['best_val_acc'] is not None else 'val      no epoch finished',
              f"time     {m['wall_time_s'] / 60:.1f} min"
              + (f", {m['train_images_per_s']:.0f} training images/s" if m['train_images_per_s'] else ''),
+             'reached  ' + ', '.join(f"{100 * float(t):.0f}% val at "
+                                     + (f'{s / 60:.1f} min' if s is not None else '-')
+                                     for t, s in m['time_to_val_acc'].items()),
              'per class ' + '  '.join(f'{n[:5]} {100 * a:.0f}' for n, a in zip(names, m['per_class_acc'])),
              f'next     python viz.py {run_dir}', '=' * 64]
     return '\n'.join(lines)

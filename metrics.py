@@ -11,6 +11,7 @@ import numpy as np
 
 from data_utils import NUM_CLASSES
 
+TIME_TO_VAL_ACC = (0.70, 0.75)   # validation accuracies whose wall time runs report
 N_BINS = 15                 # reliability bins, the usual choice in the calibration literature
 
 
@@ -109,3 +110,23 @@ def per_class_accuracy(cm):
     """
     cm = np.asarray(cm)
     return np.diag(cm) / np.maximum(cm.sum(axis=1), 1)
+
+
+# --------------------------------------------------------------------------
+# Time to accuracy
+# --------------------------------------------------------------------------
+
+def time_to_accuracy(history, threshold):
+    """Wall time in seconds at which validation accuracy first reached ``threshold``, or None.
+
+    history: per-epoch records with val_acc and elapsed_s (the run's wall time
+    at the end of that epoch, validation included). Records written before
+    elapsed_s existed fall back to the running sum of epoch_time_s.
+    """
+    total = 0.0
+    for record in history:
+        total = record.get('elapsed_s') or total + (record.get('epoch_time_s') or 0.0)
+        if record.get('val_acc') is not None and record['val_acc'] >= threshold:
+            return total
+    return None
+

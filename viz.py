@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from data_utils import NUM_CLASSES, DataError, apportion, load_test_set
-from metrics import (N_BINS, confusion_matrix, expected_calibration_error,
-                     per_class_accuracy, reliability_stats)
+from metrics import (N_BINS, TIME_TO_VAL_ACC, confusion_matrix, expected_calibration_error,
+                     per_class_accuracy, reliability_stats, time_to_accuracy)
 from runfiles import (MAX_SEED, TEMP_MARK, RunFileError, RunFolderLock, describe_os_error,
                       read_json, read_npz, resolve_folder, write_atomic, write_text)
 
@@ -157,7 +157,7 @@ CONFIG_RULES = {'seed': (_or_null(lambda v: _count(v) and v <= MAX_SEED), f'an i
                 'data_dir': (_or_null(lambda v: isinstance(v, str)), 'a path')}
 HISTORY_RULES = {'epoch': (_count, 'an epoch number'),
                  **dict.fromkeys(('train_loss', 'train_acc', 'val_loss', 'val_acc', 'lr',
-                                  'epoch_time_s', 'images_per_s'), NUMBER_OR_NULL)}
+                                  'epoch_time_s', 'images_per_s', 'elapsed_s'), NUMBER_OR_NULL)}
 METRICS_RULES = {
     # Written with every test evaluation, so never null.
     **dict.fromkeys(('test_acc', 'test_loss', 'ece'), (_number, 'a number')),
@@ -610,6 +610,11 @@ def build_report(run, figures, notes, label_names, cm):
             lines.append(f'| Training throughput | {np.mean(ips):.0f} images/s |')
     else:
         lines.append('| (no metrics or history yet) | |')
+    for threshold in TIME_TO_VAL_ACC:
+        if history:
+            seconds = time_to_accuracy(history, threshold)
+            shown = _fmt_duration(seconds) if seconds is not None else 'not reached'
+            lines.append(f'| Validation accuracy {100 * threshold:.0f} % first reached | {shown} |')
     lines.append('')
 
     per_class = None

@@ -97,6 +97,13 @@ def test_every_run_folder_file_exists_and_is_valid(full_run):
                 'epochs_done', 'stopped_early', 'wall_time_s'):
         assert key in m
     assert m['epochs_done'] == 3 and m['stopped_early'] is False
+    # Time to accuracy: the wall time of the first epoch at or above each threshold.
+    elapsed = [r['elapsed_s'] for r in history]
+    assert elapsed == sorted(elapsed) and elapsed[-1] <= m['wall_time_s']
+    for key, threshold in (('0.70', 0.70), ('0.75', 0.75)):
+        reached = [r['elapsed_s'] for r in history if r['val_acc'] >= threshold]
+        assert m['time_to_val_acc'][key] == (reached[0] if reached else None)
+    assert 'reached  70% val at' in (full_run / 'train.log').read_text()
     assert m['best_val_acc'] == max(r['val_acc'] for r in history)
     with np.load(full_run / 'predictions.npz') as p:
         probs, labels, indices, hidden = p['probs'], p['labels'], p['indices'], p['hidden']
@@ -325,6 +332,7 @@ def test_viz_on_a_run_folder_made_by_a_smoke_run(full_run, data_dir):
     m = json.loads((full_run / 'metrics.json').read_text())
     report = (full_run / 'report.md').read_text()
     assert f"{m['ece']:.4f}" in report and 'equal to metrics.json' in report
+    assert '| Validation accuracy 70 % first reached |' in report
 
 
 def test_a_gated_cell_trains_resumes_and_is_recorded(data_dir, tmp_path, capsys):

@@ -97,3 +97,17 @@ def test_confusion_matrix_rows_are_true_classes():
 def test_per_class_accuracy_is_recall_and_zero_for_absent_classes():
     cm = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 0]])
     np.testing.assert_allclose(metrics.per_class_accuracy(cm), [0.5, 1.0, 0.0])
+
+
+def test_time_to_accuracy_is_the_first_epoch_at_or_above_the_threshold():
+    history = [{'epoch': 1, 'val_acc': 0.5, 'elapsed_s': 60.0},
+               {'epoch': 2, 'val_acc': 0.71, 'elapsed_s': 130.0},
+               {'epoch': 3, 'val_acc': 0.69, 'elapsed_s': 200.0},
+               {'epoch': 4, 'val_acc': 0.75, 'elapsed_s': 260.0}]
+    assert metrics.time_to_accuracy(history, 0.70) == 130.0
+    assert metrics.time_to_accuracy(history, 0.75) == 260.0
+    assert metrics.time_to_accuracy(history, 0.80) is None
+    # Histories written before elapsed_s existed: the running sum of epoch times.
+    old = [{'epoch': 1, 'val_acc': 0.6, 'epoch_time_s': 50.0}, {'epoch': 2, 'val_acc': 0.72, 'epoch_time_s': 55.0}]
+    assert metrics.time_to_accuracy(old, 0.70) == 105.0
+    assert metrics.time_to_accuracy([], 0.70) is None
