@@ -712,8 +712,8 @@ def resume_run(args, stopper):
     run = RunFolder(ckpt.parent)
     finished = state.epoch >= cfg.epochs
     if finished and not args.evaluate and run.file('metrics.json').is_file():
-        print(f'{run.path} already finished its {cfg.epochs} epochs and has metrics.json; nothing to '
-              f'do (add --evaluate to redo the test evaluation)')
+        print(f'{run.path} already finished training ({state.epoch} of {cfg.epochs} epochs) and has '
+              f'metrics.json; nothing to do (add --evaluate to redo the test evaluation)')
         return EXIT_OK
     new_lr = args.lr if args.lr is not None and args.lr != cfg.lr and not finished else None
     if new_lr is not None and new_lr < cfg.min_lr:
