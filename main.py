@@ -524,7 +524,7 @@ def summary(cfg, run_dir, m, names):
              if m['best_val_acc'] is not None else 'val      no epoch finished',
              f"time     {m['wall_time_s'] / 60:.1f} min"
              + (f", {m['train_images_per_s']:.0f} training images/s" if m['train_images_per_s'] else ''),
-             'reached  ' + ', '.join(f"{100 * float(t):.0f}% val at "
+             'reached  ' + ', '.join(f'{100 * float(t):.0f}% val at '
                                      + (f'{s / 60:.1f} min' if s is not None else '-')
                                      for t, s in m['time_to_val_acc'].items()),
              'per class ' + '  '.join(f'{n[:5]} {100 * a:.0f}' for n, a in zip(names, m['per_class_acc'])),
