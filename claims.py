@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 import compare
-from runfiles import MAX_SEED, RunFileError, read_json
+from runfiles import MAX_SEED, RunFileError, folder_in_use, read_json
 
 REPO = Path(__file__).resolve().parent
 MAIN = REPO / 'main.py'
@@ -123,7 +123,7 @@ def plan_run(folder):
         return 'not a folder', f'{folder} exists and is not a folder; move it away'
     if not any(folder.iterdir()):
         return 'run', ''
-    if compare.folder_in_use(folder):
+    if folder_in_use(folder):
         return 'in use', 'another process holds its folder'
     diverged = compare.divergence(folder)
     if diverged:

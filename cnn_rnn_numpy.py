@@ -1075,6 +1075,12 @@ class CNNRNN:
         learns e.g. the epoch a best.npz was saved at from the file itself.
         """
         arrays = load_npz(path)
+        model = cls.from_arrays(arrays, path, **expected)
+        return (model, read_meta(arrays, path)) if return_meta else model
+
+    @classmethod
+    def from_arrays(cls, arrays, path, **expected):
+        """The model held by the arrays of a file already read (``load_npz``); see ``load``."""
         meta = read_meta(arrays, path)
         for key, want in expected.items():
             if want is not None and meta.get(key) != want:
@@ -1084,12 +1090,12 @@ class CNNRNN:
         try:
             model = cls(seq_layout=meta['seq_layout'], hidden=meta['hidden'], reg=meta['reg'],
                         seed=meta['seed'], dtype=expected.get('dtype') or meta['dtype'],
-                        rnn_init=meta['rnn_init'], cell=meta.get('cell', 'rnn'))
+                        rnn_init=meta['rnn_init'], cell=meta['cell'])
         except (KeyError, ValueError, TypeError) as e:
             raise ModelFileError(f'{path} has an invalid model configuration ({e}); '
                                  f'it was not written by this version of cnn_rnn_numpy') from None
         model.set_params({k[len('param/'):]: v for k, v in arrays.items() if k.startswith('param/')})
-        return (model, meta) if return_meta else model
+        return model
 
 
 # --------------------------------------------------------------------------

@@ -57,10 +57,6 @@ def setting(check, good, default=dataclasses.MISSING):
     return field(default=default, metadata={'check': check, 'good': good})
 
 
-def _finite(v):
-    return math.isfinite(v)
-
-
 @dataclass
 class Config:
     """Every setting of a run. The preset keys are the fields with a check.
@@ -70,13 +66,13 @@ class Config:
     """
     epochs: int = setting(lambda v: v > 0, 'a positive integer')
     batch_size: int = setting(lambda v: v > 0, 'a positive integer')
-    lr: float = setting(lambda v: 0 < v and _finite(v), 'a positive finite number')
+    lr: float = setting(lambda v: 0 < v and math.isfinite(v), 'a positive finite number')
     schedule: str = setting(lambda v: v in ('exponential', 'cosine'), "'exponential' or 'cosine'")
     warmup_epochs: int = setting(lambda v: v >= 0, 'an integer >= 0')
     decay: float = setting(lambda v: 0 < v <= 1, 'a number in (0, 1]')
-    min_lr: float = setting(lambda v: 0 <= v and _finite(v), 'a finite number >= 0')
-    weight_decay: float = setting(lambda v: 0 <= v and _finite(v), 'a finite number >= 0')
-    clip: float = setting(lambda v: 0 <= v and _finite(v), 'a finite number >= 0 (0 disables clipping)')
+    min_lr: float = setting(lambda v: 0 <= v and math.isfinite(v), 'a finite number >= 0')
+    weight_decay: float = setting(lambda v: 0 <= v and math.isfinite(v), 'a finite number >= 0')
+    clip: float = setting(lambda v: 0 <= v and math.isfinite(v), 'a finite number >= 0 (0 disables clipping)')
     momentum: float = setting(lambda v: 0 <= v < 1, 'a number in [0, 1)')
     nesterov: bool = setting(lambda v: True, 'true or false')
     seq_layout: str = setting(lambda v: v in SEQ_LAYOUTS, f'one of {list(SEQ_LAYOUTS)}')
@@ -213,7 +209,7 @@ def load_checkpoint(path):
     try:
         cfg = Config.from_dict(dict(meta['run_config']), f"{path}'s configuration", require_all=False)
         state = TrainState.from_dict(meta['state'])
-        model = CNNRNN.load(path, seq_layout=cfg.seq_layout, hidden=cfg.hidden, cell=cfg.cell)
+        model = CNNRNN.from_arrays(arrays, path, seq_layout=cfg.seq_layout, hidden=cfg.hidden, cell=cfg.cell)
     except (KeyError, TypeError, UsageError) as e:
         raise ModelFileError(f'{path} is not a complete checkpoint of this project ({e}); '
                              f'resume from a ckpt.npz written by main.py') from None
@@ -711,7 +707,9 @@ def resume_run(args, stopper):
     model, velocity, state, cfg = load_checkpoint(ckpt)
     run = RunFolder(ckpt.parent)
     finished = state.epoch >= cfg.epochs
-    if finished and not args.evaluate and run.file('metrics.json').is_file():
+    # final_evaluation writes metrics.json, then predictions.npz: with either missing it is redone.
+    evaluated = run.file('metrics.json').is_file() and run.file('predictions.npz').is_file()
+    if finished and not args.evaluate and evaluated:
         print(f'{run.path} already finished training ({state.epoch} of {cfg.epochs} epochs) and has '
               f'metrics.json; nothing to do (add --evaluate to redo the test evaluation)')
         return EXIT_OK

@@ -320,6 +320,10 @@ def test_resuming_a_finished_run_says_so_and_evaluates_only_if_asked(data_dir, t
     assert after['ckpt.npz'] == before['ckpt.npz'] and after['best.npz'] == before['best.npz']
     m0, m1 = (json.loads(s['metrics.json']) for s in (before, after))
     assert m1['test_acc'] == m0['test_acc'] and m1['ece'] == m0['ece']
+    # Killed between metrics.json and predictions.npz: the evaluation is redone without asking.
+    (out / 'predictions.npz').unlink()
+    assert resume(out / 'ckpt.npz') == 0
+    assert 're-evaluating' in capsys.readouterr().out and (out / 'predictions.npz').is_file()
 
 
 def test_stale_temporary_files_are_removed_when_the_run_is_reopened(data_dir, tmp_path):
