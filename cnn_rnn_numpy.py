@@ -706,16 +706,22 @@ def softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def softmax_loss(logits, y):
-    """Mean softmax cross-entropy and its gradient.
+def softmax_loss(logits, y, smoothing=0.0):
+    """Mean softmax cross-entropy and its gradient, optionally with label smoothing.
+
+    With smoothing s the target of an image is no longer one-hot: the true
+    class gets 1 - s + s/C and every class s/C. The model is then never pushed
+    to infinite logits, which tends to help generalisation and changes
+    calibration (it makes a model less confident).
 
     Inputs:
     - logits: (N, C)
     - y: (N,) integer labels in [0, C)
+    - smoothing: s in [0, 1); 0 is the plain cross-entropy
 
     Returns a tuple of:
-    - loss: scalar
-    - dlogits: (N, C) = (P - Y) / N
+    - loss: scalar, the mean over images of -sum_c Q[c] log P[c]
+    - dlogits: (N, C) = (P - Q) / N, Q the (smoothed) targets
     """
     N = logits.shape[0]
     # log-softmax via the max-shift: exp never overflows and log never sees 0,
@@ -726,6 +732,12 @@ def softmax_loss(logits, y):
     loss = -log_probs[np.arange(N), y].mean()
     dlogits = np.exp(log_probs)
     dlogits[np.arange(N), y] -= 1
+    if smoothing:
+        # Q = (1 - s) * onehot + s / C: the loss mixes in the mean of -log P over classes.
+        C = logits.shape[1]
+        loss = (1 - smoothing) * loss - smoothing * log_probs.mean(axis=1).mean()
+        dlogits[np.arange(N), y] += smoothing
+        dlogits -= smoothing / C
     dlogits /= N
     return float(loss), dlogits
 
@@ -972,12 +984,13 @@ class CNNRNN:
         logits, c_out = affine_forward(h_T, p['W_ho'], p['b_o'])         # (N,10)
         return logits, h_T, (c_conv, fmap.shape, c_rnn, c_out)
 
-    def loss(self, X, y, input_grad=False, details=False):
+    def loss(self, X, y, input_grad=False, details=False, label_smoothing=0.0):
         """Loss and gradients on a batch.
 
         Inputs:
         - X: (N, 3, 32, 32) images
         - y: (N,) integer labels
+        - label_smoothing: s in [0, 1), see softmax_loss; 0 trains on one-hot targets
         - input_grad: also return the gradient with respect to X under the
           key 'X' (N, 3, 32, 32), for gradient checks and saliency maps;
           training leaves it off, it costs a col2im on the largest map
@@ -986,13 +999,13 @@ class CNNRNN:
           both without a second pass
 
         Returns a tuple of:
-        - loss: mean cross-entropy + reg/2 * sum of squared decayed weights
+        - loss: mean (smoothed) cross-entropy + reg/2 * sum of squared decayed weights
         - grads: dict keyed like ``params``
         - details: {'logits', 'data_loss'}, only when details is True
         """
         p = self.params
         logits, _, (c_conv, map_shape, c_rnn, c_out) = self._forward(X)
-        data_loss, dlogits = softmax_loss(logits, np.asarray(y))
+        data_loss, dlogits = softmax_loss(logits, np.asarray(y), smoothing=label_smoothing)
         dh, dW_ho, db_o = affine_backward(dlogits, c_out)
         rnn_grads, dseq = recurrent_backward(dh, c_rnn, self.cell)
         conv_grads, dx = conv_stack_backward(sequence_to_map(dseq, self.seq_layout, map_shape), c_conv,

@@ -63,7 +63,7 @@ BASELINE_PRESET = 'fast'
 # Configuration keys that do not define a variant (see the module docstring).
 NOT_SETTINGS = ('seed', 'data_dir', 'description', 'preset', 'lr_changes')
 # Keys added to config.json after some runs were made, with the value those runs had.
-KEY_DEFAULTS = {'cell': 'rnn'}
+KEY_DEFAULTS = {'cell': 'rnn', 'crop': 'paste', 'label_smoothing': 0.0, 'ema': 0.0, 'tta_flip': False}
 # Files of which at least one marks a folder as a run folder (main.py writes
 # config.json first, so even a run that crashed at once has it).
 RUN_FILES = ('config.json', 'history.json', 'metrics.json', 'ckpt.npz', 'train.log')

@@ -606,19 +606,42 @@ def one_hot(y, num_classes=NUM_CLASSES):
 # ----------------------------------------------------------------------------
 
 _SIDE, _CROP = 32, 28  # crop and paste offsets are 0..4
+_PAD = _SIDE - _CROP   # 4: the largest shift of an image, in either augmentation
+CROPS = ('paste', 'pad')
+
+
+def _framed_windows(X, flip):
+    """A sliding-window view over the images in zero frames, for shifting a batch at once.
+
+    Image i goes into a zero-framed 40x40 slot of a work buffer, mirrored
+    images into a second slot beside it (columns 40..79). The 32x32 window of
+    image i whose top-left corner is at buffer (row, col) is then
+    ``windows[i, :, row, col]``; (PAD, PAD) is the image unshifted and
+    (PAD, slot + PAD) its mirror.
+
+    Inputs:
+    - X: (B, 3, 32, 32) uint8
+    - flip: (B,) bool
+
+    Returns windows, a read-only view of shape (B, 3, 9, 49, 32, 32), and the slot width 40.
+    """
+    B, side, m = len(X), _SIDE, _PAD
+    slot = side + 2 * m                                  # 40
+    buf = np.zeros((B, 3, slot, 2 * slot), np.uint8)     # columns 0..39 image, 40..79 its mirror
+    buf[~flip, :, m:m + side, m:m + side] = X[~flip]
+    buf[flip, :, m:m + side, slot + m:slot + m + side] = X[flip][..., ::-1]
+    return np.lib.stride_tricks.sliding_window_view(buf, (side, side), axis=(2, 3)), slot
 
 
 def augment_batch(X, crop_rc, paste_rc, flip):
-    """Random-crop, flip and re-pad a batch of images, vectorized over the batch.
+    """The method's augmentation: random-crop, flip and re-paste a batch, vectorized.
 
     Image i: the 28x28 window at offset crop_rc[i] of the source, mirrored
     left-right if flip[i], pasted at offset paste_rc[i] on a black 32x32 canvas.
 
-    How: the output is the source shifted by at most 4 pixels each way. Each
-    image goes into a zero-framed 40x40 slot of a work buffer (mirrored images
-    into a second slot beside it), one 32x32 window per image is read out of a
-    sliding-window view with a single fancy index, and a mask blacks out what
-    lies outside the pasted 28x28 window. No Python loop over images.
+    How: the output is the source shifted by at most 4 pixels each way, read
+    out of ``_framed_windows`` with a single fancy index (no Python loop over
+    images); a mask then blacks out what lies outside the pasted 28x28 window.
 
     Inputs:
     - X: (B, 3, 32, 32) uint8
@@ -628,24 +651,42 @@ def augment_batch(X, crop_rc, paste_rc, flip):
     Returns:
     - out: (B, 3, 32, 32) uint8
     """
-    B, side, m = len(X), _SIDE, _SIDE - _CROP
-    slot = side + 2 * m                                  # 40
-    buf = np.zeros((B, 3, slot, 2 * slot), np.uint8)     # columns 0..39 image, 40..79 its mirror
     flip = np.asarray(flip, dtype=bool)
-    buf[~flip, :, m:m + side, m:m + side] = X[~flip]
-    buf[flip, :, m:m + side, slot + m:slot + m + side] = X[flip][..., ::-1]
+    windows, slot = _framed_windows(X, flip)
+    side, m = _SIDE, _PAD
     # Top-left corner, in the buffer, of the 32x32 window each output shows.
     (crop_r, crop_c), (paste_r, paste_c) = crop_rc.T, paste_rc.T
     row0 = crop_r - paste_r + m
     col0 = np.where(flip, slot + (side - _CROP) + m - crop_c - paste_c, crop_c - paste_c + m)
-    windows = np.lib.stride_tricks.sliding_window_view(buf, (side, side), axis=(2, 3))
-    out = windows[np.arange(B), :, row0, col0]           # (B, 3, 32, 32), a fresh array
+    out = windows[np.arange(len(X)), :, row0, col0]      # (B, 3, 32, 32), a fresh array
     # Black out the source pixels that lie outside the 28x28 crop.
     pos = np.arange(side)
     rows_in = (pos >= paste_r[:, None]) & (pos < paste_r[:, None] + _CROP)    # (B, 32)
     cols_in = (pos >= paste_c[:, None]) & (pos < paste_c[:, None] + _CROP)
     out *= rows_in[:, None, :, None] & cols_in[:, None, None, :]
     return out
+
+
+def pad_crop_batch(X, offset_rc, flip):
+    """The common CIFAR augmentation: pad by 4 black pixels, random 32x32 crop, random flip.
+
+    Image i, mirrored left-right if flip[i], framed by 4 black pixels on each
+    side (40x40), cut back to 32x32 at offset offset_rc[i]. Unlike
+    ``augment_batch`` no pixel of the shifted image is blacked out, so the
+    model sees the whole of it (up to 4 rows/columns pushed off the edge).
+
+    Inputs:
+    - X: (B, 3, 32, 32) uint8
+    - offset_rc: (B, 2) int (row, col) offsets in 0..8; (4, 4) is the image unshifted
+    - flip: (B,) bool
+
+    Returns:
+    - out: (B, 3, 32, 32) uint8
+    """
+    flip = np.asarray(flip, dtype=bool)
+    windows, slot = _framed_windows(X, flip)
+    row0, col0 = offset_rc.T
+    return windows[np.arange(len(X)), :, row0, col0 + slot * flip]
 
 
 def _is_int(value):
@@ -670,13 +711,16 @@ class BatchIterator:
     - y: (N,) labels, returned per batch as they are
     - batch_size: positive int
     - shuffle: random order per epoch
-    - augment: random 28x28 crop re-pasted on a 32x32 black canvas, random flip
+    - augment: random shifts and left-right flips, as ``crop`` says
+    - crop: 'paste' (the method's: a random 28x28 crop re-pasted on a 32x32
+      black canvas, augment_batch) or 'pad' (pad by 4, random 32x32 crop,
+      pad_crop_batch)
     - seed: non-negative int; with the epoch number it fixes all randomness
     - mean, std: optional (3,) per-channel standardization in [0, 1] units
     """
 
     def __init__(self, X, y, batch_size, shuffle=False, augment=False, seed=0,
-                 mean=None, std=None):
+                 mean=None, std=None, crop='paste'):
         X, y = np.asarray(X), np.asarray(y)
         if X.dtype != np.uint8 or X.ndim != 4 or X.shape[1] != 3:
             raise ValueError(f'BatchIterator expects uint8 images of shape (N, 3, H, W), '
@@ -689,10 +733,13 @@ class BatchIterator:
             raise ValueError(f'augmentation needs 32x32 images, got {X.shape[2:]}')
         if not _is_int(seed) or seed < 0:
             raise ValueError(f'seed must be a non-negative int, got {seed!r}')
+        if crop not in CROPS:
+            raise ValueError(f'crop must be one of {CROPS}, got {crop!r}')
         self.X = np.ascontiguousarray(X)  # no copy for arrays from load_cifar10
         self.y = y
         self.batch_size = int(batch_size)
         self.shuffle, self.augment, self.seed = bool(shuffle), bool(augment), int(seed)
+        self.crop = crop
         self._scale, self._shift = _norm_coeffs(mean, std)
 
     def __len__(self):
@@ -707,7 +754,9 @@ class BatchIterator:
 
         Returns a tuple of:
         - order: (N,) int
-        - crop_rc, paste_rc: (N, 2) int, or None without augmentation
+        - crop_rc: (N, 2) int, the crop offsets in 0..4 ('paste') or the
+          offsets in the padded image in 0..8 ('pad'); None without augmentation
+        - paste_rc: (N, 2) int paste offsets in 0..4 ('paste'); None otherwise
         - flip: (N,) bool, or None without augmentation
         Row i of the last three belongs to the i-th sample in epoch order.
         """
@@ -716,8 +765,11 @@ class BatchIterator:
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         if not self.augment:
             return order, None, None, None
-        crop_rc = rng.integers(0, _SIDE - _CROP + 1, size=(n, 2))
-        paste_rc = rng.integers(0, _SIDE - _CROP + 1, size=(n, 2))
+        if self.crop == 'pad':
+            crop_rc, paste_rc = rng.integers(0, 2 * _PAD + 1, size=(n, 2)), None
+        else:
+            crop_rc = rng.integers(0, _PAD + 1, size=(n, 2))
+            paste_rc = rng.integers(0, _PAD + 1, size=(n, 2))
         flip = rng.random(n) < 0.5
         return order, crop_rc, paste_rc, flip
 
@@ -735,6 +787,8 @@ class BatchIterator:
         for step in range(start, len(self)):
             sl = slice(step * self.batch_size, (step + 1) * self.batch_size)
             images = self.X[order[sl]]
-            if self.augment:
+            if self.augment and self.crop == 'pad':
+                images = pad_crop_batch(images, crop_rc[sl], flip[sl])
+            elif self.augment:
                 images = augment_batch(images, crop_rc[sl], paste_rc[sl], flip[sl])
             yield _normalize(images, self._scale, self._shift), self.y[order[sl]]

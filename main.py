@@ -14,6 +14,7 @@ Exit codes: 0 done (also when stopped early by the time budget or Ctrl-C),
 (the message says which), 130 aborted by a second Ctrl-C.
 """
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -29,10 +30,10 @@ import numpy as np
 
 import runfiles
 from cnn_rnn_numpy import CELLS, CNNRNN, RNN_INITS, SEQ_LAYOUTS, ModelFileError, load_npz, read_meta
-from data_utils import BatchIterator, DataError, channel_mean_std, load_cifar10
+from data_utils import CROPS, BatchIterator, DataError, channel_mean_std, load_cifar10
 from metrics import (N_BINS, TIME_TO_VAL_ACC, confusion_matrix, expected_calibration_error,
                      per_class_accuracy, time_to_accuracy)
-from optim import SGD, clip_grad_norm, learning_rate
+from optim import SGD, WeightAverage, clip_grad_norm, learning_rate
 from runfiles import MAX_SEED, RunFileError
 
 PRESETS_PATH = Path(__file__).resolve().parent / 'presets.json'
@@ -84,6 +85,13 @@ class Config:
     seed: int = setting(lambda v: 0 <= v <= MAX_SEED, f'an integer in [0, {MAX_SEED}]')
     eval_batch_size: int = setting(lambda v: v > 0, 'a positive integer')
     cell: str = setting(lambda v: v in CELLS, f'one of {list(CELLS)}', default='rnn')
+    # Levers beyond the method, each off by default (a preset without them trains as before).
+    crop: str = setting(lambda v: v in CROPS, f"one of {list(CROPS)} ('paste' is the method's "
+                        f"28x28 crop re-pasted, 'pad' pads by 4 and crops 32x32)", default='paste')
+    label_smoothing: float = setting(lambda v: 0 <= v < 1, 'a number in [0, 1) (0 is off)', default=0.0)
+    ema: float = setting(lambda v: 0 <= v < 1, 'a number in [0, 1): the decay of the weight average '
+                         '(0 is off, e.g. 0.999)', default=0.0)
+    tta_flip: bool = setting(lambda v: True, 'true or false', default=False)
     # Not settings: what the preset says of itself, where the run came from, what changed on resume.
     description: str = ''
     preset: str = ''
@@ -189,18 +197,32 @@ class TrainState:
         return np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
 
 
-def save_checkpoint(path, model, opt, state, cfg):
-    """Everything needed to resume: params, velocities, position, history, config."""
+def save_checkpoint(path, model, opt, state, cfg, average=None):
+    """Everything needed to resume: params, velocities, the weight average (if any),
+    position, history, config."""
     meta = dict(model.config(), format_version=1, kind=CHECKPOINT_KIND,
                 run_config=cfg.to_dict(), state=runfiles.to_jsonable(dataclasses.asdict(state)))
     arrays = {'meta': np.array(json.dumps(meta))}
     arrays.update({f'param/{k}': v for k, v in model.params.items()})
     arrays.update({f'velocity/{k}': v for k, v in opt.velocity.items()})
+    if average is not None:
+        arrays.update({f'average/{k}': v for k, v in average.params.items()})
     runfiles.write_npz(path, arrays)
 
 
+@dataclass
+class Checkpoint:
+    """What load_checkpoint reads: the model, the optimizer's velocities and the
+    weight average ({name: array}; average None without one), the state, the config."""
+    model: CNNRNN
+    velocity: dict
+    average: dict
+    state: 'TrainState'
+    cfg: Config
+
+
 def load_checkpoint(path):
-    """Read a checkpoint written by save_checkpoint -> (model, velocities, TrainState, Config)."""
+    """Read a checkpoint written by save_checkpoint -> Checkpoint."""
     arrays = load_npz(path)
     meta = read_meta(arrays, path)
     if meta.get('kind') != CHECKPOINT_KIND:
@@ -213,12 +235,15 @@ def load_checkpoint(path):
     except (KeyError, TypeError, UsageError) as e:
         raise ModelFileError(f'{path} is not a complete checkpoint of this project ({e}); '
                              f'resume from a ckpt.npz written by main.py') from None
-    velocity = {k[len('velocity/'):]: v for k, v in arrays.items() if k.startswith('velocity/')}
-    if set(velocity) != set(model.params) or any(
-            velocity[k].shape != model.params[k].shape for k in velocity):
-        raise ModelFileError(f'{path} has optimizer state that does not match its model; '
-                             f'it is corrupt: use another checkpoint')
-    return model, velocity, state, cfg
+    groups = {}
+    for prefix in ('velocity', 'average'):
+        group = {k[len(prefix) + 1:]: v for k, v in arrays.items() if k.startswith(prefix + '/')}
+        if (prefix == 'velocity' or cfg.ema) and (set(group) != set(model.params) or any(
+                group[k].shape != model.params[k].shape for k in group)):
+            raise ModelFileError(f'{path} has optimizer state ({prefix}) that does not match its '
+                                 f'model; it is corrupt: use another checkpoint')
+        groups[prefix] = group
+    return Checkpoint(model, groups['velocity'], groups['average'] if cfg.ema else None, state, cfg)
 
 
 # --------------------------------------------------------------------------
@@ -337,12 +362,15 @@ class Stopper:
 class Trainer:
     """The training loop of one run: epochs of steps, then validation and checkpoint."""
 
-    def __init__(self, cfg, run, model, opt, state, data, stopper):
+    def __init__(self, cfg, run, model, opt, state, data, stopper, average=None):
         self.cfg, self.run, self.model, self.opt, self.state = cfg, run, model, opt, state
         self.stopper = stopper
+        # With a weight average (cfg.ema), validation, best.npz and the test use the average.
+        self.average = average
+        self.eval_model = averaged_model(model, average)
         mean, std = state.normalization()
         self.train_it = BatchIterator(data['X_train'], data['y_train'], cfg.batch_size, shuffle=True,
-                                      augment=cfg.augment, seed=cfg.seed, mean=mean, std=std)
+                                      augment=cfg.augment, crop=cfg.crop, seed=cfg.seed, mean=mean, std=std)
         self.val_it = BatchIterator(data['X_val'], data['y_val'], cfg.eval_batch_size, mean=mean, std=std)
         self.steps_per_epoch = len(self.train_it)
         self.n_eval = len(data['y_val']) + len(data['y_test'])
@@ -378,17 +406,19 @@ class Trainer:
                 bar.close()
                 s.stop_reason = self.stopper.reason
                 s.elapsed_s = self.elapsed()
-                save_checkpoint(self.run.file('ckpt.npz'), self.model, self.opt, s, cfg)
+                save_checkpoint(self.run.file('ckpt.npz'), self.model, self.opt, s, cfg, self.average)
                 self.run.log(f'stopped at epoch {s.epoch + 1}, step {s.step}/{self.steps_per_epoch}: '
                              f'{s.stop_reason}; resumable checkpoint written')
                 return False
             lr = self.lr()
-            loss, grads, details = self.model.loss(X, y, details=True)
+            loss, grads, details = self.model.loss(X, y, details=True, label_smoothing=cfg.label_smoothing)
             if not np.isfinite(loss):
                 bar.close()
                 raise Diverged(self.divergence_message(loss, lr))
             clip_grad_norm(grads, cfg.clip)
             self.opt.step(grads, lr)
+            if self.average is not None:
+                self.average.update(self.model.params)
             # Running sums of the epoch (cross-entropy without the L2 term, so it compares with val loss).
             s.sum_loss += details['data_loss'] * len(y)
             s.sum_correct += int((details['logits'].argmax(1) == y).sum())
@@ -410,7 +440,7 @@ class Trainer:
         s, cfg = self.state, self.cfg
         lr = learning_rate(cfg, s.global_step - 1, self.steps_per_epoch)
         t_val = time.monotonic()
-        val_loss, val_acc, _, _ = evaluate(self.model, self.val_it)
+        val_loss, val_acc, _, _ = evaluate(self.eval_model, self.val_it, cfg.tta_flip)
         s.eval_images_per_s = len(self.val_it.y) / max(1e-9, time.monotonic() - t_val)
         # Leave room for a validation pass and the test evaluation in the time budget.
         self.stopper.reserve_s = self.n_eval / s.eval_images_per_s
@@ -419,14 +449,16 @@ class Trainer:
                   'train_acc': s.sum_correct / s.seen, 'val_loss': val_loss, 'val_acc': val_acc,
                   'lr': lr, 'base_lr': cfg.lr, 'epoch_time_s': epoch_time + time.monotonic() - t_val,
                   'images_per_s': speed}
+        if self.average is not None:      # what the average gains over the last step's weights
+            record['val_acc_raw'] = evaluate(self.model, self.val_it, cfg.tta_flip)[1]
         s.history.append(record)
         improved = val_acc > s.best_val_acc
         if improved:
             s.best_val_acc, s.best_epoch = val_acc, s.epoch + 1
-            self.model.save(self.run.file('best.npz'), extra_meta={'epoch': s.epoch + 1, 'val_acc': val_acc})
+            self.eval_model.save(self.run.file('best.npz'), extra_meta={'epoch': s.epoch + 1, 'val_acc': val_acc})
         s.epoch, s.step, s.sum_loss, s.sum_correct, s.seen = s.epoch + 1, 0, 0.0, 0, 0
         s.elapsed_s = record['elapsed_s'] = self.elapsed()
-        save_checkpoint(self.run.file('ckpt.npz'), self.model, self.opt, s, cfg)
+        save_checkpoint(self.run.file('ckpt.npz'), self.model, self.opt, s, cfg, self.average)
         runfiles.write_json(self.run.file('history.json'), s.history)
         shown = f'  {speed:.0f} img/s' if speed else ''
         self.run.log(f"epoch {record['epoch']:3d}/{cfg.epochs}  train loss {record['train_loss']:.4f} "
@@ -446,20 +478,47 @@ class Trainer:
                 f'learning rate, e.g. --lr {lower}')
 
 
-def evaluate(model, iterator):
-    """Loss, accuracy, probabilities (N, 10) and final hidden states (N, H) over an iterator."""
-    probs, hidden, labels = [], [], []
+def averaged_model(model, average):
+    """The model to evaluate: ``model`` itself, or a twin holding the weight average's parameters."""
+    if average is None:
+        return model
+    twin = copy.copy(model)            # same configuration; params is the average's dict, shared
+    twin.params = average.params
+    return twin
+
+
+def evaluate(model, iterator, flip_average=False, single_view=None):
+    """Loss, accuracy, probabilities (N, 10) and final hidden states (N, H) over an iterator.
+
+    flip_average: test-time augmentation, the mean of the probabilities of each
+    image and of its left-right mirror (twice the cost); the hidden states are
+    those of the image as given. single_view: an optional dict that receives
+    the probabilities of the images as given ('probs'), to measure what the
+    flip adds.
+    """
+    probs, plain, hidden, labels = [], [], [], []
     for X, y in iterator.epoch(0):
         p, h = model.predict_proba(X, batch_size=len(X), return_features=True)
+        plain.append(p)
+        if flip_average:
+            p = 0.5 * (p + model.predict_proba(np.ascontiguousarray(X[..., ::-1]), batch_size=len(X)))
         probs.append(p)
         hidden.append(h)
         labels.append(y)
     probs = np.concatenate(probs)
     labels = np.concatenate(labels)
-    # Cross-entropy from the probabilities (clipped: a float32 probability can round to 0).
-    loss = float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12)).mean())
-    acc = float((probs.argmax(1) == labels).mean())
-    return loss, acc, probs, np.concatenate(hidden)
+    if single_view is not None:
+        single_view['probs'] = np.concatenate(plain)
+    return cross_entropy(probs, labels), accuracy(probs, labels), probs, np.concatenate(hidden)
+
+
+def cross_entropy(probs, labels):
+    """Mean -log p(true class), clipped: a float32 probability can round to 0. (N, 10), (N,) -> float."""
+    return float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12)).mean())
+
+
+def accuracy(probs, labels):
+    return float((probs.argmax(1) == labels).mean())
 
 
 def final_evaluation(cfg, run, model, state, data):
@@ -479,7 +538,8 @@ def final_evaluation(cfg, run, model, state, data):
     mean, std = state.normalization()
     test_it = BatchIterator(data['X_test'], data['y_test'], cfg.eval_batch_size, mean=mean, std=std)
     t0 = time.monotonic()
-    test_loss, test_acc, probs, hidden = evaluate(model, test_it)
+    single = {}
+    test_loss, test_acc, probs, hidden = evaluate(model, test_it, cfg.tta_flip, single_view=single)
     eval_s = time.monotonic() - t0
     labels = data['y_test']
     confusion = confusion_matrix(labels, probs.argmax(1))
@@ -498,6 +558,10 @@ def final_evaluation(cfg, run, model, state, data):
         'test_images': int(len(labels)), 'label_names': list(data['label_names']),
         'time_to_val_acc': {f'{t:.2f}': time_to_accuracy(state.history, t) for t in TIME_TO_VAL_ACC},
     }
+    if cfg.tta_flip:     # the same parameters without the mirrored view: what the flip adds
+        metrics['single_view'] = {'test_acc': accuracy(single['probs'], labels),
+                                  'test_loss': cross_entropy(single['probs'], labels),
+                                  'ece': expected_calibration_error(single['probs'], labels, n_bins=N_BINS)}
     runfiles.write_json(run.file('metrics.json'), metrics)
     runfiles.write_npz(run.file('predictions.npz'),
                        {'probs': probs.astype(np.float32), 'labels': labels.astype(np.int64),
@@ -515,7 +579,9 @@ def summary(cfg, run_dir, m, names):
              f"preset   {cfg.preset}  cell {cfg.cell}  layout {cfg.seq_layout}  epochs {m['epochs_done']}/{cfg.epochs}"
              f"  subset {cfg.subset}{early}",
              f"test     accuracy {100 * m['test_acc']:.2f}%  loss {m['test_loss']:.4f}  ECE {m['ece']:.4f}"
-             f"  ({m['test_images']} images, {m['evaluated']})",
+             f"  ({m['test_images']} images, {m['evaluated']}"
+             + (f", with the flip; {100 * m['single_view']['test_acc']:.2f}% without)"
+                if 'single_view' in m else ')'),
              f"val      best accuracy {100 * m['best_val_acc']:.2f}% at epoch {m['best_epoch']}"
              if m['best_val_acc'] is not None else 'val      no epoch finished',
              f"time     {m['wall_time_s'] / 60:.1f} min"
@@ -688,6 +754,7 @@ def new_run(args, stopper):
         raise UsageError(f'a model with hidden={cfg.hidden} needs more memory than this machine has; '
                          f'choose a smaller --set hidden (the method uses 128)') from None
     opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    average = WeightAverage(model.params, cfg.ema) if cfg.ema else None
     mean, std = channel_mean_std(data['X_train']) if cfg.standardize else (None, None)
     state = TrainState(mean=mean, std=std)
     run = new_run_folder(args.out, cfg.preset)
@@ -697,14 +764,15 @@ def new_run(args, stopper):
         runfiles.write_json(run.file('config.json'), cfg.to_dict())
         run.log(f"run {run.path}: preset {cfg.preset}, {len(data['y_train'])} train / "
                 f"{len(data['y_val'])} val / {len(data['y_test'])} test images")
-        return train_and_evaluate(cfg, run, model, opt, state, data, stopper)
+        return train_and_evaluate(cfg, run, model, opt, state, data, stopper, average)
     finally:
         run.lock.release()
 
 
 def resume_run(args, stopper):
     ckpt = checkpoint_path(args.resume)
-    model, velocity, state, cfg = load_checkpoint(ckpt)
+    ck = load_checkpoint(ckpt)
+    state, cfg = ck.state, ck.cfg
     run = RunFolder(ckpt.parent)
     finished = state.epoch >= cfg.epochs
     # final_evaluation writes metrics.json, then predictions.npz: with either missing it is redone.
@@ -721,13 +789,17 @@ def resume_run(args, stopper):
     stopper.ckpt, stopper.log = run.file('ckpt.npz'), run.log
     try:
         # Read again under the lock: another process may have written it since.
-        model, velocity, state, cfg = load_checkpoint(ckpt)
+        ck = load_checkpoint(ckpt)
+        model, state, cfg = ck.model, ck.state, ck.cfg
+        # The average's update count is the number of optimizer steps: one per step.
+        average = (WeightAverage(model.params, cfg.ema, averaged=ck.average, updates=state.global_step)
+                   if cfg.ema else None)
         if args.data_dir:
             cfg.data_dir = args.data_dir
         data = load_data(cfg)
         if finished:
             run.log(f're-evaluating {run.path} (training finished at epoch {state.epoch})')
-            final_evaluation(cfg, run, model, state, data)
+            final_evaluation(cfg, run, averaged_model(model, average), state, data)
             return EXIT_OK
         if new_lr is not None:
             # The schedule is a function of the base rate, so the new rate applies from this step on.
@@ -736,27 +808,27 @@ def resume_run(args, stopper):
             cfg.lr = new_lr
             runfiles.write_json(run.file('config.json'), cfg.to_dict())
         opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov)
-        opt.velocity = {k: np.array(v, dtype=model.dtype) for k, v in velocity.items()}
+        opt.velocity = {k: np.array(v, dtype=model.dtype) for k, v in ck.velocity.items()}
         state.stop_reason = None
         run.log(f'resuming {run.path} at epoch {state.epoch + 1}, step {state.step}'
                 + (f", base learning rate now {new_lr} (was {cfg.lr_changes[-1]['from']})"
                    if new_lr is not None else ''))
-        return train_and_evaluate(cfg, run, model, opt, state, data, stopper)
+        return train_and_evaluate(cfg, run, model, opt, state, data, stopper, average)
     finally:
         run.lock.release()
 
 
-def train_and_evaluate(cfg, run, model, opt, state, data, stopper):
+def train_and_evaluate(cfg, run, model, opt, state, data, stopper, average=None):
     runfiles.point_latest_at(run.path, warn=run.log)
     run.log('config ' + json.dumps(cfg.to_dict()))
-    trainer = Trainer(cfg, run, model, opt, state, data, stopper)
+    trainer = Trainer(cfg, run, model, opt, state, data, stopper, average)
     try:
         trainer.train()
     except Diverged as e:
         run.log(f'error: {e}', stream=sys.stderr)
         return EXIT_DIVERGED
     stopper.during = 'evaluation'
-    final_evaluation(cfg, run, model, state, data)
+    final_evaluation(cfg, run, trainer.eval_model, state, data)
     return EXIT_OK
 
 

@@ -1,4 +1,5 @@
-"""Optimisation: SGD with momentum, global-norm gradient clipping, the learning-rate schedule.
+"""Optimisation: SGD with momentum, global-norm gradient clipping, the learning-rate
+schedule, and an exponential moving average of the weights.
 
 Shared by the training driver (main.py) and the benchmarks, which time the
 same update the training loop does.
@@ -38,6 +39,36 @@ class SGD:
                 p += p.dtype.type(self.momentum) * v - p.dtype.type(lr) * g
             else:
                 p += v
+
+
+class WeightAverage:
+    """Exponential moving average (EMA) of the parameters, for evaluation.
+
+    After every optimizer step:  avg <- d * avg + (1 - d) * p,  with
+    d = min(decay, (1 + n) / (10 + n)) after n earlier updates. The average
+    smooths out the noise of the last steps of SGD, so it is often a better
+    model than the weights of any one step; the ramp-up of d lets the average
+    forget the random initialisation quickly at the start.
+
+    Inputs:
+    - params: dict name -> array (the model's, read by ``update``, never written)
+    - decay: float in (0, 1), e.g. 0.999 (an average over about 1 / (1 - decay) steps)
+    - averaged, updates: the state of a resumed run, as written by a checkpoint
+    """
+
+    def __init__(self, params, decay, averaged=None, updates=0):
+        self.decay = float(decay)
+        self.updates = int(updates)
+        source = params if averaged is None else averaged
+        self.params = {k: np.array(source[k], dtype=v.dtype) for k, v in params.items()}
+
+    def update(self, params):
+        """Move the average toward the current parameters (after an optimizer step)."""
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, avg in self.params.items():
+            avg *= avg.dtype.type(d)
+            avg += avg.dtype.type(1 - d) * params[name]
+        self.updates += 1
 
 
 def clip_grad_norm(grads, max_norm):

@@ -581,6 +581,10 @@ def build_report(run, figures, notes, label_names, cm):
         row('Test accuracy', 'test_acc', lambda v: f'{100 * v:.2f} %')
         row('Test loss', 'test_loss', lambda v: f'{v:.4f}')
         row(f'ECE ({N_BINS} bins)', 'ece', lambda v: f'{v:.4f}')
+        single = metrics.get('single_view')
+        if isinstance(single, dict) and all(_number(single.get(k)) for k in ('test_acc', 'ece')):
+            lines.append(f"| Without the mirror view (tta_flip off) | {100 * single['test_acc']:.2f} %, "
+                         f"ECE {single['ece']:.4f} |")
         best = metrics.get('best_val_acc')
         if best is not None:
             at = f" (epoch {metrics['best_epoch']})" if metrics.get('best_epoch') is not None else ''

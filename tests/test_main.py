@@ -174,7 +174,7 @@ def test_sigterm_stops_cleanly_with_a_checkpoint(data_dir, tmp_path):
     m = json.loads((out / 'metrics.json').read_text())
     assert m['stopped_early'] is True and 'SIGTERM' in m['stop_reason']
     assert 1 <= m['epochs_done'] < 200
-    model, _, state, _ = main.load_checkpoint(str(out / 'ckpt.npz'))
+    state = main.load_checkpoint(str(out / 'ckpt.npz')).state
     assert state.stop_reason and state.epoch == m['epochs_done']
 
 
@@ -307,7 +307,7 @@ def test_set_overrides_any_preset_key(data_dir, tmp_path):
                      '--set', 'decay=0.5') == 0
     cfg = json.loads((out / 'config.json').read_text())
     assert cfg['standardize'] is False and cfg['schedule'] == 'cosine' and cfg['decay'] == 0.5
-    _, _, state, _ = main.load_checkpoint(str(out / 'ckpt.npz'))
+    state = main.load_checkpoint(str(out / 'ckpt.npz')).state
     assert state.mean is None and state.std is None
 
 
