@@ -419,7 +419,8 @@ class Trainer:
             self.opt.step(grads, lr)
             if self.average is not None:
                 self.average.update(self.model.params)
-            # Running sums of the epoch (cross-entropy without the L2 term, so it compares with val loss).
+            # Running sums of the epoch (cross-entropy without the L2 term, so it compares with val loss;
+            # with label smoothing it is the smoothed cross-entropy, which is higher).
             s.sum_loss += details['data_loss'] * len(y)
             s.sum_correct += int((details['logits'].argmax(1) == y).sum())
             s.seen += len(y)
