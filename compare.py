@@ -51,7 +51,8 @@ from pathlib import Path
 import numpy as np
 
 import viz
-from metrics import expected_calibration_error
+from main import Config
+from metrics import accuracy, expected_calibration_error
 from runfiles import (RunFileError, describe_os_error, folder_in_use, read_json, resolve_folder, write_atomic,
                       write_json, write_text)
 
@@ -63,7 +64,7 @@ BASELINE_PRESET = 'fast'
 # Configuration keys that do not define a variant (see the module docstring).
 NOT_SETTINGS = ('seed', 'data_dir', 'description', 'preset', 'lr_changes')
 # Keys added to config.json after some runs were made, with the value those runs had.
-KEY_DEFAULTS = {'cell': 'rnn', 'crop': 'paste', 'label_smoothing': 0.0, 'ema': 0.0, 'tta_flip': False}
+KEY_DEFAULTS = Config.defaults()
 # Files of which at least one marks a folder as a run folder (main.py writes
 # config.json first, so even a run that crashed at once has it).
 RUN_FILES = ('config.json', 'history.json', 'metrics.json', 'ckpt.npz', 'train.log')
@@ -194,14 +195,14 @@ def read_run(run_dir):
         return left_out('it has no per-epoch history (history.json missing or empty)')
     probs, labels = preds['probs'], preds['labels']
     # The numbers of metrics.json must be those of the predictions beside them.
-    accuracy = float((probs.argmax(axis=1) == labels).mean())
+    test_acc = accuracy(probs, labels)
     ece = expected_calibration_error(probs, labels)
     if test_images not in (None, len(labels)):
         return left_out(f'inconsistent: metrics.json counts {test_images} test images, predictions.npz '
                         f'holds {len(labels)}; redo the evaluation with {resume} --evaluate')
-    if abs(accuracy - metrics['test_acc']) > 1e-9 or abs(ece - metrics['ece']) > 1e-6:
+    if abs(test_acc - metrics['test_acc']) > 1e-9 or abs(ece - metrics['ece']) > 1e-6:
         return left_out(f"inconsistent: metrics.json (test accuracy {metrics['test_acc']:.4f}, ECE "
-                        f"{metrics['ece']:.4f}) does not match predictions.npz ({accuracy:.4f}, {ece:.4f}); "
+                        f"{metrics['ece']:.4f}) does not match predictions.npz ({test_acc:.4f}, {ece:.4f}); "
                         f'redo the evaluation with {resume} --evaluate')
     run.update(status='finished', test_acc=float(metrics['test_acc']), ece=float(metrics['ece']),
                wall_time_s=metrics.get('wall_time_s'), epochs_done=metrics.get('epochs_done'),

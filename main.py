@@ -31,8 +31,8 @@ import numpy as np
 import runfiles
 from cnn_rnn_numpy import CELLS, CNNRNN, RNN_INITS, SEQ_LAYOUTS, ModelFileError, load_npz, read_meta
 from data_utils import CROPS, BatchIterator, DataError, channel_mean_std, load_cifar10
-from metrics import (N_BINS, TIME_TO_VAL_ACC, confusion_matrix, expected_calibration_error,
-                     per_class_accuracy, time_to_accuracy)
+from metrics import (N_BINS, TIME_TO_VAL_ACC, accuracy, confusion_matrix, cross_entropy,
+                     expected_calibration_error, per_class_accuracy, time_to_accuracy)
 from optim import SGD, WeightAverage, clip_grad_norm, learning_rate
 from runfiles import MAX_SEED, RunFileError
 
@@ -97,6 +97,13 @@ class Config:
     preset: str = ''
     data_dir: str = 'data'
     lr_changes: list = field(default_factory=list)
+
+    @classmethod
+    def defaults(cls):
+        """{key: default} of the preset keys that have one: keys added after the first runs,
+        with the value that older runs, whose config.json lacks them, trained with."""
+        return {f.name: f.default for f in dataclasses.fields(cls)
+                if 'check' in f.metadata and f.default is not dataclasses.MISSING}
 
     @classmethod
     def preset_keys(cls):
@@ -235,15 +242,15 @@ def load_checkpoint(path):
     except (KeyError, TypeError, UsageError) as e:
         raise ModelFileError(f'{path} is not a complete checkpoint of this project ({e}); '
                              f'resume from a ckpt.npz written by main.py') from None
-    groups = {}
-    for prefix in ('velocity', 'average'):
+    def arrays_like_params(prefix):
+        """{name: array} of the arrays stored as '<prefix>/<name>', checked against the model's."""
         group = {k[len(prefix) + 1:]: v for k, v in arrays.items() if k.startswith(prefix + '/')}
-        if (prefix == 'velocity' or cfg.ema) and (set(group) != set(model.params) or any(
-                group[k].shape != model.params[k].shape for k in group)):
+        if set(group) != set(model.params) or any(group[k].shape != model.params[k].shape for k in group):
             raise ModelFileError(f'{path} has optimizer state ({prefix}) that does not match its '
                                  f'model; it is corrupt: use another checkpoint')
-        groups[prefix] = group
-    return Checkpoint(model, groups['velocity'], groups['average'] if cfg.ema else None, state, cfg)
+        return group
+    average = arrays_like_params('average') if cfg.ema else None
+    return Checkpoint(model, arrays_like_params('velocity'), average, state, cfg)
 
 
 # --------------------------------------------------------------------------
@@ -511,15 +518,6 @@ def evaluate(model, iterator, flip_average=False, single_view=None):
     if single_view is not None:
         single_view['probs'] = np.concatenate(plain)
     return cross_entropy(probs, labels), accuracy(probs, labels), probs, np.concatenate(hidden)
-
-
-def cross_entropy(probs, labels):
-    """Mean -log p(true class), clipped: a float32 probability can round to 0. (N, 10), (N,) -> float."""
-    return float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12)).mean())
-
-
-def accuracy(probs, labels):
-    return float((probs.argmax(1) == labels).mean())
 
 
 def final_evaluation(cfg, run, model, state, data):

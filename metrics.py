@@ -103,6 +103,16 @@ def confusion_matrix(labels, predictions, num_classes=NUM_CLASSES):
     return cm
 
 
+def accuracy(probs, labels):
+    """Share of images whose most probable class is the label. (N, C), (N,) -> float."""
+    return float((np.asarray(probs).argmax(axis=1) == labels).mean())
+
+
+def cross_entropy(probs, labels):
+    """Mean -log p(true class), clipped: a float32 probability can round to 0. (N, C), (N,) -> float."""
+    return float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12)).mean())
+
+
 def per_class_accuracy(cm):
     """Recall of each true class from a confusion matrix: (C, C) counts -> (C,) fractions.
 
