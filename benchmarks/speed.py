@@ -9,8 +9,12 @@ Prints, for each sequence layout and recurrent cell (rnn, gru, lstm):
   NumPy reports its array allocations to);
 - a profile of one step by layer (``--profile``);
 - when PyTorch is importable, the same architecture trained the same way on
-  the same number of threads, and the NumPy/PyTorch ratio measured side by
-  side in this one run (PyTorch is not a requirement of the project);
+  the same number of threads (``torch_reference.py``), and the NumPy/PyTorch
+  ratio measured side by side in this one run (PyTorch is not a requirement
+  of the project). PyTorch is timed twice: in this process, which importing
+  the NumPy model has given glibc settings that keep freed memory for reuse
+  (``torch``), and in a fresh process with the C library's defaults, as a
+  PyTorch user runs it (``torch-own``). Both ratios are printed;
 - each gated cell's step time relative to the vanilla RNN's, same layout,
   same repeat.
 
@@ -19,15 +23,20 @@ Usage:
                                [--cells rnn gru lstm] [--profile]
 """
 import argparse
+import json
 import os
+import subprocess
+import sys
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 
 import repo_on_path  # noqa: E402,F401  (the project's modules)
 from cnn_rnn_numpy import CELL_GATES, CELLS, CNNRNN  # noqa: E402
 from optim import SGD, clip_grad_norm  # noqa: E402
+from torch_reference import median_time, torch_step_fn  # noqa: E402
 
 FLOP_PER_IMAGE = {}  # filled by flops_per_image()
 
@@ -47,17 +56,6 @@ def flops_per_image(layout, cell='rnn', hidden=128):
     forward = conv1 + conv2 + rnn + head
     backward = conv1 + 2 * conv2 + 2 * rnn + 2 * head
     return forward + backward
-
-
-def median_time(fn, steps, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def numpy_train_step_fn(layout, batch, seed=0, cell='rnn'):
@@ -92,9 +90,14 @@ def numpy_profile(layout, batch):
     """
     import cnn_rnn_numpy as M
     from threadpoolctl import threadpool_limits
-    names = ['im2col_3x3', 'col2im_3x3', 'conv_weight_grad', 'input_grad_taps',
+    names = ['im2col_3x3', 'conv_weight_grad', 'col2im_3x3', 'input_grad_taps',
+             'winograd_input_transform', 'winograd_products', 'winograd_output_transform',
+             'winograd_output_transform_backward', 'winograd_products_backward',
+             'winograd_input_transform_backward', 'winograd_kernel_transform',
+             'winograd_kernel_transform_backward',
              'pool_blocks_forward', 'pool_blocks_backward', 'rnn_forward', 'rnn_backward',
-             'conv_relu_pool_forward', 'conv_relu_pool_backward']
+             'conv_relu_pool_forward', 'conv_relu_pool_backward',
+             'winograd_relu_pool_forward', 'winograd_relu_pool_backward']
     totals = {n: [] for n in names}
     originals = {n: getattr(M, n) for n in names}
     current = {}
@@ -128,74 +131,44 @@ def numpy_profile(layout, batch):
             setattr(M, n, originals[n])
     med = {n: 1e3 * float(np.median(v)) for n, v in totals.items()}
     step_ms = 1e3 * float(np.median(whole))
-    # Matrix products and small glue inside the block functions = block total minus the parts timed.
-    fwd_rest = med['conv_relu_pool_forward'] - med['im2col_3x3'] - med['pool_blocks_forward']
-    bwd_rest = (med['conv_relu_pool_backward'] - med['col2im_3x3'] - med['conv_weight_grad']
-                - med['input_grad_taps'] - med['pool_blocks_backward'])
-    rows = [('im2col (both convs)', med['im2col_3x3']),
-            ('conv forward products + bias/ReLU', fwd_rest),
+    # conv1 (im2col): its forward product, bias and ReLU = block total minus the parts timed.
+    # The pooling of both blocks is timed together, so it comes off the two blocks' sum.
+    conv_fwd = med['conv_relu_pool_forward'] + med['winograd_relu_pool_forward']
+    conv_bwd = med['conv_relu_pool_backward'] + med['winograd_relu_pool_backward']
+    fwd_rest = (conv_fwd - med['im2col_3x3'] - med['winograd_input_transform'] - med['winograd_products']
+                - med['winograd_output_transform'] - med['pool_blocks_forward'])
+    bwd_rest = (conv_bwd - med['conv_weight_grad'] - med['col2im_3x3'] - med['input_grad_taps']
+                - med['winograd_output_transform_backward'] - med['winograd_products_backward']
+                - med['winograd_input_transform_backward'] - med['pool_blocks_backward'])
+    rows = [('conv1 im2col', med['im2col_3x3']),
+            ('conv1 product + bias/ReLU of both', fwd_rest),
+            ('conv2 Winograd input transform', med['winograd_input_transform']),
+            ('conv2 Winograd products', med['winograd_products']),
+            ('conv2 Winograd output transform', med['winograd_output_transform']),
             ('max-pool forward (both)', med['pool_blocks_forward']),
             ('RNN forward', med['rnn_forward']),
             ('RNN backward (BPTT)', med['rnn_backward']),
             ('max-pool backward (both)', med['pool_blocks_backward']),
-            ('conv dW products (both)', med['conv_weight_grad']),
-            ('conv2 input-gradient product', med['input_grad_taps']),
-            ('col2im (conv2)', med['col2im_3x3']),
-            ('ReLU/bias grads, reorder (both)', bwd_rest)]
+            ('conv2 Winograd output transform, backward', med['winograd_output_transform_backward']),
+            ('conv2 Winograd products, backward (dU, dV)', med['winograd_products_backward']),
+            ('conv2 Winograd input transform, backward', med['winograd_input_transform_backward']),
+            ('conv1 dW product', med['conv_weight_grad']),
+            ('ReLU/bias grads, conv1 reorder (both)', bwd_rest),
+            ('kernel transforms (once per step)', med['winograd_kernel_transform']
+             + med['winograd_kernel_transform_backward'])]
     accounted = sum(v for _, v in rows)
     rows.append(('rest (loss, head, clip, SGD, glue)', step_ms - accounted))
     return step_ms, rows
 
 
-def torch_model(layout, cell='rnn', hidden=128):
-    from torch import nn
-
-    class TorchCNNRNN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Sequential(
-                nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-            D = 64 if layout == 'pixels' else 512
-            if cell == 'rnn':
-                self.rnn = nn.RNN(D, hidden, nonlinearity='tanh', batch_first=True)
-            else:
-                self.rnn = {'gru': nn.GRU, 'lstm': nn.LSTM}[cell](D, hidden, batch_first=True)
-            self.head = nn.Linear(hidden, 10)
-
-        def forward(self, x):
-            f = self.conv(x).permute(0, 2, 3, 1)           # (N, 8, 8, 64), as the NumPy model
-            n = f.shape[0]
-            seq = f.reshape(n, 64, 64) if layout == 'pixels' else f.reshape(n, 8, 512)
-            _, h = self.rnn(seq)
-            if cell == 'lstm':
-                h = h[0]                                    # (h_n, c_n)
-            return self.head(h[-1])
-    return TorchCNNRNN()
-
-
-def torch_step_fn(layout, batch, threads, seed=0, cell='rnn'):
-    import torch
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    model = torch_model(layout, cell)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    X = torch.rand(batch, 3, 32, 32)
-    y = torch.randint(0, 10, (batch,))
-    loss_fn = torch.nn.CrossEntropyLoss()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(X), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-
-    def evaluate(Xe):
-        with torch.no_grad():
-            for s in range(0, len(Xe), 500):
-                torch.softmax(model(Xe[s:s + 500]), dim=1)
-    return step, evaluate
+def torch_in_own_process(layout, cell, batch, steps, threads, eval_images):
+    """(train img/s, eval img/s) of the PyTorch model timed in a fresh Python process."""
+    script = Path(__file__).resolve().parent / 'torch_reference.py'
+    out = subprocess.run([sys.executable, str(script), '--layout', layout, '--cell', cell, '--batch', str(batch),
+                          '--steps', str(steps), '--threads', str(threads), '--eval-images', str(eval_images)],
+                         capture_output=True, text=True, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    return result['train_img_s'], result['eval_img_s']
 
 
 def main():
@@ -228,7 +201,7 @@ def main():
         except ImportError:
             print('PyTorch is not importable: NumPy figures only')
 
-    header = (f"{'layout':8} {'cell':5} {'impl':6} {'train img/s':>11} {'eval img/s':>10} "
+    header = (f"{'layout':8} {'cell':5} {'impl':9} {'train img/s':>11} {'eval img/s':>10} "
               f"{'step ms':>8} {'peak MB':>8} {'GFLOP/s':>8}")
     # Each repeat measures NumPy and PyTorch back to back, so every ratio
     # compares the two under the same machine load; the summary takes medians.
@@ -252,6 +225,10 @@ def main():
                     t_te = median_time(lambda: teval(Xt), 3, warmup=1)
                     results.append((rep, layout, cell, 'torch', args.batch / t_t, args.eval_images / t_te,
                                     1e3 * t_t, float('nan'), flop / t_t))
+                    train, evaluation = torch_in_own_process(layout, cell, args.batch, args.steps, threads,
+                                                             args.eval_images)
+                    results.append((rep, layout, cell, 'torch-own', train, evaluation,
+                                    1e3 * args.batch / train, float('nan'), flop * train / args.batch))
         if args.repeats > 1:
             line = '; '.join(f'{lay} {cell} {impl} {tr:.0f}' for r, lay, cell, impl, tr, *_ in results if r == rep)
             print(f'repeat {rep + 1}: training img/s: {line}')
@@ -261,21 +238,24 @@ def main():
 
     print(f'\nmedians over {args.repeats} repeat(s)')
     print(header)
-    impls = ['numpy'] + (['torch'] if torch_ok else [])
+    impls = ['numpy'] + (['torch', 'torch-own'] if torch_ok else [])
     for layout in args.layouts:
         for cell in args.cells:
             for impl in impls:
                 tr, ev, ms, peak, gf = np.median(np.array(list(rows_of(layout, cell, impl).values())), axis=0)
-                print(f'{layout:8} {cell:5} {impl:6} {tr:11.0f} {ev:10.0f} {ms:8.1f} {peak:8.0f} {gf:8.1f}')
+                print(f'{layout:8} {cell:5} {impl:9} {tr:11.0f} {ev:10.0f} {ms:8.1f} {peak:8.0f} {gf:8.1f}')
     if torch_ok:
-        for layout in args.layouts:
-            for cell in args.cells:
-                ours, theirs = rows_of(layout, cell, 'numpy'), rows_of(layout, cell, 'torch')
-                train_ratio = [ours[r][0] / theirs[r][0] for r in ours]
-                eval_ratio = [ours[r][1] / theirs[r][1] for r in ours]
-                print(f"ratio numpy/torch, {layout} {cell}: training {np.median(train_ratio):.2f}x "
-                      f"(per repeat {', '.join(f'{x:.2f}' for x in train_ratio)}), "
-                      f"evaluation {np.median(eval_ratio):.2f}x")
+        print("(torch: this process, with the NumPy model's allocator settings; "
+              "torch-own: a fresh process with the C library's defaults)")
+        for other in ('torch', 'torch-own'):
+            for layout in args.layouts:
+                for cell in args.cells:
+                    ours, theirs = rows_of(layout, cell, 'numpy'), rows_of(layout, cell, other)
+                    train_ratio = [ours[r][0] / theirs[r][0] for r in ours]
+                    eval_ratio = [ours[r][1] / theirs[r][1] for r in ours]
+                    print(f"ratio numpy/{other}, {layout} {cell}: training {np.median(train_ratio):.2f}x "
+                          f"(per repeat {', '.join(f'{x:.2f}' for x in train_ratio)}), "
+                          f"evaluation {np.median(eval_ratio):.2f}x")
     if 'rnn' in args.cells:
         for layout in args.layouts:
             base = rows_of(layout, 'rnn', 'numpy')

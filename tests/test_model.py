@@ -4,7 +4,11 @@ tiny batch, float32/float64 agreement, and save/load."""
 import errno
 import json
 import os
+import platform
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,8 @@ import cnn_rnn_numpy as M
 from cnn_rnn_numpy import CNNRNN, ModelFileError
 from optim import SGD, clip_grad_norm
 from runfiles import RunFileError
+
+REPO = Path(__file__).resolve().parent.parent
 
 RTOL = 1e-6   # the bound on the relative error of every gradient
 
@@ -181,6 +187,74 @@ def test_conv_relu_pool_gradients(rng):
     w = rng.standard_normal((4, 3, 3, 3))
     b = rng.standard_normal(4)
     check_layer(M.conv_relu_pool_forward, M.conv_relu_pool_backward, [x, w, b], wrt=[0, 1, 2], rng=rng)
+
+
+
+def winograd_block_forward(x, w, b):
+    """The Winograd block with framework-order weights, as the model runs it (transform, then block)."""
+    return M.winograd_relu_pool_forward(x, M.winograd_kernel_transform(w), b)
+
+
+def winograd_block_backward(dout, cache):
+    dx, dU, db = M.winograd_relu_pool_backward(dout, cache)
+    return dx, M.winograd_kernel_transform_backward(dU), db
+
+
+def test_winograd_conv_equals_the_im2col_conv(rng):
+    # Several tiles in each direction and channel counts unlike each other, so a
+    # swapped axis or a tile misplaced by one cannot pass.
+    x = rng.standard_normal((3, 6, 8, 5))
+    w = rng.standard_normal((7, 5, 3, 3))
+    b = rng.standard_normal(7)
+    out, cache = winograd_block_forward(x, w, b)
+    ref, ref_cache = M.conv_relu_pool_forward(x, w, b)
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+    dout = rng.standard_normal(out.shape)
+    for got, want in zip(winograd_block_backward(dout, cache), M.conv_relu_pool_backward(dout, ref_cache)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert M.winograd_relu_pool_backward(dout, cache, need_dx=False)[0] is None
+    # In float32, as trained, it agrees to float32 rounding.
+    x32, w32, b32 = (a.astype(np.float32) for a in (x, w, b))
+    out32, _ = winograd_block_forward(x32, w32, b32)
+    assert out32.dtype == np.float32
+    np.testing.assert_allclose(out32, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_winograd_transforms_and_their_adjoints(rng):
+    # <T(a), c> == <a, T_adjoint(c)> for the input, output and kernel transforms.
+    x = rng.standard_normal((2, 4, 6, 3))
+    V = M.winograd_input_transform(x)
+    c = rng.standard_normal(V.shape)
+    np.testing.assert_allclose(np.vdot(V, c), np.vdot(x, M.winograd_input_transform_backward(c, x.shape)),
+                               rtol=1e-12)
+    m = rng.standard_normal((4, 4, 5, 2))
+    Y = M.winograd_output_transform(m)
+    dY = rng.standard_normal(Y.shape)
+    np.testing.assert_allclose(np.vdot(Y, dY), np.vdot(m, M.winograd_output_transform_backward(dY)), rtol=1e-12)
+    w = rng.standard_normal((3, 2, 3, 3))
+    U = M.winograd_kernel_transform(w)
+    assert U.shape == (4, 4, 2, 3)
+    dU = rng.standard_normal(U.shape)
+    np.testing.assert_allclose(np.vdot(U, dU), np.vdot(w, M.winograd_kernel_transform_backward(dU)), rtol=1e-12)
+    # U = G g G^T for one channel pair, written out.
+    np.testing.assert_allclose(U[:, :, 1, 2], M.WINOGRAD_G @ w[2, 1] @ M.WINOGRAD_G.T, rtol=1e-12)
+
+
+def test_winograd_block_gradients(rng):
+    x = rng.standard_normal((2, 4, 4, 3))
+    w = rng.standard_normal((4, 3, 3, 3))
+    b = rng.standard_normal(4)
+    check_layer(winograd_block_forward, winograd_block_backward, [x, w, b], wrt=[0, 1, 2], rng=rng)
+
+
+def test_signed_sum_and_its_adjoint(rng):
+    parts = [rng.standard_normal(5) for _ in range(4)]
+    for signs in ([1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 0, 0, -1], [-1, 1, 1, 0], [1, 1, 1, 0]):
+        out = M.signed_sum(signs, parts, np.empty(5))
+        np.testing.assert_allclose(out, sum(s * p for s, p in zip(signs, parts)), rtol=1e-12)
+        acc = np.ones(5)
+        M.add_signed(signs, parts, acc)
+        np.testing.assert_allclose(acc, 1 + out, rtol=1e-12)
 
 
 @pytest.mark.parametrize('layout', M.SEQ_LAYOUTS)
@@ -493,3 +567,44 @@ def test_bptt_flushes_values_that_would_become_subnormal():
         nz = np.abs(d[d != 0])
         smallest = min(smallest, nz.min() if nz.size else np.inf)
     assert smallest < tiny
+
+
+FAULTS_PER_STEP = '''
+import resource, sys
+import numpy as np
+if sys.argv[1] == 'without':
+    import ctypes
+    def no_libc(*args, **kwargs):
+        raise OSError('no C library, as on a system without glibc')
+    ctypes.CDLL = no_libc
+import cnn_rnn_numpy as M
+rng = np.random.default_rng(0)
+X = rng.random((64, 3, 32, 32), dtype=np.float32)
+y = rng.integers(0, 10, 64)
+model = M.CNNRNN(seq_layout='rows', seed=0)
+model.loss(X, y)
+model.loss(X, y)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    model.loss(X, y)
+print(M.MALLOC_TUNED, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc',
+                    reason='the allocator settings are for glibc')
+def test_freed_memory_is_reused_instead_of_faulted_in_again():
+    """With the settings a training step reuses the last step's memory: few page faults.
+
+    The control run makes the settings fail to apply (no C library found, the
+    path taken off glibc) and must fault far more, so the test can tell.
+    """
+    def faults(mode):
+        out = subprocess.run([sys.executable, '-c', FAULTS_PER_STEP, mode], capture_output=True, text=True,
+                             cwd=REPO, check=True).stdout.split()
+        return out[0], float(out[1])
+    tuned, tuned_faults = faults('with')
+    untuned, untuned_faults = faults('without')
+    assert (tuned, untuned) == ('True', 'False')
+    assert tuned_faults < 500 < untuned_faults
+    assert tuned_faults < untuned_faults / 10
