@@ -81,6 +81,17 @@ def numpy_peak_memory_mb(step):
     return peak / 2**20
 
 
+# The functions of cnn_rnn_numpy that --profile times (tests check they exist).
+PROFILED_FUNCTIONS = ['im2col_3x3', 'conv_weight_grad', 'col2im_3x3', 'input_grad_taps',
+                      'winograd_input_transform', 'winograd_products', 'winograd_output_transform',
+                      'winograd_output_transform_backward', 'winograd_products_backward',
+                      'winograd_input_transform_backward', 'winograd_kernel_transform',
+                      'winograd_kernel_transform_backward',
+                      'pool_blocks_forward', 'pool_blocks_backward', 'rnn_forward', 'rnn_backward',
+                      'conv_relu_pool_forward', 'conv_relu_pool_backward',
+                      'winograd_relu_pool_forward', 'winograd_relu_pool_backward']
+
+
 def numpy_profile(layout, batch):
     """Time per layer of one training step on ONE core (median of 5), in ms.
 
@@ -90,14 +101,7 @@ def numpy_profile(layout, batch):
     """
     import cnn_rnn_numpy as M
     from threadpoolctl import threadpool_limits
-    names = ['im2col_3x3', 'conv_weight_grad', 'col2im_3x3', 'input_grad_taps',
-             'winograd_input_transform', 'winograd_products', 'winograd_output_transform',
-             'winograd_output_transform_backward', 'winograd_products_backward',
-             'winograd_input_transform_backward', 'winograd_kernel_transform',
-             'winograd_kernel_transform_backward',
-             'pool_blocks_forward', 'pool_blocks_backward', 'rnn_forward', 'rnn_backward',
-             'conv_relu_pool_forward', 'conv_relu_pool_backward',
-             'winograd_relu_pool_forward', 'winograd_relu_pool_backward']
+    names = PROFILED_FUNCTIONS
     totals = {n: [] for n in names}
     originals = {n: getattr(M, n) for n in names}
     current = {}

@@ -1,0 +1,51 @@
+"""The benchmarks are not run in the suite (they print figures, they assert nothing),
+but what they rely on in the project's modules is checked here, so a rename cannot
+silently break them."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import cnn_rnn_numpy as M
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / 'benchmarks'
+
+
+def load(name):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f'{name}.py')
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_every_profiled_function_exists_and_runs_in_a_step():
+    speed = load('speed')
+    missing = [n for n in speed.PROFILED_FUNCTIONS if not callable(getattr(M, n, None))]
+    assert missing == []
+    # A small profile: every function the step uses must have been timed, and
+    # the rows must add up to the step (the last row is the remainder).
+    threads, products = M.THREADS, M.winograd_products
+    step_ms, rows = speed.numpy_profile('rows', 8)
+    # The model is left as it was: thread count and the timed functions restored.
+    assert (M.THREADS, M.winograd_products) == (threads, products)
+    assert step_ms > 0
+    assert abs(sum(ms for _, ms in rows) - step_ms) < 1e-6
+    names = dict(rows)
+    for row in ('conv2 Winograd products', 'conv2 Winograd products, backward (dU, dV)', 'conv1 im2col',
+                'RNN forward', 'RNN backward (BPTT)'):
+        assert names[row] > 0, row
+
+
+def test_flop_count_of_the_direct_convolutions():
+    speed = load('speed')
+    # conv1 + conv2 forward, backward twice conv2 and once conv1, RNN and head: by hand for rows rnn.
+    conv1, conv2 = 2 * 32 * 32 * 64 * 27, 2 * 16 * 16 * 64 * 576
+    rnn = 2 * 8 * (512 * 128 + 128 * 128)
+    head = 2 * 128 * 10
+    assert speed.flops_per_image('rows', 'rnn') == (conv1 + conv2 + rnn + head) + (conv1 + 2 * conv2 + 2 * rnn + 2 * head)
+    assert np.isclose(speed.flops_per_image('rows', 'lstm') - speed.flops_per_image('rows', 'rnn'), 3 * 3 * rnn)
