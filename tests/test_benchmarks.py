@@ -2,10 +2,14 @@
 but what they rely on in the project's modules is checked here, so a rename cannot
 silently break them."""
 import importlib.util
+import json
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import cnn_rnn_numpy as M
 
@@ -49,3 +53,23 @@ def test_flop_count_of_the_direct_convolutions():
     head = 2 * 128 * 10
     assert speed.flops_per_image('rows', 'rnn') == (conv1 + conv2 + rnn + head) + (conv1 + 2 * conv2 + 2 * rnn + 2 * head)
     assert np.isclose(speed.flops_per_image('rows', 'lstm') - speed.flops_per_image('rows', 'rnn'), 3 * 3 * rnn)
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc',
+                    reason='the allocator settings are for glibc')
+def test_freed_memory_is_reused_instead_of_faulted_in_again():
+    """With the allocator settings a training step reuses the last step's memory: few page faults.
+
+    The control run (``benchmarks/page_faults.py``'s 'without': the settings
+    cannot be applied, as off glibc) must fault far more, so the test can tell.
+    """
+    step = load('page_faults').STEP
+
+    def run(mode):
+        out = subprocess.run([sys.executable, '-c', step, mode, 'rows', '64', '3'], capture_output=True,
+                             text=True, cwd=BENCHMARKS.parent, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    tuned, untuned = run('with'), run('without')
+    assert (tuned['tuned'], untuned['tuned']) == (True, False)
+    assert tuned['faults'] < 500 < untuned['faults']
+    assert tuned['faults'] < untuned['faults'] / 10

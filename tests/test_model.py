@@ -4,11 +4,7 @@ tiny batch, float32/float64 agreement, and save/load."""
 import errno
 import json
 import os
-import platform
-import subprocess
-import sys
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +13,6 @@ import cnn_rnn_numpy as M
 from cnn_rnn_numpy import CNNRNN, ModelFileError
 from optim import SGD, clip_grad_norm
 from runfiles import RunFileError
-
-REPO = Path(__file__).resolve().parent.parent
 
 RTOL = 1e-6   # the bound on the relative error of every gradient
 
@@ -568,43 +562,3 @@ def test_bptt_flushes_values_that_would_become_subnormal():
         smallest = min(smallest, nz.min() if nz.size else np.inf)
     assert smallest < tiny
 
-
-FAULTS_PER_STEP = '''
-import resource, sys
-import numpy as np
-if sys.argv[1] == 'without':
-    import ctypes
-    def no_libc(*args, **kwargs):
-        raise OSError('no C library, as on a system without glibc')
-    ctypes.CDLL = no_libc
-import cnn_rnn_numpy as M
-rng = np.random.default_rng(0)
-X = rng.random((64, 3, 32, 32), dtype=np.float32)
-y = rng.integers(0, 10, 64)
-model = M.CNNRNN(seq_layout='rows', seed=0)
-model.loss(X, y)
-model.loss(X, y)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
-    model.loss(X, y)
-print(M.MALLOC_TUNED, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
-'''
-
-
-@pytest.mark.skipif(not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc',
-                    reason='the allocator settings are for glibc')
-def test_freed_memory_is_reused_instead_of_faulted_in_again():
-    """With the settings a training step reuses the last step's memory: few page faults.
-
-    The control run makes the settings fail to apply (no C library found, the
-    path taken off glibc) and must fault far more, so the test can tell.
-    """
-    def faults(mode):
-        out = subprocess.run([sys.executable, '-c', FAULTS_PER_STEP, mode], capture_output=True, text=True,
-                             cwd=REPO, check=True).stdout.split()
-        return out[0], float(out[1])
-    tuned, tuned_faults = faults('with')
-    untuned, untuned_faults = faults('without')
-    assert (tuned, untuned) == ('True', 'False')
-    assert tuned_faults < 500 < untuned_faults
-    assert tuned_faults < untuned_faults / 10
