@@ -241,6 +241,27 @@ def pool_blocks_backward(dout, winner):
     return dblocks
 
 
+def pool_bias_relu_forward(blocks, b):
+    """2x2 max-pool, then bias, then ReLU, for the fused conv blocks.
+
+    ReLU and max-pooling commute (both monotone) and the bias is the same for
+    the four members of a window, so bias and ReLU run on the 4x smaller
+    pooled map. blocks: (2, 2, N, H/2, W/2, O), b: (O,).
+    Returns out (N, H/2, W/2, O) and the cache (winner, out).
+    """
+    out, winner = pool_blocks_forward(blocks)
+    out += b
+    np.maximum(out, 0, out=out)
+    return out, (winner, out)
+
+
+def pool_bias_relu_backward(dout, cache):
+    """Backward of ``pool_bias_relu_forward`` -> (dblocks (2, 2, N, H/2, W/2, O), db (O,))."""
+    winner, out = cache
+    dpooled = dout * (out > 0)
+    db = dpooled.reshape(-1, out.shape[-1]).sum(axis=0)
+    return pool_blocks_backward(dpooled, winner), db
+
 def maxpool2x2_forward(x):
     """2x2 max-pooling with stride 2.
 
@@ -291,10 +312,8 @@ def conv_relu_pool_forward(x, w, b):
     O = w.shape[0]
     cols = im2col_3x3(x, pool_order=True)
     blocks = (cols @ conv_weight_matrix(w)).reshape(2, 2, N, H // 2, W // 2, O)
-    out, winner = pool_blocks_forward(blocks)
-    out += b
-    np.maximum(out, 0, out=out)
-    return out, (cols, winner, out, w, x.shape)
+    out, pool_cache = pool_bias_relu_forward(blocks, b)
+    return out, (cols, pool_cache, w, x.shape)
 
 
 def conv_relu_pool_backward(dout, cache, need_dx=True):
@@ -310,11 +329,9 @@ def conv_relu_pool_backward(dout, cache, need_dx=True):
     - dw: (O, C, 3, 3)
     - db: (O,)
     """
-    cols, winner, out, w, x_shape = cache
+    cols, pool_cache, w, x_shape = cache
     O = w.shape[0]
-    dpooled = dout * (out > 0)
-    db = dpooled.reshape(-1, O).sum(axis=0)
-    dblocks = pool_blocks_backward(dpooled, winner)                 # (2, 2, N, H/2, W/2, O)
+    dblocks, db = pool_bias_relu_backward(dout, pool_cache)         # (2, 2, N, H/2, W/2, O), (O,)
     dw = conv_weight_grad(cols, dblocks.reshape(-1, O), w.shape)    # rows in pool order, like cols
     dx = None
     if need_dx:
@@ -526,10 +543,8 @@ def winograd_relu_pool_forward(x, U, b):
     """
     V = winograd_input_transform(x)                       # (4, 4, N, H/2, W/2, C)
     blocks = winograd_output_transform(winograd_products(V, U))    # (2, 2, N, H/2, W/2, O)
-    out, winner = pool_blocks_forward(blocks)
-    out += b
-    np.maximum(out, 0, out=out)
-    return out, (V, U, winner, out, x.shape)
+    out, pool_cache = pool_bias_relu_forward(blocks, b)
+    return out, (V, U, pool_cache, x.shape)
 
 
 def winograd_relu_pool_backward(dout, cache, need_dx=True):
@@ -544,10 +559,8 @@ def winograd_relu_pool_backward(dout, cache, need_dx=True):
       micro-batches, ``winograd_kernel_transform_backward`` turns it into dw
     - db: (O,)
     """
-    V, U, winner, out, x_shape = cache
-    dpooled = dout * (out > 0)
-    db = dpooled.reshape(-1, U.shape[-1]).sum(axis=0)
-    dblocks = pool_blocks_backward(dpooled, winner)                   # (2, 2, N, H/2, W/2, O)
+    V, U, pool_cache, x_shape = cache
+    dblocks, db = pool_bias_relu_backward(dout, pool_cache)           # (2, 2, N, H/2, W/2, O), (O,)
     dM = winograd_output_transform_backward(dblocks)                  # (4, 4, N, H/2, W/2, O)
     dV, dU = winograd_products_backward(dM, V, U, need_dV=need_dx)
     dx = winograd_input_transform_backward(dV, x_shape) if need_dx else None
