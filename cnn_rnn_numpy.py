@@ -262,6 +262,7 @@ def pool_bias_relu_backward(dout, cache):
     db = dpooled.reshape(-1, out.shape[-1]).sum(axis=0)
     return pool_blocks_backward(dpooled, winner), db
 
+
 def maxpool2x2_forward(x):
     """2x2 max-pooling with stride 2.
 
@@ -470,8 +471,9 @@ def winograd_input_transform_backward(dV, x_shape):
     """
     N, H, W, C = x_shape
     d_row_mix = np.zeros((4, N, H // 2, W + 2, C), dtype=dV.dtype)
+    dV_by_column = dV.transpose(1, 0, 2, 3, 4, 5)        # dV_by_column[nu] = dV[:, nu], all four rows xi
     for s in range(4):
-        add_signed(WINOGRAD_BT[:, s], dV.transpose(1, 0, 2, 3, 4, 5), d_row_mix[:, :, :, s:s + W:2])
+        add_signed(WINOGRAD_BT[:, s], dV_by_column, d_row_mix[:, :, :, s:s + W:2])
     dxp = np.zeros((N, H + 2, W + 2, C), dtype=dV.dtype)
     for r in range(4):
         add_signed(WINOGRAD_BT[:, r], d_row_mix, dxp[:, r:r + H:2])
@@ -1008,10 +1010,11 @@ def keep_freed_memory_for_reuse():
     default glibc hands blocks like these back to the kernel when they are
     freed (munmap, heap trimming, one heap per worker thread), so the next
     step's arrays arrive as fresh pages that the kernel must fault in and
-    zero: measured 30,000 page faults and ~150 ms of system time per step
-    at batch 256 on 2 cores, a quarter of the CPU time. With these settings
-    the freed memory is reused: ~100 faults per step, and the step is about
-    30% faster (README, "Speed"). Memory use stays at the step's peak.
+    zero: about 28,000 page faults and 110 ms of system time per step at
+    batch 256 on 2 cores. With these settings the freed memory is reused:
+    under 100 faults per step, and the step ran 2.5x-3.4x faster in three
+    repeats (``benchmarks/page_faults.py``; README, "Benchmarks"). Memory use
+    stays at the step's peak.
 
     The settings: one malloc arena for all threads (M_ARENA_MAX = 1), blocks up
     to 32 MB from the heap rather than from mmap (M_MMAP_THRESHOLD, 32 MB is
