@@ -14,7 +14,10 @@ tools can print it as it is and exit with code 2.
 import errno
 import fcntl
 import json
+import math
 import os
+import re
+import stat
 import tempfile
 import zipfile
 import zlib
@@ -24,12 +27,84 @@ import numpy as np
 
 TEMP_MARK = '.tmp-'          # every temporary file of this module has it in its name
 LOCK_NAME = '.lock'
+# The files this project writes into a run folder and its figures/: only temporary files
+# of these names (``<name>.tmp-<8 characters of mkstemp>``) are ours to remove.
+RUN_FOLDER_FILES = ('config.json', 'history.json', 'metrics.json', 'ckpt.npz', 'best.npz',
+                    'predictions.npz', 'report.md')
+FIGURE_FILE_SUFFIX = '.png'
+_OWN_TEMP = re.compile(r'^(?P<base>.+)' + re.escape(TEMP_MARK) + r'[a-z0-9_]{8}$')
 # Seeds both command lines accept: what NumPy's and scikit-learn's generators both take.
 MAX_SEED = 2 ** 32 - 1
 
 
 class RunFileError(Exception):
     """A run-folder file cannot be written or read; the message says why and what to do."""
+
+
+class NotRegularFile(OSError):
+    """A path that should be a file is a named pipe, a device, a socket or a folder.
+
+    Reading a named pipe blocks until some other process writes to it, and a
+    device such as /dev/zero never ends, so such paths are refused up front.
+    """
+
+    def __init__(self, path, kind):
+        super().__init__(errno.EINVAL, f'it is {kind}, not a regular file', os.fspath(path))
+        self.kind = kind
+
+
+def file_kind(mode):
+    """Words for the kind of file an ``st_mode`` describes ('a named pipe (FIFO)', ...)."""
+    if stat.S_ISDIR(mode):
+        return 'a folder'
+    if stat.S_ISFIFO(mode):
+        return 'a named pipe (FIFO)'
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return 'a device'
+    if stat.S_ISSOCK(mode):
+        return 'a socket'
+    return 'a regular file' if stat.S_ISREG(mode) else 'not a regular file'
+
+
+def open_regular(path, mode='rb', **kwargs):
+    """``open(path, mode)``, but only for a regular file (or a link to one).
+
+    The file is opened without blocking (a named pipe would otherwise wait for a
+    writer forever) and its kind checked on the open descriptor, so nothing can
+    swap it in between. Raises NotRegularFile (an OSError) for a named pipe, a
+    device, a socket or a folder; other OSErrors as ``open`` does.
+    """
+    flags = {'r': os.O_RDONLY, 'w': os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+             'a': os.O_WRONLY | os.O_CREAT | os.O_APPEND}[mode[0]]
+    if '+' in mode:
+        flags = (flags & ~os.O_WRONLY) | os.O_RDWR
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ENXIO:     # a named pipe opened for writing with no reader
+            raise NotRegularFile(path, 'a named pipe (FIFO)') from None
+        if e.errno == errno.EISDIR:
+            raise NotRegularFile(path, 'a folder') from None
+        raise
+    try:
+        st_mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(st_mode):
+            raise NotRegularFile(path, file_kind(st_mode))
+        os.set_blocking(fd, True)
+        return open(fd, mode, **kwargs)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_regular(path):
+    """Raise NotRegularFile unless ``path`` is missing or a regular file (links followed)."""
+    try:
+        st_mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st_mode):
+        raise NotRegularFile(path, file_kind(st_mode))
 
 
 # --------------------------------------------------------------------------
@@ -44,6 +119,8 @@ def describe_os_error(e, path, doing='write'):
     """
     path = os.fspath(e.filename or path) if getattr(e, 'filename', None) else os.fspath(path)
     code = e.errno
+    if isinstance(e, NotRegularFile):
+        return f'cannot {doing} {path}: {e.strerror}; replace it with the file itself or remove it'
     if code in (errno.ENOSPC, errno.EDQUOT):
         return (f'no space left to {doing} {path}; free disk space (files already written '
                 f'are intact) and run the command again')
@@ -102,8 +179,17 @@ def write_text(path, text):
 
 
 def write_json(path, obj):
-    """Write an object as indented JSON atomically (NumPy values become plain Python)."""
-    write_text(path, json.dumps(to_jsonable(obj), indent=2) + '\n')
+    """Write an object as indented, strict JSON atomically.
+
+    NumPy values become plain Python and a non-finite float (NaN, inf), which
+    strict JSON cannot hold, becomes null: every reader treats it as unknown.
+    """
+    write_text(path, dumps_strict(obj, indent=2) + '\n')
+
+
+def dumps_strict(obj, **kwargs):
+    """json.dumps of ``to_jsonable(obj)`` that can never write NaN or Infinity."""
+    return json.dumps(to_jsonable(obj), allow_nan=False, **kwargs)
 
 
 def write_npz(path, arrays):
@@ -118,16 +204,18 @@ def to_jsonable(obj):
     if isinstance(obj, (list, tuple)):
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return to_jsonable(obj.tolist())
     if isinstance(obj, np.generic):
-        return obj.item()
+        return to_jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
     return obj
 
 
 def append_line(path, line):
     """Append one line to a log file (train.log is a journal, so it is appended, not replaced)."""
     try:
-        with open(path, 'a') as f:
+        with open_regular(path, 'a') as f:
             f.write(line + '\n')
     except OSError as e:
         raise RunFileError(describe_os_error(e, path)) from None
@@ -161,7 +249,7 @@ def resolve_folder(given, hint):
 def read_json(path, fix='re-run training or restore the file'):
     """Parse a JSON file; any failure is a RunFileError naming the file and ``fix``."""
     try:
-        with open(path) as f:
+        with open_regular(path, 'r') as f:
             return json.load(f)
     except OSError as e:
         raise RunFileError(describe_os_error(e, path, 'read')) from None
@@ -180,7 +268,7 @@ def read_npz(path, fix='use another file or re-run the step that wrote it'):
     if not os.path.isfile(path):
         raise RunFileError(f'{path} does not exist or is not a file; {fix}')
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with open_regular(path, 'rb') as raw, np.load(raw, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     except OSError as e:
         if e.errno is not None:
@@ -275,13 +363,30 @@ def folder_in_use(run_dir):
         os.close(fd)           # closing drops the shared lock
 
 
+def is_own_temp_file(name, in_figures=False):
+    """True if ``name`` is a temporary file that write_atomic made for a run-folder file.
+
+    Only the temporaries of the files this project writes (RUN_FOLDER_FILES, or a
+    figure in figures/), with mkstemp's 8-character tail, are ours: a user's
+    ``notes.tmp-keep`` or ``figures/draft.tmp-1`` is not.
+    """
+    m = _OWN_TEMP.match(name)
+    if m is None:
+        return False
+    base = m.group('base')
+    return base.endswith(FIGURE_FILE_SUFFIX) if in_figures else base in RUN_FOLDER_FILES
+
+
 def remove_stale_temp_files(run_dir):
-    """Delete ``*.tmp-*`` files in a run folder and its figures/ (only call under the lock)."""
-    for folder in (Path(run_dir), Path(run_dir) / 'figures'):
-        if not folder.is_dir():
+    """Delete the temporary files a killed write left in a run folder and its figures/.
+
+    Only call under the lock; only this project's own temporaries (is_own_temp_file) go.
+    """
+    for folder, in_figures in ((Path(run_dir), False), (Path(run_dir) / 'figures', True)):
+        if not folder.is_dir() or folder.is_symlink():
             continue
         for p in folder.iterdir():
-            if TEMP_MARK in p.name and p.is_file() and not p.is_symlink():
+            if is_own_temp_file(p.name, in_figures) and p.is_file() and not p.is_symlink():
                 p.unlink(missing_ok=True)
 
 

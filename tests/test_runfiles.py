@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,14 +110,50 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
         pass
 
 
-def test_taking_the_lock_removes_stale_temporary_files(tmp_path):
+def test_taking_the_lock_removes_only_our_stale_temporary_files(tmp_path):
     (tmp_path / 'figures').mkdir()
-    for name in ('ckpt.npz.tmp-abc', 'figures/tsne.png.tmp-x1', 'keep.json'):
+    ours = ('ckpt.npz.tmp-abc_1234', 'figures/tsne.png.tmp-x1y2z3w4', 'history.json.tmp-00000000')
+    users = ('keep.json', 'notes.tmp-keep', 'notes.tmp-abcd1234', 'figures/draft.tmp-1',
+             'ckpt.npz.tmp-short', 'figures/config.json.tmp-abcd1234', 'config.json.tmp-ABCD1234')
+    for name in ours + users:
         (tmp_path / name).write_text('x')
     with runfiles.RunFolderLock(tmp_path, 'test'):
         pass
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')) == [
-        '.lock', 'figures', 'keep.json']
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')) == sorted(
+        ('.lock', 'figures') + users)
+
+
+def test_write_atomic_temporaries_are_recognised_as_ours(tmp_path, monkeypatch):
+    seen = []
+    real = runfiles.os.replace
+    monkeypatch.setattr(runfiles.os, 'replace', lambda a, b: (seen.append(Path(a).name), real(a, b)))
+    runfiles.write_json(tmp_path / 'metrics.json', {'a': 1})
+    (tmp_path / 'figures').mkdir()
+    runfiles.write_text(tmp_path / 'figures' / 'tsne.png', 'x')
+    assert runfiles.is_own_temp_file(seen[0]) and runfiles.is_own_temp_file(seen[1], in_figures=True)
+
+
+def test_json_written_is_strict(tmp_path):
+    runfiles.write_json(tmp_path / 'a.json', {'nan': float('nan'), 'inf': np.float32('inf'),
+                                              'arr': np.array([1.0, np.nan])})
+    text = (tmp_path / 'a.json').read_text()
+    assert 'NaN' not in text and 'Infinity' not in text
+    assert json.loads(text) == {'nan': None, 'inf': None, 'arr': [1.0, None]}
+
+
+@pytest.mark.parametrize('kind', ['fifo', 'folder', 'device'])
+def test_reading_something_that_is_not_a_file_is_refused_without_blocking(tmp_path, kind):
+    path = tmp_path / 'history.json'
+    if kind == 'fifo':
+        os.mkfifo(path)
+    elif kind == 'folder':
+        path.mkdir()
+    else:
+        path.symlink_to('/dev/zero')
+    for call in (lambda: runfiles.read_json(path), lambda: runfiles.read_npz(path),
+                 lambda: runfiles.append_line(path, 'x')):
+        with pytest.raises(runfiles.RunFileError, match='not a regular file|is a folder|not a file'):
+            call()
 
 
 def test_latest_follows_runs_but_never_replaces_a_users_file(tmp_path):

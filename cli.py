@@ -1,0 +1,78 @@
+"""What the command-line tools (main.py, viz.py, compare.py, claims.py) share: exit codes,
+a clean exit on an interrupt while starting, and the one-line report of a crash.
+
+Exit codes, the same for every tool:
+
+    0    done (main.py: also when stopped early by the time budget or Ctrl-C)
+    1    the training diverged (main.py only: the loss became NaN or infinite)
+    2    bad input or a file-system problem; the message says which and how to fix it
+    3    crashed: an unexpected error, a bug; the message says where the traceback went
+    130  interrupted before anything was changed, or aborted by a second Ctrl-C
+
+This module imports nothing but the standard library, so a tool can install the
+start-up interrupt handler before its slow imports (NumPy, matplotlib).
+"""
+import os
+import signal
+import sys
+import traceback
+
+EXIT_OK = 0
+EXIT_DIVERGED = 1
+EXIT_BAD_INPUT = 2
+EXIT_CRASHED = 3
+EXIT_ABORTED = 130
+# Set to 1 to have a crash print its traceback on stderr as well.
+TRACEBACK_ENV = 'CNNRNN_TRACEBACK'
+
+
+class StartupInterrupted(BaseException):
+    """SIGINT or SIGTERM arrived before the tool began its work; nothing was changed.
+
+    A BaseException, like KeyboardInterrupt, so ``except Exception`` clauses let it pass.
+    """
+
+
+def _interrupted_while_starting(signum, frame):
+    raise StartupInterrupted(signal.Signals(signum).name)
+
+
+def exit_cleanly_on_interrupt_while_starting():
+    """Make Ctrl-C or SIGTERM during start-up (imports, argument checks) end the process
+    with one line and exit code 130, instead of a KeyboardInterrupt traceback.
+
+    Call it first thing in a tool's ``__main__`` path; the tool later replaces the
+    handlers with its own (main.py's Stopper), or keeps them.
+    """
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _interrupted_while_starting)
+
+
+def interrupted_message(tool, exc):
+    """The line printed for a StartupInterrupted."""
+    return f'{tool}: interrupted by {exc} while starting; nothing was changed'
+
+
+def report_crash(tool, exc, log_path=None):
+    """Print one line for an unexpected exception; put the traceback in ``log_path``.
+
+    The traceback is appended to ``log_path`` (a run's train.log) when there is one
+    and it can be written; else it goes to stderr only if CNNRNN_TRACEBACK=1 is set.
+    Returns EXIT_CRASHED.
+    """
+    text = ''.join(traceback.format_exception(exc))
+    where = None
+    if log_path is not None:
+        try:
+            from runfiles import append_line   # stdlib-only at import time; runfiles is light
+            append_line(log_path, f'crash: {type(exc).__name__}: {exc}\n{text.rstrip()}')
+            where = f'the traceback is in {log_path}'
+        except Exception:
+            where = None
+    if os.environ.get(TRACEBACK_ENV) == '1':
+        print(text, file=sys.stderr, end='')
+        where = where or 'the traceback is above'
+    where = where or f'run it again with {TRACEBACK_ENV}=1 to see the traceback'
+    print(f'error: {tool} crashed ({type(exc).__name__}: {exc}); this is a bug, not your input: '
+          f'{where}; please report it (exit code {EXIT_CRASHED})', file=sys.stderr)
+    return EXIT_CRASHED
