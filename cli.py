@@ -46,6 +46,16 @@ def exit_cleanly_on_interrupt_while_starting():
     """
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _interrupted_while_starting)
+    sys.excepthook = _exit_quietly_if_interrupted_while_starting
+
+
+def _exit_quietly_if_interrupted_while_starting(exc_type, exc, tb, _default=sys.excepthook):
+    """An interrupt during the imports escapes every try block: say so in one line, exit 130."""
+    if issubclass(exc_type, StartupInterrupted):
+        tool = os.path.basename(sys.argv[0] or 'python')
+        print(interrupted_message(tool, exc), file=sys.stderr, flush=True)
+        os._exit(EXIT_ABORTED)
+    _default(exc_type, exc, tb)
 
 
 def interrupted_message(tool, exc):

@@ -49,6 +49,7 @@ FORMAT_VERSION = 1
 # row each, or 'flat', the whole map as one step (with h_0 = 0 the cell is then
 # one hidden layer and W_hh is never read: the pure-CNN baseline).
 SEQ_LAYOUTS = ('pixels', 'rows', 'flat')
+MODEL_DTYPES = ('float32', 'float64')   # float32 to train, float64 for gradient checks
 RNN_INITS = ('xavier', 'orthogonal')
 # Recurrent cells and the number of gate blocks in their W_xh, W_hh and b_h.
 CELL_GATES = {'rnn': 1, 'gru': 3, 'lstm': 4}
@@ -1194,6 +1195,8 @@ class CNNRNN:
             raise ValueError(f'hidden must be a positive integer, got {hidden}')
         if reg < 0:
             raise ValueError(f'reg must be >= 0, got {reg}')
+        if np.dtype(dtype).name not in MODEL_DTYPES:
+            raise ValueError(f'dtype must be one of {MODEL_DTYPES}, got {np.dtype(dtype).name}')
         self.seq_layout = seq_layout
         self.hidden = int(hidden)
         self.reg = float(reg)
@@ -1353,7 +1356,11 @@ class CNNRNN:
             if tuple(params[name].shape) != shape:
                 raise ModelFileError(
                     f'parameter {name} has shape {tuple(params[name].shape)} but a '
-                    f'{self.seq_layout!r} model with hidden={self.hidden} needs {shape}')
+                    f'{self.seq_layout!r} {self.cell} model with hidden={self.hidden} needs {shape}')
+        for name in expected:
+            problem = array_problem(params[name])
+            if problem:
+                raise ModelFileError(f'parameter {name} {problem}')
         self.params = {k: np.ascontiguousarray(params[k], dtype=self.dtype) for k in expected}
 
     def save(self, path, extra_meta=None):
@@ -1387,14 +1394,18 @@ class CNNRNN:
                 raise ModelFileError(
                     f'{path} holds a model with {key}={meta.get(key)!r}, not {want!r}; '
                     f'use a checkpoint trained with {key}={want!r}')
+        problem = model_config_problem(meta, arrays)
+        if problem:
+            raise ModelFileError(f'{path} has an invalid model configuration ({problem}); it is '
+                                 f'damaged or was not written by this project: use another file')
+        model = cls(seq_layout=meta['seq_layout'], hidden=meta['hidden'], reg=meta['reg'],
+                    seed=meta['seed'], dtype=expected.get('dtype') or meta['dtype'],
+                    rnn_init=meta['rnn_init'], cell=meta['cell'])
         try:
-            model = cls(seq_layout=meta['seq_layout'], hidden=meta['hidden'], reg=meta['reg'],
-                        seed=meta['seed'], dtype=expected.get('dtype') or meta['dtype'],
-                        rnn_init=meta['rnn_init'], cell=meta['cell'])
-        except (KeyError, ValueError, TypeError) as e:
-            raise ModelFileError(f'{path} has an invalid model configuration ({e}); '
-                                 f'it was not written by this version of cnn_rnn_numpy') from None
-        model.set_params({k[len('param/'):]: v for k, v in arrays.items() if k.startswith('param/')})
+            model.set_params({k[len('param/'):]: v for k, v in arrays.items() if k.startswith('param/')})
+        except ModelFileError as e:
+            raise ModelFileError(f'{path}: {e}; the file is damaged or belongs to another model: '
+                                 f'use another file') from None
         return model
 
 
@@ -1410,6 +1421,45 @@ def load_npz(path):
         raise ModelFileError(str(e)) from None
 
 
+def array_problem(a):
+    """Why ``a`` cannot be a parameter (or optimizer state), in a few words; None if it can.
+
+    Only real floating-point arrays of finite values are accepted: complex numbers
+    would train in complex arithmetic, and a NaN or inf can only come from a
+    diverged run or a damaged file.
+    """
+    if a.dtype.kind != 'f':
+        return f'holds {a.dtype} values, not real floating-point numbers'
+    if not np.isfinite(a).all():
+        return 'holds values that are not finite (NaN or inf)'
+    return None
+
+
+def model_config_problem(meta, arrays):
+    """Why a file's model configuration cannot build a model, in a few words; None if it can.
+
+    Checked before the model is built, so a damaged ``hidden`` cannot make the
+    constructor allocate an absurd amount of memory.
+    """
+    for key in ('seq_layout', 'hidden', 'reg', 'seed', 'dtype', 'rnn_init', 'cell'):
+        if key not in meta:
+            return f'no {key!r}'
+    allowed = {'seq_layout': SEQ_LAYOUTS, 'rnn_init': RNN_INITS, 'cell': CELLS, 'dtype': MODEL_DTYPES}
+    for key, values in allowed.items():
+        if meta[key] not in values:
+            return f'{key} = {meta[key]!r}, not one of {list(values)}'
+    for key in ('hidden', 'seed'):
+        if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < (key == 'hidden'):
+            return f'{key} = {meta[key]!r} is not a{" positive" if key == "hidden" else " non-negative"} integer'
+    reg = meta['reg']
+    if not isinstance(reg, (int, float)) or isinstance(reg, bool) or not (0 <= reg < float('inf')):
+        return f'reg = {reg!r} is not a finite number >= 0'
+    W_hh = arrays.get('param/W_hh')
+    if W_hh is not None and (W_hh.ndim != 2 or W_hh.shape[0] != meta['hidden']):
+        return f"hidden = {meta['hidden']} but W_hh has shape {W_hh.shape}"
+    return None
+
+
 def read_meta(arrays, path):
     """The JSON metadata of a file written by ``CNNRNN.save`` or main.py, checked."""
     if 'meta' not in arrays:
@@ -1418,6 +1468,9 @@ def read_meta(arrays, path):
         meta = json.loads(str(arrays['meta']))
     except ValueError:
         raise ModelFileError(f'{path} has unreadable metadata; it is corrupt') from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f'{path} has metadata that is a JSON {type(meta).__name__}, not an '
+                             f'object; it is damaged or was not written by this project: use another file')
     meta.setdefault('cell', 'rnn')     # files written before the gated cells existed
     version = meta.get('format_version')
     if version != FORMAT_VERSION:

@@ -9,10 +9,17 @@ config.json, history.json, train.log, ckpt.npz (resumable), best.npz,
 metrics.json, predictions.npz; ``runs/latest`` points at the newest run.
 The README describes each file.
 
-Exit codes: 0 done (also when stopped early by the time budget or Ctrl-C),
-1 training diverged (non-finite loss), 2 bad input or a file-system problem
-(the message says which), 130 aborted by a second Ctrl-C.
+Exit codes (cli.py): 0 done (also when stopped early by the time budget or
+Ctrl-C), 1 training diverged (non-finite loss), 2 bad input or a file-system
+problem (the message says which), 3 crashed (a bug; the traceback goes to the
+run's train.log), 130 interrupted before training started, or aborted by a
+second Ctrl-C.
 """
+import cli                      # standard library only: set up before the slow imports below
+
+if __name__ == '__main__':
+    cli.exit_cleanly_on_interrupt_while_starting()
+
 import argparse
 import copy
 import dataclasses
@@ -29,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 import runfiles
-from cnn_rnn_numpy import CELLS, CNNRNN, RNN_INITS, SEQ_LAYOUTS, ModelFileError, load_npz, read_meta
+from cnn_rnn_numpy import (CELLS, CNNRNN, RNN_INITS, SEQ_LAYOUTS, ModelFileError, array_problem, load_npz,
+                           read_meta)
 from data_utils import CROPS, BatchIterator, DataError, channel_mean_std, load_cifar10
 from metrics import (N_BINS, TIME_TO_VAL_ACC, accuracy, confusion_matrix, cross_entropy,
                      expected_calibration_error, per_class_accuracy, time_to_accuracy)
@@ -38,7 +46,11 @@ from runfiles import MAX_SEED, RunFileError
 
 PRESETS_PATH = Path(__file__).resolve().parent / 'presets.json'
 CHECKPOINT_KIND = 'checkpoint'
-EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT, EXIT_ABORTED = 0, 1, 2, 130
+EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_ABORTED = (
+    cli.EXIT_OK, cli.EXIT_DIVERGED, cli.EXIT_BAD_INPUT, cli.EXIT_CRASHED, cli.EXIT_ABORTED)
+# The files of a run folder that main.py reads or appends to, checked to be regular files on resume.
+RUN_FILES = ('config.json', 'history.json', 'train.log', 'ckpt.npz', 'best.npz', 'metrics.json',
+             'predictions.npz')
 
 
 class UsageError(Exception):
@@ -132,7 +144,8 @@ class Config:
         settings = {k: v for k, v in d.items() if k not in extra}
         for key, value in settings.items():
             cls.check(key, value, where)
-        missing = sorted(set(cls.preset_keys()) - set(settings))
+        # Keys with a default (the levers, added after the first runs) may be left out.
+        missing = sorted(set(cls.preset_keys()) - set(settings) - set(cls.defaults()))
         if require_all and missing:
             raise UsageError(f"{where} is missing {', '.join(missing)}; add them to presets.json")
         cfg = cls(**settings, **extra)
@@ -175,7 +188,12 @@ class TrainState:
 
     epoch is the next epoch to run (0-based) and step the next step within
     it; sum_loss, sum_correct and seen are the running sums of the current
-    epoch; mean/std are the per-channel input statistics ((3,) lists) or None.
+    epoch; epoch_wall_s, epoch_train_s and epoch_timed_images its time so far
+    (all of it, and of the steps alone) and the images those steps saw, summed
+    over the invocations that ran it; mean/std are the per-channel input
+    statistics ((3,) lists) or None; data_fingerprint identifies the images
+    ({'train': sha256, 'test': sha256}, data_utils.fingerprint), None in runs
+    started before it was recorded.
     """
     epoch: int = 0
     step: int = 0
@@ -191,11 +209,67 @@ class TrainState:
     std: list = None
     stop_reason: str = None
     eval_images_per_s: float = None
+    data_fingerprint: dict = None
+    epoch_wall_s: float = 0.0
+    epoch_train_s: float = 0.0
+    epoch_timed_images: int = 0
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d, cfg=None):
+        """The state stored in a checkpoint's metadata; UsageError if it is not a valid one.
+
+        cfg (the run's Config) bounds the epoch and the position. Unknown keys are
+        ignored and missing ones take their defaults (older checkpoints).
+        """
+        if not isinstance(d, dict):
+            raise UsageError(f'its state is a JSON {type(d).__name__}, not an object')
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        state = cls(**{k: v for k, v in d.items() if k in known})
+        problem = state.problem(cfg)
+        if problem:
+            raise UsageError(f'its state has {problem}')
+        return state
+
+    def problem(self, cfg=None):
+        """What is wrong with the values, in a few words; None if nothing is."""
+        def count(v, low=0):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        def number(v, low=0.0, high=math.inf):
+            return (isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(v) and low <= v <= high)
+        epochs = cfg.epochs if cfg is not None else math.inf
+        # Each rule is checked only if the ones before it hold, so a comparison never meets a wrong type.
+        rules = [(k, lambda k=k: count(getattr(self, k)), 'an integer >= 0')
+                 for k in ('epoch', 'step', 'global_step', 'best_epoch', 'seen', 'sum_correct',
+                           'epoch_timed_images')]
+        rules += [('epoch', lambda: self.epoch <= epochs, f'an integer in [0, {epochs}]'),
+                  ('best_epoch', lambda: self.best_epoch <= self.epoch, 'an integer in [0, epoch]'),
+                  ('sum_correct', lambda: self.sum_correct <= self.seen, 'an integer in [0, seen]'),
+                  ('best_val_acc', lambda: number(self.best_val_acc, -1.0, 1.0), 'a number in [-1, 1]')]
+        rules += [(k, lambda k=k: number(getattr(self, k)), 'a finite number >= 0')
+                  for k in ('elapsed_s', 'sum_loss', 'epoch_wall_s', 'epoch_train_s')]
+        rules += [('eval_images_per_s', lambda: self.eval_images_per_s is None or (
+                      number(self.eval_images_per_s) and self.eval_images_per_s > 0), 'null or a positive number'),
+                  ('stop_reason', lambda: self.stop_reason is None or isinstance(self.stop_reason, str),
+                   'null or a string'),
+                  ('history', lambda: isinstance(self.history, list) and len(self.history) == self.epoch
+                   and all(isinstance(r, dict) for r in self.history), 'a list of one record per epoch done'),
+                  ('data_fingerprint', lambda: self.data_fingerprint is None or (
+                      isinstance(self.data_fingerprint, dict)
+                      and all(isinstance(self.data_fingerprint.get(k), str) for k in ('train', 'test'))),
+                   "null or {'train': hex, 'test': hex}")]
+        for key, ok, good in rules:
+            if not ok():
+                return f'{key} = {getattr(self, key)!r}, which must be {good}'
+        for key in ('mean', 'std'):
+            v = getattr(self, key)
+            if (v is None) != (self.mean is None) or v is not None and not (
+                    isinstance(v, list) and len(v) == 3 and all(number(x) for x in v)
+                    and (key == 'mean' or min(v) > 0)):
+                return (f'{key} = {v!r}, which must be null (with mean and std both null) or 3 '
+                        f'finite per-channel numbers' + (' above 0' if key == 'std' else ''))
+        return None
 
     def normalization(self):
         """(mean, std) float32 (3,) arrays, or (None, None) without standardisation."""
@@ -229,25 +303,39 @@ class Checkpoint:
 
 
 def load_checkpoint(path):
-    """Read a checkpoint written by save_checkpoint -> Checkpoint."""
+    """Read a checkpoint written by save_checkpoint -> Checkpoint.
+
+    Everything is validated before it is used: the metadata's types and ranges
+    (configuration and state), the model's configuration and dtype, and that every
+    parameter, velocity and average is a real array of finite values of the
+    model's shapes. Anything else raises ModelFileError naming the file and what is wrong.
+    """
     arrays = load_npz(path)
     meta = read_meta(arrays, path)
     if meta.get('kind') != CHECKPOINT_KIND:
         raise ModelFileError(f"{path} holds model weights only (best.npz?), not a resumable "
                              f"checkpoint; resume from the run's ckpt.npz")
+    damaged = ('it is damaged or was not written by main.py: use another checkpoint, or start '
+               'the run again in a new folder')
     try:
-        cfg = Config.from_dict(dict(meta['run_config']), f"{path}'s configuration", require_all=False)
-        state = TrainState.from_dict(meta['state'])
-        model = CNNRNN.from_arrays(arrays, path, seq_layout=cfg.seq_layout, hidden=cfg.hidden, cell=cfg.cell)
-    except (KeyError, TypeError, UsageError) as e:
-        raise ModelFileError(f'{path} is not a complete checkpoint of this project ({e}); '
-                             f'resume from a ckpt.npz written by main.py') from None
+        if not isinstance(meta.get('run_config'), dict):
+            raise UsageError('its configuration is missing or not a JSON object')
+        cfg = Config.from_dict(dict(meta['run_config']), 'its configuration', require_all=False)
+        state = TrainState.from_dict(meta.get('state'), cfg)
+    except (TypeError, UsageError) as e:
+        raise ModelFileError(f'{path} is not a valid checkpoint ({e}); {damaged}') from None
+    model = CNNRNN.from_arrays(arrays, path, seq_layout=cfg.seq_layout, hidden=cfg.hidden, cell=cfg.cell)
+
     def arrays_like_params(prefix):
         """{name: array} of the arrays stored as '<prefix>/<name>', checked against the model's."""
         group = {k[len(prefix) + 1:]: v for k, v in arrays.items() if k.startswith(prefix + '/')}
         if set(group) != set(model.params) or any(group[k].shape != model.params[k].shape for k in group):
             raise ModelFileError(f'{path} has optimizer state ({prefix}) that does not match its '
-                                 f'model; it is corrupt: use another checkpoint')
+                                 f'model; {damaged}')
+        for name, a in group.items():
+            problem = array_problem(a)
+            if problem:
+                raise ModelFileError(f'{path}: {prefix} of {name} {problem}; {damaged}')
         return group
     average = arrays_like_params('average') if cfg.ema else None
     return Checkpoint(model, arrays_like_params('velocity'), average, state, cfg)
@@ -289,8 +377,11 @@ def new_run_folder(out, preset):
     if path.exists() and not path.is_dir():
         raise UsageError(f'--out {out} is a file; give a folder path for the run')
     if path.is_dir() and any(path.iterdir()):
-        raise UsageError(f"--out {out} already holds files; choose a new folder, or continue "
-                         f"that run with --resume {path / 'ckpt.npz'}")
+        if (path / 'ckpt.npz').is_file():
+            raise UsageError(f"--out {out} already holds files; choose a new folder, or continue "
+                             f"that run with python main.py --resume {path / 'ckpt.npz'}")
+        raise UsageError(f'--out {out} already holds files (and no checkpoint to continue from); '
+                         f'choose a new folder, or move that one away first')
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -306,10 +397,28 @@ def checkpoint_path(given):
     path = Path(given)
     if path.is_dir():
         if not (path / 'ckpt.npz').is_file():
+            if (path / 'config.json').is_file() or (path / 'train.log').is_file():
+                raise UsageError(f'--resume {given}: that run stopped before writing its first checkpoint '
+                                 f'({path / "ckpt.npz"}), so it cannot be continued; {restart_hint(path)}')
             raise UsageError(f"--resume {given} is a folder without a checkpoint: expected "
                              f"{path / 'ckpt.npz'}; give a run folder written by main.py")
         path = path / 'ckpt.npz'
+    elif not path.is_file() and not path.is_symlink() and path.parent.is_dir() and path.name == 'ckpt.npz' \
+            and (path.parent / 'train.log').is_file():
+        raise UsageError(f'--resume {given}: that run stopped before writing its first checkpoint, so it '
+                         f'cannot be continued; {restart_hint(path.parent)}')
     return path
+
+
+def restart_hint(folder):
+    """How to start the run of ``folder`` again (in a new folder), from its config.json."""
+    try:
+        d = runfiles.read_json(Path(folder) / 'config.json')
+        cfg = Config.from_dict({k: v for k, v in d.items() if k != 'lr_changes'}, 'config.json',
+                               require_all=False)
+        return f'start it again: {restart_command(cfg, cfg.lr)}'
+    except (RunFileError, UsageError, TypeError, AttributeError):
+        return 'start it again with the settings it was given (its config.json is unreadable)'
 
 
 # --------------------------------------------------------------------------
@@ -319,10 +428,13 @@ def checkpoint_path(given):
 class Stopper:
     """Decides when training stops early, checked between steps.
 
-    SIGINT and SIGTERM set ``reason`` (a second one aborts with
-    KeyboardInterrupt); ``request`` does the same from code. The time budget
-    counts from construction and keeps ``reserve_s`` free for the
-    validation pass and the test evaluation that follow the stop.
+    While starting (``during == 'starting'``: reading the data and the
+    checkpoint, before anything is written), SIGINT or SIGTERM ends the
+    process at once through cli.StartupInterrupted. After that they set
+    ``reason`` (a second one aborts with KeyboardInterrupt); ``request`` does
+    the same from code. The time budget counts from construction and keeps
+    ``reserve_s`` free for the validation pass and the test evaluation that
+    follow the stop.
     """
 
     def __init__(self, max_hours=None):
@@ -330,7 +442,7 @@ class Stopper:
         self.max_hours = max_hours
         self.t_start = time.monotonic()
         self.reserve_s = 0.0
-        self.during = 'training'
+        self.during = 'starting'      # then 'training', then 'evaluation'
         self.ckpt = None          # the run's ckpt.npz, for the message when aborted
         self.log = print          # the run's log, once its folder exists
         self.previous = {}
@@ -347,6 +459,8 @@ class Stopper:
 
     def install(self):
         def handler(signum, frame):
+            if self.during == 'starting':
+                raise cli.StartupInterrupted(signal.Signals(signum).name)
             if self.reason is not None and self.reason.startswith('interrupted'):
                 raise KeyboardInterrupt
             self.request('interrupted by ' + signal.Signals(signum).name)
@@ -404,6 +518,8 @@ class Trainer:
         """The remaining steps of the current epoch. False if it stopped early (checkpoint written)."""
         from tqdm import tqdm
         s, cfg = self.state, self.cfg
+        # Time and images of this invocation's part of the epoch, added to the state's sums at the end
+        # (or at a stop), so an epoch split by a resume reports the time and speed of both parts.
         t_epoch, train_time, images = time.monotonic(), 0.0, 0
         bar = tqdm(total=self.steps_per_epoch, initial=s.step, desc=f'epoch {s.epoch + 1}/{cfg.epochs}',
                    unit='step', leave=False, dynamic_ncols=True, disable=None)
@@ -413,6 +529,8 @@ class Trainer:
                 bar.close()
                 s.stop_reason = self.stopper.reason
                 s.elapsed_s = self.elapsed()
+                self.add_epoch_time(time.monotonic() - t_epoch, train_time, images)
+                self.check_finite_weights()
                 save_checkpoint(self.run.file('ckpt.npz'), self.model, self.opt, s, cfg, self.average)
                 self.run.log(f'stopped at epoch {s.epoch + 1}, step {s.step}/{self.steps_per_epoch}: '
                              f'{s.stop_reason}; resumable checkpoint written')
@@ -440,8 +558,21 @@ class Trainer:
             bar.set_postfix(loss=f'{s.sum_loss / s.seen:.3f}', acc=f'{s.sum_correct / s.seen:.3f}',
                             lr=f'{lr:.4f}', img_s=f'{images / train_time:.0f}')
         bar.close()
-        self.epoch_timing = (time.monotonic() - t_epoch, images / train_time if train_time > 0 else None)
+        self.add_epoch_time(time.monotonic() - t_epoch, train_time, images)
         return True
+
+    def add_epoch_time(self, wall_s, train_s, images):
+        s = self.state
+        s.epoch_wall_s += wall_s
+        s.epoch_train_s += train_s
+        s.epoch_timed_images += images
+
+    def check_finite_weights(self):
+        """Diverged if an update made a weight non-finite: a checkpoint never holds one, so the
+        last checkpoint can always be resumed (with a lower learning rate)."""
+        bad = next((k for k, v in self.model.params.items() if not np.isfinite(v).all()), None)
+        if bad is not None:
+            raise Diverged(self.divergence_message(f'non-finite in {bad}', self.lr()))
 
     def end_epoch(self):
         """Validate, keep best.npz, write ckpt.npz and history.json, log one line."""
@@ -452,7 +583,8 @@ class Trainer:
         s.eval_images_per_s = len(self.val_it.y) / max(1e-9, time.monotonic() - t_val)
         # Leave room for a validation pass and the test evaluation in the time budget.
         self.stopper.reserve_s = self.n_eval / s.eval_images_per_s
-        epoch_time, speed = self.epoch_timing
+        speed = s.epoch_timed_images / s.epoch_train_s if s.epoch_train_s > 0 else None
+        epoch_time = s.epoch_wall_s
         record = {'epoch': s.epoch + 1, 'train_loss': s.sum_loss / s.seen,
                   'train_acc': s.sum_correct / s.seen, 'val_loss': val_loss, 'val_acc': val_acc,
                   'lr': lr, 'base_lr': cfg.lr, 'epoch_time_s': epoch_time + time.monotonic() - t_val,
@@ -465,7 +597,9 @@ class Trainer:
             s.best_val_acc, s.best_epoch = val_acc, s.epoch + 1
             self.eval_model.save(self.run.file('best.npz'), extra_meta={'epoch': s.epoch + 1, 'val_acc': val_acc})
         s.epoch, s.step, s.sum_loss, s.sum_correct, s.seen = s.epoch + 1, 0, 0.0, 0, 0
+        s.epoch_wall_s, s.epoch_train_s, s.epoch_timed_images = 0.0, 0.0, 0
         s.elapsed_s = record['elapsed_s'] = self.elapsed()
+        self.check_finite_weights()
         save_checkpoint(self.run.file('ckpt.npz'), self.model, self.opt, s, cfg, self.average)
         runfiles.write_json(self.run.file('history.json'), s.history)
         shown = f'  {speed:.0f} img/s' if speed else ''
@@ -474,16 +608,34 @@ class Trainer:
                      f"{' *' if improved else '  '}  lr {lr:.4g}  {record['epoch_time_s']:.1f}s{shown}")
 
     def divergence_message(self, loss, lr):
-        """What happened, and a command that continues with a lower learning rate."""
+        """What happened, and a command that continues (or restarts) with a lower learning rate."""
         s, cfg = self.state, self.cfg
-        lower = f'{max(cfg.lr / 2, cfg.min_lr):.3g}'
+        lower = float(f'{cfg.lr / 2:.3g}')
         what = f'the loss became {loss} at epoch {s.epoch + 1}, step {s.step + 1} (lr {lr:.4g})'
         ckpt = self.run.file('ckpt.npz')
-        if ckpt.is_file():
+        if ckpt.is_file() and lower >= cfg.min_lr:
             return (f'{what}; the last checkpoint is intact: continue from it with a lower learning '
-                    f'rate, python main.py --resume {ckpt} --lr {lower}')
-        return (f'{what}; no checkpoint was written yet, so start the run again with a lower '
-                f'learning rate, e.g. --lr {lower}')
+                    f'rate, python main.py --resume {ckpt} --lr {lower:g}')
+        then = 'no checkpoint was written yet' if not ckpt.is_file() else \
+            f"this run's min_lr = {cfg.min_lr:g} does not allow a lower rate on resume"
+        return (f'{what}; {then}, so start the run again with a lower learning rate: '
+                f'{restart_command(cfg, lower)}')
+
+
+def restart_command(cfg, lr):
+    """The main.py command that starts ``cfg``'s run again in a new folder, with learning rate ``lr``."""
+    presets = load_presets()
+    name = cfg.preset if cfg.preset in presets else 'fast'
+    base = presets[name].to_dict()
+    changed = {k: getattr(cfg, k) for k in Config.preset_keys() if base.get(k) != getattr(cfg, k)}
+    changed.pop('lr', None)
+    if changed.get('min_lr', base['min_lr']) > lr:
+        changed['min_lr'] = lr
+    words = [f'python main.py --preset {name} --lr {lr:g}'] + [
+        f"--set {k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sorted(changed.items())]
+    if cfg.data_dir != 'data':
+        words.append(f'--data-dir {cfg.data_dir}')
+    return ' '.join(words)
 
 
 def averaged_model(model, average):
@@ -520,20 +672,33 @@ def evaluate(model, iterator, flip_average=False, single_view=None):
     return cross_entropy(probs, labels), accuracy(probs, labels), probs, np.concatenate(hidden)
 
 
-def final_evaluation(cfg, run, model, state, data):
+def final_evaluation(cfg, run, model, state, data, announce=None):
     """Evaluate the best parameters on the test set; write metrics.json and predictions.npz.
 
     The epoch and validation accuracy reported come from best.npz's own
-    metadata, so they always describe the parameters evaluated.
+    metadata, so they always describe the parameters evaluated. ``announce`` is
+    logged once best.npz has been read and checked.
     """
     best_path = run.file('best.npz')
     best_epoch, best_val_acc = None, None
     if best_path.is_file():
-        model, meta = CNNRNN.load(best_path, return_meta=True)
+        # Checked before use (names, shapes, finite values, and the run's own model), so a damaged
+        # best.npz is refused before metrics.json is touched.
+        model, meta = CNNRNN.load(best_path, return_meta=True, seq_layout=cfg.seq_layout,
+                                  hidden=cfg.hidden, cell=cfg.cell)
         best_epoch, best_val_acc = meta.get('epoch'), meta.get('val_acc')
+        # (best.npz may be an epoch ahead of the checkpoint: a stop between the two writes.)
+        if not (isinstance(best_epoch, int) and 1 <= best_epoch <= cfg.epochs
+                and isinstance(best_val_acc, (int, float)) and 0 <= best_val_acc <= 1):
+            raise UsageError(f'{best_path} records epoch {best_epoch!r} and validation accuracy '
+                             f'{best_val_acc!r}, which this run cannot have written; it is damaged: '
+                             f'delete it and re-evaluate (python main.py --resume {run.file("ckpt.npz")} '
+                             f'--evaluate) to test the last weights instead')
         evaluated = f'best.npz (epoch {best_epoch})'
     else:
         evaluated = 'the current parameters (no epoch finished, so no best.npz yet)'
+    if announce:
+        run.log(announce)
     mean, std = state.normalization()
     test_it = BatchIterator(data['X_test'], data['y_test'], cfg.eval_batch_size, mean=mean, std=std)
     t0 = time.monotonic()
@@ -541,6 +706,8 @@ def final_evaluation(cfg, run, model, state, data):
     test_loss, test_acc, probs, hidden = evaluate(model, test_it, cfg.tta_flip, single_view=single)
     eval_s = time.monotonic() - t0
     labels = data['y_test']
+    if not (math.isfinite(test_loss) and np.isfinite(probs).all()):   # never with finite weights
+        raise RuntimeError('the test evaluation gave non-finite probabilities; metrics.json was not written')
     confusion = confusion_matrix(labels, probs.argmax(1))
     speeds = [r['images_per_s'] for r in state.history if r.get('images_per_s')]
     metrics = {
@@ -556,6 +723,7 @@ def final_evaluation(cfg, run, model, state, data):
         'test_images_per_s': len(labels) / max(eval_s, 1e-9),
         'test_images': int(len(labels)), 'label_names': list(data['label_names']),
         'time_to_val_acc': {f'{t:.2f}': time_to_accuracy(state.history, t) for t in TIME_TO_VAL_ACC},
+        'data_fingerprint': state.data_fingerprint,
     }
     if cfg.tta_flip:     # the same parameters without the mirrored view: what the flip adds
         metrics['single_view'] = {'test_acc': accuracy(single['probs'], labels),
@@ -599,6 +767,8 @@ def summary(cfg, run_dir, m, names):
 
 # Options that override a preset key of the same name.
 OVERRIDES = ('subset', 'epochs', 'batch_size', 'lr', 'seed', 'seq_layout', 'schedule', 'rnn_init', 'cell')
+# Preset keys a resume may change with --set: they change how the run is evaluated, not what it learns.
+RESUME_SETTABLE = ('eval_batch_size',)
 
 
 def build_parser():
@@ -639,7 +809,10 @@ def build_parser():
 
 
 def parse_set_options(items):
-    """['standardize=false', 'decay=0.95'] -> {'standardize': False, 'decay': 0.95}."""
+    """['standardize=false', 'decay=0.95'] -> {'standardize': False, 'decay': 0.95}.
+
+    A key given twice is refused: which of the two values was meant cannot be guessed.
+    """
     out = {}
     for item in items:
         key, sep, text = item.partition('=')
@@ -648,10 +821,28 @@ def parse_set_options(items):
         if key not in Config.preset_keys():
             raise UsageError(f"--set {key}: unknown key; known keys are {', '.join(sorted(Config.preset_keys()))}")
         try:
-            out[key] = json.loads(text)
+            value = json.loads(text)
         except ValueError:
-            out[key] = text            # a bare word such as rows or cosine
+            value = text               # a bare word such as rows or cosine
+        if key in out:
+            raise UsageError(f'--set {key} is given twice ({out[key]!r} and {value!r}); give it once')
+        out[key] = value
     return out
+
+
+def flag_overrides(args):
+    """{key: value} of the override flags given (--epochs, --cell, ...), checked against --set.
+
+    The same key from a flag and from --set (e.g. --cell gru --set cell=lstm) is refused.
+    """
+    flags = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    sets = parse_set_options(args.set)
+    both = sorted(set(flags) & set(sets))
+    if both:
+        k = both[0]
+        raise UsageError(f"--{k.replace('_', '-')} {flags[k]} and --set {k}={sets[k]} both set {k}; "
+                         f"give it once")
+    return {**flags, **sets}
 
 
 def check_args(args):
@@ -675,12 +866,13 @@ def check_args(args):
         raise UsageError('--evaluate redoes the test evaluation of a finished run; use it with --resume')
     if args.resume is not None:
         fixed = [f"--{k.replace('_', '-')}" for k in OVERRIDES if k != 'lr' and getattr(args, k) is not None]
-        fixed += ['--set'] if args.set else []
+        fixed += [f'--set {k}' for k in parse_set_options(args.set) if k not in RESUME_SETTABLE]
         fixed += ['--out'] if args.out else []
         fixed += ['--preset'] if args.preset != 'fast' else []
         if fixed:
             raise UsageError(f"{', '.join(fixed)} cannot be combined with --resume: a resumed run "
-                             f"keeps its saved configuration (only --lr, --max-hours and --data-dir apply)")
+                             f"keeps its saved configuration (only --lr, --max-hours, --data-dir and "
+                             f"--set {'/'.join(RESUME_SETTABLE)} apply)")
 
 
 def resolve_config(args):
@@ -690,8 +882,7 @@ def resolve_config(args):
         raise UsageError(f"unknown preset {args.preset!r}; choose one of {', '.join(presets)} "
                          f"(python main.py --list-presets shows them)")
     settings = presets[args.preset].to_dict()
-    settings.update({k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None})
-    settings.update(parse_set_options(args.set))
+    settings.update(flag_overrides(args))
     settings.update(preset=args.preset, data_dir=args.data_dir or 'data', description='')
     return Config.from_dict(settings, 'the configuration')
 
@@ -704,10 +895,11 @@ def list_presets():
 
 def run(argv=None):
     """The command line; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    stopper = Stopper(args.max_hours)
+    stopper = Stopper()
     stopper.install()
     try:
+        args = build_parser().parse_args(argv)
+        stopper.max_hours = args.max_hours
         if args.list_presets:
             list_presets()
             return EXIT_OK
@@ -722,17 +914,38 @@ def run(argv=None):
         print(f"error: {runfiles.describe_os_error(e, e.filename or '?', 'use')}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except MemoryError:
-        print('error: this machine ran out of memory; lower --batch-size or --set hidden '
-              '(a checkpoint already written is intact)', file=sys.stderr)
+        print(f'error: this machine ran out of memory {out_of_memory_advice(stopper)}', file=sys.stderr)
         return EXIT_BAD_INPUT
+    except cli.StartupInterrupted as e:
+        then = (f'{stopper.ckpt} is unchanged' if stopper.ckpt is not None
+                else 'no run folder was created')
+        print(f'main.py: interrupted by {e} before training started; {then}', file=sys.stderr)
+        return EXIT_ABORTED
     except KeyboardInterrupt:
         ckpt = stopper.ckpt
         then = (f'the last checkpoint is intact: python main.py --resume {ckpt} continues'
                 if ckpt is not None and ckpt.is_file() else 'no checkpoint was written yet')
         print(f'error: aborted by a second interrupt; {then}', file=sys.stderr)
         return EXIT_ABORTED
+    except Exception as e:   # a bug: one line here, the traceback in the run's train.log
+        log = stopper.ckpt.parent / 'train.log' if stopper.ckpt is not None else None
+        return cli.report_crash('main.py', e, log)
     finally:
         stopper.uninstall()
+
+
+def out_of_memory_advice(stopper):
+    """The rest of the out-of-memory sentence: a command that works from where the run stopped."""
+    ckpt = stopper.ckpt
+    if stopper.during == 'evaluation' and ckpt is not None and ckpt.is_file():
+        return (f'during the test evaluation (the checkpoint is intact); evaluate in smaller batches: '
+                f'python main.py --resume {ckpt} --evaluate --set eval_batch_size=100')
+    if ckpt is not None and ckpt.is_file():
+        return (f'(the last checkpoint is intact); close other programs and continue with '
+                f'python main.py --resume {ckpt}, or start a new run with a smaller --batch-size '
+                f'or --set hidden=...')
+    return ('before the first checkpoint; start the run again with a smaller --batch-size, '
+            '--set hidden=... or --set eval_batch_size=...')
 
 
 def load_data(cfg):
@@ -755,7 +968,9 @@ def new_run(args, stopper):
     opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov)
     average = WeightAverage(model.params, cfg.ema) if cfg.ema else None
     mean, std = channel_mean_std(data['X_train']) if cfg.standardize else (None, None)
-    state = TrainState(mean=mean, std=std)
+    state = TrainState(mean=mean, std=std, data_fingerprint=data['fingerprint'])
+    # From here on a signal stops the run at its next step, with a resumable checkpoint.
+    stopper.during = 'training'
     run = new_run_folder(args.out, cfg.preset)
     run.lock.acquire()
     stopper.ckpt, stopper.log = run.file('ckpt.npz'), run.log
@@ -770,54 +985,148 @@ def new_run(args, stopper):
 
 def resume_run(args, stopper):
     ckpt = checkpoint_path(args.resume)
-    ck = load_checkpoint(ckpt)
-    state, cfg = ck.state, ck.cfg
     run = RunFolder(ckpt.parent)
-    finished = state.epoch >= cfg.epochs
-    # final_evaluation writes metrics.json, then predictions.npz: with either missing it is redone.
-    evaluated = run.file('metrics.json').is_file() and run.file('predictions.npz').is_file()
-    if finished and not args.evaluate and evaluated:
-        print(f'{run.path} already finished training ({state.epoch} of {cfg.epochs} epochs) and has '
-              f'metrics.json; nothing to do (add --evaluate to redo the test evaluation)')
+    check_run_files(run)
+    ck = load_checkpoint(ckpt)
+    if ck.state.epoch >= ck.cfg.epochs and not args.evaluate and run_is_evaluated(run):
+        print(f'{run.path} already finished training ({ck.state.epoch} of {ck.cfg.epochs} epochs) and '
+              f'has metrics.json; nothing to do (add --evaluate to redo the test evaluation)')
         return EXIT_OK
-    new_lr = args.lr if args.lr is not None and args.lr != cfg.lr and not finished else None
-    if new_lr is not None and new_lr < cfg.min_lr:
-        raise UsageError(f"--lr {new_lr} is below this run's min_lr = {cfg.min_lr}; give a learning "
-                         f"rate of at least {cfg.min_lr}")
     run.lock.acquire()
     stopper.ckpt, stopper.log = run.file('ckpt.npz'), run.log
     try:
         # Read again under the lock: another process may have written it since.
         ck = load_checkpoint(ckpt)
         model, state, cfg = ck.model, ck.state, ck.cfg
+        check_config_file(run, cfg)
+        new_lr = lr_change(args, cfg, finished=state.epoch >= cfg.epochs)
+        data_dir_given = args.data_dir is not None and args.data_dir != cfg.data_dir
+        data = load_data(dataclasses.replace(cfg, data_dir=args.data_dir or cfg.data_dir))
+        adopted = check_same_data(state, data, run, cfg.data_dir, args.data_dir or cfg.data_dir)
+        check_position(state, cfg, data, ckpt)
         # The average's update count is the number of optimizer steps: one per step.
         average = (WeightAverage(model.params, cfg.ema, averaged=ck.average, updates=state.global_step)
                    if cfg.ema else None)
-        if args.data_dir:
-            cfg.data_dir = args.data_dir
-        data = load_data(cfg)
-        if finished:
-            run.log(f're-evaluating {run.path} (training finished at epoch {state.epoch})')
-            final_evaluation(cfg, run, averaged_model(model, average), state, data)
-            return EXIT_OK
-        if new_lr is not None:
-            # The schedule is a function of the base rate, so the new rate applies from this step on.
-            cfg.lr_changes.append({'global_step': state.global_step, 'epoch': state.epoch + 1,
-                                   'step': state.step, 'from': cfg.lr, 'to': new_lr})
-            cfg.lr = new_lr
+        opt = optimizer_from(ck, model, cfg)
+        stopper.during = 'training'
+        changes = apply_resume_changes(args, cfg, state, data, new_lr, data_dir_given)
+        if changes or adopted:
+            # The checkpoint first, then config.json: both say the same before anything else runs.
+            save_checkpoint(run.file('ckpt.npz'), model, opt, state, cfg, average)
             runfiles.write_json(run.file('config.json'), cfg.to_dict())
-        opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov)
-        opt.velocity = {k: np.array(v, dtype=model.dtype) for k, v in ck.velocity.items()}
+            run.log(f"resume changes: {'; '.join(changes + (['data fingerprint recorded'] if adopted else []))}")
+        if state.epoch >= cfg.epochs:
+            stopper.during = 'evaluation'
+            final_evaluation(cfg, run, averaged_model(model, average), state, data,
+                             announce=f're-evaluating {run.path} (training finished at epoch {state.epoch})')
+            return EXIT_OK
         state.stop_reason = None
-        run.log(f'resuming {run.path} at epoch {state.epoch + 1}, step {state.step}'
-                + (f", base learning rate now {new_lr} (was {cfg.lr_changes[-1]['from']})"
-                   if new_lr is not None else ''))
+        run.log(f'resuming {run.path} at epoch {state.epoch + 1}, step {state.step}')
         return train_and_evaluate(cfg, run, model, opt, state, data, stopper, average)
     finally:
         run.lock.release()
 
 
+def optimizer_from(ck, model, cfg):
+    """The SGD optimizer of a checkpoint, velocities restored."""
+    opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    opt.velocity = {k: np.array(v, dtype=model.dtype) for k, v in ck.velocity.items()}
+    return opt
+
+
+def run_is_evaluated(run):
+    """True once final_evaluation wrote both of its files (metrics.json first, then predictions.npz)."""
+    return run.file('metrics.json').is_file() and run.file('predictions.npz').is_file()
+
+
+def check_run_files(run):
+    """UsageError if a file main.py reads or appends to is a named pipe, a device or a folder."""
+    for name in RUN_FILES:
+        try:
+            runfiles.check_regular(run.file(name))
+        except OSError as e:
+            raise UsageError(runfiles.describe_os_error(e, run.file(name), 'use')) from None
+
+
+def check_config_file(run, cfg):
+    """A resumed run keeps the configuration saved in its checkpoint: refuse a config.json that
+    says otherwise (edited by hand), rather than ignore it. A missing config.json is rewritten."""
+    path = run.file('config.json')
+    if not path.exists():
+        runfiles.write_json(path, cfg.to_dict())
+        return
+    saved = json.loads(runfiles.dumps_strict(cfg.to_dict()))
+    given = runfiles.read_json(path, fix='delete it and resume again: it is rewritten from the checkpoint')
+    if not isinstance(given, dict):
+        given = {}
+    differ = sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k))
+    if differ:
+        k = differ[0]
+        raise UsageError(
+            f"{path} says {k} = {given.get(k)!r} but the run's checkpoint says {saved.get(k)!r}"
+            + (f' (and {len(differ) - 1} more keys differ)' if len(differ) > 1 else '')
+            + f'; a resumed run keeps its saved configuration: undo the edit (or delete {path.name} to '
+              f'have it rewritten), and start a new run with --set {k}=... to train with another value')
+
+
+def lr_change(args, cfg, finished):
+    """The new base learning rate --lr asks for, or None (same rate, or a finished run)."""
+    if args.lr is None or args.lr == cfg.lr or finished:
+        return None
+    if args.lr < cfg.min_lr:
+        raise UsageError(f"--lr {args.lr} is below this run's min_lr = {cfg.min_lr}; give a learning "
+                         f"rate of at least {cfg.min_lr}")
+    return args.lr
+
+
+def check_same_data(state, data, run, recorded_dir, data_dir):
+    """Refuse to continue or re-evaluate a run on images other than those it was started on.
+
+    A run started before fingerprints were recorded adopts the current data's (returns True).
+    """
+    if state.data_fingerprint is None:
+        state.data_fingerprint = data['fingerprint']
+        return True
+    for part, words in (('train', 'training'), ('test', 'test')):
+        if state.data_fingerprint[part] != data['fingerprint'][part]:
+            raise UsageError(
+                f'the {words} images in {data_dir} are not the ones the run {run.path} was started on '
+                f'(from {recorded_dir}); resume it with --data-dir pointing at that same CIFAR-10 data')
+    return False
+
+
+def check_position(state, cfg, data, ckpt):
+    """Refuse a checkpoint whose step lies past the end of its epoch (steps depend on the data)."""
+    steps = -(-len(data['y_train']) // cfg.batch_size)
+    if state.step > steps or (state.step == steps and state.epoch < cfg.epochs):
+        raise UsageError(f'{ckpt} is not a valid checkpoint (its state has step = {state.step}, past the '
+                         f'end of an epoch of {steps} steps); it is damaged: use another checkpoint, '
+                         f'or start the run again in a new folder')
+
+
+def apply_resume_changes(args, cfg, state, data, new_lr, data_dir_given):
+    """Apply what a resume may change (--lr, --data-dir of the same data, --set eval_batch_size);
+    return one phrase per change, for the log."""
+    changes = []
+    if new_lr is not None:
+        # The schedule is a function of the base rate, so the new rate applies from this step on.
+        cfg.lr_changes.append({'global_step': state.global_step, 'epoch': state.epoch + 1,
+                               'step': state.step, 'from': cfg.lr, 'to': new_lr})
+        changes.append(f'base learning rate now {new_lr} (was {cfg.lr})')
+        cfg.lr = new_lr
+    if data_dir_given:      # the same images (fingerprints checked) in another folder
+        changes.append(f'data folder now {args.data_dir} (was {cfg.data_dir}; the same images)')
+        cfg.data_dir = args.data_dir
+    for key, value in parse_set_options(args.set).items():
+        Config.check(key, value, '--set')
+        if getattr(cfg, key) != value:
+            changes.append(f'{key} now {value} (was {getattr(cfg, key)})')
+            setattr(cfg, key, value)
+    return changes
+
+
 def train_and_evaluate(cfg, run, model, opt, state, data, stopper, average=None):
+    stopper.during = 'training'
     runfiles.point_latest_at(run.path, warn=run.log)
     run.log('config ' + json.dumps(cfg.to_dict()))
     trainer = Trainer(cfg, run, model, opt, state, data, stopper, average)

@@ -329,7 +329,7 @@ def test_resuming_a_finished_run_says_so_and_evaluates_only_if_asked(data_dir, t
 def test_stale_temporary_files_are_removed_when_the_run_is_reopened(data_dir, tmp_path):
     out = tmp_path / 'stale'
     assert train_run(data_dir, out, '--epochs', '2', interrupt_after=3) == 0
-    for name in ('ckpt.npz.tmp-k1ll3d', 'history.json.tmp-abc123'):
+    for name in ('ckpt.npz.tmp-k1ll3d_0', 'history.json.tmp-abc12345'):
         (out / name).write_bytes(b'half a file')
     assert resume(out / 'ckpt.npz') == 0
     assert stale_temp_files(out) == []
