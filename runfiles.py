@@ -309,7 +309,7 @@ class RunFolderLock:
         """
         path = self.run_dir / LOCK_NAME
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock_file(path, os.O_RDWR | os.O_CREAT)
         except OSError as e:
             raise RunFileError(describe_os_error(e, path)) from None
         try:
@@ -343,6 +343,16 @@ class RunFolderLock:
         self.release()
 
 
+def _open_lock_file(path, flags):
+    """os.open of a lock file that must be a regular file (a named pipe would block the open)."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    st_mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(st_mode):
+        os.close(fd)
+        raise NotRegularFile(path, file_kind(st_mode))
+    return fd
+
+
 def folder_in_use(run_dir):
     """True while another process holds the run folder's lock (main.py training, viz.py drawing).
 
@@ -351,9 +361,11 @@ def folder_in_use(run_dir):
     temporary files), so a reader such as compare.py never changes a run folder.
     """
     try:
-        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
-    except OSError:            # no lock file: no process of this project ever held it
+        fd = _open_lock_file(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:  # no lock file: no process of this project ever held it
         return False
+    except OSError as e:       # a named pipe or a folder where the lock file should be
+        raise RunFileError(describe_os_error(e, Path(run_dir) / LOCK_NAME, 'use')) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False

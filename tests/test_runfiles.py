@@ -187,3 +187,13 @@ def test_resolve_folder_names_every_kind_of_bad_path(tmp_path):
                          (tmp_path / 'loop1', 'loop of links')]:
         with pytest.raises(RunFileError, match=f'{words}.*; pass a folder'):
             runfiles.resolve_folder(given, 'pass a folder')
+
+
+@pytest.mark.parametrize('kind', ['fifo', 'folder'])
+def test_a_lock_file_that_is_not_a_file_is_refused_without_blocking(tmp_path, kind):
+    lock = tmp_path / runfiles.LOCK_NAME
+    os.mkfifo(lock) if kind == 'fifo' else lock.mkdir()
+    with pytest.raises(RunFileError, match=r'\.lock'):
+        runfiles.folder_in_use(tmp_path)
+    with pytest.raises(RunFileError, match=r'\.lock'):
+        runfiles.RunFolderLock(tmp_path, 'test').acquire()
