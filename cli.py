@@ -12,6 +12,7 @@ Exit codes, the same for every tool:
 This module imports nothing but the standard library, so a tool can install the
 start-up interrupt handler before its slow imports (NumPy, matplotlib).
 """
+import argparse
 import os
 import signal
 import sys
@@ -86,3 +87,23 @@ def report_crash(tool, exc, log_path=None):
     print(f'error: {tool} crashed ({type(exc).__name__}: {exc}); this is a bug, not your input: '
           f'{where}; please report it (exit code {EXIT_CRASHED})', file=sys.stderr)
     return EXIT_CRASHED
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose refusals are one line like every other refusal of the tools
+    (``<tool>: <problem>; see python <tool> --help``, exit code 2), not a usage block."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f'{self.prog}: {message}; see python {self.prog} --help\n')
+
+
+def format_duration(seconds):
+    """'42.0 s', '125 s (2 min 05 s)', '3725 s (1 h 02 min 05 s)'; '-' for None."""
+    if seconds is None:
+        return '-'
+    seconds = float(seconds)
+    if seconds < 60:
+        return f'{seconds:.1f} s'
+    h, rest = divmod(int(round(seconds)), 3600)
+    m, s = divmod(rest, 60)
+    return f'{seconds:.0f} s ({h} h {m:02d} min {s:02d} s)' if h else f'{seconds:.0f} s ({m} min {s:02d} s)'

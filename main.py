@@ -36,15 +36,15 @@ from pathlib import Path
 import numpy as np
 
 import runfiles
-from cnn_rnn_numpy import (CELLS, CNNRNN, RNN_INITS, SEQ_LAYOUTS, ModelFileError, array_problem, load_npz,
-                           read_meta)
-from data_utils import CROPS, BatchIterator, DataError, channel_mean_std, load_cifar10
+from config import (Config, ConfigError, add_override_flags, flag_name, load_presets, overrides_from_args,
+                    parse_set_options)
+from cnn_rnn_numpy import CNNRNN, ModelFileError, array_problem, load_npz, read_meta
+from data_utils import BatchIterator, DataError, channel_mean_std, load_cifar10
 from metrics import (N_BINS, TIME_TO_VAL_ACC, accuracy, confusion_matrix, cross_entropy,
                      expected_calibration_error, per_class_accuracy, time_to_accuracy)
 from optim import SGD, WeightAverage, clip_grad_norm, learning_rate
-from runfiles import MAX_SEED, RunFileError
+from runfiles import RunFileError
 
-PRESETS_PATH = Path(__file__).resolve().parent / 'presets.json'
 CHECKPOINT_KIND = 'checkpoint'
 EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_ABORTED = (
     cli.EXIT_OK, cli.EXIT_DIVERGED, cli.EXIT_BAD_INPUT, cli.EXIT_CRASHED, cli.EXIT_ABORTED)
@@ -58,124 +58,11 @@ class UsageError(Exception):
 
 
 class Diverged(Exception):
-    """The loss became NaN or infinite."""
+    """The loss (or a weight) became NaN or infinite; ``record`` says where, for diverged.json."""
 
-
-# --------------------------------------------------------------------------
-# Configuration: a preset plus command-line overrides
-# --------------------------------------------------------------------------
-
-def setting(check, good, default=dataclasses.MISSING):
-    """A Config field with its validity check and the words for a good value."""
-    return field(default=default, metadata={'check': check, 'good': good})
-
-
-@dataclass
-class Config:
-    """Every setting of a run. The preset keys are the fields with a check.
-
-    ``Config.from_dict`` validates types and ranges; a value that fails is
-    refused with the sentence ``good`` next to it.
-    """
-    epochs: int = setting(lambda v: v > 0, 'a positive integer')
-    batch_size: int = setting(lambda v: v > 0, 'a positive integer')
-    lr: float = setting(lambda v: 0 < v and math.isfinite(v), 'a positive finite number')
-    schedule: str = setting(lambda v: v in ('exponential', 'cosine'), "'exponential' or 'cosine'")
-    warmup_epochs: int = setting(lambda v: v >= 0, 'an integer >= 0')
-    decay: float = setting(lambda v: 0 < v <= 1, 'a number in (0, 1]')
-    min_lr: float = setting(lambda v: 0 <= v and math.isfinite(v), 'a finite number >= 0')
-    weight_decay: float = setting(lambda v: 0 <= v and math.isfinite(v), 'a finite number >= 0')
-    clip: float = setting(lambda v: 0 <= v and math.isfinite(v), 'a finite number >= 0 (0 disables clipping)')
-    momentum: float = setting(lambda v: 0 <= v < 1, 'a number in [0, 1)')
-    nesterov: bool = setting(lambda v: True, 'true or false')
-    seq_layout: str = setting(lambda v: v in SEQ_LAYOUTS, f'one of {list(SEQ_LAYOUTS)}')
-    rnn_init: str = setting(lambda v: v in RNN_INITS, f'one of {list(RNN_INITS)}')
-    hidden: int = setting(lambda v: v > 0, 'a positive integer')
-    subset: float = setting(lambda v: 0 < v <= 1, 'a fraction in (0, 1]')
-    augment: bool = setting(lambda v: True, 'true or false')
-    standardize: bool = setting(lambda v: True, 'true or false')
-    seed: int = setting(lambda v: 0 <= v <= MAX_SEED, f'an integer in [0, {MAX_SEED}]')
-    eval_batch_size: int = setting(lambda v: v > 0, 'a positive integer')
-    cell: str = setting(lambda v: v in CELLS, f'one of {list(CELLS)}', default='rnn')
-    # Levers beyond the method, each off by default (a preset without them trains as before).
-    crop: str = setting(lambda v: v in CROPS, f"one of {list(CROPS)} ('paste' is the method's "
-                        f"28x28 crop re-pasted, 'pad' pads by 4 and crops 32x32)", default='paste')
-    label_smoothing: float = setting(lambda v: 0 <= v < 1, 'a number in [0, 1) (0 is off)', default=0.0)
-    ema: float = setting(lambda v: 0 <= v < 1, 'a number in [0, 1): the decay of the weight average '
-                         '(0 is off, e.g. 0.999)', default=0.0)
-    tta_flip: bool = setting(lambda v: True, 'true or false', default=False)
-    # Not settings: what the preset says of itself, where the run came from, what changed on resume.
-    description: str = ''
-    preset: str = ''
-    data_dir: str = 'data'
-    lr_changes: list = field(default_factory=list)
-
-    @classmethod
-    def defaults(cls):
-        """{key: default} of the preset keys that have one: keys added after the first runs,
-        with the value that older runs, whose config.json lacks them, trained with."""
-        return {f.name: f.default for f in dataclasses.fields(cls)
-                if 'check' in f.metadata and f.default is not dataclasses.MISSING}
-
-    @classmethod
-    def preset_keys(cls):
-        return [f.name for f in dataclasses.fields(cls) if 'check' in f.metadata]
-
-    @classmethod
-    def check(cls, key, value, where):
-        """Raise UsageError unless ``value`` has the type and range of preset key ``key``."""
-        f = next((f for f in dataclasses.fields(cls) if f.name == key and 'check' in f.metadata), None)
-        if f is None:
-            raise UsageError(f"{where} has an unknown key {key!r}; known keys are "
-                             f"{', '.join(sorted(cls.preset_keys()))}")
-        if f.type is float:    # an integer is a fine float; a bool is not a number here
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        elif f.type is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, f.type)
-        if not ok or not f.metadata['check'](value):
-            raise UsageError(f"{where}: {key} = {value!r} is invalid; it must be {f.metadata['good']}")
-
-    @classmethod
-    def from_dict(cls, d, where, require_all=True):
-        """Validate a dict of settings (a preset, or a checkpoint's config) -> Config."""
-        extra = {k: d[k] for k in ('description', 'preset', 'data_dir', 'lr_changes') if k in d}
-        settings = {k: v for k, v in d.items() if k not in extra}
-        for key, value in settings.items():
-            cls.check(key, value, where)
-        # Keys with a default (the levers, added after the first runs) may be left out.
-        missing = sorted(set(cls.preset_keys()) - set(settings) - set(cls.defaults()))
-        if require_all and missing:
-            raise UsageError(f"{where} is missing {', '.join(missing)}; add them to presets.json")
-        cfg = cls(**settings, **extra)
-        cfg.check_together(where)
-        return cfg
-
-    def check_together(self, where):
-        """Checks that involve two settings."""
-        if self.min_lr > self.lr:
-            raise UsageError(f'{where}: min_lr = {self.min_lr} is above lr = {self.lr}; '
-                             f'make min_lr at most the learning rate')
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-
-def load_presets(path=None):
-    """All presets from presets.json (or ``path``) -> {name: Config}, each validated."""
-    path = path or PRESETS_PATH
-    try:
-        presets = runfiles.read_json(path, fix='restore it from git')
-    except RunFileError as e:
-        raise UsageError(f'the presets file: {e}') from None
-    if not isinstance(presets, dict) or not presets or not all(isinstance(p, dict) for p in presets.values()):
-        raise UsageError(f'the presets file {path} must hold a JSON object of named presets, each an '
-                         f'object of settings; restore it from git')
-    for name, preset in presets.items():
-        if not isinstance(preset.get('description', ''), str):
-            raise UsageError(f'preset {name!r}: description must be a string; fix presets.json')
-    return {name: Config.from_dict(preset, f'preset {name!r}') for name, preset in presets.items()}
+    def __init__(self, message, record=None):
+        super().__init__(message)
+        self.record = record or {}
 
 
 # --------------------------------------------------------------------------
@@ -320,9 +207,9 @@ def load_checkpoint(path):
     try:
         if not isinstance(meta.get('run_config'), dict):
             raise UsageError('its configuration is missing or not a JSON object')
-        cfg = Config.from_dict(dict(meta['run_config']), 'its configuration', require_all=False)
+        cfg = Config.from_dict(dict(meta['run_config']), 'its configuration')
         state = TrainState.from_dict(meta.get('state'), cfg)
-    except (TypeError, UsageError) as e:
+    except (TypeError, UsageError, ConfigError) as e:
         raise ModelFileError(f'{path} is not a valid checkpoint ({e}); {damaged}') from None
     model = CNNRNN.from_arrays(arrays, path, seq_layout=cfg.seq_layout, hidden=cfg.hidden, cell=cfg.cell)
 
@@ -414,10 +301,9 @@ def restart_hint(folder):
     """How to start the run of ``folder`` again (in a new folder), from its config.json."""
     try:
         d = runfiles.read_json(Path(folder) / 'config.json')
-        cfg = Config.from_dict({k: v for k, v in d.items() if k != 'lr_changes'}, 'config.json',
-                               require_all=False)
+        cfg = Config.from_dict({k: v for k, v in d.items() if k != 'lr_changes'}, 'config.json')
         return f'start it again: {restart_command(cfg, cfg.lr)}'
-    except (RunFileError, UsageError, TypeError, AttributeError):
+    except (RunFileError, ConfigError, TypeError, AttributeError):
         return 'start it again with the settings it was given (its config.json is unreadable)'
 
 
@@ -539,7 +425,7 @@ class Trainer:
             loss, grads, details = self.model.loss(X, y, details=True, label_smoothing=cfg.label_smoothing)
             if not np.isfinite(loss):
                 bar.close()
-                raise Diverged(self.divergence_message(loss, lr))
+                raise Diverged(self.divergence_message(loss, lr), self.divergence_record(loss, lr))
             clip_grad_norm(grads, cfg.clip)
             self.opt.step(grads, lr)
             if self.average is not None:
@@ -572,7 +458,8 @@ class Trainer:
         last checkpoint can always be resumed (with a lower learning rate)."""
         bad = next((k for k, v in self.model.params.items() if not np.isfinite(v).all()), None)
         if bad is not None:
-            raise Diverged(self.divergence_message(f'non-finite in {bad}', self.lr()))
+            what = f'non-finite in {bad}'
+            raise Diverged(self.divergence_message(what, self.lr()), self.divergence_record(what, self.lr()))
 
     def end_epoch(self):
         """Validate, keep best.npz, write ckpt.npz and history.json, log one line."""
@@ -606,6 +493,12 @@ class Trainer:
         self.run.log(f"epoch {record['epoch']:3d}/{cfg.epochs}  train loss {record['train_loss']:.4f} "
                      f"acc {record['train_acc']:.4f}  val loss {val_loss:.4f} acc {val_acc:.4f}"
                      f"{' *' if improved else '  '}  lr {lr:.4g}  {record['epoch_time_s']:.1f}s{shown}")
+
+    def divergence_record(self, loss, lr):
+        """Where the run diverged, as data (diverged.json): epoch and step are 1-based."""
+        s = self.state
+        return {'epoch': s.epoch + 1, 'step': s.step + 1, 'global_step': s.global_step + 1,
+                'lr': float(lr), 'loss': str(loss)}
 
     def divergence_message(self, loss, lr):
         """What happened, and a command that continues (or restarts) with a lower learning rate."""
@@ -679,24 +572,7 @@ def final_evaluation(cfg, run, model, state, data, announce=None):
     metadata, so they always describe the parameters evaluated. ``announce`` is
     logged once best.npz has been read and checked.
     """
-    best_path = run.file('best.npz')
-    best_epoch, best_val_acc = None, None
-    if best_path.is_file():
-        # Checked before use (names, shapes, finite values, and the run's own model), so a damaged
-        # best.npz is refused before metrics.json is touched.
-        model, meta = CNNRNN.load(best_path, return_meta=True, seq_layout=cfg.seq_layout,
-                                  hidden=cfg.hidden, cell=cfg.cell)
-        best_epoch, best_val_acc = meta.get('epoch'), meta.get('val_acc')
-        # (best.npz may be an epoch ahead of the checkpoint: a stop between the two writes.)
-        if not (isinstance(best_epoch, int) and 1 <= best_epoch <= cfg.epochs
-                and isinstance(best_val_acc, (int, float)) and 0 <= best_val_acc <= 1):
-            raise UsageError(f'{best_path} records epoch {best_epoch!r} and validation accuracy '
-                             f'{best_val_acc!r}, which this run cannot have written; it is damaged: '
-                             f'delete it and re-evaluate (python main.py --resume {run.file("ckpt.npz")} '
-                             f'--evaluate) to test the last weights instead')
-        evaluated = f'best.npz (epoch {best_epoch})'
-    else:
-        evaluated = 'the current parameters (no epoch finished, so no best.npz yet)'
+    model, best = load_best(cfg, run, model)
     if announce:
         run.log(announce)
     mean, std = state.normalization()
@@ -708,23 +584,7 @@ def final_evaluation(cfg, run, model, state, data, announce=None):
     labels = data['y_test']
     if not (math.isfinite(test_loss) and np.isfinite(probs).all()):   # never with finite weights
         raise RuntimeError('the test evaluation gave non-finite probabilities; metrics.json was not written')
-    confusion = confusion_matrix(labels, probs.argmax(1))
-    speeds = [r['images_per_s'] for r in state.history if r.get('images_per_s')]
-    metrics = {
-        'test_loss': test_loss, 'test_acc': test_acc,
-        'ece': expected_calibration_error(probs, labels, n_bins=N_BINS),
-        'per_class_acc': per_class_accuracy(confusion), 'confusion_matrix': confusion,
-        'best_val_acc': best_val_acc, 'best_epoch': best_epoch, 'epochs_done': state.epoch,
-        'epochs_planned': cfg.epochs,
-        'stopped_early': bool(state.stop_reason), 'stop_reason': state.stop_reason,
-        'evaluated': evaluated,
-        'wall_time_s': state.elapsed_s + eval_s,
-        'train_images_per_s': float(np.median(speeds)) if speeds else None,
-        'test_images_per_s': len(labels) / max(eval_s, 1e-9),
-        'test_images': int(len(labels)), 'label_names': list(data['label_names']),
-        'time_to_val_acc': {f'{t:.2f}': time_to_accuracy(state.history, t) for t in TIME_TO_VAL_ACC},
-        'data_fingerprint': state.data_fingerprint,
-    }
+    metrics = test_metrics(cfg, state, best, probs, labels, eval_s, data['label_names'])
     if cfg.tta_flip:     # the same parameters without the mirrored view: what the flip adds
         metrics['single_view'] = {'test_acc': accuracy(single['probs'], labels),
                                   'test_loss': cross_entropy(single['probs'], labels),
@@ -736,6 +596,50 @@ def final_evaluation(cfg, run, model, state, data, announce=None):
                         'hidden': hidden.astype(np.float32)})
     run.log(summary(cfg, run.path, metrics, data['label_names']))
     return metrics
+
+
+def load_best(cfg, run, model):
+    """(the model to test, {'epoch', 'val_acc', 'evaluated'}): best.npz if the run has one, else ``model``.
+
+    best.npz is checked before use (names, shapes, finite values, the run's own model and a
+    record it can have written), so a damaged one is refused before metrics.json is touched.
+    """
+    best_path = run.file('best.npz')
+    if not best_path.is_file():
+        return model, {'epoch': None, 'val_acc': None,
+                       'evaluated': 'the current parameters (no epoch finished, so no best.npz yet)'}
+    model, meta = CNNRNN.load(best_path, return_meta=True, seq_layout=cfg.seq_layout,
+                              hidden=cfg.hidden, cell=cfg.cell)
+    epoch, val_acc = meta.get('epoch'), meta.get('val_acc')
+    # (best.npz may be an epoch ahead of the checkpoint: a stop between the two writes.)
+    if not (isinstance(epoch, int) and 1 <= epoch <= cfg.epochs
+            and isinstance(val_acc, (int, float)) and 0 <= val_acc <= 1):
+        raise UsageError(f'{best_path} records epoch {epoch!r} and validation accuracy '
+                         f'{val_acc!r}, which this run cannot have written; it is damaged: '
+                         f'delete it and re-evaluate (python main.py --resume {run.file("ckpt.npz")} '
+                         f'--evaluate) to test the last weights instead')
+    return model, {'epoch': epoch, 'val_acc': val_acc, 'evaluated': f'best.npz (epoch {epoch})'}
+
+
+def test_metrics(cfg, state, best, probs, labels, eval_s, label_names):
+    """The metrics.json record of a test evaluation (probs (N, 10), labels (N,))."""
+    confusion = confusion_matrix(labels, probs.argmax(1))
+    speeds = [r['images_per_s'] for r in state.history if r.get('images_per_s')]
+    return {
+        'test_loss': cross_entropy(probs, labels), 'test_acc': accuracy(probs, labels),
+        'ece': expected_calibration_error(probs, labels, n_bins=N_BINS),
+        'per_class_acc': per_class_accuracy(confusion), 'confusion_matrix': confusion,
+        'best_val_acc': best['val_acc'], 'best_epoch': best['epoch'], 'epochs_done': state.epoch,
+        'epochs_planned': cfg.epochs,
+        'stopped_early': bool(state.stop_reason), 'stop_reason': state.stop_reason,
+        'evaluated': best['evaluated'],
+        'wall_time_s': state.elapsed_s + eval_s,
+        'train_images_per_s': float(np.median(speeds)) if speeds else None,
+        'test_images_per_s': len(labels) / max(eval_s, 1e-9),
+        'test_images': int(len(labels)), 'label_names': list(label_names),
+        'time_to_val_acc': {f'{t:.2f}': time_to_accuracy(state.history, t) for t in TIME_TO_VAL_ACC},
+        'data_fingerprint': state.data_fingerprint,
+    }
 
 
 def summary(cfg, run_dir, m, names):
@@ -765,22 +669,18 @@ def summary(cfg, run_dir, m, names):
 # Command line
 # --------------------------------------------------------------------------
 
-# Options that override a preset key of the same name.
-OVERRIDES = ('subset', 'epochs', 'batch_size', 'lr', 'seed', 'seq_layout', 'schedule', 'rnn_init', 'cell')
 # Preset keys a resume may change with --set: they change how the run is evaluated, not what it learns.
 RESUME_SETTABLE = ('eval_batch_size',)
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(
-        description='Train the NumPy CNN+RNN on CIFAR-10.',
+    ap = cli.ArgumentParser(
+        prog='main.py', description='Train the NumPy CNN+RNN on CIFAR-10.',
         epilog='Examples:\n  python main.py --preset fast --subset 0.4 --max-hours 1\n'
                '  python main.py --resume runs/latest/ckpt.npz\n  python main.py --list-presets',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--preset', default='fast', help='named settings from presets.json (default: fast)')
     ap.add_argument('--list-presets', action='store_true', help='print the presets and exit')
-    ap.add_argument('--subset', type=float, help='fraction in (0, 1] of the 50,000 training images '
-                    '(split 9:1 into train/validation); the test set is always all 10,000')
     ap.add_argument('--max-hours', type=float, help='time budget for this invocation; training stops '
                     'cleanly in time to evaluate, with a resumable checkpoint')
     ap.add_argument('--resume', metavar='CKPT', help='continue the run that wrote this ckpt.npz (or '
@@ -791,71 +691,15 @@ def build_parser():
     ap.add_argument('--out', help='run folder (default: runs/<timestamp>-<preset>); must be new or empty')
     ap.add_argument('--data-dir', default=None, help='folder holding cifar-10-python.tar.gz or '
                     'cifar-10-batches-py (default: data)')
-    ap.add_argument('--epochs', type=int, help='override the number of epochs')
-    ap.add_argument('--batch-size', type=int, help='override the batch size')
-    ap.add_argument('--lr', type=float, help='override the peak learning rate')
-    ap.add_argument('--seed', type=int, help='override the seed (init, split, shuffles, augmentation)')
-    ap.add_argument('--seq-layout', choices=SEQ_LAYOUTS, help="override how the 8x8x64 map is read: "
-                    "'pixels' = 64 steps x 64 features, 'rows' = 8 steps x 512 features, "
-                    "'flat' = 1 step x 4096 features (no recurrence: the pure-CNN baseline)")
-    ap.add_argument('--schedule', choices=('exponential', 'cosine'), help='override the lr schedule')
-    ap.add_argument('--rnn-init', choices=RNN_INITS, help='override the W_hh initialisation')
-    ap.add_argument('--cell', choices=CELLS, help="override the recurrent cell: 'rnn' (the method's "
-                    "vanilla tanh RNN), 'gru' or 'lstm'")
-    ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                    help='override any preset key, e.g. --set standardize=false --set decay=0.95 '
-                         '(VALUE is read as JSON; repeatable)')
+    add_override_flags(ap)      # --epochs, --batch-size, --lr, ... and --set, from config.Config
     return ap
 
 
-def parse_set_options(items):
-    """['standardize=false', 'decay=0.95'] -> {'standardize': False, 'decay': 0.95}.
-
-    A key given twice is refused: which of the two values was meant cannot be guessed.
-    """
-    out = {}
-    for item in items:
-        key, sep, text = item.partition('=')
-        if not sep or not key:
-            raise UsageError(f'--set {item!r} is malformed; write --set KEY=VALUE, e.g. --set decay=0.95')
-        if key not in Config.preset_keys():
-            raise UsageError(f"--set {key}: unknown key; known keys are {', '.join(sorted(Config.preset_keys()))}")
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = text               # a bare word such as rows or cosine
-        if key in out:
-            raise UsageError(f'--set {key} is given twice ({out[key]!r} and {value!r}); give it once')
-        out[key] = value
-    return out
-
-
-def flag_overrides(args):
-    """{key: value} of the override flags given (--epochs, --cell, ...), checked against --set.
-
-    The same key from a flag and from --set (e.g. --cell gru --set cell=lstm) is refused.
-    """
-    flags = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
-    sets = parse_set_options(args.set)
-    both = sorted(set(flags) & set(sets))
-    if both:
-        k = both[0]
-        raise UsageError(f"--{k.replace('_', '-')} {flags[k]} and --set {k}={sets[k]} both set {k}; "
-                         f"give it once")
-    return {**flags, **sets}
-
-
 def check_args(args):
-    """Checks of the options themselves, before any file is read."""
+    """Checks of the options themselves, before any file is read; returns the overrides
+    ({key: value}) the flags and --set give, each checked by config.Config."""
     if args.max_hours is not None and not (args.max_hours > 0 and math.isfinite(args.max_hours)):
         raise UsageError(f'--max-hours {args.max_hours} is invalid; give a positive number of hours')
-    if args.subset is not None and not 0 < args.subset <= 1:
-        raise UsageError(f'--subset {args.subset} is out of range; give a fraction in (0, 1], '
-                         f'e.g. 0.4 for 40% of the training images')
-    if args.epochs is not None and args.epochs <= 0:
-        raise UsageError(f'--epochs {args.epochs} is invalid; give a positive number of epochs')
-    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
-        raise UsageError(f'--lr {args.lr} is invalid; give a positive finite learning rate, e.g. --lr 0.01')
     if args.data_dir is not None and not args.data_dir.strip():
         raise UsageError('--data-dir was given an empty path; give the folder holding '
                          'cifar-10-python.tar.gz, or leave the option out for data/')
@@ -864,8 +708,9 @@ def check_args(args):
                          'option out for runs/<timestamp>-<preset>')
     if args.evaluate and args.resume is None:
         raise UsageError('--evaluate redoes the test evaluation of a finished run; use it with --resume')
+    overrides = overrides_from_args(args)
     if args.resume is not None:
-        fixed = [f"--{k.replace('_', '-')}" for k in OVERRIDES if k != 'lr' and getattr(args, k) is not None]
+        fixed = [flag_name(k) for k in Config.flag_keys() if k != 'lr' and getattr(args, k) is not None]
         fixed += [f'--set {k}' for k in parse_set_options(args.set) if k not in RESUME_SETTABLE]
         fixed += ['--out'] if args.out else []
         fixed += ['--preset'] if args.preset != 'fast' else []
@@ -873,16 +718,17 @@ def check_args(args):
             raise UsageError(f"{', '.join(fixed)} cannot be combined with --resume: a resumed run "
                              f"keeps its saved configuration (only --lr, --max-hours, --data-dir and "
                              f"--set {'/'.join(RESUME_SETTABLE)} apply)")
+    return overrides
 
 
-def resolve_config(args):
+def resolve_config(args, overrides):
     """Preset + command-line overrides -> validated Config."""
     presets = load_presets()
     if args.preset not in presets:
         raise UsageError(f"unknown preset {args.preset!r}; choose one of {', '.join(presets)} "
                          f"(python main.py --list-presets shows them)")
     settings = presets[args.preset].to_dict()
-    settings.update(flag_overrides(args))
+    settings.update(overrides)
     settings.update(preset=args.preset, data_dir=args.data_dir or 'data', description='')
     return Config.from_dict(settings, 'the configuration')
 
@@ -903,11 +749,11 @@ def run(argv=None):
         if args.list_presets:
             list_presets()
             return EXIT_OK
-        check_args(args)
+        overrides = check_args(args)
         if args.resume is not None:
             return resume_run(args, stopper)
-        return new_run(args, stopper)
-    except (UsageError, RunFileError, DataError) as e:
+        return new_run(args, overrides, stopper)
+    except (UsageError, ConfigError, RunFileError, DataError) as e:
         print(f'error: {e}', file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:     # anything the modules above did not word themselves
@@ -955,8 +801,8 @@ def load_data(cfg):
         raise UsageError(str(e)) from None
 
 
-def new_run(args, stopper):
-    cfg = resolve_config(args)
+def new_run(args, overrides, stopper):
+    cfg = resolve_config(args, overrides)
     # Data and model come first, so bad data or an absurd size leaves no empty run folder behind.
     data = load_data(cfg)
     try:
@@ -1021,10 +867,24 @@ def resume_run(args, stopper):
                              announce=f're-evaluating {run.path} (training finished at epoch {state.epoch})')
             return EXIT_OK
         state.stop_reason = None
+        forget_divergence(run)
         run.log(f'resuming {run.path} at epoch {state.epoch + 1}, step {state.step}')
         return train_and_evaluate(cfg, run, model, opt, state, data, stopper, average)
     finally:
         run.lock.release()
+
+
+def forget_divergence(run):
+    """A resume of a diverged run (with a lower learning rate) continues it: the run is no longer
+    diverged, so its diverged.json goes (train.log keeps the story)."""
+    path = run.file(runfiles.DIVERGED_NAME)
+    if path.is_file():
+        try:
+            what = str(runfiles.read_json(path).get('message', ''))[:200]
+        except (RunFileError, AttributeError):
+            what = '(unreadable)'
+        run.log(f'continuing after the divergence recorded in {path.name}: {what}')
+        path.unlink()
 
 
 def optimizer_from(ck, model, cfg):
@@ -1118,7 +978,6 @@ def apply_resume_changes(args, cfg, state, data, new_lr, data_dir_given):
         changes.append(f'data folder now {args.data_dir} (was {cfg.data_dir}; the same images)')
         cfg.data_dir = args.data_dir
     for key, value in parse_set_options(args.set).items():
-        Config.check(key, value, '--set')
         if getattr(cfg, key) != value:
             changes.append(f'{key} now {value} (was {getattr(cfg, key)})')
             setattr(cfg, key, value)
@@ -1133,6 +992,7 @@ def train_and_evaluate(cfg, run, model, opt, state, data, stopper, average=None)
     try:
         trainer.train()
     except Diverged as e:
+        runfiles.write_json(run.file(runfiles.DIVERGED_NAME), dict(e.record, message=str(e)))
         run.log(f'error: {e}', stream=sys.stderr)
         return EXIT_DIVERGED
     stopper.during = 'evaluation'

@@ -29,8 +29,9 @@ TEMP_MARK = '.tmp-'          # every temporary file of this module has it in its
 LOCK_NAME = '.lock'
 # The files this project writes into a run folder and its figures/: only temporary files
 # of these names (``<name>.tmp-<8 characters of mkstemp>``) are ours to remove.
+DIVERGED_NAME = 'diverged.json'   # where and how the loss became non-finite, written when it happens
 RUN_FOLDER_FILES = ('config.json', 'history.json', 'metrics.json', 'ckpt.npz', 'best.npz',
-                    'predictions.npz', 'report.md')
+                    'predictions.npz', 'report.md', DIVERGED_NAME)
 FIGURE_FILE_SUFFIX = '.png'
 _OWN_TEMP = re.compile(r'^(?P<base>.+)' + re.escape(TEMP_MARK) + r'[a-z0-9_]{8}$')
 # Seeds both command lines accept: what NumPy's and scikit-learn's generators both take.

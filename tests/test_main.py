@@ -196,6 +196,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     after = folder_snapshot(out)
     for name in ('ckpt.npz', 'best.npz', 'history.json', 'metrics.json', 'predictions.npz'):
         assert after[name] == before[name], name
+    # The divergence is recorded as data where it happened, not only as log text...
+    record = json.loads((out / 'diverged.json').read_text())
+    assert (record['epoch'], record['step'], record['loss']) == (2, 3, 'nan') and record['lr'] > 0
+    # ...and a resume with a lower learning rate continues the run, which is then no longer diverged.
+    monkeypatch.undo()
+    assert resume(out / 'ckpt.npz', '--lr', '0.01') == 0
+    assert not (out / 'diverged.json').exists()
+    assert 'continuing after the divergence' in (out / 'train.log').read_text()
 
 
 def bad_input_cases(data_dir, tmp_path):
@@ -267,38 +275,6 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert 'cifar-10-python.tar.gz' in err
     assert not os.path.exists(tmp_path / 'r')
-
-
-def preset_dict(cfg):
-    """A Config as it would stand in presets.json."""
-    return {k: getattr(cfg, k) for k in main.Config.preset_keys()}
-
-
-def test_presets_are_validated(tmp_path, monkeypatch):
-    presets = main.load_presets()
-    fast = presets['fast']
-    assert fast.epochs == 15 and fast.batch_size == 256 and fast.lr == 0.02
-    assert fast.seq_layout == 'pixels' and fast.decay == 0.9 and fast.warmup_epochs == 1
-    assert fast.cell == 'rnn'
-    # The gated preset is the fast protocol with another reader of the map, nothing else.
-    gated = presets['gated']
-    assert (gated.cell, gated.seq_layout) == ('lstm', 'rows')
-    assert {k: getattr(gated, k) for k in main.Config.preset_keys() if k not in ('cell', 'seq_layout')} == \
-        {k: getattr(fast, k) for k in main.Config.preset_keys() if k not in ('cell', 'seq_layout')}
-    for bad, words in [({'epochs': 15, 'colour': 'red'}, "unknown key 'colour'"),
-                       ({'epochs': -3}, 'epochs = -3 is invalid'),
-                       ({'lr': 'fast'}, 'lr'), ({'schedule': 'linear'}, 'schedule'),
-                       ({'nesterov': 1}, 'nesterov')]:
-        path = tmp_path / 'presets.json'
-        p = dict(preset_dict(presets['smoke']), **bad)
-        path.write_text(json.dumps({'x': p}))
-        with pytest.raises(main.UsageError, match=words):
-            main.load_presets(str(path))
-    p = preset_dict(presets['smoke'])
-    del p['lr']
-    path.write_text(json.dumps({'x': p}))
-    with pytest.raises(main.UsageError, match='missing lr'):
-        main.load_presets(str(path))
 
 
 def test_set_overrides_any_preset_key(data_dir, tmp_path):

@@ -451,19 +451,6 @@ def test_a_resume_may_only_change_the_evaluation_batch_size(stopped, tmp_path):
     assert json.loads((run / 'config.json').read_text())['eval_batch_size'] == 7
 
 
-def test_a_preset_may_leave_out_the_keys_that_default_to_off(tmp_path):
-    presets = json.loads((REPO_ROOT / 'presets.json').read_text())
-    lean = {k: v for k, v in presets['fast'].items() if k not in main.Config.defaults()}
-    path = tmp_path / 'presets.json'
-    path.write_text(json.dumps({'lean': lean}))
-    cfg = main.load_presets(path)['lean']
-    assert all(getattr(cfg, k) == v for k, v in main.Config.defaults().items())
-    del lean['epochs']
-    path.write_text(json.dumps({'lean': lean}))
-    with pytest.raises(main.UsageError, match='missing epochs'):
-        main.load_presets(path)
-
-
 def test_an_epoch_split_by_a_resume_reports_the_time_and_speed_of_both_parts(data_dir, tmp_path):
     """Stopped after 3 of 8 steps, resumed: the epoch's images/s is that of its 8 steps,
     comparable to an uninterrupted epoch's (it was ~17x too low: only the 5 resumed steps'
