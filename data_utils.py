@@ -16,10 +16,16 @@ message is one sentence naming the file and the fix; bad arguments raise
 `ValueError`. Callers print the message and exit, without a traceback.
 """
 import codecs
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import os
 import pickle
+import re
+import shlex
+import shutil
+import stat
 import sys
 import tarfile
 import tempfile
@@ -29,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from runfiles import NotRegularFile, file_kind, open_regular
 
 if not hasattr(tarfile, 'data_filter') or not hasattr(hashlib, 'file_digest'):
     raise ImportError(f'this project needs Python 3.11.4 or newer (tarfile extraction filters, '
@@ -47,6 +55,9 @@ IMAGE_SHAPE = (3, 32, 32)
 IMAGE_SIZE = 3 * 32 * 32
 
 _EXTRACT_PREFIX = '.cifar-10-extract-'  # temp folders; never named like the real one
+# Exactly the names tempfile.mkdtemp gives them: only these are ever removed as stale.
+_EXTRACT_NAME = re.compile(re.escape(_EXTRACT_PREFIX) + r'[a-z0-9_]{8}')
+_EXTRACT_LOCK = '.lock'  # in each temp folder; flock'ed by its extraction until it is done
 _md5_warned = set()  # archives already warned about in this process
 # Errors that mean an archive's bytes are damaged (BadGzipFile is an OSError).
 _CORRUPT_ARCHIVE = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
@@ -79,26 +90,100 @@ def _reason(exc):
     return str(reason) or type(exc).__name__
 
 
+def _kind(path):
+    """What path is, links followed: None if nothing is there (or a link to nothing),
+    else runfiles.file_kind's words ('a regular file', 'a folder', 'a device', ...)."""
+    try:
+        return file_kind(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _what(path, kind):
+    """kind as said of path: 'a file', 'a device' or 'a link to /dev/zero, a device'."""
+    kind = 'a file' if kind == 'a regular file' else kind
+    return f'a link to {os.path.realpath(path)}, {kind}' if os.path.islink(path) else kind
+
+
+def _move_away(path):
+    """A command that moves path aside, as typed in a shell."""
+    return f'mv {shlex.quote(str(path))} {shlex.quote(str(path) + ".old")}'
+
+
+def _archive_error(archive, kind):
+    """The DataError for an archive path that is kind (file_kind words), not a regular file."""
+    return DataError(f'{archive} is {_what(archive, kind)}, not a CIFAR-10 archive; move it '
+                     f'away ({_move_away(archive)}), then put the archive there by hand or '
+                     f'run main.py to download it')
+
+
 def _check_folders(data_dir):
     """DataError if data_dir or its cifar-10-batches-py exists but is not a folder."""
     data_dir = Path(data_dir)
     folder = data_dir / FOLDER_NAME
     try:
-        if data_dir.exists() and not data_dir.is_dir():
-            raise DataError(f'the data folder {data_dir} is a file; pass a folder that '
-                            f'holds (or may hold) {FOLDER_NAME}/ or {ARCHIVE_NAME}')
-        if folder.exists() and not folder.is_dir():
-            raise DataError(f'{folder} is a file, not the extracted CIFAR-10 folder; '
-                            f'move it away and run again to extract the archive afresh')
+        kind = _kind(data_dir)
+        if kind is None and data_dir.is_symlink():
+            raise DataError(f'the data folder {data_dir} is a broken link; point it at a '
+                            f'folder or delete it, then run again')
+        if kind not in (None, 'a folder'):
+            raise DataError(f'the data folder {data_dir} is {_what(data_dir, kind)}; pass a '
+                            f'folder that holds (or may hold) {FOLDER_NAME}/ or {ARCHIVE_NAME}')
+        kind = _kind(folder)
+        if kind is None and folder.is_symlink():
+            raise DataError(f'{folder} is a broken link, not the extracted CIFAR-10 folder; '
+                            f'delete it (rm {shlex.quote(str(folder))}) and run again')
+        if kind not in (None, 'a folder'):
+            raise DataError(f'{folder} is {_what(folder, kind)}, not the extracted CIFAR-10 '
+                            f'folder; move it away and run again to extract the archive afresh')
     except OSError as e:  # e.g. a parent folder without search permission
         raise DataError(f'cannot access {data_dir} ({_reason(e)}); fix its permissions '
                         f'or pass another data folder') from e
 
 
 def md5sum(path):
-    """Hex md5 of a file, read in chunks."""
-    with open(path, 'rb') as f:
+    """Hex md5 of a regular file (or a link to one), read in chunks.
+
+    Raises runfiles.NotRegularFile (an OSError) for a named pipe, a device or a
+    folder, which would otherwise block or never end.
+    """
+    with open_regular(path) as f:
         return hashlib.file_digest(f, 'md5').hexdigest()
+
+
+def _open_archive(archive, fix):
+    """The archive opened for binary reading, or DataError (missing, not a regular file,
+    unreadable). Opened through runfiles.open_regular, so a named pipe never blocks."""
+    try:
+        return open_regular(archive)
+    except NotRegularFile as e:
+        raise _archive_error(archive, e.kind) from None
+    except FileNotFoundError:
+        if archive.is_symlink():
+            raise DataError(f'{archive} is a broken link; point it at a copy of '
+                            f'{ARCHIVE_NAME} or delete it and run again') from None
+        raise DataError(f'{archive} is missing; put the CIFAR-10 python archive there by '
+                        f'hand or run again with network access to download it') from None
+    except OSError as e:
+        raise DataError(f'could not read {archive} ({_reason(e)}); check its permissions '
+                        f'or {fix}') from e
+
+
+def _start_download(archive):
+    """Open archive's `.part` file for a new download (binary, exclusive); return it."""
+    part = archive.with_name(ARCHIVE_NAME + '.part')
+    kind = _kind(part)
+    if kind not in (None, 'a regular file') and not part.is_symlink():
+        raise DataError(f'{part} is {kind}, not a partial download; move it away '
+                        f'({_move_away(part)}) and run again')
+    try:
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        # A killed download's leftover (or a link) is replaced, never written through.
+        part.unlink(missing_ok=True)
+        return open(part, 'xb')
+    except OSError as e:
+        raise DataError(f'could not write {part} ({_reason(e)}); make {archive.parent} '
+                        f'writable or pass another data folder') from e
 
 
 def download_cifar10(data_dir='data', url=CIFAR10_URL, expected_md5=CIFAR10_MD5,
@@ -113,18 +198,16 @@ def download_cifar10(data_dir='data', url=CIFAR10_URL, expected_md5=CIFAR10_MD5,
     """
     archive, folder = _paths(data_dir)
     _check_folders(data_dir)
-    if archive.is_file() or folder.is_dir():
+    kind = _kind(archive)
+    if kind == 'a regular file' or folder.is_dir():
         return str(archive)
+    if kind is not None:  # checked first: the rename would replace it, after the download
+        raise _archive_error(archive, kind)
     if archive.is_symlink():
         raise DataError(f'{archive} is a broken link; point it at a copy of {ARCHIVE_NAME} '
                         f'or delete it and run again to download')
-    part = archive.with_name(ARCHIVE_NAME + '.part')
-    try:
-        archive.parent.mkdir(parents=True, exist_ok=True)
-        f = open(part, 'wb')
-    except OSError as e:
-        raise DataError(f'could not write {part} ({_reason(e)}); make {archive.parent} '
-                        f'writable or pass another data folder') from e
+    f = _start_download(archive)
+    part = Path(f.name)
     digest = hashlib.md5(usedforsecurity=False)
     try:
         with f, urllib.request.urlopen(url, timeout=timeout) as response:
@@ -149,45 +232,133 @@ def download_cifar10(data_dir='data', url=CIFAR10_URL, expected_md5=CIFAR10_MD5,
     return str(archive)
 
 
-def extract_cifar10(data_dir='data', check_md5=True):
-    """Extract data_dir/cifar-10-python.tar.gz into data_dir/cifar-10-batches-py
-    (unless that exists); return the folder's path (str).
+# Extraction happens in a temp folder beside the real one. A run killed while
+# extracting (SIGKILL, power loss) leaves that folder behind, so every run first
+# removes the stale ones; each extraction holds an flock on <its folder>/.lock
+# until it is done, and the kernel drops the lock when the process dies, so a
+# folder whose lock can be taken without waiting is stale, and one whose lock is
+# held belongs to a run extracting right now.
 
-    Safe: members outside cifar-10-batches-py/ are refused, and tarfile's 'data'
-    filter refuses links, special files and paths that would leave the folder.
-    Atomic: the members go to a hidden temp folder inside data_dir, renamed into
-    place only once every required file is there, so a crash never leaves a
-    half-extracted cifar-10-batches-py.
+def _lock_new_folder(tmp):
+    """flock tmp/.lock for the extraction that just created tmp; return the open file
+    descriptor, or None when a clean-up claimed tmp first (it then removes tmp)."""
+    lock = tmp / _EXTRACT_LOCK
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except (FileExistsError, FileNotFoundError):  # a clean-up made the lock, or removed tmp
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A clean-up may have taken the lock, removed tmp and let go in between.
+        if os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+            return fd
+    except (BlockingIOError, FileNotFoundError):
+        pass
+    os.close(fd)
+    return None
 
-    With check_md5, an archive whose md5 is not the official one (placed by
-    hand, e.g. a re-packed copy) gets one warning line on stderr, once per
-    archive per process, and is used anyway.
+
+@contextlib.contextmanager
+def _extraction_folder(parent):
+    """A new temp folder in parent (a Path), locked while the with-block runs, then removed."""
+    for _ in range(10):  # a clean-up claims a brand-new folder only in a microsecond race
+        tmp = Path(tempfile.mkdtemp(prefix=_EXTRACT_PREFIX, dir=parent))
+        fd = _lock_new_folder(tmp)
+        if fd is not None:
+            break
+    else:
+        raise OSError(f'could not lock a temporary folder in {parent}')
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # still locked: no clean-up runs into it
+        os.close(fd)
+
+
+def _remove_if_stale(tmp):
+    """Remove tmp (a Path named like our temp folders) if it is a folder holding only
+    what an extraction puts there and no process holds its lock; True if removed."""
+    try:
+        if not stat.S_ISDIR(os.lstat(tmp).st_mode):
+            return False  # we only ever make folders: a file or link is someone else's
+        if not set(os.listdir(tmp)) <= {_EXTRACT_LOCK, FOLDER_NAME}:
+            return False  # holds something an extraction never writes: not ours to remove
+        # O_CREAT: an extraction killed before it made its lock file leaves none.
+        fd = os.open(tmp / _EXTRACT_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: still extracting
+        shutil.rmtree(tmp)
+        return True
+    except OSError:  # locked, or not ours to remove (permissions): left for later
+        return False
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_extractions(data_dir):
+    """Remove the temp folders that killed extractions left in data_dir; return their names.
+
+    Never touches a folder another process is extracting into, nor anything not
+    named exactly like the temp folders tempfile.mkdtemp makes for us.
     """
-    archive, folder = _paths(data_dir)
-    _check_folders(data_dir)
-    if folder.is_dir():
-        return str(folder)
-    if not archive.is_file():
-        raise DataError(f'{archive} is missing; put the CIFAR-10 python archive there by '
-                        f'hand or run again with network access to download it')
-    fix = f'delete {archive} and run again to re-download it'
     try:
-        md5 = md5sum(archive) if check_md5 else None
-    except OSError as e:
-        raise DataError(f'could not read {archive} ({_reason(e)}); check its permissions '
-                        f'or {fix}') from e
+        names = os.listdir(data_dir)
+    except OSError:  # no data folder yet, or unreadable: nothing we could clean
+        return []
+    return [name for name in sorted(names) if _EXTRACT_NAME.fullmatch(name)
+            and _remove_if_stale(Path(data_dir) / name)]
+
+
+_MEMBER_KINDS = {tarfile.SYMTYPE: 'a symbolic link', tarfile.LNKTYPE: 'a hard link',
+                 tarfile.CHRTYPE: 'a device', tarfile.BLKTYPE: 'a device',
+                 tarfile.FIFOTYPE: 'a named pipe (FIFO)'}
+
+
+def _check_member(member, archive, fix, seen):
+    """DataError unless the TarInfo member is the folder cifar-10-batches-py or a regular
+    file directly in it, met once (seen: the file names met so far, updated).
+
+    The official archive holds nothing else. Links are refused whatever their
+    target: tarfile's 'data' filter accepts one that stays inside the folder, and
+    a data_batch_1 that links to test_batch makes a run train on the test images.
+    """
+    name = member.name
+    head, _, base = name.partition('/')
+    if head != FOLDER_NAME:  # also '../x' and '/x' (which filter='data' would re-root)
+        raise DataError(f'{archive} contains the member {name!r} outside {FOLDER_NAME}/, '
+                        f'so it was refused; {fix}')
+    kind = _MEMBER_KINDS.get(member.type, f'of tar type {member.type!r}')
+    if member.issym() or member.islnk():
+        raise DataError(f'{archive} contains {name!r}, {kind} to {member.linkname!r}, and '
+                        f'links are refused (the official archive holds none); {fix}')
+    if not (member.isfile() or member.isdir()):
+        raise DataError(f'{archive} contains {name!r}, which is {kind}, not a file; {fix}')
+    plain = (name == FOLDER_NAME if member.isdir()
+             else base not in ('', '.', '..') and '/' not in base)
+    if not plain:
+        raise DataError(f'{archive} contains {name!r}, which is not a file directly in '
+                        f'{FOLDER_NAME}/ as in the official archive; {fix}')
+    if member.isfile():
+        if name in seen:  # extraction would keep the last copy, a stream read the first
+            raise DataError(f'{archive} contains {name!r} twice, so which copy is meant is '
+                            f'unclear; {fix}')
+        seen.add(name)
+
+
+def _extract_into_place(f, archive, folder, fix):
+    """Extract the open archive file f into a locked temp folder beside folder, then
+    rename its cifar-10-batches-py to folder (Path) once every required file is there."""
     try:
-        with (tempfile.TemporaryDirectory(prefix=_EXTRACT_PREFIX, dir=archive.parent,
-                                          ignore_cleanup_errors=True) as tmp,
-              tarfile.open(archive, 'r:*') as tar):
+        with (_extraction_folder(archive.parent) as tmp,
+              tarfile.open(fileobj=f, mode='r:*') as tar):
+            seen = set()
             for member in tar:  # one pass: extractall() would decompress it twice
-                # The official archive holds nothing else; this also refuses
-                # '../x' and '/x' (which filter='data' would merely re-root).
-                if member.name.split('/')[0] != FOLDER_NAME:
-                    raise DataError(f'{archive} contains the member {member.name!r} outside '
-                                    f'{FOLDER_NAME}/, so it was not extracted; {fix}')
+                _check_member(member, archive, fix, seen)
                 tar.extract(member, tmp, filter='data')  # needs Python >= 3.11.4
-            extracted = Path(tmp) / FOLDER_NAME
+            extracted = tmp / FOLDER_NAME
             for name in REQUIRED_FILES:
                 if not (extracted / name).is_file():
                     raise DataError(f'{archive} does not contain {FOLDER_NAME}/{name}; {fix}')
@@ -196,7 +367,7 @@ def extract_cifar10(data_dir='data', check_md5=True):
             except OSError:
                 if not folder.is_dir():  # else another process extracted it first
                     raise
-    except tarfile.FilterError as e:  # a link out of the folder, a device file, ...
+    except tarfile.FilterError as e:  # a second line of defence behind _check_member
         raise DataError(f'{archive} contains an unsafe member ({e}), so it was not '
                         f'extracted; {fix}') from e
     except _CORRUPT_ARCHIVE as e:
@@ -205,6 +376,37 @@ def extract_cifar10(data_dir='data', check_md5=True):
         raise DataError(f'could not extract {archive} into {archive.parent} ({_reason(e)}); '
                         f'free some disk space or make that folder writable (or pass '
                         f'another data folder), then run again') from e
+
+
+def extract_cifar10(data_dir='data', check_md5=True):
+    """Extract data_dir/cifar-10-python.tar.gz into data_dir/cifar-10-batches-py
+    (unless that exists); return the folder's path (str).
+
+    Safe: the archive must be a regular file (or a link to one), and only the
+    folder cifar-10-batches-py/ and regular files directly in it are accepted (no
+    links, devices or paths that would leave the folder; _check_member).
+    Atomic: the members go to a hidden temp folder inside data_dir, renamed into
+    place only once every required file is there, so a crash never leaves a
+    half-extracted cifar-10-batches-py (and the next run removes the temp folder).
+
+    With check_md5, an archive whose md5 is not the official one (placed by
+    hand, e.g. a re-packed copy) gets one warning line on stderr, once per
+    archive per process, and is used anyway.
+    """
+    archive, folder = _paths(data_dir)
+    _check_folders(data_dir)
+    _remove_stale_extractions(data_dir)
+    if folder.is_dir():
+        return str(folder)
+    fix = f'delete {archive} and run again to re-download it'
+    with _open_archive(archive, fix) as f:  # one descriptor: md5 and extraction see one file
+        try:
+            md5 = hashlib.file_digest(f, 'md5').hexdigest() if check_md5 else None
+            f.seek(0)
+        except OSError as e:
+            raise DataError(f'could not read {archive} ({_reason(e)}); check its '
+                            f'permissions or {fix}') from e
+        _extract_into_place(f, archive, folder, fix)
     if md5 is not None and md5 != CIFAR10_MD5:
         key = (os.path.realpath(archive), md5)
         if key not in _md5_warned:
@@ -219,12 +421,15 @@ def prepare_cifar10(data_dir='data', url=None, expected_md5=None):
 
     Uses the extracted folder if present, else extracts the archive (downloaded
     earlier or placed by hand), else downloads it first from `url` (default
-    CIFAR10_URL) checking `expected_md5` (default CIFAR10_MD5).
+    CIFAR10_URL) checking `expected_md5` (default CIFAR10_MD5). Either way, the
+    temp folders of extractions killed earlier are removed first.
     """
     archive, folder = _paths(data_dir)
+    _check_folders(data_dir)
+    _remove_stale_extractions(data_dir)
     if folder.is_dir():
         return str(folder)
-    downloaded = not archive.is_file()
+    downloaded = not os.path.lexists(archive)
     if downloaded:
         download_cifar10(data_dir, url or CIFAR10_URL, expected_md5 or CIFAR10_MD5)
     # A fresh download was just verified; only a hand-placed archive is hashed.
@@ -273,10 +478,13 @@ def _unpickle(f, name, fix):
 
 
 def _unpickle_file(path, fix):
-    """_unpickle for a file on disk."""
+    """_unpickle for a file on disk, which must be a regular file or a link to one
+    (a named pipe would block the read forever, a device never end)."""
     try:
-        with open(path, 'rb') as f:
+        with open_regular(path) as f:
             return _unpickle(f, path, fix)
+    except NotRegularFile as e:
+        raise DataError(f'{path} is {_what(path, e.kind)}, not a regular file; {fix}') from None
     except FileNotFoundError:
         raise DataError(f'{path} is missing; {fix}') from None
     except OSError as e:
@@ -285,34 +493,45 @@ def _unpickle_file(path, fix):
 
 
 def _unpickle_members(archive, names, fix):
-    """_unpickle for the members cifar-10-batches-py/<name> of the archive, in
-    the order of names. The archive is streamed once; nothing touches the disk."""
-    wanted = [f'{FOLDER_NAME}/{name}' for name in names]
-    found = {}
-    try:
-        with tarfile.open(archive, 'r|*') as tar:
-            for member in tar:
-                if member.name in wanted and member.isfile():
-                    found[member.name] = _unpickle(tar.extractfile(member),
-                                                   f'{member.name} in {archive}', fix)
-                    if len(found) == len(wanted):
-                        break
-    except _CORRUPT_ARCHIVE as e:
-        raise DataError(f'{archive} is truncated or corrupt ({_reason(e)}); {fix}') from e
-    except OSError as e:
-        raise DataError(f'could not read {archive} ({_reason(e)}); check its permissions '
-                        f'or {fix}') from e
-    for member in wanted:
-        if member not in found:
+    """_unpickle for the members cifar-10-batches-py/<name> of the archive (a Path), in
+    the order of names. The archive is streamed once, to its end, and every member
+    checked as extraction checks it (_check_member: no links, no duplicates, ...),
+    so both read the same archive the same way; nothing touches the disk."""
+    found = {f'{FOLDER_NAME}/{name}': None for name in names}
+    seen = set()
+    with _open_archive(archive, fix) as f:
+        try:
+            with tarfile.open(fileobj=f, mode='r|*') as tar:
+                for member in tar:  # the official archive ends with batches.meta, readme.html
+                    _check_member(member, archive, fix, seen)
+                    if member.name in found:
+                        found[member.name] = _unpickle(tar.extractfile(member),
+                                                       f'{member.name} in {archive}', fix)
+        except _CORRUPT_ARCHIVE as e:
+            raise DataError(f'{archive} is truncated or corrupt ({_reason(e)}); {fix}') from e
+        except OSError as e:
+            raise DataError(f'could not read {archive} ({_reason(e)}); check its '
+                            f'permissions or {fix}') from e
+    for member, d in found.items():
+        if d is None:
             raise DataError(f'{archive} does not contain {member}; {fix}')
-    return [found[member] for member in wanted]
+    return list(found.values())
+
+
+# Words for the labels' dtype kinds that are not whole numbers.
+_LABEL_KINDS = {'b': 'true/false', 'f': 'floating-point', 'c': 'complex', 'U': 'text',
+                'S': 'bytes', 'O': 'mixed'}
 
 
 def _batch_arrays(d, name, fix):
     """Check an unpickled batch dict; return X uint8 (n, 3072) and y int64 (n,)."""
     if 'data' not in d or 'labels' not in d:
         raise DataError(f'{name} has no data/labels entries; {fix}')
-    X, y = np.asarray(d['data']), np.asarray(d['labels'])
+    try:
+        X, y = np.asarray(d['data']), np.asarray(d['labels'])
+    except (ValueError, TypeError):  # e.g. rows of different lengths
+        raise DataError(f'{name} has data or labels that are not rectangular arrays; '
+                        f'{fix}') from None
     if X.ndim != 2 or X.shape[1] != IMAGE_SIZE or y.shape != (X.shape[0],):
         raise DataError(f'{name} has images of shape {X.shape} and labels of shape '
                         f'{y.shape}, expected (n, {IMAGE_SIZE}) and (n,); {fix}')
@@ -320,11 +539,34 @@ def _batch_arrays(d, name, fix):
         if X.dtype.kind not in 'iu' or (X.size and (X.min() < 0 or X.max() > 255)):
             raise DataError(f'{name} has {X.dtype} pixels, expected uint8 0..255; {fix}')
         X = X.astype(np.uint8)
-    if y.size and (y.dtype.kind not in 'iu' or y.min() < 0 or y.max() >= NUM_CLASSES):
-        bad = y[(y < 0) | (y >= NUM_CLASSES)][:1] if y.dtype.kind in 'iuf' else y[:1]
+    # An empty list of labels is float64 to numpy: only non-empty labels have a type.
+    if y.size and y.dtype.kind not in 'iu':  # 3.0 is not a class index, even if it looks like 3
+        words = _LABEL_KINDS.get(y.dtype.kind, str(y.dtype))
+        raise DataError(f'{name} has {words} labels ({y.dtype}, e.g. {y[:1].tolist()!r}) '
+                        f'where whole numbers 0..{NUM_CLASSES - 1} are expected; {fix}')
+    if y.size and (y.min() < 0 or y.max() >= NUM_CLASSES):
+        bad = y[(y < 0) | (y >= NUM_CLASSES)][:1]
         raise DataError(f'{name} has labels outside 0..{NUM_CLASSES - 1} '
                         f'(e.g. {bad.tolist()!r}); {fix}')
     return X, y.astype(np.int64)
+
+
+def _label_name(n, name, fix):
+    """One class name of batches.meta as str: bytes must be UTF-8 text, and a name must be
+    printable (it goes into messages, figures and report.md)."""
+    if isinstance(n, bytes):
+        try:
+            n = n.decode('utf-8')
+        except UnicodeDecodeError:
+            raise DataError(f'{name} has label names that are not valid UTF-8 text (e.g. '
+                            f'{n[:40]!r}); {fix}') from None
+    if not isinstance(n, str):
+        raise DataError(f'{name} has label names of type {type(n).__name__} where text is '
+                        f'expected; {fix}')
+    if not n.strip() or not n.isprintable():
+        raise DataError(f'{name} has the label name {n[:40]!r}, which is empty or holds '
+                        f'control characters; {fix}')
+    return n
 
 
 def _label_names(d, name, fix):
@@ -332,7 +574,7 @@ def _label_names(d, name, fix):
     names = d.get('label_names')
     if not isinstance(names, (list, tuple)) or len(names) != NUM_CLASSES:
         raise DataError(f'{name} does not list {NUM_CLASSES} label_names; {fix}')
-    return [n.decode('utf-8') if isinstance(n, bytes) else str(n) for n in names]
+    return [_label_name(n, name, fix) for n in names]
 
 
 def fingerprint(X, y):
@@ -384,7 +626,7 @@ def load_test_set(data_dir='data'):
     if folder.is_dir():
         sources = [folder / TEST_BATCH, folder / META_FILE]
         test, meta = [_unpickle_file(path, fix) for path in sources]
-    elif archive.is_file():
+    elif os.path.lexists(archive):  # whatever it is: _open_archive says what is wrong
         sources = [f'{FOLDER_NAME}/{name} in {archive}' for name in (TEST_BATCH, META_FILE)]
         test, meta = _unpickle_members(archive, (TEST_BATCH, META_FILE), fix)
     else:
@@ -392,6 +634,43 @@ def load_test_set(data_dir='data'):
                         f'at the folder that holds {FOLDER_NAME}/ or the archive')
     X, y = _batch_arrays(test, sources[0], fix)
     return X.reshape((-1,) + IMAGE_SHAPE), y, _label_names(meta, sources[1], fix)
+
+
+def _training_images(paths, data_dir, ys, train_idx, val_idx):
+    """The second pass over the training batches: each batch's chosen rows go straight
+    into the train and val arrays, and its pixels into the sha256 of the training set.
+
+    Inputs:
+    - paths: the batch files, in archive order
+    - ys: the (n_k,) int64 labels of each of them, from the first pass (N in all)
+    - train_idx, val_idx: int indices into the N images (split_indices)
+
+    Returns a tuple of:
+    - X_train: (len(train_idx), 3072) uint8
+    - X_val: (len(val_idx), 3072) uint8
+    - fingerprint: hex sha256 of all N images and then y, equal to
+      fingerprint(np.concatenate(all X), np.concatenate(ys)) without holding all
+      images at once
+    """
+    X_train = np.empty((len(train_idx), IMAGE_SIZE), np.uint8)
+    X_val = np.empty((len(val_idx), IMAGE_SIZE), np.uint8)
+    digest = hashlib.sha256()
+    start = 0
+    for path, y_first in zip(paths, ys):
+        Xb, yb = load_batch(path, data_dir)
+        stop = start + len(Xb)
+        # The rows were chosen, and the labels are hashed, from the first pass's read.
+        if not np.array_equal(yb, y_first):
+            raise DataError(f'{path} changed while it was being read; wait until nothing '
+                            f'writes to {path.parent} and run again')
+        digest.update(np.ascontiguousarray(Xb).data)
+        for idx, out in ((train_idx, X_train), (val_idx, X_val)):
+            here = (idx >= start) & (idx < stop)
+            out[here] = Xb[idx[here] - start]
+        start = stop
+    for y_first in ys:
+        digest.update(np.ascontiguousarray(y_first, dtype=np.int64).data)
+    return X_train, X_val, digest.hexdigest()
 
 
 def load_cifar10(data_dir='data', subset=1.0, val_fraction=0.1, seed=0):
@@ -407,6 +686,9 @@ def load_cifar10(data_dir='data', subset=1.0, val_fraction=0.1, seed=0):
     - X_train, X_val, X_test: (N, 3, 32, 32) uint8
     - y_train, y_val, y_test: (N,) int64 labels in 0..9
     - label_names: list of the 10 class names
+    - fingerprint: {'train': hex, 'test': hex}, what identifies the data whatever
+      subset, split and seed: fingerprint() of all training images of the five
+      batches in archive order with their labels, and of the test set
     subset=0.4 gives 18,000 train, 2,000 val; test is always the full 10,000.
     """
     _check_fraction('subset', subset, allow_one=True)
@@ -420,24 +702,17 @@ def load_cifar10(data_dir='data', subset=1.0, val_fraction=0.1, seed=0):
     # the 150 MB of training images are never held twice (peak about 250 MB
     # instead of 310 MB, for about 0.1 s more).
     paths = [folder / name for name in TRAIN_BATCHES]
-    y = np.concatenate([load_batch(path, data_dir)[1] for path in paths])
+    ys = [load_batch(path, data_dir)[1] for path in paths]
+    y = np.concatenate(ys)
     train_idx, val_idx = split_indices(y, subset, val_fraction, seed)
-    X_train = np.empty((len(train_idx), IMAGE_SIZE), np.uint8)
-    X_val = np.empty((len(val_idx), IMAGE_SIZE), np.uint8)
-    start = 0
-    for path in paths:
-        Xb, _ = load_batch(path, data_dir)
-        stop = start + len(Xb)
-        for idx, out in ((train_idx, X_train), (val_idx, X_val)):
-            here = (idx >= start) & (idx < stop)
-            out[here] = Xb[idx[here] - start]
-        start = stop
+    X_train, X_val, train_print = _training_images(paths, data_dir, ys, train_idx, val_idx)
     X_test, y_test = load_batch(folder / TEST_BATCH, data_dir)
     return {
         'X_train': X_train.reshape((-1,) + IMAGE_SHAPE), 'y_train': y[train_idx],
         'X_val': X_val.reshape((-1,) + IMAGE_SHAPE), 'y_val': y[val_idx],
         'X_test': X_test.reshape((-1,) + IMAGE_SHAPE), 'y_test': y_test,
         'label_names': label_names,
+        'fingerprint': {'train': train_print, 'test': fingerprint(X_test, y_test)},
     }
 
 

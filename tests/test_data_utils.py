@@ -3,13 +3,22 @@ bad inputs and the download path (against a local http.server).
 
 Everything runs on small synthetic archives from conftest.make_cifar_archive,
 except the integration test, which uses the real archive when it is linked at
-data/cifar-10-python.tar.gz and is skipped otherwise.
+data/cifar-10-python.tar.gz and is skipped otherwise. The tests of hostile files
+(issue 18) also run main.py as a subprocess, with a timeout, so that a hang fails.
 """
+import contextlib
 import errno
 import functools
 import http.server
+import io
 import os
+import pickle
+import select
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -20,8 +29,9 @@ import numpy as np
 import pytest
 
 import data_utils as du
-from conftest import (LABEL_NAMES, batch_bytes, code_running_pickle, make_cifar_archive,
-                      replace_archive_member)
+from conftest import (LABEL_NAMES, REPO_ROOT, batch_bytes, code_running_pickle,
+                      make_cifar_archive, replace_archive_member)
+from runfiles import NotRegularFile
 
 
 def load(data_dir, **kwargs):
@@ -534,17 +544,16 @@ def test_pickle_cannot_run_code(cifar_archive_factory):
     assert not (data_dir / 'pwned').exists()
 
 
-def test_half_extracted_temp_dir_is_never_used(cifar_data_dir):
+def test_half_extracted_temp_dir_is_never_used_and_is_removed(cifar_data_dir):
     # A killed extraction leaves a hidden temp folder with a partial folder.
-    stale = cifar_data_dir / (du._EXTRACT_PREFIX + 'crashed') / du.FOLDER_NAME
+    stale = cifar_data_dir / (du._EXTRACT_PREFIX + 'k1lled_0') / du.FOLDER_NAME
     stale.mkdir(parents=True)
     (stale / 'data_batch_1').write_bytes(b'partial')
     data = load(cifar_data_dir)
     assert len(data['X_train']) == 225
     assert (cifar_data_dir / du.FOLDER_NAME / 'data_batch_5').is_file()
-    # The extraction cleans up only its own temp folder.
-    assert entries(cifar_data_dir) == sorted([du.ARCHIVE_NAME, du.FOLDER_NAME,
-                                              stale.parent.name])
+    # Nobody holds its lock (its process is gone): removed, with the new temp folder.
+    assert entries(cifar_data_dir) == sorted([du.ARCHIVE_NAME, du.FOLDER_NAME])
 
 
 def test_hand_placed_archive_warns_once_about_md5(cifar_data_dir, capsys):
@@ -648,12 +657,12 @@ def assert_one_sentence(info, *needles):
 
 @pytest.fixture
 def fail_open(monkeypatch):
-    """fail_open(path, code=EACCES): open() and tarfile.open() of `path` raise
-    OSError(code), like a file without read permission; the tests run as root
-    too, where chmod alone would not stop a read."""
+    """fail_open(path, code=EACCES): open(), runfiles.open_regular() (as data_utils
+    calls it) and tarfile.open() of `path` raise OSError(code), like a file without
+    read permission; the tests run as root too, where chmod alone would not stop a read."""
     import builtins
     failing = {}
-    real_open, real_tar_open = builtins.open, tarfile.open
+    real_open, real_tar_open, real_open_regular = builtins.open, tarfile.open, du.open_regular
 
     def check(file):
         if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) in failing:
@@ -668,8 +677,13 @@ def fail_open(monkeypatch):
         check(name)
         return real_tar_open(name, *args, **kwargs)
 
+    def fake_open_regular(path, *args, **kwargs):
+        check(path)
+        return real_open_regular(path, *args, **kwargs)
+
     monkeypatch.setattr(builtins, 'open', fake_open)
     monkeypatch.setattr(tarfile, 'open', fake_tar_open)
+    monkeypatch.setattr(du, 'open_regular', fake_open_regular)
 
     def fail(path, code=errno.EACCES):
         failing[os.path.abspath(path)] = code
@@ -888,6 +902,573 @@ def test_load_without_network_or_archive_fails_clearly(tmp_path, no_proxy, monke
 
 
 # ----------------------------------------------------------------------------
+# Issue 18: files that are not files, the archive's links, stale extractions,
+# messages that name the real problem, and what identifies the data
+# ----------------------------------------------------------------------------
+
+CLI_TIMEOUT = 60  # seconds: a hang fails the test instead of blocking CI
+
+
+def run_main(data_dir, out, timeout=CLI_TIMEOUT):
+    """main.py as a user runs it (one epoch of the smoke preset); the CompletedProcess."""
+    return subprocess.run([sys.executable, str(REPO_ROOT / 'main.py'), '--preset', 'smoke',
+                           '--data-dir', str(data_dir), '--epochs', '1', '--subset', '1',
+                           '--out', str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_cli_refuses(proc, out, *needles):
+    """Exit code 2, one 'error: ' sentence holding the needles, no run folder made.
+
+    The only other line allowed on stderr is the warning about a hand-placed
+    archive's md5 (the synthetic archives are not the official one)."""
+    lines = [line for line in proc.stderr.splitlines()
+             if line.strip() and not line.startswith('warning: ')]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
+    assert lines[0].count('; ') >= 1 and 'Traceback' not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not os.path.exists(out)
+    return lines[0]
+
+
+@contextlib.contextmanager
+def no_hang(seconds=20):
+    """Fail with TimeoutError instead of blocking forever (a named pipe opened for
+    reading waits for a writer): SIGALRM interrupts the blocked system call."""
+    def alarm(signum, frame):
+        raise TimeoutError(f'blocked for {seconds} s')
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def put_in_place(path, kind, elsewhere):
+    """Replace the file at path by kind: 'fifo', 'folder', 'dev-zero' (a link to
+    /dev/zero) or 'link-to-fifo' (a link to a named pipe made in elsewhere)."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    if kind == 'fifo':
+        os.mkfifo(path)
+    elif kind == 'folder':
+        path.mkdir()
+    elif kind == 'dev-zero':
+        os.symlink('/dev/zero', path)
+    else:
+        fifo = Path(elsewhere) / ('pipe-' + path.name)
+        os.mkfifo(fifo)
+        os.symlink(fifo, path)
+
+
+NOT_REGULAR = {'fifo': 'is a named pipe (FIFO)', 'folder': 'is a folder',
+               'dev-zero': 'is a link to /dev/zero, a device',
+               'link-to-fifo': ', a named pipe (FIFO)'}
+
+
+@pytest.mark.parametrize('target,kind', [
+    ('data_batch_2', 'fifo'), ('batches.meta', 'fifo'), ('test_batch', 'fifo'),
+    ('data_batch_4', 'dev-zero'), ('test_batch', 'folder'), ('data_batch_1', 'link-to-fifo'),
+    (du.ARCHIVE_NAME, 'fifo'), (du.ARCHIVE_NAME, 'folder'), (du.ARCHIVE_NAME, 'dev-zero'),
+    (du.ARCHIVE_NAME, 'link-to-fifo'),
+])
+def test_cli_refuses_files_that_are_not_regular_files(tmp_path, target, kind):
+    in_archive = target == du.ARCHIVE_NAME
+    data_dir = make_cifar_archive(tmp_path, extracted=not in_archive)
+    path = data_dir / (target if in_archive else f'{du.FOLDER_NAME}/{target}')
+    put_in_place(path, kind, tmp_path)
+    before = snapshot(data_dir)
+    out = tmp_path / 'run'
+    proc = run_main(data_dir, out)  # used to block forever on a named pipe
+    fix = ('move it away (mv ', 'then put the archive there') if in_archive else \
+        (f'delete {data_dir / du.FOLDER_NAME} and',)
+    assert_cli_refuses(proc, out, f'{path} ', NOT_REGULAR[kind], *fix)
+    assert snapshot(data_dir) == before
+
+
+@pytest.mark.parametrize('extracted', [True, False])
+@pytest.mark.parametrize('kind', ['fifo', 'dev-zero', 'folder'])
+def test_load_test_set_refuses_files_that_are_not_regular_files(tmp_path, extracted, kind):
+    data_dir = make_cifar_archive(tmp_path, extracted=extracted)
+    targets = ([data_dir / du.FOLDER_NAME / name for name in ('test_batch', 'batches.meta')]
+               if extracted else [data_dir / du.ARCHIVE_NAME])
+    for path in targets:
+        saved = path.read_bytes()
+        put_in_place(path, kind, tmp_path)
+        with no_hang(), pytest.raises(du.DataError) as info:
+            du.load_test_set(str(data_dir))
+        assert_one_sentence(info, f'{path} {NOT_REGULAR[kind]}')
+        put_in_place(path, 'folder', tmp_path)
+        path.rmdir()
+        path.write_bytes(saved)
+
+
+def test_links_to_regular_files_are_followed(tmp_path):
+    reference = load(make_cifar_archive(tmp_path, name='reference'))
+    # The archive is a link (as CI links the real one), and so is an extracted batch.
+    elsewhere = make_cifar_archive(tmp_path, name='elsewhere', extracted=True)
+    data_dir = tmp_path / 'linked'
+    data_dir.mkdir()
+    (data_dir / du.ARCHIVE_NAME).symlink_to(elsewhere / du.ARCHIVE_NAME)
+    X, y, _ = du.load_test_set(str(data_dir))
+    assert du.fingerprint(X, y) == reference['fingerprint']['test']
+    assert load(data_dir)['fingerprint'] == reference['fingerprint']
+    batch = data_dir / du.FOLDER_NAME / 'data_batch_3'
+    batch.unlink()
+    batch.symlink_to(elsewhere / du.FOLDER_NAME / 'data_batch_3')
+    assert load(data_dir)['fingerprint'] == reference['fingerprint']
+
+
+def test_md5sum_refuses_a_named_pipe_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / 'pipe')
+    with no_hang(), pytest.raises(NotRegularFile):
+        du.md5sum(tmp_path / 'pipe')
+
+
+@pytest.mark.parametrize('kind', ['fifo', 'folder', 'dev-zero'])
+def test_download_refuses_an_archive_path_that_is_not_a_file_before_downloading(
+        tmp_path, kind):
+    data_dir = make_cifar_archive(tmp_path)
+    put_in_place(data_dir / du.ARCHIVE_NAME, kind, tmp_path)
+    before = snapshot(data_dir)
+    # An unreachable URL: a download attempt would be reported as 'could not download'.
+    with no_hang(), pytest.raises(du.DataError) as info:
+        du.download_cifar10(str(data_dir), url=closed_port_url())
+    assert_one_sentence(info, f'{data_dir / du.ARCHIVE_NAME} {NOT_REGULAR[kind]}',
+                        'move it away')
+    assert snapshot(data_dir) == before
+
+
+def test_download_never_writes_through_a_part_file_that_is_a_link(tmp_path, archive_server,
+                                                                  no_proxy):
+    url, md5 = archive_server
+    data_dir = tmp_path / 'data'
+    data_dir.mkdir()
+    precious = tmp_path / 'precious.txt'
+    precious.write_bytes(b'keep me')
+    (data_dir / (du.ARCHIVE_NAME + '.part')).symlink_to(precious)
+    du.download_cifar10(str(data_dir), url=url, expected_md5=md5)
+    assert precious.read_bytes() == b'keep me'
+    assert entries(data_dir) == [du.ARCHIVE_NAME] and du.md5sum(data_dir / du.ARCHIVE_NAME) == md5
+    # A named pipe there is not ours to remove, and would block the write: refused.
+    (data_dir / du.ARCHIVE_NAME).unlink()
+    os.mkfifo(data_dir / (du.ARCHIVE_NAME + '.part'))
+    with no_hang(), pytest.raises(du.DataError) as info:
+        du.download_cifar10(str(data_dir), url=url, expected_md5=md5)
+    assert_one_sentence(info, '.part is a named pipe (FIFO), not a partial download', 'mv ')
+
+
+# --- Stale extraction folders ------------------------------------------------
+
+# Extracts the archive in argv[1], but stops for good after the first file, as if
+# the machine were slow; the test kills it there (SIGKILL), as a user or the OOM
+# killer would.
+PAUSED_EXTRACTION = r'''
+import sys, tarfile, time
+import data_utils
+real_extract = tarfile.TarFile.extract
+def extract_then_stop(self, member, path, **kwargs):
+    real_extract(self, member, path, **kwargs)
+    if member.isfile():
+        print('extracting', flush=True)
+        time.sleep(600)
+tarfile.TarFile.extract = extract_then_stop
+data_utils.extract_cifar10(sys.argv[1], check_md5=False)
+'''
+
+
+def start_paused_extraction(data_dir):
+    """A process stopped in the middle of extracting data_dir's archive, and its temp folder."""
+    already = set(Path(data_dir).glob(du._EXTRACT_PREFIX + '*'))
+    proc = subprocess.Popen([sys.executable, '-c', PAUSED_EXTRACTION, str(data_dir)],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], CLI_TIMEOUT)
+        assert ready and proc.stdout.readline().strip() == 'extracting', 'did not start'
+        tmp, = set(Path(data_dir).glob(du._EXTRACT_PREFIX + '*')) - already
+    except BaseException:
+        kill(proc)
+        raise
+    return proc, tmp
+
+
+def kill(proc):
+    """SIGKILL a helper process and reap it."""
+    proc.kill()
+    proc.wait()
+
+
+def user_folders(data_dir):
+    """Things beside the data that only look like ours: none may ever be removed."""
+    made = [data_dir / 'my-notes', data_dir / (du._EXTRACT_PREFIX + 'keep'),
+            data_dir / (du._EXTRACT_PREFIX + 'abcd1234')]
+    for folder in made:
+        folder.mkdir()
+        (folder / 'notes.txt').write_bytes(b'mine')
+    # A copy of the extracted folder kept by hand: what a stale extraction holds, but
+    # not a name tempfile.mkdtemp gives.
+    backup = data_dir / (du._EXTRACT_PREFIX + 'backup') / du.FOLDER_NAME
+    backup.mkdir(parents=True)
+    (backup / 'data_batch_1').write_bytes(b'mine')
+    (data_dir / (du._EXTRACT_PREFIX + 'file0000')).write_bytes(b'a file, not a folder')
+    (data_dir / (du._EXTRACT_PREFIX + 'link0000')).symlink_to(made[0])
+    return snapshot(data_dir)
+
+
+def test_cli_removes_a_killed_extraction_but_never_a_running_one(tmp_path):
+    data_dir = make_cifar_archive(tmp_path)
+    user = user_folders(data_dir)
+    proc, tmp = start_paused_extraction(data_dir)
+    try:
+        partial = snapshot(tmp)
+        assert (tmp / du.FOLDER_NAME / 'data_batch_1').is_file()
+        # Two runs at once: this one extracts too, and leaves the other's folder alone.
+        first = run_main(data_dir, tmp_path / 'run1')
+        assert first.returncode == 0, first.stderr
+        assert snapshot(tmp) == partial
+        assert (data_dir / du.FOLDER_NAME / 'data_batch_5').is_file()
+    finally:
+        kill(proc)  # SIGKILL: no clean-up of its own
+    assert snapshot(tmp) == partial  # left behind, about 41 MB with the real archive
+    second = run_main(data_dir, tmp_path / 'run2')
+    assert second.returncode == 0, second.stderr
+    assert not os.path.lexists(tmp)
+    after = snapshot(data_dir)
+    assert {k: v for k, v in after.items() if k in user} == user
+    assert sorted(set(after) - set(user)) == [du.FOLDER_NAME] + sorted(
+        f'{du.FOLDER_NAME}/{name}' for name in os.listdir(data_dir / du.FOLDER_NAME))
+
+
+def hold_lock(path):
+    """A process holding an flock on path (created if needed) until it is killed."""
+    code = ('import fcntl, os, sys, time\n'
+            'fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n'
+            'fcntl.flock(fd, fcntl.LOCK_EX)\n'
+            'print("locked", flush=True)\n'
+            'time.sleep(600)\n')
+    proc = subprocess.Popen([sys.executable, '-c', code, str(path)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], CLI_TIMEOUT)
+        assert ready and proc.stdout.readline().strip() == 'locked'
+    except BaseException:
+        kill(proc)
+        raise
+    return proc
+
+
+def test_stale_extraction_folders_removed_locked_or_foreign_ones_kept(cifar_data_dir):
+    user = user_folders(cifar_data_dir)
+    extracting = cifar_data_dir / (du._EXTRACT_PREFIX + 'live0000')
+    (extracting / du.FOLDER_NAME).mkdir(parents=True)
+    killed_early = cifar_data_dir / (du._EXTRACT_PREFIX + 'early000')  # before its lock file
+    killed_early.mkdir()
+    killed_late = cifar_data_dir / (du._EXTRACT_PREFIX + 'late0000')
+    (killed_late / du.FOLDER_NAME).mkdir(parents=True)
+    (killed_late / du.FOLDER_NAME / 'data_batch_1').write_bytes(b'partial')
+    (killed_late / du._EXTRACT_LOCK).write_bytes(b'')
+    holder = hold_lock(extracting / du._EXTRACT_LOCK)
+    try:
+        load(cifar_data_dir)
+        assert extracting.is_dir() and (extracting / du.FOLDER_NAME).is_dir()
+        assert not killed_early.exists() and not killed_late.exists()
+        after = snapshot(cifar_data_dir)
+        assert {k: v for k, v in after.items() if k in user} == user
+    finally:
+        kill(holder)
+    load(cifar_data_dir)  # its process is gone: now it is stale
+    assert not extracting.exists()
+
+
+def test_extraction_never_uses_a_folder_a_clean_up_claimed(cifar_data_dir, monkeypatch):
+    # The race: a clean-up sees a brand-new temp folder before its extraction locked
+    # it, makes the lock file itself and removes the folder. The extraction must
+    # notice and take another folder.
+    claimed = cifar_data_dir / (du._EXTRACT_PREFIX + 'claimed0')
+    claimed.mkdir()
+    (claimed / du._EXTRACT_LOCK).write_bytes(b'')
+    real_mkdtemp, calls = tempfile.mkdtemp, []
+
+    def mkdtemp(*args, **kwargs):
+        calls.append(1)
+        return str(claimed) if len(calls) == 1 else real_mkdtemp(*args, **kwargs)
+    monkeypatch.setattr(tempfile, 'mkdtemp', mkdtemp)
+    monkeypatch.setattr(du, '_remove_stale_extractions', lambda data_dir: [])
+    assert len(load(cifar_data_dir)['X_train']) == 225
+    assert len(calls) == 2 and entries(claimed) == [du._EXTRACT_LOCK]
+
+
+# --- The archive's links and other members ------------------------------------
+
+def rewrite_archive(data_dir, edit):
+    """Rewrite data_dir's archive with edit(members) -> members, where members is a
+    list of (TarInfo, bytes or None) in archive order."""
+    path = Path(data_dir) / du.ARCHIVE_NAME
+    with tarfile.open(path) as src:
+        members = [(info, src.extractfile(info).read() if info.isfile() else None)
+                   for info in src]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode='w:gz') as dst:
+        for info, content in edit(members):
+            if content is not None:
+                info.size = len(content)
+            dst.addfile(info, io.BytesIO(content) if content is not None else None)
+    path.write_bytes(buf.getvalue())
+
+
+def special_member(name, kind, target=''):
+    info = tarfile.TarInfo(f'{du.FOLDER_NAME}/{name}' if '/' not in name else name)
+    info.type = {'symlink': tarfile.SYMTYPE, 'hardlink': tarfile.LNKTYPE,
+                 'fifo': tarfile.FIFOTYPE, 'device': tarfile.CHRTYPE}[kind]
+    info.linkname = target
+    return info
+
+
+def replace_with_link(data_dir, name, kind, target):
+    """Make member `name` of the archive a link to target, after the other members."""
+    def edit(members):
+        kept = [(i, c) for i, c in members if i.name != f'{du.FOLDER_NAME}/{name}']
+        return kept + [(special_member(name, kind, target), None)]
+    rewrite_archive(data_dir, edit)
+
+
+LINK_TARGETS = {'inside': f'{du.FOLDER_NAME}/test_batch', 'outside': '/etc/passwd',
+                'nowhere': 'no-such-file'}
+
+
+@pytest.mark.parametrize('kind', ['symlink', 'hardlink'])
+@pytest.mark.parametrize('target', sorted(LINK_TARGETS))
+def test_every_link_member_is_refused_by_extraction(cifar_data_dir, kind, target):
+    # The issue's example: data_batch_1 links to test_batch, so a run would train on
+    # the test images; a symlink's target is relative to its folder.
+    link_to = LINK_TARGETS[target]
+    if kind == 'symlink' and target == 'inside':
+        link_to = 'test_batch'
+    replace_with_link(cifar_data_dir, 'data_batch_1', kind, link_to)
+    with pytest.raises(du.DataError) as info:
+        load(cifar_data_dir)
+    word = 'a symbolic link' if kind == 'symlink' else 'a hard link'
+    assert_one_sentence(info, f"contains '{du.FOLDER_NAME}/data_batch_1', {word} to "
+                              f"{link_to!r}, and links are refused", 'delete')
+    assert entries(cifar_data_dir) == [du.ARCHIVE_NAME]  # nothing extracted, no temp folder
+
+
+@pytest.mark.parametrize('kind', ['symlink', 'hardlink'])
+@pytest.mark.parametrize('member', ['test_batch', 'readme.html', 'extra'])
+def test_every_link_member_is_refused_by_load_test_set(cifar_data_dir, kind, member):
+    # A test_batch that links to data_batch_1 would report accuracy on training
+    # images; a link anywhere else is refused too, as extraction refuses it.
+    target = f'{du.FOLDER_NAME}/data_batch_1'
+    replace_with_link(cifar_data_dir, member, kind, target)
+    before = snapshot(cifar_data_dir)
+    with pytest.raises(du.DataError) as info:
+        du.load_test_set(str(cifar_data_dir))
+    assert_one_sentence(info, f"contains '{du.FOLDER_NAME}/{member}'", 'links are refused',
+                        str(cifar_data_dir / du.ARCHIVE_NAME))
+    assert snapshot(cifar_data_dir) == before
+
+
+@pytest.mark.parametrize('kind', ['hardlink', 'symlink'])
+def test_cli_refuses_a_batch_that_links_to_the_test_batch(cifar_data_dir, tmp_path, kind):
+    replace_with_link(cifar_data_dir, 'data_batch_1', kind,
+                      'test_batch' if kind == 'symlink' else f'{du.FOLDER_NAME}/test_batch')
+    out = tmp_path / 'run'
+    proc = run_main(cifar_data_dir, out)
+    assert_cli_refuses(proc, out, f'{cifar_data_dir / du.ARCHIVE_NAME} contains '
+                       f"'{du.FOLDER_NAME}/data_batch_1'", 'links are refused',
+                       f'delete {cifar_data_dir / du.ARCHIVE_NAME}')
+    assert entries(cifar_data_dir) == [du.ARCHIVE_NAME]
+
+
+def duplicate_batch(members):
+    """A second data_batch_2 with other pixels: extraction would keep the last copy,
+    a streaming read the first."""
+    second = [(tarfile.TarInfo(i.name), c[:-40] + bytes(40)) for i, c in members
+              if i.name.endswith('/data_batch_2')]
+    return members + second
+
+
+@pytest.mark.parametrize('edit,needle', [
+    (lambda m: m + [(special_member('pipe', 'fifo'), None)],
+     f"'{du.FOLDER_NAME}/pipe', which is a named pipe (FIFO), not a file"),
+    (lambda m: m + [(special_member('tty', 'device'), None)],
+     f"'{du.FOLDER_NAME}/tty', which is a device, not a file"),
+    (duplicate_batch, f"'{du.FOLDER_NAME}/data_batch_2' twice"),
+    (lambda m: m + [(tarfile.TarInfo(f'{du.FOLDER_NAME}/sub/data_batch_1'), b'x')],
+     f"'{du.FOLDER_NAME}/sub/data_batch_1', which is not a file directly in"),
+    (lambda m: [(tarfile.TarInfo(f'{du.FOLDER_NAME}/./{i.name.split("/")[-1]}'), c)
+                if i.name.endswith('data_batch_1') else (i, c) for i, c in m],
+     f"'{du.FOLDER_NAME}/./data_batch_1', which is not a file directly in"),
+], ids=['fifo', 'device', 'duplicate', 'subfolder', 'dot-path'])
+@pytest.mark.parametrize('reader', ['load_cifar10', 'load_test_set'])
+def test_members_other_than_plain_files_are_refused_by_both_readers(
+        cifar_data_dir, edit, needle, reader):
+    rewrite_archive(cifar_data_dir, edit)
+    with pytest.raises(du.DataError) as info:
+        getattr(du, reader)(str(cifar_data_dir))
+    assert_one_sentence(info, needle, str(cifar_data_dir / du.ARCHIVE_NAME), 'delete')
+    assert entries(cifar_data_dir) == [du.ARCHIVE_NAME]
+
+
+# --- Data that is the wrong kind of data ---------------------------------------
+
+def write_meta(data_dir, label_names):
+    d = {b'num_cases_per_batch': 10000, b'num_vis': 3072, b'label_names': label_names}
+    (data_dir / du.FOLDER_NAME / 'batches.meta').write_bytes(pickle.dumps(d, protocol=2))
+
+
+def write_batch(data_dir, name, data=None, labels=None):
+    """Rewrite batch `name` of an extracted folder with other data and/or labels."""
+    path = data_dir / du.FOLDER_NAME / name
+    with open(path, 'rb') as f:
+        d = pickle.load(f, encoding='bytes')
+    d[b'data'] = d[b'data'] if data is None else data(d[b'data'])
+    d[b'labels'] = d[b'labels'] if labels is None else labels(d[b'labels'])
+    path.write_bytes(pickle.dumps(d, protocol=2))
+
+
+def float_labels(data_dir):
+    write_batch(data_dir, 'data_batch_2', labels=lambda y: [float(v) for v in y])
+
+
+def text_labels(data_dir):
+    write_batch(data_dir, 'test_batch', labels=lambda y: [str(v) for v in y])
+
+
+def ragged_rows(data_dir):
+    write_batch(data_dir, 'data_batch_5',
+                data=lambda X: [row[:len(row) - i % 2].tolist() for i, row in enumerate(X)])
+
+
+# case: (damage(data_dir), the file named, what the sentence says about it)
+BAD_DATA = {
+    'non-utf8 names': (lambda d: write_meta(d, [b'\xff\xfeplane'] + [b'x'] * 9), 'batches.meta',
+                       "has label names that are not valid UTF-8 text (e.g. b'\\xff\\xfeplane')"),
+    'control characters': (lambda d: write_meta(d, [b'air\nplane'] + [b'x'] * 9), 'batches.meta',
+                           "has the label name 'air\\nplane', which is empty or holds control"),
+    'names not text': (lambda d: write_meta(d, list(range(10))), 'batches.meta',
+                       'has label names of type int where text is expected'),
+    'float labels': (float_labels, 'data_batch_2',
+                     'has floating-point labels (float64, e.g. ['),
+    'text labels': (text_labels, 'test_batch', 'has text labels (<U1'),
+    'ragged rows': (ragged_rows, 'data_batch_5',
+                    'has data or labels that are not rectangular arrays'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD_DATA))
+def test_bad_data_gets_a_sentence_naming_the_real_problem(cifar_archive_factory, case):
+    data_dir = cifar_archive_factory(extracted=True)
+    damage, target, needle = BAD_DATA[case]
+    damage(data_dir)
+    calls = ['load_cifar10'] + (['load_test_set'] if target in ('batches.meta', 'test_batch')
+                                else [])
+    for call in calls:
+        with pytest.raises(du.DataError) as info:
+            getattr(du, call)(str(data_dir))
+        assert_one_sentence(info, f'{data_dir / du.FOLDER_NAME / target} {needle}',
+                            f'delete {data_dir / du.FOLDER_NAME} and')
+
+
+@pytest.mark.parametrize('case', ['non-utf8 names', 'float labels'])
+def test_cli_bad_data_gets_a_sentence_naming_the_real_problem(cifar_archive_factory,
+                                                              tmp_path, case):
+    data_dir = cifar_archive_factory(extracted=True)
+    damage, target, needle = BAD_DATA[case]
+    damage(data_dir)
+    before = snapshot(data_dir)
+    out = tmp_path / 'run'
+    assert_cli_refuses(run_main(data_dir, out), out,
+                       f'{data_dir / du.FOLDER_NAME / target} {needle}')
+    assert snapshot(data_dir) == before
+
+
+def test_whole_number_labels_of_any_integer_type_are_accepted(cifar_archive_factory):
+    data_dir = cifar_archive_factory(extracted=True)
+    reference = load(data_dir)
+    write_batch(data_dir, 'data_batch_2', labels=lambda y: np.array(y, np.uint8))
+    write_batch(data_dir, 'test_batch', labels=lambda y: np.array(y, '>i4'))
+    data = load(data_dir)
+    assert data['fingerprint'] == reference['fingerprint']
+    np.testing.assert_array_equal(data['y_train'], reference['y_train'])
+
+
+# --- What identifies the data ---------------------------------------------------
+
+def test_fingerprint_is_of_all_training_images_in_archive_order(cifar_archive_factory):
+    data_dir = cifar_archive_factory(extracted=True)
+    data = load(data_dir, subset=0.6, seed=3)
+    raw_X, raw_y = raw_training_set(data_dir)  # plain pickle, batch 1..5 in order
+    assert data['fingerprint']['train'] == du.fingerprint(raw_X, raw_y)
+    assert data['fingerprint']['test'] == du.fingerprint(data['X_test'], data['y_test'])
+    assert data['fingerprint']['test'] == du.fingerprint(*du.load_test_set(str(data_dir))[:2])
+    # It names the data, not the split: any subset, seed or validation share gives it.
+    other = load(data_dir, subset=1.0, val_fraction=0.2, seed=9)
+    assert other['fingerprint'] == data['fingerprint']
+
+
+def test_fingerprint_from_the_archive_alone(tmp_path):
+    data_dir = make_cifar_archive(tmp_path)
+    X, y, _ = du.load_test_set(str(data_dir))  # streamed, before any extraction
+    data = load(data_dir)
+    assert data['fingerprint']['test'] == du.fingerprint(X, y)
+    assert data['fingerprint'] == load(make_cifar_archive(tmp_path, name='again',
+                                                          extracted=True))['fingerprint']
+
+
+def swap_batches(data_dir):
+    folder = data_dir / du.FOLDER_NAME
+    one, two = (folder / 'data_batch_1').read_bytes(), (folder / 'data_batch_2').read_bytes()
+    (folder / 'data_batch_1').write_bytes(two)
+    (folder / 'data_batch_2').write_bytes(one)
+
+
+def flip_pixel(X):
+    X = X.copy()
+    X[-1, -1] ^= 1
+    return X
+
+
+@pytest.mark.parametrize('change,changed', [
+    (lambda d: write_batch(d, 'data_batch_5', data=flip_pixel), 'train'),
+    (lambda d: write_batch(d, 'data_batch_1', labels=lambda y: [(y[0] + 1) % 10] + y[1:]),
+     'train'),
+    (swap_batches, 'train'),
+    (lambda d: write_batch(d, 'test_batch', data=flip_pixel), 'test'),
+    (lambda d: write_batch(d, 'test_batch', labels=lambda y: y[::-1]), 'test'),
+], ids=['one-pixel', 'one-label', 'batch-order', 'test-pixel', 'test-labels'])
+def test_fingerprint_changes_with_the_data(cifar_archive_factory, change, changed):
+    data_dir = cifar_archive_factory(extracted=True)
+    before = load(data_dir)['fingerprint']
+    change(data_dir)
+    after = load(data_dir)['fingerprint']
+    for part in ('train', 'test'):
+        assert (after[part] != before[part]) == (part == changed), part
+
+
+def test_a_batch_that_changes_between_the_two_passes_is_refused(cifar_data_dir, monkeypatch):
+    real_load_batch, calls = du.load_batch, []
+
+    def load_batch(path, data_dir=None):
+        X, y = real_load_batch(path, data_dir)
+        calls.append(path)
+        if len(calls) == 7:  # the second read of data_batch_2 has one image fewer
+            return X[:-1], y[:-1]
+        return X, y
+    monkeypatch.setattr(du, 'load_batch', load_batch)
+    with pytest.raises(du.DataError) as info:
+        load(cifar_data_dir)
+    assert_one_sentence(info, 'data_batch_2 changed while it was being read', 'run again')
+
+
+# ----------------------------------------------------------------------------
 # Integration: the real archive
 # ----------------------------------------------------------------------------
 
@@ -903,3 +1484,10 @@ def test_real_archive_subset_split(real_archive_dir):
     # Real photos: pixels span the range and the channels differ on average.
     mean, std = du.channel_mean_std(data['X_train'])
     assert np.all((mean > 0.3) & (mean < 0.6)) and np.all((std > 0.15) & (std < 0.35))
+    # The fingerprints, hashed batch by batch, are those of all 50,000 and 10,000 images.
+    raw_X, raw_y = raw_training_set(real_archive_dir)
+    assert len(raw_y) == 50000
+    assert data['fingerprint']['train'] == du.fingerprint(raw_X, raw_y)
+    del raw_X
+    assert data['fingerprint']['test'] == du.fingerprint(
+        *du.load_test_set(str(real_archive_dir))[:2])
