@@ -834,7 +834,7 @@ def resume_run(args, stopper):
     run = RunFolder(ckpt.parent)
     check_run_files(run)
     ck = load_checkpoint(ckpt)
-    if ck.state.epoch >= ck.cfg.epochs and not args.evaluate and run_is_evaluated(run):
+    if not args.evaluate and runfiles.status(run.path).state == runfiles.FINISHED:
         print(f'{run.path} already finished training ({ck.state.epoch} of {ck.cfg.epochs} epochs) and '
               f'has metrics.json; nothing to do (add --evaluate to redo the test evaluation)')
         return EXIT_OK
@@ -892,11 +892,6 @@ def optimizer_from(ck, model, cfg):
     opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov)
     opt.velocity = {k: np.array(v, dtype=model.dtype) for k, v in ck.velocity.items()}
     return opt
-
-
-def run_is_evaluated(run):
-    """True once final_evaluation wrote both of its files (metrics.json first, then predictions.npz)."""
-    return run.file('metrics.json').is_file() and run.file('predictions.npz').is_file()
 
 
 def check_run_files(run):

@@ -21,6 +21,7 @@ import stat
 import tempfile
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -438,3 +439,120 @@ def point_latest_at(run_dir, warn=print):
                 tmp.unlink()
             except OSError:
                 pass
+
+
+# --------------------------------------------------------------------------
+# The run folder's state: one vocabulary for every tool
+# --------------------------------------------------------------------------
+
+CONFIG_NAME, HISTORY_NAME, LOG_NAME = 'config.json', 'history.json', 'train.log'
+CHECKPOINT_NAME, BEST_NAME = 'ckpt.npz', 'best.npz'
+METRICS_NAME, PREDICTIONS_NAME = 'metrics.json', 'predictions.npz'
+REPORT_NAME, FIGURES_NAME = 'report.md', 'figures'
+
+NEW, IN_USE, STOPPED, NEEDS_EVALUATION, FINISHED, DIVERGED, DAMAGED = (
+    'new', 'in use', 'stopped', 'needs evaluation', 'finished', 'diverged', 'damaged')
+STATES = (NEW, IN_USE, STOPPED, NEEDS_EVALUATION, FINISHED, DIVERGED, DAMAGED)
+
+
+@dataclass
+class RunStatus:
+    """What a run folder is now, and why.
+
+    state: one of STATES --
+      new               the folder is empty (or does not exist yet): a run may start in it
+      in use            a process holds its lock (training, or viz.py drawing)
+      stopped           stopped before its last epoch (time budget, Ctrl-C, a crash): --resume continues it
+      needs evaluation  trained to its last epoch, but metrics.json / predictions.npz are missing
+      finished          trained and evaluated
+      diverged          the loss became non-finite (diverged.json records where)
+      damaged           cannot be used as it is; ``reason`` says why and what to do
+    reason: one sentence for diverged and damaged (else '').
+    epoch, epochs: epochs done and planned, from the checkpoint (None if there is none).
+    """
+    state: str
+    reason: str = ''
+    epoch: int = None
+    epochs: int = None
+
+    @property
+    def resumable(self):
+        return self.state in (STOPPED, NEEDS_EVALUATION)
+
+
+def checkpoint_meta(path):
+    """The JSON metadata of an .npz written by this project, reading only its 'meta' member.
+
+    Raises RunFileError if the file cannot be read or holds no such metadata object.
+    """
+    fix = 'it is damaged: use another checkpoint, or start the run again in a new folder'
+    try:
+        with open_regular(path, 'rb') as raw, np.load(raw, allow_pickle=False) as f:
+            if 'meta' not in f.files:
+                raise RunFileError(f'{path} has no metadata; {fix}')
+            meta = json.loads(str(f['meta']))
+    except OSError as e:
+        raise RunFileError(describe_os_error(e, path, 'read')) from None
+    except (zipfile.BadZipFile, ValueError, EOFError, KeyError, zlib.error) as e:
+        raise RunFileError(f'{path} is not a readable .npz file ({str(e) or type(e).__name__}); {fix}') from None
+    if not isinstance(meta, dict):
+        raise RunFileError(f'{path} has metadata that is not a JSON object; {fix}')
+    return meta
+
+
+def status(folder):
+    """The RunStatus of a run folder (a path as typed; links such as runs/latest are followed).
+
+    Reads only what it needs: the lock, which files exist, diverged.json, and the
+    checkpoint's metadata (not its arrays). Whether metrics.json and predictions.npz
+    hold valid values is the business of their readers; here they only have to be
+    regular files.
+    """
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return RunStatus(NEW)
+    try:
+        folder = resolve_folder(folder, 'pass a run folder such as runs/latest')
+        names = {p.name for p in folder.iterdir()} - {LOCK_NAME}
+        for name in names & set(RUN_FOLDER_FILES + (LOG_NAME,)):
+            check_regular(folder / name)
+        if folder_in_use(folder):
+            return RunStatus(IN_USE, f'another process holds {folder / LOCK_NAME}')
+    except (RunFileError, OSError) as e:
+        return RunStatus(DAMAGED, str(e) if isinstance(e, RunFileError) else describe_os_error(e, folder, 'read'))
+    if not names:
+        return RunStatus(NEW)
+    if DIVERGED_NAME in names:
+        return _diverged_status(folder)
+    if CHECKPOINT_NAME not in names:
+        return RunStatus(DAMAGED, f'{folder} holds no checkpoint ({CHECKPOINT_NAME}): the run stopped before '
+                                  f'its first one, or the folder is not a run of main.py; start the run '
+                                  f'again in a new folder')
+    return _status_from_checkpoint(folder, names)
+
+
+def _diverged_status(folder):
+    try:
+        record = read_json(folder / DIVERGED_NAME)
+        reason = str(record['message']) if isinstance(record, dict) and 'message' in record else ''
+    except RunFileError as e:
+        return RunStatus(DAMAGED, str(e))
+    return RunStatus(DIVERGED, reason or f'the loss diverged ({folder / DIVERGED_NAME})')
+
+
+def _status_from_checkpoint(folder, names):
+    try:
+        meta = checkpoint_meta(folder / CHECKPOINT_NAME)
+        epoch, epochs = meta['state']['epoch'], meta['run_config']['epochs']
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, epochs)):
+            raise TypeError
+    except RunFileError as e:
+        return RunStatus(DAMAGED, str(e))
+    except (KeyError, TypeError):
+        return RunStatus(DAMAGED, f'{folder / CHECKPOINT_NAME} has no valid epoch in its metadata; it is '
+                                  f'damaged: start the run again in a new folder')
+    if epoch < epochs:
+        return RunStatus(STOPPED, epoch=epoch, epochs=epochs)
+    # main.py writes metrics.json, then predictions.npz: a stop between the two leaves only the first.
+    evaluated = {METRICS_NAME, PREDICTIONS_NAME} <= names
+    return RunStatus(FINISHED if evaluated else NEEDS_EVALUATION, epoch=epoch, epochs=epochs)

@@ -197,3 +197,55 @@ def test_a_lock_file_that_is_not_a_file_is_refused_without_blocking(tmp_path, ki
         runfiles.folder_in_use(tmp_path)
     with pytest.raises(RunFileError, match=r'\.lock'):
         runfiles.RunFolderLock(tmp_path, 'test').acquire()
+
+
+# --------------------------------------------------------------------------
+# status(folder): one vocabulary
+# --------------------------------------------------------------------------
+
+def fake_checkpoint(path, epoch, epochs):
+    """An .npz with just the metadata status() reads (the arrays are main.py's business)."""
+    meta = {'kind': 'checkpoint', 'state': {'epoch': epoch}, 'run_config': {'epochs': epochs}}
+    with open(path, 'wb') as f:
+        np.savez(f, meta=np.array(json.dumps(meta)))
+
+
+@pytest.mark.parametrize('files, state', [
+    ({}, runfiles.NEW),
+    ({'ckpt.npz': (1, 3)}, runfiles.STOPPED),
+    ({'ckpt.npz': (1, 3), 'metrics.json': '{}', 'predictions.npz': b''}, runfiles.STOPPED),
+    ({'ckpt.npz': (3, 3)}, runfiles.NEEDS_EVALUATION),
+    ({'ckpt.npz': (3, 3), 'metrics.json': '{}'}, runfiles.NEEDS_EVALUATION),
+    ({'ckpt.npz': (3, 3), 'metrics.json': '{}', 'predictions.npz': b''}, runfiles.FINISHED),
+    ({'ckpt.npz': (2, 3), 'diverged.json': '{"message": "the loss became nan"}'}, runfiles.DIVERGED),
+    ({'train.log': 'x', 'config.json': '{}'}, runfiles.DAMAGED),
+    ({'ckpt.npz': b'not a zip'}, runfiles.DAMAGED),
+    ({'ckpt.npz': (3, 3), 'metrics.json': 'fifo', 'predictions.npz': b''}, runfiles.DAMAGED),
+])
+def test_status_of_a_run_folder(tmp_path, files, state):
+    run = tmp_path / 'run'
+    run.mkdir()
+    for name, content in files.items():
+        if isinstance(content, tuple):
+            fake_checkpoint(run / name, *content)
+        elif content == 'fifo':
+            os.mkfifo(run / name)
+        else:
+            (run / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    got = runfiles.status(run)
+    assert got.state == state, got
+    assert (got.reason != '') == (state in (runfiles.DAMAGED, runfiles.DIVERGED))
+    assert got.resumable == (state in (runfiles.STOPPED, runfiles.NEEDS_EVALUATION))
+
+
+def test_status_follows_links_and_sees_the_lock(tmp_path):
+    assert runfiles.status(tmp_path / 'not-yet').state == runfiles.NEW
+    run = tmp_path / 'run'
+    run.mkdir()
+    fake_checkpoint(run / 'ckpt.npz', 1, 2)
+    (tmp_path / 'latest').symlink_to('run')
+    assert runfiles.status(tmp_path / 'latest').state == runfiles.STOPPED
+    with runfiles.RunFolderLock(run, 'test'):
+        assert runfiles.status(tmp_path / 'latest').state == runfiles.IN_USE
+    (tmp_path / 'file').write_text('x')
+    assert runfiles.status(tmp_path / 'file').state == runfiles.DAMAGED
