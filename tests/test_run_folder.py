@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import config
 import main
 import runfiles
 from cnn_rnn_numpy import CNNRNN
@@ -275,8 +276,8 @@ def test_a_divergence_before_any_checkpoint_says_so(data_dir, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize('argv, words', [
-    (['--lr', 'inf'], ['--lr inf']),
-    (['--lr', 'nan'], ['--lr nan']),
+    (['--lr', 'inf'], ['--lr: lr = inf is invalid']),
+    (['--lr', 'nan'], ['--lr: lr = nan is invalid']),
     (['--set', 'min_lr=0.5'], ['min_lr = 0.5 is above lr']),
     (['--seed', '-1'], ['seed = -1']),
     (['--seed', str(2 ** 32)], [f'seed = {2 ** 32}']),
@@ -410,7 +411,7 @@ def test_sigterm_during_the_final_evaluation_in_a_real_process(data_dir, tmp_pat
 def test_presets_of_the_wrong_shape_are_refused(tmp_path, monkeypatch, capsys, content):
     path = tmp_path / 'presets.json'
     path.write_text(content)
-    monkeypatch.setattr(main, 'PRESETS_PATH', path)
+    monkeypatch.setattr(config, 'PRESETS_PATH', path)
     for argv in (['--list-presets'], ['--preset', 'x', '--out', str(tmp_path / 'r')]):
         capsys.readouterr()
         assert main.run(argv) == 2
