@@ -15,9 +15,16 @@ reads what it finds there and writes, atomically, into the same folder:
 
 A run that is still training (no metrics.json / predictions.npz yet, or
 main.py holding the run folder's lock) gets the figures its files allow and
-exit code 0. Bad options, a folder that is not a run folder, damaged files or
-a folder that cannot be written get one sentence on stderr and exit code 2,
-all checked before the first file is written, so a refusal changes nothing.
+exit code 0; so does a run whose test images cannot be found (no gallery).
+Everything is checked before the first file is written: the options, every
+file of the run folder (a named pipe, a device or a folder where a file
+should be is refused, not waited on) and every number the figures and the
+report use (a NaN, an accuracy outside [0, 1], probabilities that do not sum
+to 1 are refused), the test images of the gallery (damaged, or not the test
+set the run was tested on), and that report.md and every figure can be
+written. A refusal is one sentence on stderr and exit code 2, and changes
+nothing. Exit codes are cli.py's: 3 for a crash (a bug), 130 for Ctrl-C or
+SIGTERM.
 
 The numbers come from metrics.py (as in metrics.json), files go through
 runfiles.py and the test images through data_utils.py. matplotlib and
@@ -25,10 +32,20 @@ scikit-learn are imported inside the functions that draw, so importing this
 module is cheap.
 """
 
+import cli                      # standard library only: set up before the slow imports below
+
+if __name__ == '__main__':
+    # A Ctrl-C or SIGTERM from here on ends with one line and exit code 130, not a
+    # KeyboardInterrupt traceback: during the imports through cli's excepthook, later in main().
+    cli.exit_cleanly_on_interrupt_while_starting()
+
 import argparse
 import datetime
 import json
+import math
 import os
+import re
+import shlex
 import sys
 import tempfile
 import time
@@ -36,11 +53,14 @@ from pathlib import Path
 
 import numpy as np
 
-from data_utils import NUM_CLASSES, DataError, apportion, load_test_set
+import data_utils
+from data_utils import ARCHIVE_NAME, FOLDER_NAME, NUM_CLASSES, DataError, apportion, fingerprint, load_test_set
 from metrics import (N_BINS, TIME_TO_VAL_ACC, confusion_matrix, expected_calibration_error,
                      per_class_accuracy, reliability_stats, time_to_accuracy)
-from runfiles import (MAX_SEED, TEMP_MARK, RunFileError, RunFolderLock, describe_os_error,
-                      read_json, read_npz, resolve_folder, write_atomic, write_text)
+from runfiles import (LOCK_NAME, MAX_SEED, TEMP_MARK, RunFileError, RunFolderLock, check_regular,
+                      describe_os_error, read_json, read_npz, resolve_folder, write_atomic, write_text)
+
+REPO = Path(__file__).resolve().parent
 
 # Used when metrics.json does not name the classes.
 CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer',
@@ -48,6 +68,19 @@ CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer',
 
 DEFAULT_TSNE_SAMPLES = 2000
 DEFAULT_GALLERY_SIZE = 36
+# t-SNE needs a handful of points (perplexity < n); it cannot sample more than the
+# 10,000 test images, and 10,000 already takes about a minute on one core.
+MIN_TSNE_SAMPLES = 5
+MAX_TSNE_SAMPLES = 10_000
+# A 10 x 10 grid is about 1750 x 2000 pixels with each 32 x 32 image shown 5x; more
+# images make each one too small to read (and 1,000,000 took minutes and 4.5 GB).
+MAX_GALLERY_SIZE = 100
+# A confusion matrix draws C x C numbers: past 100 classes it is unreadable and slow.
+MAX_CLASSES = 100
+# float32 probabilities of one image sum to 1 within ~1e-6; 1e-3 only catches real damage.
+PROB_SUM_TOLERANCE = 1e-3
+# Figures label classes with their names; longer names are shortened so the axes keep room.
+FIGURE_NAME_CHARS = 24
 # t-SNE budget for the default 2,000 points: ~4 s on one core. Past ~400
 # iterations the layout only spreads out; a coarser Barnes-Hut angle (0.6 vs
 # 0.5) is ~25% faster with no visible change at this size.
@@ -55,9 +88,11 @@ TSNE_MAX_ITER = 400
 TSNE_ANGLE = 0.6
 DPI = 100
 
-# Exit codes of main().
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
+# Exit codes of main(), the same for every tool (cli.py).
+EXIT_OK = cli.EXIT_OK
+EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
+EXIT_CRASHED = cli.EXIT_CRASHED
+EXIT_ABORTED = cli.EXIT_ABORTED
 
 
 # --------------------------------------------------------------------------
@@ -108,6 +143,44 @@ def stratified_sample(labels, n, seed=0):
 
 
 # --------------------------------------------------------------------------
+# Commands in messages: they must work when typed
+# --------------------------------------------------------------------------
+
+def shell_path(path):
+    """A path as it can be typed in the current folder: relative when below it, quoted if needed."""
+    path = Path(path)
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:         # another drive (Windows) or a vanished current folder
+        rel = str(path)
+    return shlex.quote(rel if not rel.startswith('..') else str(path.resolve()))
+
+
+def command(tool, *args):
+    """'python <tool> ARGS' for a tool of this repository, typed from the current folder.
+
+    args: option strings (taken as they are) and Paths (made typeable by shell_path).
+    """
+    words = [shell_path(REPO / tool)] + [shell_path(a) if isinstance(a, Path) else a for a in args]
+    return 'python ' + ' '.join(words)
+
+
+def _repair(run_dir, name):
+    """What to do about a damaged run file `name`, as a command that works when typed.
+
+    metrics.json and predictions.npz come from the test evaluation, which main.py
+    redoes from the run's ckpt.npz; the other files cannot be rebuilt by a command.
+    """
+    path = Path(run_dir) / name
+    if name in ('metrics.json', 'predictions.npz'):
+        if (Path(run_dir) / 'ckpt.npz').is_file():
+            return f"redo the test evaluation with {command('main.py', '--resume', Path(run_dir), '--evaluate')}"
+        return 'restore it from a backup (the run has no ckpt.npz to evaluate again from)'
+    return (f'restore it from a backup, or move it aside (mv {shell_path(path)} '
+            f'{shell_path(path)}.damaged) to draw without it')
+
+
+# --------------------------------------------------------------------------
 # Options and the run folder, checked before anything is drawn
 # --------------------------------------------------------------------------
 
@@ -115,20 +188,61 @@ class RunFolderError(Exception):
     """The folder is not a run folder or its files are damaged; the message says why and what to do."""
 
 
-def check_options(tsne_samples, gallery_size, seed):
+class DrawingInterrupted(BaseException):
+    """SIGINT or SIGTERM arrived while the figures were being written.
+
+    `signal` names it; `written` lists the figures written completely before it.
+    A BaseException like cli.StartupInterrupted, so no ``except Exception`` swallows it.
+    """
+
+    def __init__(self, signal, written):
+        super().__init__(signal)
+        self.signal, self.written = signal, list(written)
+
+
+def check_options(tsne_samples, gallery_size, seed, data_dir=None):
     """The first problem with the drawing options as one sentence, or None."""
     if tsne_samples < 0:
         return f'--tsne-samples {tsne_samples} is negative; give a number of points, or 0 to skip t-SNE'
+    if 0 < tsne_samples < MIN_TSNE_SAMPLES or tsne_samples > MAX_TSNE_SAMPLES:
+        why = ('too few for t-SNE' if tsne_samples < MIN_TSNE_SAMPLES else
+               f'more than the {MAX_TSNE_SAMPLES} test images t-SNE can sample')
+        return (f'--tsne-samples {tsne_samples} is {why}; give {MIN_TSNE_SAMPLES} to '
+                f'{MAX_TSNE_SAMPLES} points, or 0 to skip t-SNE')
     if gallery_size < 0:
         return f'--gallery-size {gallery_size} is negative; give a number of images, or 0 for no gallery'
+    if gallery_size > MAX_GALLERY_SIZE:
+        side = math.isqrt(MAX_GALLERY_SIZE)
+        return (f'--gallery-size {gallery_size} is more than the {MAX_GALLERY_SIZE} images a readable '
+                f'gallery holds ({side} x {side}); give 1 to {MAX_GALLERY_SIZE}, or 0 for no gallery')
     if seed is not None and not 0 <= seed <= MAX_SEED:
         return f'--seed {seed} is outside [0, {MAX_SEED}]; give an integer in that range, as for main.py'
+    if data_dir is not None and not data_dir.strip():
+        return ('--data-dir was given an empty path; give the folder holding cifar-10-batches-py/ or '
+                f"{ARCHIVE_NAME}, or leave the option out to use the run's data_dir")
     return None
 
 
 def _number(v):
     # true/false is an int to Python but not a measurement.
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(v):
+    if not _number(v):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:      # an integer too large for a float: no real measurement
+        return False
+
+
+def _fraction(v):
+    return _finite(v) and 0 <= v <= 1
+
+
+def _at_least_0(v):
+    return _finite(v) and v >= 0
 
 
 def _count(v):
@@ -139,44 +253,83 @@ def _or_null(test):
     return lambda v: v is None or test(v)
 
 
-def _table(shape, kinds):
-    """A test for nested JSON lists: an array of `shape`, dtype kind in `kinds`, entries >= 0."""
+def _table(shape, kinds, upper=None):
+    """A test for nested JSON lists: an array of `shape`, dtype kind in `kinds`, finite entries in [0, upper]."""
     def test(value):
         try:
             a = np.array(value)
-        except ValueError:      # ragged lists
+        except (ValueError, OverflowError):      # ragged lists, integers too large
             return False
-        return a.shape == shape and a.dtype.kind in kinds and (a.size == 0 or a.min() >= 0)
+        if a.shape != shape or a.dtype.kind not in kinds or a.size == 0:
+            return a.shape == shape and a.dtype.kind in kinds
+        return bool(np.isfinite(a).all() and a.min() >= 0 and (upper is None or a.max() <= upper))
     return test
 
 
+def _fingerprints(v):
+    return (isinstance(v, dict) and isinstance(v.get('test'), str)
+            and re.fullmatch(r'[0-9a-f]{64}', v['test']) is not None)
+
+
+def _single_view(v):
+    return (isinstance(v, dict) and _fraction(v.get('test_acc')) and _fraction(v.get('ece'))
+            and _or_null(_at_least_0)(v.get('test_loss')))
+
+
 # What the figures and the report read from each JSON file of a run, as
-# {key: (test, what it must be)}; an absent key counts as null.
-NUMBER_OR_NULL = (_or_null(_number), 'a number or null')
+# {key: (test, what it must be)}; an absent key counts as null. null means
+# unknown (runfiles.write_json writes a NaN as null) and leaves a gap; a NaN,
+# an infinity or an impossible value is refused, so the report never shows one.
+FRACTION_OR_NULL = (_or_null(_fraction), 'a fraction in [0, 1] or null')
+LOSS_OR_NULL = (_or_null(_at_least_0), 'a finite loss >= 0 or null')
+AMOUNT_OR_NULL = (_or_null(_at_least_0), 'a finite number >= 0 or null')
 CONFIG_RULES = {'seed': (_or_null(lambda v: _count(v) and v <= MAX_SEED), f'an integer in [0, {MAX_SEED}]'),
                 'data_dir': (_or_null(lambda v: isinstance(v, str)), 'a path')}
 HISTORY_RULES = {'epoch': (_count, 'an epoch number'),
-                 **dict.fromkeys(('train_loss', 'train_acc', 'val_loss', 'val_acc', 'lr',
-                                  'epoch_time_s', 'images_per_s', 'elapsed_s'), NUMBER_OR_NULL)}
+                 **dict.fromkeys(('train_loss', 'val_loss'), LOSS_OR_NULL),
+                 **dict.fromkeys(('train_acc', 'val_acc'), FRACTION_OR_NULL),
+                 **dict.fromkeys(('lr', 'epoch_time_s', 'images_per_s', 'elapsed_s'), AMOUNT_OR_NULL)}
 METRICS_RULES = {
     # Written with every test evaluation, so never null.
-    **dict.fromkeys(('test_acc', 'test_loss', 'ece'), (_number, 'a number')),
-    **dict.fromkeys(('best_val_acc', 'wall_time_s', 'train_images_per_s'), NUMBER_OR_NULL),
+    'test_acc': (_fraction, 'a fraction in [0, 1]'),
+    'test_loss': (_at_least_0, 'a finite loss >= 0'),
+    'ece': (_fraction, 'a calibration error in [0, 1]'),
+    'best_val_acc': FRACTION_OR_NULL,
+    **dict.fromkeys(('wall_time_s', 'train_images_per_s'), AMOUNT_OR_NULL),
     **dict.fromkeys(('best_epoch', 'epochs_done'), (_or_null(_count), 'a whole number or null')),
+    'test_images': (_or_null(lambda v: _count(v) and v > 0), 'a number of test images or null'),
     'label_names': (_or_null(lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)),
                     'a list of class names'),
+    'single_view': (_or_null(_single_view), 'null or test_acc, ece (fractions in [0, 1]) and test_loss'),
+    'data_fingerprint': (_or_null(_fingerprints), "null or a 'test' sha256 in hex (data_utils.fingerprint)"),
 }
 
 
-def _check_values(values, rules, path, where='{!r}'):
+def _check_values(values, rules, path, fix, where='{!r}'):
     """RunFolderError naming the first value of the dict `values` that fails its rule."""
     for key, (test, what) in rules.items():
         value = values.get(key)
         if not test(value):
             shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + '...'
-            raise RunFolderError(f'{path} has {where.format(key)} = {shown}, which is not {what}; '
-                                 f'it was not written by main.py or is damaged - re-run training '
-                                 f'or restore the file')
+            raise RunFolderError(f'{path} has {where.format(key)} = {shown}, which is not {what}; {fix}')
+
+
+def _present(path):
+    """True if a run file is there, False if absent; RunFileError for anything that is not a file.
+
+    A named pipe would block the read forever and a device never ends; a link
+    to nothing is named as such rather than taken for a missing file.
+    """
+    try:
+        if not os.path.lexists(path):
+            return False
+        if not os.path.exists(path):
+            raise RunFileError(f'{path} is a link to {os.readlink(path)}, which does not exist; '
+                               f'restore the file it points at, or remove the link')
+        check_regular(path)
+    except OSError as e:
+        raise RunFileError(describe_os_error(e, path, 'read')) from None
+    return True
 
 
 def load_run(run_dir):
@@ -187,112 +340,237 @@ def load_run(run_dir):
     probs (N, C), labels (N,), indices (N,), hidden (N, H) or None), and
     missing (list of absent file names). Raises RunFolderError when the folder
     has neither config.json nor history.json or a file holds what main.py
-    does not write, and RunFileError when a file cannot be read.
+    does not write (wrong types, NaN, impossible values), and RunFileError when
+    a file cannot be read or is not a regular file.
     """
     # runs/latest is a symlink: work on the real folder so relative paths resolve;
     # '' must not quietly mean the current folder.
     given = run_dir
     run_dir = resolve_folder(run_dir, 'pass a run folder such as runs/latest')
-    if not (run_dir / 'config.json').is_file() and not (run_dir / 'history.json').is_file():
+    present = {name: _present(run_dir / name)
+               for name in ('config.json', 'history.json', 'metrics.json', 'predictions.npz')}
+    if not present['config.json'] and not present['history.json']:
         raise RunFolderError(f'{given} is not a run folder (it has no config.json or history.json); '
                              f'pass a folder written by main.py, such as runs/latest')
     run = {'run_dir': run_dir, 'config': None, 'history': None, 'metrics': None,
            'predictions': None, 'missing': []}
     path = run_dir / 'predictions.npz'
-    if path.is_file():
-        run['predictions'] = _check_predictions(
-            read_npz(path, fix='re-run the test evaluation or restore the file'), path)
+    if present[path.name]:
+        fix = _repair(run_dir, path.name)
+        run['predictions'] = _check_predictions(read_npz(path, fix=fix), path, fix)
     c = run['predictions']['probs'].shape[1] if run['predictions'] else NUM_CLASSES
     rules = {'config': CONFIG_RULES, 'history': HISTORY_RULES, 'metrics': {
-        **METRICS_RULES, 'per_class_acc': (_or_null(_table((c,), 'iuf')), f'a list of {c} fractions'),
-        'confusion_matrix': (_or_null(_table((c, c), 'iu')), f'a {c} x {c} table of counts')}}
+        **METRICS_RULES,
+        'per_class_acc': (_or_null(_table((c,), 'iuf', upper=1)), f'a list of {c} fractions in [0, 1]'),
+        'confusion_matrix': (_or_null(_table((c, c), 'iu')), f'a {c} x {c} table of counts >= 0')}}
     for name, kind in {'config': dict, 'history': list, 'metrics': dict}.items():
         path = run_dir / f'{name}.json'
-        if not path.is_file():
+        if not present[path.name]:
             run['missing'].append(path.name)
             continue
-        values = run[name] = read_json(path)
+        fix = _repair(run_dir, path.name)
+        values = run[name] = read_json(path, fix=fix)
         if not isinstance(values, kind) or (kind is list and not all(isinstance(r, dict) for r in values)):
             what = 'a list of per-epoch records' if kind is list else 'a JSON object'
-            raise RunFolderError(f'{path} is not {what}; it was not written by main.py '
-                                 f'or is damaged - re-run training or restore the file')
+            raise RunFolderError(f'{path} is not {what}; {fix}')
         for i, record in enumerate(values if kind is list else [values], 1):
-            _check_values(record, rules[name], path, f"record {i}'s {{!r}}" if kind is list else '{!r}')
+            _check_values(record, rules[name], path, fix,
+                          f"record {i}'s {{!r}}" if kind is list else '{!r}')
+    if run['config'] is not None:
+        _check_finite(run['config'], run_dir / 'config.json', _repair(run_dir, 'config.json'))
     if run['predictions'] is None:
         run['missing'].append('predictions.npz')
     return run
 
 
-def _check_predictions(preds, path):
-    """The arrays of predictions.npz, consistent with each other; indices default to 0..N-1."""
+def _check_finite(value, path, fix, where=''):
+    """RunFolderError for the first NaN or infinity anywhere in a JSON value (the report shows them all)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, path, fix, f'{where}.{k}' if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, path, fix, f'{where}[{i}]')
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise RunFolderError(f'{path} has {where!r} = {value}, which is not a finite number; {fix}')
+
+
+def _check_predictions(preds, path, fix):
+    """The arrays of predictions.npz, consistent with each other; indices default to 0..N-1.
+
+    probs (N, C) float, rows in [0, 1] summing to 1; labels (N,) in 0..C-1;
+    indices (N,) distinct and >= 0 (rows of the test set); hidden (N, H) finite.
+    """
     if 'probs' not in preds or 'labels' not in preds:
-        raise RunFolderError(f"{path} lacks the arrays 'probs' and 'labels'; re-run the test evaluation")
+        raise RunFolderError(f"{path} lacks the arrays 'probs' and 'labels'; {fix}")
     preds.setdefault('indices', np.arange(preds['labels'].size))
     probs, labels, indices, hidden = (preds.get(k) for k in ('probs', 'labels', 'indices', 'hidden'))
     n = len(labels) if labels.ndim == 1 else -1
-    consistent = (probs.ndim == 2 and len(probs) == n > 0 and probs.shape[1] > 0 and indices.shape == (n,)
+    consistent = (probs.ndim == 2 and len(probs) == n > 0 and 0 < probs.shape[1] <= MAX_CLASSES
+                  and indices.shape == (n,)
                   and probs.dtype.kind == 'f' and labels.dtype.kind in 'iu' and indices.dtype.kind in 'iu'
                   and (hidden is None or (hidden.shape[:1] == (n,) and hidden.ndim == 2
                                           and hidden.dtype.kind in 'fiu')))
     if not consistent:
         arrays = ', '.join(f'{k} {v.dtype}{v.shape}' for k, v in preds.items())
         raise RunFolderError(f'{path} has inconsistent arrays ({arrays}); expected float probs '
-                             f'(N, 10), integer labels (N,) and indices (N,), hidden (N, H) - '
-                             f're-run the test evaluation')
-    c = probs.shape[1]
-    for problem, found in (('non-finite probabilities', not np.isfinite(probs).all()),
-                           ('non-finite hidden states', hidden is not None and not np.isfinite(hidden).all()),
-                           (f'labels outside 0..{c - 1}', labels.min() < 0 or labels.max() >= c)):
-        if found:
-            raise RunFolderError(f'{path} has {problem}; re-run the test evaluation')
+                             f'(N, 10), integer labels (N,) and indices (N,), hidden (N, H); {fix}')
+    problem = _predictions_problem(probs, labels, indices, hidden)
+    if problem:
+        raise RunFolderError(f'{path} has {problem}; {fix}')
     return preds
 
 
+def _predictions_problem(probs, labels, indices, hidden):
+    """The first impossible value among arrays of consistent shapes, in words, or None.
+
+    probs (N, C), labels (N,), indices (N,), hidden (N, H) or None.
+    """
+    if not np.isfinite(probs).all():
+        return 'non-finite probabilities (NaN or infinite)'
+    if probs.min() < 0 or probs.max() > 1:
+        return 'probabilities outside [0, 1]'
+    sums = probs.sum(axis=1, dtype=np.float64)
+    worst = np.abs(sums - 1).argmax()
+    if abs(sums[worst] - 1) > PROB_SUM_TOLERANCE:
+        return f'rows of probabilities that do not sum to 1 (e.g. {sums[worst]:.4f})'
+    if hidden is not None and not np.isfinite(hidden).all():
+        return 'non-finite hidden states'
+    if labels.min() < 0 or labels.max() >= probs.shape[1]:
+        return f'labels outside 0..{probs.shape[1] - 1}'
+    if indices.min() < 0 or len(np.unique(indices)) != len(indices):
+        return 'negative or repeated test-set indices'
+    return None
+
+
+def check_consistency(run):
+    """RunFolderError if metrics.json disagrees with itself or with predictions.npz in count.
+
+    The report shows test_acc and per_class_acc next to figures drawn from the
+    confusion matrix, so they must describe the same predictions. (compare.py
+    does its own checks against predictions.npz, with its own wording.)
+    """
+    metrics, preds = run['metrics'], run['predictions']
+    if not metrics or metrics.get('confusion_matrix') is None:
+        return
+    path, fix = run['run_dir'] / 'metrics.json', _repair(run['run_dir'], 'metrics.json')
+    cm = np.asarray(metrics['confusion_matrix'], dtype=np.int64)
+    total, n = int(cm.sum()), metrics.get('test_images')
+    problems = []
+    if n is not None and total != n:
+        problems.append(f'its confusion_matrix counts {total} test images, test_images says {n}')
+    if preds is not None and n is not None and len(preds['labels']) != n:
+        problems.append(f"test_images says {n}, predictions.npz holds {len(preds['labels'])}")
+    if total > 0 and abs(metrics['test_acc'] - np.trace(cm) / total) > 1e-6:
+        problems.append(f"test_acc {metrics['test_acc']:.4f} is not the accuracy of its "
+                        f'confusion_matrix ({np.trace(cm) / total:.4f})')
+    per_class = metrics.get('per_class_acc')
+    if per_class is not None and np.abs(np.asarray(per_class, float) - per_class_accuracy(cm)).max() > 1e-6:
+        problems.append('per_class_acc is not the per-class accuracy of its confusion_matrix')
+    if problems:
+        raise RunFolderError(f'{path} is inconsistent: {problems[0]}; {fix}')
+
+
 # --------------------------------------------------------------------------
-# The test images and the folders written to
+# The test images of the gallery
 # --------------------------------------------------------------------------
+
+class _Unusable(Exception):
+    """A data folder holds CIFAR-10 files that cannot serve as this run's test images."""
+
 
 def resolve_data_dir(config, run_dir, override=None):
     """Candidate data folders, in the order to try them, without repeats.
 
-    --data-dir wins alone (given as the extracted cifar-10-batches-py/ itself,
-    its parent). Otherwise the config's data_dir (default 'data'): as given if
-    absolute, else relative to the current directory and then to the
-    repository root, which is the run folder's grandparent (runs/<run>/).
+    --data-dir wins alone (given as the extracted cifar-10-batches-py/ itself
+    or the archive itself, its parent). Otherwise the config's data_dir
+    (default 'data'): as given if absolute, else relative to the current
+    directory and then to the repository root, which is the run folder's
+    grandparent (runs/<run>/).
     """
     if override is not None:
         override = Path(override)
-        return [override.parent if override.name == 'cifar-10-batches-py' else override]
+        return [override.parent if override.name in (FOLDER_NAME, ARCHIVE_NAME) else override]
     data_dir = Path((config or {}).get('data_dir') or 'data')
     if data_dir.is_absolute():
         return [data_dir]
     return list(dict.fromkeys([Path.cwd() / data_dir, Path(run_dir).parent.parent / data_dir]))
 
 
-def load_gallery_images(candidates):
-    """The test images of the first candidate data folder that holds CIFAR-10, read by data_utils.
+def _holds_cifar(folder):
+    # lexists: a named pipe or a link to nothing is CIFAR-10 gone wrong, to be named, not passed over.
+    return os.path.lexists(folder / FOLDER_NAME) or os.path.lexists(folder / ARCHIVE_NAME)
 
-    Returns (images (N, 32, 32, 3) uint8 HWC, labels (N,) int64, folder).
-    Raises DataError whose sentence says that nothing was found, or names the
-    file that was refused and why.
+
+def _data_fix(folder):
+    """What to do about a damaged data file, for viz.py (which reads the archive but never downloads it)."""
+    archive = folder / ARCHIVE_NAME
+    return (f'put a good copy of {ARCHIVE_NAME} at {shell_path(archive)} (viz.py reads it as it is) '
+            f'and move {shell_path(folder / FOLDER_NAME)} aside')
+
+
+def _read_test_set(folder):
+    """(X (N, 3, 32, 32) uint8, y (N,) int64) of a data folder, or _Unusable naming what is wrong."""
+    try:
+        # data_utils opens every file as a regular one: a named pipe or a device is a DataError.
+        X, y, _ = load_test_set(folder)
+    except DataError as e:
+        # data_utils' fix says to "run again to re-download", which main.py does and viz.py does not.
+        hint = getattr(data_utils, '_redownload_hint', lambda d: None)(folder)
+        text = str(e).replace(hint, _data_fix(folder)) if hint else str(e)
+        raise _Unusable(text) from None
+    except OSError as e:
+        raise _Unusable(describe_os_error(e, e.filename or folder, 'read')) from None
+    return X, y
+
+
+def _matching_test_set(run, folder):
+    """The test images of `folder` if they are the run's test set: (images (N, 32, 32, 3) HWC uint8, labels (N,)).
+
+    The run's recorded fingerprint (metrics.json's data_fingerprint, new runs)
+    decides; older runs are checked by their labels. Raises _Unusable.
     """
-    # Folders without the data are passed over quietly; a file that is there
-    # but refused is named, since it is damaged or not what it claims to be.
-    held = [c for c in candidates
-            if (c / 'cifar-10-batches-py').exists() or (c / 'cifar-10-python.tar.gz').exists()]
-    refusal = None
-    for folder in held:
-        try:
-            images, labels, _ = load_test_set(folder)
-        except DataError as e:
-            refusal = refusal or e
-            continue
-        # The archive stores NCHW rows; imshow wants HWC.
-        return images.transpose(0, 2, 3, 1), labels, folder
-    tried = ' or '.join(str(c) for c in candidates)
-    raise refusal or DataError(f'no CIFAR-10 test batch found in {tried}; pass --data-dir '
-                               f'pointing at the folder that holds cifar-10-batches-py/.')
+    X, y = _read_test_set(folder)
+    other = (f'pass --data-dir the folder the run used (its config.json says '
+             f"{(run['config'] or {}).get('data_dir') or 'data'})")
+    recorded = ((run['metrics'] or {}).get('data_fingerprint') or {}).get('test')
+    if recorded is not None and fingerprint(X, y) != recorded:
+        raise _Unusable(f'the test set in {folder} is not the one this run was tested on (its fingerprint '
+                        f"differs from metrics.json's data_fingerprint); {other}")
+    indices, labels = run['predictions']['indices'], run['predictions']['labels']
+    if indices.max() >= len(X) or not np.array_equal(y[indices], labels):
+        raise _Unusable(f"the test images in {folder} do not match the run's labels; {other}")
+    # The archive stores NCHW rows; imshow wants HWC.
+    return X.transpose(0, 2, 3, 1), y
 
+
+def find_test_images(run, data_dir=None):
+    """The run's test images (N, 32, 32, 3) uint8 HWC from the first data folder that holds them, or None.
+
+    None when no candidate folder holds CIFAR-10 at all and --data-dir was not
+    given (the gallery is then skipped). RunFolderError when the folder asked
+    for holds nothing, or every folder that holds CIFAR-10 holds damaged files
+    or another test set: the images are there but wrong, so the user decides.
+    """
+    candidates = resolve_data_dir(run['config'], run['run_dir'], data_dir)
+    refusal = None
+    for folder in (c for c in candidates if _holds_cifar(c)):
+        try:
+            return _matching_test_set(run, folder)[0]
+        except _Unusable as e:
+            refusal = refusal or str(e)
+    skip = 'or pass --gallery-size 0 to draw the other figures without the gallery'
+    if refusal is not None:
+        raise RunFolderError(f'{refusal}, {skip}')
+    if data_dir is not None:
+        raise RunFolderError(f'--data-dir {data_dir} holds no CIFAR-10 test set (neither {FOLDER_NAME}/ '
+                             f'nor {ARCHIVE_NAME}); pass the folder that holds one, {skip}')
+    return None
+
+
+# --------------------------------------------------------------------------
+# The files written
+# --------------------------------------------------------------------------
 
 def _check_writable(folder):
     """RunFileError unless a new file can be made in `folder` (permissions, read-only mounts)."""
@@ -305,17 +583,34 @@ def _check_writable(folder):
         raise RunFileError(describe_os_error(OSError(e.errno, e.strerror), folder)) from None
 
 
+def _check_replaceable(path, what):
+    """RunFolderError if a real folder sits where viz.py writes the file `path` (os.replace cannot replace it)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise RunFolderError(f'{path} is a folder, where viz.py writes {what}; move it aside or '
+                             f'remove it, then run the command again')
+
+
 def prepare_output(run_dir):
-    """Check that report.md and figures/ can be written, before the first figure; returns figures/.
+    """Check that report.md and every figure can be written, before the first figure; returns figures/.
 
     Refusing here rather than at the first failing write keeps a folder that
     cannot take the report from ending up with some of the figures.
     """
     _check_writable(run_dir)
+    lock = run_dir / LOCK_NAME
+    try:
+        check_regular(lock)
+    except OSError as e:
+        # Said here because opening a folder for the lock fails as 'give the path of a file'.
+        raise RunFolderError(f"{lock} is {getattr(e, 'kind', e.strerror)}, where main.py and viz.py "
+                             f"keep the run folder's lock; remove it (it holds no data)") from None
     fig_dir = run_dir / 'figures'
     if os.path.lexists(fig_dir) and not fig_dir.is_dir():
         raise RunFolderError(f'{fig_dir} exists and is not a folder; move or delete it so that '
                              f'viz.py can put the figures there')
+    _check_replaceable(run_dir / 'report.md', 'the report')
+    for stem in FIGURE_TITLES:
+        _check_replaceable(fig_dir / f'{stem}.png', 'a figure')
     try:
         fig_dir.mkdir(exist_ok=True)
     except OSError as e:
@@ -538,20 +833,47 @@ FIGURE_TITLES = {
     'misclassified': 'Most confidently wrong predictions',
 }
 
+# Markdown's inline syntax, and $ (math on GitHub) and & (entities); every one of them may be
+# backslash-escaped. An underscore inside a word (seq_layout) never starts emphasis, so it stays.
+_MD_SPECIAL = re.compile(r'[\\`*\[\]<>|~#$&!{}]|(?<![^\W_])_|_(?![^\W_])')
+# Line breaks would end a table row or a quote: control characters and Unicode line separators.
+_LINE_BREAKS = re.compile(r'[\x00-\x1f\x7f\x85\u2028\u2029]+')
 
-def _fmt_duration(seconds):
-    seconds = float(seconds)
-    if seconds < 60:
-        return f'{seconds:.1f} s'
-    h, rest = divmod(int(round(seconds)), 3600)
-    m, s = divmod(rest, 60)
-    return f'{seconds:.0f} s ({h} h {m:02d} min {s:02d} s)' if h else f'{seconds:.0f} s ({m} min {s:02d} s)'
+
+def md_text(text):
+    """Any text from a file (class names, configuration values, paths) as literal Markdown, on one line."""
+    return _MD_SPECIAL.sub(lambda m: '\\' + m.group(), _LINE_BREAKS.sub(' ', str(text)))
+
+
+def md_code(text):
+    """Text as one Markdown code span that a table cell can hold.
+
+    The fence is longer than any run of backticks inside; a | must be \\| even in
+    a code span, or the table splits there (GitHub shows it as |).
+    """
+    text = _LINE_BREAKS.sub(' ', str(text)).replace('|', '\\|')
+    fence = '`' * (max((len(run) for run in re.findall('`+', text)), default=0) + 1)
+    pad = ' ' if text.startswith('`') or text.endswith('`') else ''
+    return f'{fence}{pad}{text}{pad}{fence}'
+
+
+def figure_label(name):
+    """A class name as figure text: one line, at most FIGURE_NAME_CHARS long, no mathtext.
+
+    matplotlib reads $...$ as mathematics and raises on an unbalanced $; a
+    legend entry starting with _ would be hidden.
+    """
+    name = _LINE_BREAKS.sub(' ', str(name))
+    if len(name) > FIGURE_NAME_CHARS:
+        name = name[:FIGURE_NAME_CHARS - 1] + '\u2026'
+    name = name.replace('$', r'\$')
+    return ' ' + name if name.startswith('_') else name
 
 
 def _fmt_value(v):
     if isinstance(v, (dict, list)):
-        return '`' + json.dumps(v) + '`'
-    return str(v)
+        return md_code(json.dumps(v))
+    return md_text(v)
 
 
 def build_report(run, figures, notes, label_names, cm):
@@ -559,102 +881,134 @@ def build_report(run, figures, notes, label_names, cm):
 
     run: from load_run; figures: list of (stem, caption) drawn, in order;
     notes: lines about what is missing or skipped; label_names: C str;
-    cm: (C, C) confusion counts or None.
+    cm: (C, C) confusion counts or None. Every text that comes from a file is
+    escaped (md_text), so a class name such as 'a|b' cannot break a table.
     """
-    config, history, metrics = run['config'], run['history'], run['metrics']
-    lines = [f"# Run report: {run['run_dir'].name}", '',
+    config = run['config']
+    lines = [f"# Run report: {md_text(run['run_dir'].name)}", '',
              f"Generated by `viz.py` on {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}.", '']
     if config:
         # One line for the settings people look for first; the full table is at the end.
-        summary = [f'{key} `{config[key]}`' for key in ('preset', 'epochs', 'seq_layout', 'subset', 'seed')
+        summary = [f'{key} {md_code(config[key])}' for key in ('preset', 'epochs', 'seq_layout', 'subset', 'seed')
                    if config.get(key) is not None]
         if summary:
             lines += ['Run: ' + ', '.join(summary) + ' (full configuration at the end).', '']
     if notes:
-        lines += ['> ' + n for n in notes] + ['']
+        lines += ['> ' + md_text(n) for n in notes] + ['']
+    lines += _headline_section(run['metrics'], run['history'])
+    names = [md_text(n) for n in label_names]
+    lines += _per_class_section(run['metrics'], cm, names)
+    lines += _confused_section(cm, names)
+    lines += _figures_section(figures)
+    if config:
+        lines += ['## Configuration', '', '| key | value |', '| --- | --- |']
+        lines += [f'| {md_text(k)} | {_fmt_value(v)} |' for k, v in config.items()]
+        lines.append('')
+    return '\n'.join(lines)
 
-    lines += ['## Headline metrics', '', '| metric | value |', '| --- | --- |']
+
+def _headline_section(metrics, history):
+    """The headline table: metrics.json's numbers, or the history's so far; times to accuracy."""
+    lines = ['## Headline metrics', '', '| metric | value |', '| --- | --- |']
     if metrics:
-        def row(name, key, fmt):
-            if metrics.get(key) is not None:
-                lines.append(f'| {name} | {fmt(metrics[key])} |')
-        row('Test accuracy', 'test_acc', lambda v: f'{100 * v:.2f} %')
-        row('Test loss', 'test_loss', lambda v: f'{v:.4f}')
-        row(f'ECE ({N_BINS} bins)', 'ece', lambda v: f'{v:.4f}')
-        single = metrics.get('single_view')
-        if isinstance(single, dict) and all(_number(single.get(k)) for k in ('test_acc', 'ece')):
-            lines.append(f"| Without the mirror view (tta_flip off) | {100 * single['test_acc']:.2f} %, "
-                         f"ECE {single['ece']:.4f} |")
-        best = metrics.get('best_val_acc')
-        if best is not None:
-            at = f" (epoch {metrics['best_epoch']})" if metrics.get('best_epoch') is not None else ''
-            lines.append(f'| Best validation accuracy | {100 * best:.2f} %{at} |')
-        if metrics.get('epochs_done') is not None:
-            early = ' (stopped early)' if metrics.get('stopped_early') else ''
-            lines.append(f"| Epochs trained | {metrics['epochs_done']}{early} |")
-        row('Wall time', 'wall_time_s', _fmt_duration)
-        row('Training throughput', 'train_images_per_s', lambda v: f'{v:.0f} images/s')
+        lines += _metrics_rows(metrics)
     elif history:
-        # No test evaluation yet: summarise what the history shows so far.
-        val = [r['val_acc'] for r in history if r.get('val_acc') is not None]
-        lines.append(f'| Epochs done so far | {len(history)} |')
-        if val:
-            best_row = max((r for r in history if r.get('val_acc') is not None), key=lambda r: r['val_acc'])
-            lines.append(f"| Best validation accuracy so far | {100 * best_row['val_acc']:.2f} % "
-                         f"(epoch {best_row['epoch']}) |")
-        last = history[-1]
-        for name, key in (('Last train loss', 'train_loss'), ('Last validation loss', 'val_loss')):
-            if last.get(key) is not None:
-                lines.append(f'| {name} | {last[key]:.4f} |')
-        times = [r['epoch_time_s'] for r in history if r.get('epoch_time_s') is not None]
-        if times:
-            lines.append(f'| Training time so far | {_fmt_duration(sum(times))} |')
-        ips = [r['images_per_s'] for r in history if r.get('images_per_s') is not None]
-        if ips:
-            lines.append(f'| Training throughput | {np.mean(ips):.0f} images/s |')
+        lines += _history_rows(history)
     else:
         lines.append('| (no metrics or history yet) | |')
     for threshold in TIME_TO_VAL_ACC:
         if history:
             seconds = time_to_accuracy(history, threshold)
-            shown = _fmt_duration(seconds) if seconds is not None else 'not reached'
+            shown = cli.format_duration(seconds) if seconds is not None else 'not reached'
             lines.append(f'| Validation accuracy {100 * threshold:.0f} % first reached | {shown} |')
-    lines.append('')
+    return lines + ['']
 
+
+def _metrics_rows(metrics):
+    """Table rows from a checked metrics.json (every number finite and in range)."""
+    lines = []
+
+    def row(name, key, fmt):
+        if metrics.get(key) is not None:
+            lines.append(f'| {name} | {fmt(metrics[key])} |')
+    row('Test accuracy', 'test_acc', lambda v: f'{100 * v:.2f} %')
+    row('Test loss', 'test_loss', lambda v: f'{v:.4f}')
+    row(f'ECE ({N_BINS} bins)', 'ece', lambda v: f'{v:.4f}')
+    single = metrics.get('single_view')
+    if single is not None:
+        lines.append(f"| Without the mirror view (tta_flip off) | {100 * single['test_acc']:.2f} %, "
+                     f"ECE {single['ece']:.4f} |")
+    best = metrics.get('best_val_acc')
+    if best is not None:
+        at = f" (epoch {metrics['best_epoch']})" if metrics.get('best_epoch') is not None else ''
+        lines.append(f'| Best validation accuracy | {100 * best:.2f} %{at} |')
+    if metrics.get('epochs_done') is not None:
+        early = ' (stopped early)' if metrics.get('stopped_early') else ''
+        lines.append(f"| Epochs trained | {metrics['epochs_done']}{early} |")
+    row('Wall time', 'wall_time_s', cli.format_duration)
+    row('Training throughput', 'train_images_per_s', lambda v: f'{v:.0f} images/s')
+    return lines
+
+
+def _history_rows(history):
+    """Table rows for a run without a test evaluation yet: what the history shows so far."""
+    val = [r for r in history if r.get('val_acc') is not None]
+    lines = [f'| Epochs done so far | {len(history)} |']
+    if val:
+        best_row = max(val, key=lambda r: r['val_acc'])
+        lines.append(f"| Best validation accuracy so far | {100 * best_row['val_acc']:.2f} % "
+                     f"(epoch {best_row['epoch']}) |")
+    last = history[-1]
+    for name, key in (('Last train loss', 'train_loss'), ('Last validation loss', 'val_loss')):
+        if last.get(key) is not None:
+            lines.append(f'| {name} | {last[key]:.4f} |')
+    times = [r['epoch_time_s'] for r in history if r.get('epoch_time_s') is not None]
+    if times:
+        lines.append(f'| Training time so far | {cli.format_duration(sum(times))} |')
+    ips = [r['images_per_s'] for r in history if r.get('images_per_s') is not None]
+    if ips:
+        lines.append(f'| Training throughput | {np.mean(ips):.0f} images/s |')
+    return lines
+
+
+def _per_class_section(metrics, cm, names):
+    """Accuracy per true class (metrics.json's, else from the confusion matrix); names escaped."""
     per_class = None
     if metrics and metrics.get('per_class_acc') is not None:
         per_class = np.asarray(metrics['per_class_acc'], dtype=float)
     elif cm is not None:
         per_class = per_class_accuracy(cm)
-    if per_class is not None:
-        lines += ['## Per-class accuracy', '', '| class | accuracy | test images |', '| --- | ---: | ---: |']
-        for c, acc in enumerate(per_class):
-            n = str(int(cm[c].sum())) if cm is not None else ''
-            lines.append(f'| {label_names[c]} | {100 * acc:.1f} % | {n} |')
-        lines.append('')
+    if per_class is None:
+        return []
+    lines = ['## Per-class accuracy', '', '| class | accuracy | test images |', '| --- | ---: | ---: |']
+    for c, acc in enumerate(per_class):
+        n = str(int(cm[c].sum())) if cm is not None else ''
+        lines.append(f'| {names[c]} | {100 * acc:.1f} % | {n} |')
+    return lines + ['']
 
-    if cm is not None:
-        lines += ['## Most confused class pairs', '',
-                  '| true class | predicted as | count | share of true class |',
-                  '| --- | --- | ---: | ---: |']
-        for i, j, count in most_confused_pairs(cm, 5):
-            lines.append(f'| {label_names[i]} | {label_names[j]} | {count} | '
-                         f'{100 * count / max(cm[i].sum(), 1):.1f} % |')
-        lines.append('')
 
-    if figures:
-        lines += ['## Figures', '']
-        for stem, caption in figures:
-            lines += [f'### {FIGURE_TITLES[stem]}', '',
-                      f'![{FIGURE_TITLES[stem]}](figures/{stem}.png)', '']
-            if caption:
-                lines += [caption, '']
+def _confused_section(cm, names):
+    """The five largest off-diagonal cells of the confusion matrix; names escaped."""
+    if cm is None:
+        return []
+    lines = ['## Most confused class pairs', '',
+             '| true class | predicted as | count | share of true class |',
+             '| --- | --- | ---: | ---: |']
+    for i, j, count in most_confused_pairs(cm, 5):
+        lines.append(f'| {names[i]} | {names[j]} | {count} | {100 * count / max(cm[i].sum(), 1):.1f} % |')
+    return lines + ['']
 
-    if config:
-        lines += ['## Configuration', '', '| key | value |', '| --- | --- |']
-        lines += [f'| {k} | {_fmt_value(v)} |' for k, v in config.items()]
-        lines.append('')
-    return '\n'.join(lines)
+
+def _figures_section(figures):
+    """Every figure drawn, embedded, with its caption (captions quote files only through md_text)."""
+    if not figures:
+        return []
+    lines = ['## Figures', '']
+    for stem, caption in figures:
+        lines += [f'### {FIGURE_TITLES[stem]}', '', f'![{FIGURE_TITLES[stem]}](figures/{stem}.png)', '']
+        if caption:
+            lines += [caption, '']
+    return lines
 
 
 # --------------------------------------------------------------------------
@@ -667,17 +1021,21 @@ def make_report(run_dir, tsne_samples=DEFAULT_TSNE_SAMPLES, gallery_size=DEFAULT
 
     Returns the list of figure paths written. Everything that can be checked
     is checked before the first file is written: the options (ValueError),
-    the folder and every value the figures use (RunFolderError, RunFileError)
-    and that figures/ and report.md can be written (RunFileError).
+    the folder, every file and every value the figures use, the gallery's
+    test images (RunFolderError, RunFileError) and that figures/, every
+    figure and report.md can be written (RunFileError, RunFolderError).
     `log` receives one line per figure (with its timing) and one per thing
-    missing or skipped.
+    missing or skipped. A SIGINT/SIGTERM (cli's handlers) while drawing raises
+    DrawingInterrupted with the figures written so far.
     """
-    problem = check_options(tsne_samples, gallery_size, seed)
+    problem = check_options(tsne_samples, gallery_size, seed, data_dir)
     if problem:
         raise ValueError(problem)
     run = load_run(run_dir)
+    check_consistency(run)
     if seed is None:
         seed = (run['config'] or {}).get('seed') or 0
+    plan = plan_report(run, tsne_samples, gallery_size, data_dir, seed, log)
     fig_dir = prepare_output(run['run_dir'])
     lock = RunFolderLock(run['run_dir'], 'viz.py')
     # Busy means main.py is still writing: its files are each complete (atomic
@@ -685,154 +1043,169 @@ def make_report(run_dir, tsne_samples=DEFAULT_TSNE_SAMPLES, gallery_size=DEFAULT
     if not lock.acquire(busy_ok=True):
         log(f"{run['run_dir']} is in use by another process (main.py still training?); "
             'drawing what its files hold now.')
+    written = []
     try:
-        return _draw(run, fig_dir, tsne_samples, gallery_size, data_dir, seed, log)
+        _draw(plan, fig_dir, log, written)
+        write_text(run['run_dir'] / 'report.md', build_report(
+            run, [(stem, caption) for stem, _, caption, _ in plan['figures']], plan['notes'],
+            plan['label_names'], plan['cm']))
+        return written
+    except cli.StartupInterrupted as e:
+        raise DrawingInterrupted(str(e), written) from None
     finally:
         lock.release()
 
 
-def _draw(run, fig_dir, tsne_samples, gallery_size, data_dir, seed, log):
-    """The figures and report.md of a checked run folder; returns the figure paths written."""
-    out_dir = run['run_dir']
-    config, history, metrics, preds = run['config'], run['history'], run['metrics'], run['predictions']
-    notes = []  # lines for the console and the top of the report
+def plan_report(run, tsne_samples, gallery_size, data_dir, seed, log):
+    """What to draw, decided and loaded before the first file is written.
 
-    def note(line):
-        notes.append(line)
+    Returns a dict: figures, a list of (stem, draw() -> Figure, caption,
+    seconds already spent preparing it); notes, lines for the console and the
+    top of the report; label_names (C str); cm, (C, C) counts or None.
+    Raises RunFolderError when the gallery's test images are there but unusable.
+    """
+    metrics, preds = run['metrics'], run['predictions']
+    plan = {'figures': [], 'notes': _missing_notes(run['missing']), 'cm': None}
+    for line in plan['notes']:
         log(line)
 
-    missing = run['missing']
+    def note(line):
+        plan['notes'].append(line)
+        log(line)
+
+    n_classes = preds['probs'].shape[1] if preds is not None else NUM_CLASSES
+    names = list(metrics.get('label_names') or []) if metrics else []
+    if len(names) != n_classes:
+        names = CIFAR10_CLASSES if n_classes == 10 else [str(c) for c in range(n_classes)]
+    plan['label_names'], shown = names, [figure_label(n) for n in names]
+
+    if run['history']:
+        best_epoch = metrics.get('best_epoch') if metrics else None
+        plan['figures'].append(
+            ('training_curves', lambda: plot_training_curves(run['history'], best_epoch), '', 0))
+    elif run['history'] is not None:
+        note('history.json has no epochs yet: no training curves.')
+    # metrics.json has the confusion matrix; predictions can rebuild it.
+    if metrics and metrics.get('confusion_matrix') is not None:
+        plan['cm'] = np.asarray(metrics['confusion_matrix'], dtype=np.int64)
+    elif preds is not None:
+        plan['cm'] = confusion_matrix(preds['labels'], preds['probs'].argmax(axis=1), n_classes)
+    if plan['cm'] is not None:
+        plan['figures'].append(('confusion_matrix', lambda: plot_confusion_matrix(plan['cm'], shown), '', 0))
+    if preds is not None:
+        plan['figures'].append(_reliability_spec(preds, metrics, note))
+        plan['figures'] += _tsne_spec(preds, tsne_samples, seed, shown, note, log)
+        plan['figures'] += _gallery_spec(run, data_dir, gallery_size, shown, note, log)
+    return plan
+
+
+def _missing_notes(missing):
+    """The line about files the run folder lacks (a partial run), as a list of 0 or 1 lines."""
     if 'metrics.json' in missing or 'predictions.npz' in missing:
         absent = ' and '.join(n for n in ('metrics.json', 'predictions.npz') if n in missing)
         lacking = ', '.join(m for m in missing if m not in ('metrics.json', 'predictions.npz'))
-        note(f"Partial run: {absent} not found{' (nor ' + lacking + ')' if lacking else ''} "
-             '- the run is still training or stopped before the test evaluation; '
-             'drawing only what the files allow.')
-    elif missing:
-        note(f"Missing from the run folder: {', '.join(missing)}.")
+        return [f"Partial run: {absent} not found{' (nor ' + lacking + ')' if lacking else ''} "
+                '- the run is still training or stopped before the test evaluation; '
+                'drawing only what the files allow.']
+    return [f"Missing from the run folder: {', '.join(missing)}."] if missing else []
 
-    label_names = None
-    if metrics and metrics.get('label_names'):
-        label_names = list(metrics['label_names'])
-    n_classes = preds['probs'].shape[1] if preds is not None else NUM_CLASSES
-    if label_names is None or len(label_names) != n_classes:
-        label_names = CIFAR10_CLASSES if n_classes == 10 else [str(c) for c in range(n_classes)]
 
-    figures, written = [], []
-
-    def emit(stem, draw, caption='', start=None):
-        # `start` lets a figure count the loading it needed (the gallery's images).
-        start = time.perf_counter() if start is None else start
-        fig = draw()
-        path = fig_dir / f'{stem}.png'
-        write_atomic(path, lambda f: fig.savefig(f, format='png', dpi=DPI))
-        figures.append((stem, caption))
-        written.append(path)
-        log(f"  {stem + '.png':<22s} {time.perf_counter() - start:6.2f} s")
-
-    # 1. Training curves
-    if history:
-        best_epoch = metrics.get('best_epoch') if metrics else None
-        emit('training_curves', lambda: plot_training_curves(history, best_epoch))
-    elif history is not None:
-        note('history.json has no epochs yet: no training curves.')
-
-    # 2. Confusion matrix: metrics.json has it; predictions can rebuild it.
-    cm = None
-    if metrics and metrics.get('confusion_matrix') is not None:
-        cm = np.asarray(metrics['confusion_matrix'], dtype=np.int64)
-    elif preds is not None:
-        cm = confusion_matrix(preds['labels'], preds['probs'].argmax(axis=1), n_classes)
-    if cm is not None:
-        emit('confusion_matrix', lambda: plot_confusion_matrix(cm, label_names))
-
-    if preds is not None:
-        probs, labels = preds['probs'], preds['labels']
-
-        # 3. Reliability diagram
-        ece_plotted = expected_calibration_error(probs, labels, N_BINS)
-        caption = f'ECE in the diagram: {ece_plotted:.4f}'
-        if metrics and metrics.get('ece') is not None:
-            if abs(metrics['ece'] - ece_plotted) <= 1e-6:
-                caption += ' (equal to metrics.json).'
-            else:
-                caption += f" - differs from metrics.json's {metrics['ece']:.4f}."
-                note(f'ECE recomputed from predictions.npz ({ece_plotted:.6f}) differs from '
-                     f"metrics.json ({metrics['ece']:.6f}); the files may come from different evaluations.")
-        emit('reliability', lambda: plot_reliability(probs, labels, N_BINS), caption)
-
-        # 4. t-SNE of the hidden states
-        if 'hidden' not in preds:
-            note("predictions.npz has no 'hidden' array: no t-SNE figure.")
-        elif tsne_samples == 0:
-            log('  tsne.png               skipped (--tsne-samples 0)')
-        elif tsne_samples < 5:
-            note(f'--tsne-samples {tsne_samples} is too small for t-SNE (need at least 5): no t-SNE figure.')
+def _reliability_spec(preds, metrics, note):
+    """The reliability diagram's figure spec; a note if its ECE differs from metrics.json's."""
+    probs, labels = preds['probs'], preds['labels']
+    ece_plotted = expected_calibration_error(probs, labels, N_BINS)
+    caption = f'ECE in the diagram: {ece_plotted:.4f}'
+    if metrics and metrics.get('ece') is not None:
+        if abs(metrics['ece'] - ece_plotted) <= 1e-6:
+            caption += ' (equal to metrics.json).'
         else:
-            rows = stratified_sample(labels, tsne_samples, seed)
-
-            def draw_tsne():
-                emb = tsne_embedding(preds['hidden'][rows], seed)
-                return plot_tsne(emb, labels[rows], label_names, len(labels))
-            emit('tsne', draw_tsne, f'{len(rows)} points, stratified by true class, seed {seed}.')
-
-        # 5. Misclassification gallery
-        if gallery_size < 1:
-            log('  misclassified.png      skipped (--gallery-size 0)')
-        else:
-            _gallery(preds, config, out_dir, data_dir, gallery_size, label_names, emit, note)
-
-    report = build_report(run, figures, notes, label_names, cm)
-    write_text(out_dir / 'report.md', report)
-    return written
+            caption += f" - differs from metrics.json's {metrics['ece']:.4f}."
+            note(f'ECE recomputed from predictions.npz ({ece_plotted:.6f}) differs from '
+                 f"metrics.json ({metrics['ece']:.6f}); the files may come from different evaluations.")
+    return 'reliability', lambda: plot_reliability(probs, labels, N_BINS), caption, 0
 
 
-def _gallery(preds, config, run_dir, data_dir, gallery_size, label_names, emit, note):
-    """Draw the gallery if the test images can be found; return the test indices shown."""
+def _tsne_spec(preds, tsne_samples, seed, names, note, log):
+    """[] or [the t-SNE figure spec] of a seeded stratified sample of the hidden states."""
+    labels = preds['labels']
+    if 'hidden' not in preds:
+        note("predictions.npz has no 'hidden' array: no t-SNE figure.")
+        return []
+    if tsne_samples == 0:
+        log('  tsne.png               skipped (--tsne-samples 0)')
+        return []
+    if len(labels) < MIN_TSNE_SAMPLES:
+        note(f'predictions.npz holds {len(labels)} test predictions, too few for t-SNE '
+             f'(need at least {MIN_TSNE_SAMPLES}): no t-SNE figure.')
+        return []
+    rows = stratified_sample(labels, tsne_samples, seed)
+
+    def draw():
+        emb = tsne_embedding(preds['hidden'][rows], seed)
+        return plot_tsne(emb, labels[rows], names, len(labels))
+    return [('tsne', draw, f'{len(rows)} points, stratified by true class, seed {seed}.', 0)]
+
+
+def _gallery_spec(run, data_dir, gallery_size, names, note, log):
+    """[] or [the gallery's figure spec], its test images already loaded and checked."""
+    if gallery_size == 0:
+        log('  misclassified.png      skipped (--gallery-size 0)')
+        return []
     start = time.perf_counter()
-    probs, labels, indices = preds['probs'], preds['labels'], preds['indices']
+    probs, labels, indices = (run['predictions'][k] for k in ('probs', 'labels', 'indices'))
     rows = most_confident_mistakes(probs, labels, gallery_size)
     if len(rows) == 0:
         note('No misclassified test images: no gallery.')
-        return None
-    try:
-        images, test_labels, folder = load_gallery_images(resolve_data_dir(config, run_dir, data_dir))
-    except DataError as e:
-        note(f'Skipped misclassified.png: {e}')
-        return None
+        return []
+    images = find_test_images(run, data_dir)
+    if images is None:
+        tried = ' or '.join(str(c) for c in resolve_data_dir(run['config'], run['run_dir']))
+        note(f'Skipped misclassified.png: no CIFAR-10 test batch found in {tried}; pass --data-dir '
+             f'pointing at the folder that holds {FOLDER_NAME}/ or {ARCHIVE_NAME}.')
+        return []
     shown = indices[rows]
-    if (indices.min() < 0 or indices.max() >= len(images)
-            or not np.array_equal(test_labels[indices], labels)):
-        note(f"Skipped misclassified.png: the test images in {folder} do not match the run's "
-             'labels; pass --data-dir pointing at the data the run was evaluated on.')
-        return None
-    pred = probs[rows].argmax(axis=1)
-    conf = probs[rows].max(axis=1)
+    images = images[shown]       # only the k shown: the 10,000 test images are not kept
+    pred, conf = probs[rows].argmax(axis=1), probs[rows].max(axis=1)
     n_wrong = int((probs.argmax(axis=1) != labels).sum())
     caption = ('Test-set indices shown, most confident first: '
                + ', '.join(str(int(i)) for i in shown) + '.')
-    emit('misclassified',
-         lambda: plot_gallery(images[shown], labels[rows], pred, conf, label_names, n_wrong),
-         caption, start)
-    return shown
+    return [('misclassified', lambda: plot_gallery(images, labels[rows], pred, conf, names, n_wrong),
+             caption, time.perf_counter() - start)]
+
+
+def _draw(plan, fig_dir, log, written):
+    """Draw and write every planned figure, in order; append each path to `written` once it is complete."""
+    for stem, draw, _, prepared_s in plan['figures']:
+        start = time.perf_counter() - prepared_s   # the gallery counts the loading of its images
+        fig = draw()
+        path = fig_dir / f'{stem}.png'
+        write_atomic(path, lambda f: fig.savefig(f, format='png', dpi=DPI))
+        written.append(path)
+        log(f"  {stem + '.png':<22s} {time.perf_counter() - start:6.2f} s")
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         # One line like every other refusal of this script, not argparse's usage block.
-        self.exit(EXIT_BAD_INPUT, f'viz.py: {message}; see python viz.py --help\n')
+        self.exit(EXIT_BAD_INPUT, f"viz.py: {message}; see {command('viz.py', '--help')}\n")
 
 
 def parse_args(argv=None):
     parser = _Parser(
-        description='Write figures/*.png and report.md into a run folder written by main.py.')
+        description='Write figures/*.png and report.md into a run folder written by main.py.',
+        epilog='Exit codes: 0 done, 2 refused (one sentence says why; nothing was changed), '
+               '3 crashed (a bug), 130 interrupted.')
     parser.add_argument('run_dir', help='run folder, e.g. runs/latest')
     parser.add_argument('--tsne-samples', type=int, default=DEFAULT_TSNE_SAMPLES,
-                        help=f'points in the t-SNE sample (default {DEFAULT_TSNE_SAMPLES}; 0 skips t-SNE)')
+                        help=f'points in the t-SNE sample, {MIN_TSNE_SAMPLES} to {MAX_TSNE_SAMPLES} '
+                             f'(the test set; default {DEFAULT_TSNE_SAMPLES}; 0 skips t-SNE)')
     parser.add_argument('--gallery-size', type=int, default=DEFAULT_GALLERY_SIZE,
-                        help=f'images in the misclassification gallery (default {DEFAULT_GALLERY_SIZE}; 0 skips it)')
+                        help=f'images in the misclassification gallery, 1 to {MAX_GALLERY_SIZE} '
+                             f'(a {math.isqrt(MAX_GALLERY_SIZE)} x {math.isqrt(MAX_GALLERY_SIZE)} grid; '
+                             f'default {DEFAULT_GALLERY_SIZE}; 0 skips it)')
     parser.add_argument('--data-dir', default=None,
-                        help="data folder holding cifar-10-batches-py/ (default: the run config's data_dir)")
+                        help=f'data folder holding {FOLDER_NAME}/ or {ARCHIVE_NAME}, for the gallery '
+                             "(default: the run config's data_dir)")
     parser.add_argument('--seed', type=int, default=None,
                         help=f'seed for the t-SNE sample and embedding, 0..{MAX_SEED} '
                              f"(default: the run's seed)")
@@ -840,21 +1213,35 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """CLI entry point; returns the exit code (0 done, 2 refused with one sentence on stderr)."""
-    args = parse_args(argv)
+    """CLI entry point; returns the exit code: 0 done, 2 refused with one sentence on stderr,
+    3 crashed (a bug; one line), 130 interrupted by SIGINT/SIGTERM (one line)."""
+    try:
+        return _run(parse_args(argv))
+    except cli.StartupInterrupted as e:        # cli's handlers are installed only under __main__
+        print(cli.interrupted_message('viz.py', e), file=sys.stderr)
+    except DrawingInterrupted as e:
+        print(f'viz.py: interrupted by {e.signal} after writing {len(e.written)} figure(s), each '
+              'complete, and before report.md; run the same command again to finish', file=sys.stderr)
+    return EXIT_ABORTED
+
+
+def _run(args):
+    """main() after the options are parsed: the work, and every error as an exit code."""
     start = time.perf_counter()
-    problem = check_options(args.tsne_samples, args.gallery_size, args.seed)
+    problem = check_options(args.tsne_samples, args.gallery_size, args.seed, args.data_dir)
     if problem is None:
         try:
             written = make_report(args.run_dir, args.tsne_samples, args.gallery_size,
                                   args.data_dir, args.seed)
         except (RunFolderError, RunFileError) as e:
             problem = str(e)
+        except MemoryError:
+            problem = ('this machine ran out of memory while drawing (figures already written are intact); '
+                       'run the command again with a smaller --tsne-samples, e.g. --tsne-samples 500')
         except OSError as e:        # anything runfiles and data_utils did not word themselves
             problem = describe_os_error(e, e.filename or args.run_dir, 'use')
-        except MemoryError:
-            problem = ('this machine ran out of memory while drawing; lower --tsne-samples '
-                       '(figures already written are intact)')
+        except Exception as e:      # a bug: one line, exit code 3, never 1 (that means diverged)
+            return cli.report_crash('viz.py', e)
     if problem is not None:
         print(f'viz.py: {problem}', file=sys.stderr)
         return EXIT_BAD_INPUT
