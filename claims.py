@@ -13,15 +13,28 @@ or a divergence of one run does not stop the others:
 The suite is resumable; what it does with each run folder:
 
     absent or empty                         run it
-    finished (metrics.json, not stopped early)   skip it
+    finished (metrics.json, not stopped early, consistent by compare.py's checks)
+                                            skip it
     diverged (train.log ends in main.py's divergence error)
                                             skip it: the divergence is the result
                                             (running it again would diverge again)
-    stopped early or interrupted (ckpt.npz) resume it: python main.py --resume <run>/ckpt.npz
+    stopped early, interrupted or crashed, with a checkpoint
+                                            resume it: python main.py --resume <run>/ckpt.npz
     in use by another process               skip it this time
-    files but no checkpoint (crashed or killed in its first epoch)
+    files but no checkpoint (crashed, killed or diverged-then-resumed in its first epoch)
                                             rename it to <name>.failed-<timestamp>
                                             (nothing is deleted) and run it again
+    damaged (a checkpoint that cannot be read, a named pipe or folder where a file
+    should be) or inconsistent (figures compare.py would leave out)
+                                            set it aside: never run, named in the
+                                            results with the fix, counted as a failure
+
+What a main.py process's exit code means (cli.py): 0 finished (or stopped early
+by a time budget: resumed next time); 1 diverged, kept as a result; 2 refused
+(bad input: its message above says why; a resume refused because its checkpoint
+is damaged is set aside as damaged); 3, a death by a signal or any other code:
+crashed, a failure, tried again (resumed or restarted) only by the next run of
+the suite; 130 aborted, which stops the suite.
 
 The plan is printed first, the total wall time at the end, and then compare.py
 writes <runs-dir>/comparison/ (comparison.md, comparison.json and figures)
@@ -32,15 +45,24 @@ data: --preset smoke --extra="--data-dir X --subset 1 --epochs 1". Of --extra,
 only --max-hours and --data-dir also apply to resumed runs (main.py keeps a
 resumed run's configuration).
 
-Exit codes: 0 every run finished or diverged and the comparison was written;
-1 some run failed or is unfinished (its line says why), or the comparison
-could not be written; 2 bad arguments; 130 interrupted (run the same command
-again to continue). Ctrl-C stops the running main.py cleanly (it receives the
-terminal's signal itself and writes its checkpoint) and then the suite; SIGTERM
-sent to this process is passed on to the running main.py.
+Exit codes: 0 every run finished, diverged or stopped early by a time budget
+(run the same command again to resume those) and the comparison was written;
+2 bad arguments, or some run was refused, damaged, inconsistent or in use, or
+the comparison could not be written; 3 some run crashed (or claims.py itself
+did: a bug); 130 interrupted (run the same command again to continue). The
+suite runs every other run before it exits non-zero, and names the failures.
+Ctrl-C stops the running main.py cleanly (it receives the terminal's signal
+itself and writes its checkpoint) and then the suite; SIGTERM sent to this
+process is passed on to the running main.py.
 """
+import cli                      # standard library only: set up before the slow imports below
+
+if __name__ == '__main__':
+    cli.exit_cleanly_on_interrupt_while_starting()
+
 import argparse
 import datetime
+import re
 import shlex
 import signal
 import subprocess
@@ -48,14 +70,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 import compare
-from runfiles import MAX_SEED, RunFileError, folder_in_use, read_json
+from runfiles import MAX_SEED, RunFileError, describe_os_error, folder_in_use, read_json, read_npz
 
 REPO = Path(__file__).resolve().parent
 MAIN = REPO / 'main.py'
-EXIT_OK, EXIT_INCOMPLETE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_INTERRUPTED = (cli.EXIT_OK, cli.EXIT_BAD_INPUT, cli.EXIT_CRASHED,
+                                                           cli.EXIT_ABORTED)
 # main.py's exit codes.
-MAIN_DIVERGED, MAIN_ABORTED = 1, 130
+MAIN_OK, MAIN_DIVERGED, MAIN_REFUSED, MAIN_CRASHED, MAIN_ABORTED = (
+    cli.EXIT_OK, cli.EXIT_DIVERGED, cli.EXIT_BAD_INPUT, cli.EXIT_CRASHED, cli.EXIT_ABORTED)
 
 # The method's protocol: the `fast` preset on 40% of the training set.
 PRESET, SUBSET = 'fast', '0.4'
@@ -74,6 +100,10 @@ VARIANTS = {
 }
 # The options of --extra that main.py also accepts with --resume.
 RESUME_OPTIONS = ('--max-hours', '--data-dir')
+# What each outcome of a run means for the suite's exit code (see the module docstring).
+DONE, UNFINISHED, REFUSED, CRASHED = 'done', 'unfinished', 'refused', 'crashed'
+# The plan's actions that run main.py.
+RUNNING = ('run', 'restart', 'resume')
 
 
 class UsageError(Exception):
@@ -101,7 +131,14 @@ def resume_args(folder, extra=(), evaluate=False):
 
 
 def shown(args):
-    return shlex.join(['python', 'main.py', *args])
+    """main.py's command line as it works when typed in the current folder."""
+    return compare.main_command(*args)
+
+
+def move_command(folder, suffix):
+    """The shell command that moves a run folder aside, e.g. mv runs/claims/x runs/claims/x.damaged."""
+    return f'mv {compare.quoted(folder)} {compare.quoted(f"{folder}.{suffix}")}'
+
 
 
 # --------------------------------------------------------------------------
@@ -109,64 +146,138 @@ def shown(args):
 # --------------------------------------------------------------------------
 
 def plan_run(folder):
-    """(action, detail) for one run folder; action is one of
+    """What to do with one run folder: a dict with action, detail and evaluate. action is one of
 
-    'run'      nothing there yet
-    'restart'  files but no checkpoint: move it aside, then run
-    'resume'   a checkpoint and no final metrics (detail 'evaluate' when only the test evaluation
-               is to redo: metrics.json damaged, or predictions.npz missing)
-    'finished', 'diverged', 'in use', 'not a folder'   nothing to do now
+    'run'           nothing there yet
+    'restart'       files but no checkpoint: move it aside, then run
+    'resume'        a checkpoint and no final metrics, or a crash (evaluate: only the test
+                    evaluation is to redo: metrics.json damaged, or predictions.npz missing)
+    'finished', 'diverged', 'in use'                    nothing to do now
+    'not a folder', 'damaged', 'inconsistent'           set aside: never run; detail says why and how to fix it
     """
+    def job(action, detail='', evaluate=False):
+        return {'action': action, 'detail': detail, 'evaluate': evaluate}
+
     if not folder.exists() and not folder.is_symlink():
-        return 'run', ''
+        return job('run')
     if not folder.is_dir():
-        return 'not a folder', f'{folder} exists and is not a folder; move it away'
-    if not any(folder.iterdir()):
-        return 'run', ''
+        what = f'is a link to {folder.readlink()}, which is not a folder' if folder.is_symlink() else \
+            'exists and is not a folder'
+        return job('not a folder', f'{folder} {what}; move it away ({move_command(folder, "old")})')
+    try:
+        empty = not any(folder.iterdir())
+    except OSError as e:
+        return job('damaged', describe_os_error(e, folder, 'read'))
+    if empty:
+        return job('run')
+    # Before the lock is probed: a named pipe called .lock would block that probe forever.
+    unreadable = compare.unreadable_file(folder)
+    if unreadable:
+        return job('damaged', f'{unreadable}; then run the suite again')
     if folder_in_use(folder):
-        return 'in use', 'another process holds its folder'
-    diverged = compare.divergence(folder)
-    if diverged:
-        return 'diverged', diverged
+        return job('in use', 'another process holds its folder; run the suite again once it has finished')
+    try:
+        event, message = compare.last_event(folder)
+    except RunFileError as e:
+        return job('damaged', str(e))
+    if event == 'diverged':
+        return job('diverged', message)
+    return job(*plan_by_files(folder, crashed=message if event == 'crashed' else None))
+
+
+def plan_by_files(folder, crashed=None):
+    """(action, detail, evaluate) of a run folder that is neither in use nor diverged, from its files.
+
+    crashed: the crash message if train.log ends in one (the run is then tried again).
+    """
     # main.py writes metrics.json, then predictions.npz: a run killed between the two, or one
     # whose metrics.json is damaged, needs its evaluation redone (--evaluate).
-    evaluate = False
+    finished, evaluate = False, False
     if (folder / 'metrics.json').is_file():
         try:
             metrics = read_json(folder / 'metrics.json')
             finished = isinstance(metrics, dict) and metrics.get('stopped_early') is False
         except RunFileError:
-            finished, evaluate = False, True
-        if finished and (folder / 'predictions.npz').is_file():
-            return 'finished', ''
+            evaluate = True
+        if finished and (folder / 'predictions.npz').is_file() and not crashed:
+            run = compare.read_run(folder)
+            if run['status'] == 'finished':
+                return 'finished', '', False
+            return 'inconsistent', f"{run['reason']}; then run the suite again", False
         evaluate = evaluate or finished
-    if (folder / 'ckpt.npz').is_file():
-        return 'resume', 'evaluate' if evaluate else ''
-    return 'restart', 'no checkpoint: it crashed or was stopped in its first epoch'
+    earlier = (f'it crashed earlier ({crashed}): trying again' if crashed
+               else 'only the test evaluation is to redo' if evaluate else '')
+    if (folder / 'ckpt.npz').exists():
+        problem = checkpoint_problem(folder)
+        if problem:
+            return 'damaged', problem, False
+        edited = config_problem(folder)
+        if edited:
+            return 'inconsistent', f'{edited}; then run the suite again', False
+        return 'resume', earlier, evaluate
+    return 'restart', (f'it crashed earlier ({crashed}), before its first checkpoint: starting it afresh'
+                       if crashed else 'no checkpoint: it crashed or was stopped in its first epoch'), False
+
+
+def checkpoint_problem(folder):
+    """Why the run's ckpt.npz cannot be resumed, with the fix, or None if it reads well.
+
+    Every member is read (a truncated file or a bit flip fails here, not in
+    main.py) and the metadata must hold the run's configuration. main.py checks
+    more on --resume; what it refuses there is reported after it exits.
+    """
+    path = folder / 'ckpt.npz'
+    try:
+        compare.checkpoint_config(path)     # first: it words a plain .npy, which read_npz does not expect
+        arrays = read_npz(path)
+        not_finite = next((name for name, a in arrays.items()
+                           if a.dtype.kind in 'fc' and not np.isfinite(a).all()), None)
+        if not_finite:
+            raise RunFileError(f'{path} holds {not_finite} with values that are not finite (NaN or infinite)')
+    except RunFileError as e:
+        return (f'{e}; it was not resumed: restore the checkpoint, or set the run aside with '
+                f'{move_command(folder, "damaged")} and run the suite again to start it afresh')
+    return None
+
+
+def config_problem(folder):
+    """Why the run's config.json does not describe what its checkpoint trains (edited, or
+    unreadable), with the fix; None if it agrees. main.py resumes from the checkpoint's copy, so
+    an edit would be ignored and the comparison would group the run under the wrong variant."""
+    if not (folder / 'config.json').exists():     # main.py resumes from the checkpoint alone
+        return None
+    try:
+        config = read_json(folder / 'config.json')
+        if not isinstance(config, dict):
+            raise RunFileError(f"{folder / 'config.json'} is not a JSON object; restore the file")
+        compare.check_against_checkpoint(folder, config)
+    except (RunFileError, compare.LeftOut) as e:
+        return str(e)
+    return None
 
 
 def make_plan(runs_dir, variants, seeds):
-    """[{variant, seed, folder, action, detail}] for every variant x seed, in that order."""
+    """[{variant, seed, folder, action, detail, evaluate}] for every variant x seed, in that order."""
     plan = []
     for variant in variants:
         for seed in seeds:
             folder = Path(runs_dir) / f'{variant}-seed{seed}'
-            action, detail = plan_run(folder)
-            plan.append({'variant': variant, 'seed': seed, 'folder': folder, 'action': action,
-                         'detail': detail})
+            plan.append({'variant': variant, 'seed': seed, 'folder': folder, **plan_run(folder)})
     return plan
 
 
 def print_plan(plan, runs_dir, preset, extra, dry_run):
     variants = list(dict.fromkeys(job['variant'] for job in plan))
     seeds = list(dict.fromkeys(job['seed'] for job in plan))
-    protocol = shlex.join(['--preset', preset, '--subset', SUBSET, *extra])
+    protocol = compare.main_command('--preset', preset, '--subset', SUBSET, *extra)
     print(f'Claims suite: {len(variants)} variants x {len(seeds)} seeds = {len(plan)} runs in {runs_dir}; '
-          f'protocol: python main.py {protocol}')
+          f'protocol: {protocol}')
     for job in plan:
-        detail = f"  ({job['detail']})" if job['detail'] and job['detail'] != 'evaluate' else ''
+        detail = f"  ({job['detail']})" if job['detail'] else ''
         print(f"  {job['variant']:<16s} seed {job['seed']:<3} {job['action']:<9s} {job['folder']}{detail}")
-        if dry_run and job['action'] in ('run', 'restart', 'resume'):
+        if dry_run and job['action'] == 'restart':
+            print(f"      moves {job['folder']} aside to {job['folder'].name}.failed-<timestamp>, then runs")
+        if dry_run and job['action'] in RUNNING:
             print(f'      {shown(command_of(job, preset, extra))}')
     counts = {}
     for job in plan:
@@ -176,7 +287,7 @@ def print_plan(plan, runs_dir, preset, extra, dry_run):
 
 def command_of(job, preset, extra):
     if job['action'] == 'resume':
-        return resume_args(job['folder'], extra, evaluate=job['detail'] == 'evaluate')
+        return resume_args(job['folder'], extra, evaluate=job['evaluate'])
     return train_args(job['variant'], job['seed'], job['folder'], preset, extra)
 
 
@@ -211,7 +322,7 @@ class Signals:
 
 
 def run_main(args, signals):
-    """Run main.py with ``args`` in a child process; return its exit code."""
+    """Run main.py with ``args`` in a child process; return its exit code (negative: killed by that signal)."""
     signals.child = subprocess.Popen([sys.executable, str(MAIN), *args])
     try:
         return signals.child.wait()
@@ -220,20 +331,52 @@ def run_main(args, signals):
 
 
 def outcome(job, code):
-    """What a finished main.py process means for the run: (result, ok)."""
-    if code == 0:
+    """What a finished main.py process means for the run: (result, kind), kind one of DONE,
+    UNFINISHED, REFUSED, CRASHED."""
+    folder = job['folder']
+    if code == MAIN_OK:
         try:
-            metrics = read_json(job['folder'] / 'metrics.json')
+            metrics = read_json(folder / 'metrics.json')
         except RunFileError as e:
-            return f'exit 0 but no readable metrics.json ({e})', False
+            return f'crashed: main.py exited 0 without a readable metrics.json ({e})', CRASHED
         if isinstance(metrics, dict) and metrics.get('stopped_early'):
-            return f"stopped early ({metrics.get('stop_reason')}); run the suite again to resume it", False
-        return 'finished', True
+            return (f"stopped early ({metrics.get('stop_reason')}); run the suite again to resume it",
+                    UNFINISHED)
+        return 'finished', DONE
     if code == MAIN_DIVERGED:
-        return 'diverged (kept as a result)', True
+        return 'diverged (kept as a result)', DONE
     if code == MAIN_ABORTED:
-        return 'aborted (exit 130); run the suite again to resume it', False
-    return f'failed with exit code {code} (see the message above)', False
+        return 'aborted (exit 130); run the suite again to resume it', UNFINISHED
+    if code == MAIN_REFUSED:
+        problem = checkpoint_problem(folder) if job['action'] == 'resume' else None
+        if problem:
+            return f'damaged, set aside: {problem}', REFUSED
+        return ('refused by main.py (exit 2; its message above says why); fix what it names and run '
+                'the suite again'), REFUSED
+    return crash_result(folder, code), CRASHED
+
+
+def crash_result(folder, code):
+    """The result line of a main.py that crashed (exit 3), was killed by a signal or exited
+    with a code main.py does not use."""
+    if code == MAIN_CRASHED:
+        try:
+            event, message = compare.last_event(folder)
+        except RunFileError:
+            event, message = None, None
+        what = f'exit 3: {message}' if event == 'crashed' else 'exit 3'
+        where = f"the traceback is in {folder / 'train.log'}" if event == 'crashed' else \
+            'its message above says where the traceback is'
+        cause = f'crashed ({what}), a bug: {where}'
+    elif code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f'signal {-code}'
+        cause = f'crashed: killed by {name} (out of memory, or killed by someone?)'
+    else:
+        cause = f'crashed: main.py exited with code {code}, which it does not use (see its output above)'
+    return f'{cause}; the next run of the suite tries it again'
 
 
 def move_aside(folder):
@@ -244,35 +387,42 @@ def move_aside(folder):
     return target
 
 
+def skipped_result(job):
+    """(result, kind) of a job that is not run this time."""
+    action, detail = job['action'], job['detail']
+    if action == 'finished':
+        return 'finished (skipped)', DONE
+    if action == 'diverged':
+        return f'diverged earlier: {detail} (kept as a result)', DONE
+    if action == 'in use':
+        return f'in use: {detail}', REFUSED
+    if detail.startswith(f'{action}: '):          # compare.py's reasons start with the same word
+        detail = detail[len(action) + 2:]
+    return f'{action}, set aside: {detail}', REFUSED
+
+
 def run_plan(plan, preset, extra, signals):
-    """Carry out the plan; returns [(job, result, ok, seconds)] and stops early on a signal."""
-    results = []
-    todo = [job for job in plan if job['action'] in ('run', 'restart', 'resume')]
-    for job in plan:
-        if job['action'] == 'finished':
-            results.append((job, 'finished (skipped)', True, 0.0))
-        elif job['action'] == 'diverged':
-            results.append((job, f"diverged earlier: {job['detail']} (kept as a result)", True, 0.0))
-        elif job['action'] in ('in use', 'not a folder'):
-            results.append((job, f"{job['action']}: {job['detail']}", False, 0.0))
+    """Carry out the plan; returns [(job, result, kind, seconds)] in the plan's order and stops
+    early on a signal. A run that fails is not tried again within the same call."""
+    results = [(job, *skipped_result(job), 0.0) for job in plan if job['action'] not in RUNNING]
+    todo = [job for job in plan if job['action'] in RUNNING]
     for k, job in enumerate(todo, 1):
         if signals.reason:
-            results.append((job, f'not started ({signals.reason})', False, 0.0))
+            results.append((job, f'not started ({signals.reason})', UNFINISHED, 0.0))
             continue
         if job['action'] == 'restart':
             try:
                 moved = move_aside(job['folder'])
             except OSError as e:
-                results.append((job, f'cannot move the failed folder aside ({e.strerror}); move it by hand',
-                                False, 0.0))
+                results.append((job, f"cannot move the failed folder aside ({describe_os_error(e, job['folder'])}); "
+                                     f"move it by hand: {move_command(job['folder'], 'failed')}", REFUSED, 0.0))
                 continue
             print(f"moved {job['folder']} (no checkpoint) aside to {moved.name}", flush=True)
         args = command_of(job, preset, extra)
         print(f"\n[{k}/{len(todo)}] {job['variant']} seed {job['seed']}: {shown(args)}", flush=True)
         start = time.monotonic()
         code = run_main(args, signals)
-        result, ok = outcome(job, code)
-        results.append((job, result, ok, time.monotonic() - start))
+        results.append((job, *outcome(job, code), time.monotonic() - start))
         if code == MAIN_ABORTED and not signals.reason:
             signals.reason = 'main.py aborted'
     order = {id(job): i for i, job in enumerate(plan)}
@@ -281,10 +431,24 @@ def run_plan(plan, preset, extra, signals):
 
 def print_results(results, seconds):
     print('\nClaims suite results:')
-    for job, result, ok, took in results:
+    for job, result, _, took in results:
         time_taken = '' if not took else f'{took:.0f} s' if took < 90 else f'{took / 60:.1f} min'
         print(f"  {job['variant']:<16s} seed {job['seed']:<3} {time_taken:>9s}  {result}")
     print(f'Total wall time: {seconds / 60:.1f} min ({seconds:.0f} s).')
+
+
+def failures(results):
+    """The exit code the runs' results call for (0, 2 or 3) and the words naming the failures ('' if none)."""
+    crashed = [f"{job['variant']} seed {job['seed']}" for job, _, kind, _ in results if kind == CRASHED]
+    refused = [f"{job['variant']} seed {job['seed']}" for job, _, kind, _ in results if kind == REFUSED]
+    parts = []
+    if crashed:
+        parts.append(f"{len(crashed)} run{'s' if len(crashed) > 1 else ''} crashed ({', '.join(crashed)})")
+    if refused:
+        parts.append(f"{len(refused)} run{'s' if len(refused) > 1 else ''} could not be run: set aside, "
+                     f"refused or in use ({', '.join(refused)})")
+    code = EXIT_CRASHED if crashed else EXIT_BAD_INPUT if refused else EXIT_OK
+    return code, ' and '.join(parts)
 
 
 # --------------------------------------------------------------------------
@@ -293,7 +457,7 @@ def print_results(results, seconds):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        self.exit(EXIT_BAD_INPUT, f'claims.py: {message}; see python claims.py --help\n')
+        self.exit(EXIT_BAD_INPUT, f"claims.py: {message}; see python {compare.quoted(REPO / 'claims.py')} --help\n")
 
 
 def parse_args(argv=None):
@@ -323,6 +487,17 @@ def check_args(args):
         raise UsageError('--seeds repeats a seed; give each seed once')
     if not args.runs_dir.strip():
         raise UsageError('--runs-dir was given an empty path; give a folder, e.g. runs/claims')
+    runs_dir = Path(args.runs_dir)
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise UsageError(f'--runs-dir {args.runs_dir} is not a folder; give a folder, e.g. runs/claims')
+    if runs_dir.is_symlink() and not runs_dir.exists():
+        raise UsageError(f'--runs-dir {args.runs_dir} is a link to nothing; remove the link or give '
+                         f'another folder, e.g. runs/claims')
+    inside = compare.run_folder_at_or_above(runs_dir.resolve(), [])
+    if inside is not None:
+        where = 'a run folder' if inside == runs_dir.resolve() else f'inside the run folder {inside}'
+        raise UsageError(f'--runs-dir {args.runs_dir} is {where}; give the folder that holds the suite\'s '
+                         f'runs, e.g. runs/claims')
     try:
         extra = shlex.split(args.extra)
     except ValueError as e:
@@ -335,17 +510,20 @@ def check_args(args):
 
 
 def baseline_run(runs_dir):
-    """A run folder of the baseline variant with a config.json, for compare.py's --baseline, or None."""
+    """A run folder of the baseline variant with a config.json, for compare.py's --baseline, or None.
+
+    Only the suite's own names (baseline-seed<K>): a folder moved aside
+    (baseline-seed0.failed-..., .damaged) may hold anything. Only a run whose
+    config.json agrees with its checkpoint: an edited one would name the wrong
+    baseline, and compare.py refuses it.
+    """
     return next((p for p in sorted(Path(runs_dir).glob('baseline-seed*'))
-                 if p.is_dir() and (p / 'config.json').is_file()), None)
+                 if re.fullmatch(r'baseline-seed\d+', p.name) and p.is_dir() and (p / 'config.json').is_file()
+                 and compare.unreadable_file(p) is None and config_problem(p) is None), None)
 
 
-def main(argv=None):
-    """CLI entry point; returns the exit code (see the module docstring)."""
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:       # --help, or a usage error already printed as one sentence
-        return e.code
+def run_suite(args):
+    """Everything after the arguments were parsed; returns the exit code."""
     try:
         variants, extra = check_args(args)
     except UsageError as e:
@@ -360,7 +538,7 @@ def main(argv=None):
         try:
             runs_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            print(f'claims.py: cannot create {runs_dir} ({e.strerror}); choose a writable --runs-dir',
+            print(f"claims.py: {describe_os_error(e, runs_dir, 'create')}; choose a writable --runs-dir",
                   file=sys.stderr)
             return EXIT_BAD_INPUT
     start = time.monotonic()
@@ -371,13 +549,40 @@ def main(argv=None):
         print(f'claims.py: stopped ({signals.reason}); run the same command again to continue: finished '
               f'runs are skipped, interrupted ones resume', file=sys.stderr)
         return EXIT_INTERRUPTED
+    return compare_all(runs_dir, results)
+
+
+def compare_all(runs_dir, results):
+    """compare.py over every run in runs_dir, then the suite's exit code and its last sentence."""
     print(f'\nComparing every run in {runs_dir}:')
     base = baseline_run(runs_dir)
     compared = compare.main([str(runs_dir), '--out', str(runs_dir / 'comparison')]
                             + (['--baseline', str(base)] if base else []))
-    if compared != compare.EXIT_OK or not all(ok for _, _, ok, _ in results):
-        return EXIT_INCOMPLETE
-    return EXIT_OK
+    if compared == compare.EXIT_ABORTED:
+        print('claims.py: interrupted while comparing; run the same command again (finished runs are '
+              'skipped, the comparison is redone)', file=sys.stderr)
+        return EXIT_INTERRUPTED
+    code, failed = failures(results)
+    if compared != compare.EXIT_OK:
+        failed = '; '.join(filter(None, [failed, f'the comparison was not written (compare.py exit {compared})']))
+        code = max(code, EXIT_BAD_INPUT if compared == compare.EXIT_BAD_INPUT else EXIT_CRASHED)
+    if failed:
+        print(f'claims.py: {failed}; the lines of the results above say why and what to do',
+              file=sys.stderr)
+    return code
+
+
+def main(argv=None):
+    """CLI entry point; returns the exit code (see the module docstring)."""
+    try:
+        return run_suite(parse_args(argv))
+    except SystemExit as e:       # --help, or a usage error already printed as one sentence
+        return e.code
+    except cli.StartupInterrupted as e:
+        print(cli.interrupted_message('claims.py', e), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:        # a bug: one line, not a traceback
+        return cli.report_crash('claims.py', e)
 
 
 if __name__ == '__main__':

@@ -94,7 +94,13 @@ class ArgumentParser(argparse.ArgumentParser):
     (``<tool>: <problem>; see python <tool> --help``, exit code 2), not a usage block."""
 
     def error(self, message):
-        self.exit(EXIT_BAD_INPUT, f'{self.prog}: {message}; see python {self.prog} --help\n')
+        self.exit(EXIT_BAD_INPUT, f'{self.prog}: {message}; see {help_command(self.prog)}\n')
+
+
+def help_command(tool):
+    """'python <the script as it was run> --help', a command that works from the current folder."""
+    script = sys.argv[0] if os.path.basename(sys.argv[0] or '') == tool else tool
+    return f'python {script} --help'
 
 
 def format_duration(seconds):

@@ -24,54 +24,89 @@ folder that holds them; runs/claims/comparison for `compare.py runs/claims`):
     comparison.md      the table (variant, seeds, test accuracy and ECE mean +- std,
                        wall time, what differs from the baseline), each variant
                        against the baseline with Welch's t-test, every run, the runs left out
-    comparison.json    the same numbers, machine-readable
+    comparison.json    the same numbers, machine-readable (strict JSON: no NaN)
+
+--out must not be a run folder or lie inside one, and is never the current
+folder by accident (an empty --out is refused).
 
 A run that cannot be compared is named (on stderr and in comparison.md) and
 left out, not fatal: still training (its folder is locked by another process),
-interrupted or stopped early before finishing its epochs, no metrics yet,
-damaged or inconsistent files, or a test set of another size than the other
-runs'. A run whose loss diverged (main.py exit code 1) is not left out but
-counted as 'diverged' in its variant: for a claim such as "clipping prevents
-divergence" that count is the result.
+interrupted or stopped early before finishing its epochs, crashed (train.log
+ends in main.py's `crash:` line), no metrics yet, damaged files (including a
+named pipe or a folder where one of its files should be), inconsistent files
+(figures that are not finite or impossible, probabilities whose rows do not
+sum to 1, a metrics.json that its predictions.npz does not give, a config.json
+edited after the run started so that it differs from the configuration saved
+in ckpt.npz), or a test set other than the other runs' (another size, or
+another data fingerprint). A run whose loss diverged (main.py exit code 1) is
+not left out but counted as 'diverged' in its variant: for a claim such as
+"clipping prevents divergence" that count is the result.
 
 Run folders are only read (through runfiles.py, via viz.load_run), never
-written: the lock is probed without taking it over. Exit codes: 0 written;
-2 bad arguments, no comparable run, or the output cannot be written (one
-sentence on stderr).
+written: the lock is probed without taking it over. Exit codes (cli.py): 0
+written; 2 bad arguments, no comparable run, or the output cannot be written
+(one sentence on stderr); 3 crashed (a bug); 130 interrupted (before writing,
+nothing was changed; while writing, run the command again).
 """
+import cli                      # standard library only: set up before the slow imports below
+
+if __name__ == '__main__':
+    cli.exit_cleanly_on_interrupt_while_starting()
+
 import argparse
+import contextlib
 import datetime
 import json
 import math
 import os
+import re
+import shlex
+import signal
 import sys
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 import viz
-from main import Config
+from config import Config
 from metrics import accuracy, expected_calibration_error
-from runfiles import (RunFileError, describe_os_error, folder_in_use, read_json, resolve_folder, write_atomic,
-                      write_json, write_text)
+from runfiles import (DIVERGED_NAME, NotRegularFile, RunFileError, check_regular, describe_os_error, file_kind,
+                      folder_in_use, open_regular, read_json, resolve_folder, write_atomic, write_json, write_text)
 
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
+EXIT_OK, EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_ABORTED = (cli.EXIT_OK, cli.EXIT_BAD_INPUT, cli.EXIT_CRASHED,
+                                                       cli.EXIT_ABORTED)
 
-PRESETS_PATH = Path(__file__).resolve().parent / 'presets.json'
+REPO = Path(__file__).resolve().parent
+PRESETS_PATH = REPO / 'presets.json'
 BASELINE_PRESET = 'fast'
 # Configuration keys that do not define a variant (see the module docstring).
 NOT_SETTINGS = ('seed', 'data_dir', 'description', 'preset', 'lr_changes')
+# Keys in which config.json may differ from the copy saved in ckpt.npz without an edit:
+# the data folder may move (main.py --resume --data-dir), names do not change what is trained,
+# and lr_changes is checked on its own (a resume with --lr rewrites config.json first).
+NOT_CHECKED_AGAINST_CHECKPOINT = ('data_dir', 'description', 'preset', 'lr_changes')
 # Keys added to config.json after some runs were made, with the value those runs had.
 KEY_DEFAULTS = Config.defaults()
 # Files of which at least one marks a folder as a run folder (main.py writes
 # config.json first, so even a run that crashed at once has it).
 RUN_FILES = ('config.json', 'history.json', 'metrics.json', 'ckpt.npz', 'train.log')
-# Lines of main.py's train.log: the divergence error, and the events after which
-# an earlier divergence no longer describes the run (a resume, a final summary).
+# Every file of a run folder that compare.py or claims.py opens: each must be a regular file (or a
+# link to one), since a named pipe blocks its reader forever and a device never ends.
+READ_FILES = ('.lock', 'train.log', 'config.json', 'history.json', 'metrics.json', 'predictions.npz',
+              'ckpt.npz', DIVERGED_NAME)
+# What compare.py writes into --out.
+OUT_FILES = ('val_accuracy.png', 'test_accuracy.png', 'comparison.md', 'comparison.json')
+# Lines of main.py's train.log: the divergence error, the crash report (cli.report_crash, not
+# time-stamped), and the events after which an earlier divergence or crash no longer describes
+# the run (a resume, a re-evaluation, a final summary).
 DIVERGED_MARK = 'error: the loss became'
-AFTER_DIVERGENCE_MARKS = (' resuming ', 'test     accuracy')
+CRASH_LINE = re.compile(r'^(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d )?crash: (?P<what>.*)$')
+AFTER_EVENT_MARKS = (' resuming ', ' re-evaluating ', 'test     accuracy')
+# A row of predicted probabilities must sum to 1 within this (float32 softmax is good to ~1e-6).
+PROB_SUM_TOL = 1e-3
 # Two-sided 5% critical values of Student's t for 1..30 degrees of freedom;
 # above 30 the value for 30 is used, which errs on the side of "noise".
 T_CRIT_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
@@ -83,12 +118,36 @@ class CompareError(Exception):
     """Bad arguments, nothing to compare, or an output that cannot be written: one sentence."""
 
 
+class LeftOut(Exception):
+    """A run that cannot be compared; the message is the reason, with what to do about it."""
+
+
+def quoted(path):
+    """A path as it can be typed in the current folder: relative when below it, else absolute;
+    shell-quoted if it holds spaces or the like."""
+    path = Path(path)
+    try:
+        rel = os.path.relpath(path)
+    except (ValueError, OSError):    # another drive, or the current folder has vanished
+        rel = str(path)
+    return shlex.quote(rel if not rel.startswith('..') else str(path.absolute()))
+
+
+def main_command(*args):
+    """'python main.py ARGS' as it works when typed in the current folder: main.py's own path,
+    Paths made typeable by quoted(), other arguments shell-quoted."""
+    words = [quoted(a) if isinstance(a, Path) else shlex.quote(str(a)) for a in args]
+    return ' '.join(['python', quoted(REPO / 'main.py'), *words])
+
+
 # --------------------------------------------------------------------------
 # Finding the run folders
 # --------------------------------------------------------------------------
 
 def is_run_folder(path):
-    return path.is_dir() and any((path / name).is_file() for name in RUN_FILES)
+    # exists(), not is_file(): a run folder whose config.json is a named pipe is still a run
+    # folder, and read_run says what is wrong with it.
+    return path.is_dir() and any((path / name).exists() for name in RUN_FILES)
 
 
 def expand_runs(paths):
@@ -122,106 +181,361 @@ def _resolved(path):
 
 
 # --------------------------------------------------------------------------
-# Reading one run
+# Reading one run's files
 # --------------------------------------------------------------------------
 
-def divergence(run_dir):
-    """main.py's divergence message if the run's train.log ends in a divergence, else None."""
-    try:
-        with open(Path(run_dir) / 'train.log', errors='replace') as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    message = None
-    for line in lines:
-        if DIVERGED_MARK in line:
-            # 'the loss became nan at epoch 3, step 5 (lr 0.02); the last checkpoint ...'
-            message = line[line.index(DIVERGED_MARK) + len('error: '):].split(';')[0]
-        elif any(mark in line for mark in AFTER_DIVERGENCE_MARKS):
-            message = None
-    return message
+def unreadable_file(run_dir):
+    """One sentence for the first of the run's files that is not a regular file, else None.
 
+    Checked before anything is opened: reading a named pipe waits for a writer
+    forever (even runfiles.folder_in_use would, on a named pipe called .lock).
+    """
+    for name in READ_FILES:
+        try:
+            check_regular(Path(run_dir) / name)
+        except OSError as e:
+            return describe_os_error(e, Path(run_dir) / name, 'read')
+    return None
+
+
+def last_event(run_dir):
+    """('diverged' or 'crashed', message) if the run ended in a divergence or a crash, else (None, None).
+
+    From train.log: the last of main.py's divergence error ('the loss became nan
+    at epoch 3, step 5 (lr 0.02)', without its advice) and cli.report_crash's line
+    ('ValueError: ...'), unless a later resume, re-evaluation or final summary
+    cleared it. A diverged.json (main.py writes it when the loss diverges, and
+    removes it when the run is resumed) marks a divergence when train.log does
+    not say. Raises RunFileError if either file exists but cannot be read.
+    """
+    event = (None, None)
+    for line in _log_lines(Path(run_dir) / 'train.log'):
+        crash = CRASH_LINE.match(line)
+        if crash:
+            event = ('crashed', crash.group('what'))
+        elif DIVERGED_MARK in line:
+            event = ('diverged', line[line.index(DIVERGED_MARK) + len('error: '):].split(';')[0])
+        elif any(mark in line for mark in AFTER_EVENT_MARKS):
+            event = (None, None)
+    diverged = Path(run_dir) / DIVERGED_NAME
+    if event == (None, None) and diverged.exists():
+        record = read_json(diverged, fix='restore it, or remove it if the run did not diverge')
+        message = record.get('message') if isinstance(record, dict) else None
+        event = ('diverged', str(message).split(';')[0] if message else f'the loss diverged ({diverged})')
+    return event
+
+
+def _log_lines(path):
+    """The lines of a train.log ([] if there is none); RunFileError if it cannot be read."""
+    try:
+        with open_regular(path, 'r', errors='replace') as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise RunFileError(describe_os_error(e, path, 'read')) from None
+
+
+def checkpoint_config(path):
+    """The run configuration (dict) saved in a checkpoint's metadata, reading only its `meta` member.
+
+    Raises RunFileError (one sentence naming the file) if it is not a readable
+    .npz archive with a JSON object `meta` holding a `run_config` object.
+    """
+    damaged = (f'{path} is damaged or was not written by main.py ({{}}), so it cannot be resumed '
+               f'and its configuration cannot be checked')
+    try:
+        with open_regular(path, 'rb') as f:
+            archive = np.load(f, allow_pickle=False)
+            if not hasattr(archive, 'files'):
+                raise ValueError('it is a single .npy array, not an .npz archive')
+            with archive:
+                meta = archive['meta']
+    except NotRegularFile as e:
+        raise RunFileError(describe_os_error(e, path, 'read')) from None
+    except OSError as e:
+        if e.errno is not None:
+            raise RunFileError(describe_os_error(e, path, 'read')) from None
+        raise RunFileError(damaged.format(e)) from None
+    except KeyError:
+        raise RunFileError(damaged.format('it has no meta member')) from None
+    except (zipfile.BadZipFile, ValueError, EOFError, zlib.error) as e:
+        raise RunFileError(damaged.format(str(e) or type(e).__name__)) from None
+    try:
+        if meta.ndim != 0 or meta.dtype.kind not in 'US':
+            raise ValueError(f'its meta is a {meta.dtype} array of shape {meta.shape}, not a JSON text')
+        text = meta.item()
+        meta = json.loads(text.decode('utf-8') if isinstance(text, bytes) else text)
+    except ValueError as e:
+        raise RunFileError(damaged.format(f'unreadable meta: {e}')) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get('run_config'), dict):
+        raise RunFileError(damaged.format('its meta holds no run configuration'))
+    return meta['run_config']
+
+
+def config_edits(config, saved):
+    """[(key, config.json's value, the checkpoint's value)] in which config.json differs from the
+    configuration saved in ckpt.npz, or [] when they agree.
+
+    Keys absent on one side count as their default (older runs). A resume with
+    --lr rewrites config.json (lr and lr_changes) before its next checkpoint:
+    that, and only that, is not an edit.
+    """
+    def comparable(c):
+        values = dict(KEY_DEFAULTS)
+        values.update({k: v for k, v in c.items() if k not in NOT_CHECKED_AGAINST_CHECKPOINT})
+        return values
+    now, then = comparable(config), comparable(saved)
+    edits = [(k, now.get(k), then.get(k)) for k in sorted(set(now) | set(then))
+             if canonical(now.get(k)) != canonical(then.get(k))]
+    changes, before = config.get('lr_changes'), saved.get('lr_changes') or []
+    lr_pending = (isinstance(changes, list) and isinstance(before, list) and len(changes) > len(before)
+                  and changes[:len(before)] == before and isinstance(changes[-1], dict)
+                  and canonical(changes[-1].get('to')) == canonical(config.get('lr')))
+    if [k for k, _, _ in edits] == ['lr'] and lr_pending:
+        return []
+    return edits
+
+
+def check_against_checkpoint(run_dir, config):
+    """LeftOut if ckpt.npz cannot be read or its saved configuration differs from config.json.
+
+    A run without ckpt.npz has nothing to be checked against and passes.
+    """
+    path = Path(run_dir) / 'ckpt.npz'
+    if not path.exists():
+        return
+    try:
+        saved = checkpoint_config(path)
+    except RunFileError as e:
+        raise LeftOut(f'damaged: {e}: restore it, or move it away (mv {quoted(path)} '
+                      f'{quoted(str(path) + ".damaged")}) to compare the run by its config.json alone') from None
+    edits = config_edits(config, saved)
+    if edits:
+        shown = '; '.join(f'{k}: {_short(show(a))} in config.json, {_short(show(b))} in ckpt.npz'
+                          for k, a, b in edits[:5]) + ('; ...' if len(edits) > 5 else '')
+        raise LeftOut(f'inconsistent: its config.json was changed after the run started and differs from '
+                      f'the configuration saved in its checkpoint ({shown}), so its variant is uncertain; '
+                      f"put back the checkpoint's values in {Path(run_dir) / 'config.json'} "
+                      f'(they are what it trained with)')
+
+
+def _short(text, limit=40):
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+# --------------------------------------------------------------------------
+# Reading one run
+# --------------------------------------------------------------------------
 
 def read_run(run_dir):
     """Read and check one run folder.
 
     Returns a dict with name, path, status and reason, and for a usable run
     config, seed, settings, and for a finished one test_acc, ece, wall_time_s,
-    epochs_done, test_images and val_acc (list of per-epoch fractions, None
-    for a missing value). status is 'finished', 'diverged' (counted in its
-    variant) or 'left out' (reason says why and what to do).
+    epochs_done, test_images, test_fingerprint (sha256 hex of the test set, or
+    None in older runs) and val_acc (list of per-epoch fractions, None for a
+    missing value). status is 'finished', 'diverged' (counted in its variant)
+    or 'left out' (reason says why and what to do).
     """
     run = {'name': run_dir.name, 'path': run_dir, 'status': 'left out', 'reason': None}
+    try:
+        files = _load_checked(run_dir)
+        config = files['config']
+        run.update(config=config, seed=config.get('seed'), settings=settings_of(config))
+        # Before the metrics: a run resumed after a stop and then diverged keeps its earlier metrics.json.
+        event, message = last_event(run_dir)
+        if event == 'diverged':
+            run.update(status='diverged', reason=message)
+            return run
+        if event == 'crashed':
+            raise LeftOut(crashed_reason(run_dir, message))
+        run.update(finished_figures(run_dir, config, files['history'], files['metrics'], files['predictions']))
+        run['status'] = 'finished'
+    except LeftOut as e:
+        run['reason'] = str(e)
+    except RunFileError as e:
+        run['reason'] = f'damaged: {e}'
+    return run
 
-    def left_out(reason):
-        run['reason'] = reason
-        return run
 
-    resume = f'python main.py --resume {run_dir}'
+def _load_checked(run_dir):
+    """viz.load_run's dict of the run's files, once nothing can block, config.json is there, and it
+    agrees with the checkpoint (first: other advice may rely on the checkpoint). LeftOut otherwise."""
+    unreadable = unreadable_file(run_dir)
+    if unreadable:
+        raise LeftOut(f'damaged: {unreadable}')
     if folder_in_use(run_dir):
-        return left_out('its folder is in use by another process (still training?)')
+        raise LeftOut('its folder is in use by another process (still training?)')
     if not (run_dir / 'config.json').is_file():
-        return left_out('it has no config.json, so its variant is unknown')
+        raise LeftOut('it has no config.json, so its variant is unknown')
+    config = read_json(run_dir / 'config.json')
+    if not isinstance(config, dict):
+        raise LeftOut(f"inconsistent: {run_dir / 'config.json'} is not a JSON object; restore the file")
+    check_against_checkpoint(run_dir, config)
     try:
         files = viz.load_run(run_dir)
-    except (viz.RunFolderError, RunFileError) as e:
-        return left_out(f'damaged: {e}')
-    config, history, metrics, preds = (files[k] for k in ('config', 'history', 'metrics', 'predictions'))
-    run.update(config=config, seed=config.get('seed'), settings=settings_of(config))
-    # Before the metrics: a run resumed after a stop and then diverged keeps its earlier metrics.json.
-    diverged = divergence(run_dir)
-    if diverged:
-        run.update(status='diverged', reason=diverged)
-        return run
-    if metrics is None:
-        if (run_dir / 'ckpt.npz').is_file():
-            return left_out(f'it stopped before its test evaluation (no metrics.json); {resume} continues it')
-        return left_out('it has neither metrics.json nor a checkpoint: it crashed or was stopped '
-                        'in its first epoch (or is just starting); run it again')
-    stopped_early, test_images = metrics.get('stopped_early', False), metrics.get('test_images')
-    if not isinstance(stopped_early, bool) or not (test_images is None or (
-            isinstance(test_images, int) and not isinstance(test_images, bool) and test_images > 0)):
-        return left_out(f"damaged: {run_dir / 'metrics.json'} has stopped_early = {stopped_early!r} and "
-                        f'test_images = {test_images!r}, not what main.py writes; redo the test '
-                        f'evaluation with {resume} --evaluate')
-    if stopped_early:
-        done, planned = metrics.get('epochs_done'), metrics.get('epochs_planned', config.get('epochs'))
-        return left_out(f"it stopped early ({metrics.get('stop_reason') or 'no reason given'}) after "
-                        f'{done} of {planned} epochs; {resume} continues it')
-    if preds is None:
-        return left_out(f'it has metrics.json but no predictions.npz (its evaluation was interrupted?); '
-                        f'{resume} --evaluate redoes it')
+    except viz.RunFolderError as e:      # readable, but holds what main.py does not write (NaN, 1.5, 'high')
+        raise LeftOut(f'inconsistent: {e}') from None
+    except RunFileError as e:            # unreadable: truncated, not JSON, not a regular file
+        raise LeftOut(f'damaged: {e}') from None
+    return files
+
+
+# How to redo a run that has no checkpoint: main.py cannot continue it, nor start it in its own folder.
+RESTART_ADVICE = ('train it again in a new folder (main.py does not write into a folder that holds files) '
+                  'with the settings in its config.json')
+
+
+def resume_advice(run_dir, evaluate=False):
+    """What to do to continue (or, evaluate=True, re-evaluate) a run: a command that works when
+    typed if the run has a checkpoint, else how to start it again."""
+    ckpt = Path(run_dir) / 'ckpt.npz'
+    if ckpt.is_file():
+        command = main_command('--resume', ckpt, *(['--evaluate'] if evaluate else []))
+        return f'{command} {"redoes the test evaluation" if evaluate else "continues it"}'
+    return f'it has no checkpoint to {"evaluate again" if evaluate else "continue"} from: {RESTART_ADVICE}'
+
+
+def crashed_reason(run_dir, what):
+    """Why a run whose train.log ends in main.py's crash report is left out, and what to do."""
+    log = Path(run_dir) / 'train.log'
+    then = (f'once the cause is fixed, {resume_advice(run_dir)}' if (Path(run_dir) / 'ckpt.npz').is_file()
+            else resume_advice(run_dir))
+    return f'it crashed ({what}), a bug, not a result: the traceback is in {log}; {then}'
+
+
+def finished_figures(run_dir, config, history, metrics, preds):
+    """The figures of a finished run (test_acc, ece, wall_time_s, epochs_done, test_images,
+    test_fingerprint, val_acc), checked; LeftOut if it is unfinished, damaged or inconsistent."""
+    unfinished = unfinished_reason(run_dir, config, metrics, preds)
+    if unfinished:
+        raise LeftOut(unfinished)
     if not history:
-        return left_out('it has no per-epoch history (history.json missing or empty)')
+        raise LeftOut('it has no per-epoch history (history.json missing or empty)')
+    problem = history_problem(history)
+    if problem:
+        raise LeftOut(f'inconsistent: {problem}; restore history.json, or train the run again in a new folder')
+    redo = resume_advice(run_dir, evaluate=True)
+    problem = metrics_problem(metrics) or predictions_problem(preds)
+    if problem:
+        raise LeftOut(f'inconsistent: {problem}; {redo}')
     probs, labels = preds['probs'], preds['labels']
     # The numbers of metrics.json must be those of the predictions beside them.
     test_acc = accuracy(probs, labels)
     ece = expected_calibration_error(probs, labels)
+    test_images = metrics.get('test_images')
     if test_images not in (None, len(labels)):
-        return left_out(f'inconsistent: metrics.json counts {test_images} test images, predictions.npz '
-                        f'holds {len(labels)}; redo the evaluation with {resume} --evaluate')
+        raise LeftOut(f'inconsistent: metrics.json counts {test_images} test images, predictions.npz '
+                      f'holds {len(labels)}; {redo}')
     if abs(test_acc - metrics['test_acc']) > 1e-9 or abs(ece - metrics['ece']) > 1e-6:
-        return left_out(f"inconsistent: metrics.json (test accuracy {metrics['test_acc']:.4f}, ECE "
-                        f"{metrics['ece']:.4f}) does not match predictions.npz ({test_acc:.4f}, {ece:.4f}); "
-                        f'redo the evaluation with {resume} --evaluate')
-    run.update(status='finished', test_acc=float(metrics['test_acc']), ece=float(metrics['ece']),
-               wall_time_s=metrics.get('wall_time_s'), epochs_done=metrics.get('epochs_done'),
-               test_images=len(labels),
-               val_acc=[r.get('val_acc') for r in sorted(history, key=lambda r: r['epoch'])])
-    return run
+        raise LeftOut(f"inconsistent: metrics.json (test accuracy {metrics['test_acc']:.4f}, ECE "
+                      f"{metrics['ece']:.4f}) does not match predictions.npz ({test_acc:.4f}, {ece:.4f}); {redo}")
+    fingerprint = metrics.get('data_fingerprint')
+    return dict(test_acc=float(metrics['test_acc']), ece=float(metrics['ece']),
+                wall_time_s=metrics.get('wall_time_s'), epochs_done=metrics.get('epochs_done'),
+                test_images=len(labels), test_fingerprint=fingerprint['test'] if fingerprint else None,
+                val_acc=[r.get('val_acc') for r in sorted(history, key=lambda r: r['epoch'])])
+
+
+def unfinished_reason(run_dir, config, metrics, preds):
+    """Why a run has no final figures yet (no metrics, stopped early, no predictions), with what to
+    do; None when it has them."""
+    if metrics is None:
+        if (run_dir / 'ckpt.npz').is_file():
+            return f'it stopped before its test evaluation (no metrics.json); {resume_advice(run_dir)}'
+        return ('it has neither metrics.json nor a checkpoint: it crashed or was stopped in its first '
+                f'epoch (or is just starting); {RESTART_ADVICE}')
+    stopped_early, test_images = metrics.get('stopped_early', False), metrics.get('test_images')
+    if not isinstance(stopped_early, bool) or not (test_images is None or (
+            isinstance(test_images, int) and not isinstance(test_images, bool) and test_images > 0)):
+        return (f"damaged: {run_dir / 'metrics.json'} has stopped_early = {stopped_early!r} and "
+                f'test_images = {test_images!r}, not what main.py writes; {resume_advice(run_dir, evaluate=True)}')
+    if stopped_early:
+        done, planned = metrics.get('epochs_done'), metrics.get('epochs_planned', config.get('epochs'))
+        return (f"it stopped early ({metrics.get('stop_reason') or 'no reason given'}) after "
+                f'{done} of {planned} epochs; {resume_advice(run_dir)}')
+    if preds is None:
+        return (f'it has metrics.json but no predictions.npz (its evaluation was interrupted?); '
+                f'{resume_advice(run_dir, evaluate=True)}')
+    return None
+
+
+def _finite(v, low=-math.inf, high=math.inf):
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and low <= v <= high)
+
+
+# What each figure of metrics.json and history.json must be: (low, high, may it be null).
+METRIC_RANGES = {'test_acc': (0, 1, False), 'ece': (0, 1, False), 'test_loss': (0, math.inf, False),
+                 'best_val_acc': (0, 1, True), 'wall_time_s': (0, math.inf, True)}
+HISTORY_RANGES = {'train_acc': (0, 1), 'val_acc': (0, 1), 'train_loss': (0, math.inf),
+                  'val_loss': (0, math.inf), 'lr': (0, math.inf), 'epoch_time_s': (0, math.inf),
+                  'images_per_s': (0, math.inf), 'elapsed_s': (0, math.inf)}
+
+
+def metrics_problem(metrics):
+    """The first figure of metrics.json that is not finite or is impossible (an accuracy outside
+    [0, 1], ...), or a malformed data_fingerprint, in a few words; else None."""
+    for key, (low, high, nullable) in METRIC_RANGES.items():
+        v = metrics.get(key)
+        if not (_finite(v, low, high) or (nullable and v is None)):
+            return f'metrics.json has {key} = {_short(repr(v))}, which is not a number in [{low}, {high}]'
+    fp = metrics.get('data_fingerprint')
+    if fp is not None and not (isinstance(fp, dict) and isinstance(fp.get('test'), str) and fp['test']):
+        return f"metrics.json has data_fingerprint = {_short(repr(fp))}, not {{'train': hex, 'test': hex}}"
+    return None
+
+
+def history_problem(history):
+    """The first figure of history.json (a list of per-epoch records) that is not finite or is
+    impossible, in a few words; else None. A missing value (null) is allowed."""
+    for i, record in enumerate(history, 1):
+        for key, (low, high) in HISTORY_RANGES.items():
+            v = record.get(key)
+            if v is not None and not _finite(v, low, high):
+                return f"history.json's record {i} has {key} = {_short(repr(v))}, not a number in [{low}, {high}]"
+    return None
+
+
+def predictions_problem(preds):
+    """What is wrong with predictions.npz's probs (N, C): values that are not finite or negative,
+    rows that do not sum to 1; else None."""
+    probs = preds['probs']
+    if not np.isfinite(probs).all():
+        return 'predictions.npz holds probabilities that are not finite'
+    sums = probs.astype(np.float64).sum(axis=1)
+    bad = np.flatnonzero((np.abs(sums - 1) > PROB_SUM_TOL) | (probs < 0).any(axis=1))
+    if bad.size:
+        return (f'predictions.npz holds {bad.size} rows of probabilities that are negative or do not '
+                f'sum to 1 (row {bad[0]} sums to {sums[bad[0]]:.4g})')
+    return None
 
 
 def leave_out_other_test_sets(runs):
-    """Leave out finished runs whose test set size differs from the most common one (ties: the larger)."""
-    sizes = [r['test_images'] for r in runs if r['status'] == 'finished']
-    if not sizes:
+    """Leave out finished runs tested on another test set than the usual one.
+
+    The usual test set has the most common size (ties: the larger) and, among the
+    runs that record it, the most common data fingerprint (ties: the first in
+    sorted order); a run without a fingerprint (older versions) is compared by size.
+    """
+    finished = [r for r in runs if r['status'] == 'finished']
+    if not finished:
         return
-    counts = {s: sizes.count(s) for s in sizes}
-    usual = max(counts, key=lambda s: (counts[s], s))
-    for r in runs:
-        if r['status'] == 'finished' and r['test_images'] != usual:
+    sizes = [r['test_images'] for r in finished]
+    usual = max(set(sizes), key=lambda s: (sizes.count(s), s))
+    prints = sorted(r['test_fingerprint'] for r in finished
+                    if r['test_images'] == usual and r.get('test_fingerprint'))
+    usual_print = max(dict.fromkeys(prints), key=prints.count) if prints else None
+    for r in finished:
+        if r['test_images'] != usual:
             r.update(status='left out', reason=f"it was evaluated on {r['test_images']} test images, "
                                                f'the other runs on {usual}')
+        elif usual_print and r.get('test_fingerprint') and r['test_fingerprint'] != usual_print:
+            r.update(status='left out', reason=(
+                f"it was tested on another test set than the other runs (data fingerprint "
+                f"{r['test_fingerprint'][:12]}..., theirs {usual_print[:12]}...); compare it with runs "
+                f'tested on the same test_batch'))
 
 
 # --------------------------------------------------------------------------
@@ -602,17 +916,24 @@ def build_json(variants, baseline_settings, left_out, why, sources):
 # --------------------------------------------------------------------------
 
 def baseline_settings_from(given):
-    """The settings of the run folder --baseline names (only its config.json is needed)."""
+    """The settings of the run folder --baseline names (its config.json, checked against its
+    checkpoint when it has one)."""
+    example = 'give one of the runs, e.g. --baseline runs/claims/baseline-seed0'
+    if not given.strip():
+        raise CompareError(f'--baseline was given an empty path; {example}')
     path = Path(given)
     if not path.is_dir():
-        raise CompareError(f'--baseline {given} is not a run folder; give one of the runs, e.g. '
-                           f'runs/claims/baseline-seed0')
+        raise CompareError(f'--baseline {given} is not a run folder; {example}')
     try:
         config = read_json(path / 'config.json', fix='give another run of the baseline variant')
     except RunFileError as e:
         raise CompareError(f'--baseline: {e}') from None
     if not isinstance(config, dict):
         raise CompareError(f'--baseline {given}: its config.json is not a JSON object; give another run')
+    try:
+        check_against_checkpoint(path.resolve(), config)
+    except LeftOut as e:
+        raise CompareError(f'--baseline {given} is {e}; or give another run of the baseline variant') from None
     return settings_of(config)
 
 
@@ -624,15 +945,54 @@ def default_out(run_dirs):
     return parent / 'comparison'
 
 
-def check_out(out, run_dirs):
-    """The resolved output folder; CompareError if it is a file or inside a run folder read."""
-    out = Path(out).resolve()
-    for r in run_dirs:
-        if out == r or r in out.parents:
-            raise CompareError(f'--out {out} is inside the run folder {r}; compare.py never writes into '
-                               f'the runs it reads: choose another folder')
+def _made_by_main(folder):
+    """True for a folder main.py wrote: it holds config.json and train.log (written within moments
+    of each other), so a user's own folder that happens to hold a config.json is not mistaken for one."""
+    return (folder / 'config.json').exists() and (folder / 'train.log').exists()
+
+
+def run_folder_at_or_above(out, run_dirs):
+    """The run folder that the resolved path out is, or lies inside, or None.
+
+    out itself counts if it looks like a run folder at all (is_run_folder); a
+    folder above it only if it is one of the runs read or was made by main.py.
+    """
+    if out in run_dirs or (out.is_dir() and is_run_folder(out)):
+        return out
+    return next((p for p in out.parents if p in run_dirs or _made_by_main(p)), None)
+
+
+def check_out(given, run_dirs):
+    """The resolved output folder for --out as given (None: the default).
+
+    CompareError (one sentence) for an empty path, a link to nothing, something
+    other than a folder, a run folder or a folder inside one (compare.py never
+    writes into runs), or an output file that is not a regular file.
+    """
+    if given is None:
+        given = default_out(run_dirs)
+    elif not given.strip():
+        raise CompareError('--out was given an empty path; give a folder for the comparison, e.g. --out '
+                           'comparison, or leave --out out to write comparison/ beside the runs')
+    path = Path(given)
+    if path.is_symlink() and not path.exists():
+        raise CompareError(f'--out {given} is a link to {os.readlink(path)}, which does not exist; '
+                           f'remove the link or give another folder')
+    out = path.resolve()
     if out.exists() and not out.is_dir():
-        raise CompareError(f'--out {out} is a file; give a folder for the comparison')
+        what = 'a file' if out.is_file() else file_kind(out.stat().st_mode)
+        raise CompareError(f'--out {given} is {what}, not a folder; give a folder for the comparison')
+    inside = run_folder_at_or_above(out, run_dirs)
+    if inside is not None:
+        where = 'a run folder' if inside == out else f'inside the run folder {inside}'
+        raise CompareError(f'--out {given} is {where}; compare.py never writes into run folders: choose '
+                           f'another folder, e.g. --out {quoted(inside.parent / "comparison")}')
+    for name in OUT_FILES:
+        try:
+            check_regular(out / name)
+        except NotRegularFile as e:
+            raise CompareError(f'{describe_os_error(e, out / name, "write")} (it is one of the files '
+                               f'compare.py writes into --out)') from None
     return out
 
 
@@ -648,7 +1008,7 @@ def compare(paths, out=None, baseline=None, log=print, warn=None):
     warn = warn or (lambda line: print(line, file=sys.stderr))
     run_dirs = expand_runs(paths)
     baseline_settings = baseline_settings_from(baseline) if baseline is not None else None
-    out = check_out(out if out is not None else default_out(run_dirs), run_dirs)
+    out = check_out(out, run_dirs)
     runs = [read_run(d) for d in run_dirs]
     leave_out_other_test_sets(runs)
     left_out = [r for r in runs if r['status'] == 'left out']
@@ -663,7 +1023,14 @@ def compare(paths, out=None, baseline=None, log=print, warn=None):
     for v in variants:
         if not v['is_baseline']:
             v['vs_baseline'] = welch(v, base) if base is not None else None
+    record = build_json(variants, baseline_settings, left_out, why, paths)
+    with interrupts_while_writing():
+        write_outputs(out, variants, left_out, why, paths, record, log)
+    return out, record
 
+
+def write_outputs(out, variants, left_out, why, sources, record, log=print):
+    """The two figures, comparison.md and comparison.json, each written atomically into out."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -674,16 +1041,36 @@ def compare(paths, out=None, baseline=None, log=print, warn=None):
         fig = draw(variants, colors)
         write_atomic(out / f'{stem}.png', lambda f, fig=fig: fig.savefig(f, format='png', dpi=viz.DPI))
         log(f'  {stem}.png  {time.perf_counter() - start:5.2f} s')
-    record = build_json(variants, baseline_settings, left_out, why, paths)
-    write_text(out / 'comparison.md', build_markdown(variants, left_out, why, paths))
+    write_text(out / 'comparison.md', build_markdown(variants, left_out, why, sources))
     write_json(out / 'comparison.json', record)
-    return out, record
+
+
+@contextlib.contextmanager
+def interrupts_while_writing():
+    """Make SIGINT and SIGTERM raise KeyboardInterrupt while the outputs are written.
+
+    Before this, an interrupt ends compare.py with nothing changed; during the
+    writes, KeyboardInterrupt lets write_atomic remove its temporary file, and
+    main() says that the output folder may be incomplete. Only the main thread
+    can set handlers; elsewhere this does nothing.
+    """
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:           # not the main thread
+        previous = {}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         # One line like every other refusal of this script, not argparse's usage block.
-        self.exit(EXIT_BAD_INPUT, f'compare.py: {message}; see python compare.py --help\n')
+        self.exit(EXIT_BAD_INPUT, f"compare.py: {message}; see python {quoted(REPO / 'compare.py')} --help\n")
 
 
 def parse_args(argv=None):
@@ -691,36 +1078,50 @@ def parse_args(argv=None):
     parser.add_argument('runs', nargs='+', metavar='RUN',
                         help='run folders, or folders holding run folders (e.g. runs/claims)')
     parser.add_argument('--out', default=None,
-                        help='output folder (default: comparison/ in the folder that holds the runs)')
+                        help='output folder (default: comparison/ in the folder that holds the runs); '
+                             'never a run folder')
     parser.add_argument('--baseline', default=None, metavar='RUN',
                         help="a run of the baseline variant (default: the runs with the settings of "
                              "presets.json's fast preset, else the variant with the most runs)")
     return parser.parse_args(argv)
 
 
+def print_summary(out, record, seconds):
+    """One line per variant on stdout, then where the comparison went."""
+    for v in record['variants']:
+        acc = v['test_acc']
+        shown = '-' if acc['mean'] is None else f"{100 * acc['mean']:.2f}%" + (
+            '' if acc['std'] is None else f" ± {100 * acc['std']:.2f}")
+        verdict = f"  {v['vs_baseline']['verdict']}" if v['vs_baseline'] else ''
+        print(f"{v['label']:<32s} {v['finished']} finished  {shown}{verdict}"
+              + (f"  ({v['diverged']} diverged)" if v['diverged'] else ''))
+    print(f'Wrote comparison.md, comparison.json and 2 figures to {out} in {seconds:.1f} s.')
+
+
 def main(argv=None):
-    """CLI entry point; returns the exit code (0 written, 2 refused with one sentence on stderr)."""
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:       # --help, or a usage error already printed as one sentence
-        return e.code
+    """CLI entry point; returns the exit code (0 written, 2 refused with one sentence on stderr,
+    3 crashed, 130 interrupted)."""
     start = time.perf_counter()
     try:
+        args = parse_args(argv)
         out, record = compare(args.runs, args.out, args.baseline)
+    except SystemExit as e:       # --help, or a usage error already printed as one sentence
+        return e.code
     except (CompareError, RunFileError) as e:
         problem = str(e)
     except OSError as e:          # anything the modules above did not word themselves
         problem = describe_os_error(e, e.filename or (args.out or '.'), 'use')
+    except cli.StartupInterrupted as e:
+        print(cli.interrupted_message('compare.py', e), file=sys.stderr)
+        return EXIT_ABORTED
+    except KeyboardInterrupt:
+        print('compare.py: interrupted while writing the comparison; its folder may mix old and new '
+              'files: run the same command again', file=sys.stderr)
+        return EXIT_ABORTED
+    except Exception as e:        # a bug: one line, not a traceback
+        return cli.report_crash('compare.py', e)
     else:
-        for v in record['variants']:
-            acc = v['test_acc']
-            shown = '-' if acc['mean'] is None else f"{100 * acc['mean']:.2f}%" + (
-                '' if acc['std'] is None else f" ± {100 * acc['std']:.2f}")
-            verdict = f"  {v['vs_baseline']['verdict']}" if v['vs_baseline'] else ''
-            print(f"{v['label']:<32s} {v['finished']} finished  {shown}{verdict}"
-                  + (f"  ({v['diverged']} diverged)" if v['diverged'] else ''))
-        print(f'Wrote comparison.md, comparison.json and 2 figures to {out} in '
-              f'{time.perf_counter() - start:.1f} s.')
+        print_summary(out, record, time.perf_counter() - start)
         return EXIT_OK
     print(f'compare.py: {problem}', file=sys.stderr)
     return EXIT_BAD_INPUT

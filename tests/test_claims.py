@@ -2,20 +2,32 @@
 (2 variants x 2 seeds of the smoke preset on a synthetic archive) that
 resumes an interrupted run, restarts a crashed one, keeps a diverged one,
 skips everything on a second pass, stops cleanly on SIGTERM, and ends with
-the comparison."""
+the comparison.
+
+The hostile cases of issue 18 (a crash or a kill is a failure, not a
+divergence; a damaged checkpoint or a named pipe is set aside, never resumed;
+an interrupt while starting) run the suite in a process of its own, with
+main.py replaced by a fake one (FAKE_MAIN) that crashes, diverges, is killed or
+refuses on demand, so that every exit code is covered in seconds."""
 import json
+import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 import claims
 import main
+import runfiles
 from cnn_rnn_numpy import CNNRNN
 from conftest import REPO_ROOT, make_cifar_archive
+from test_compare import FAST, edit_json, make_run, write_checkpoint
 
 
 @pytest.fixture(scope='module')
@@ -139,4 +151,310 @@ def test_sigterm_stops_the_running_main_py_cleanly_and_then_the_suite(data_dir, 
     metrics = json.loads((runs / 'baseline-seed0' / 'metrics.json').read_text())
     assert metrics['stopped_early'] is True and 'SIGTERM' in metrics['stop_reason']
     assert not (runs / 'baseline-seed1').exists() and 'run the same command again' in output
-    assert claims.plan_run(runs / 'baseline-seed0') == ('resume', '')
+    assert claims.plan_run(runs / 'baseline-seed0') == {'action': 'resume', 'detail': '', 'evaluate': False}
+
+
+# --------------------------------------------------------------------------
+# Crashes, damaged checkpoints, pipes and interrupts, through the command line (issue 18)
+# --------------------------------------------------------------------------
+
+CLI_TIMEOUT = 120        # seconds: a hang (a named pipe read, a run retried forever) fails the test here
+
+# A stand-in for main.py, so that the suite's handling of every exit code is tested in seconds.
+# What it does for a run folder is looked up by the folder's name in $FAKE_MAIN_PLAN (JSON;
+# 'finish' when absent): finish (a finished run folder, exit 0), crash (config.json and train.log
+# ending in cli.report_crash's line, exit 3), diverge (exit 1), kill (SIGKILL itself), refuse (exit 2).
+# Every invocation's arguments are appended to $FAKE_MAIN_LOG as one JSON line.
+FAKE_MAIN = r'''
+import json, os, signal, sys
+from pathlib import Path
+sys.path[:0] = [os.environ['REPO_ROOT'], os.path.join(os.environ['REPO_ROOT'], 'tests')]
+import numpy as np
+import runfiles
+from metrics import expected_calibration_error
+
+args = sys.argv[1:]
+with open(os.environ['FAKE_MAIN_LOG'], 'a') as f:
+    f.write(json.dumps(args) + '\n')
+def option(name, default=None):
+    return args[args.index(name) + 1] if name in args else default
+folder = Path(option('--out') or Path(option('--resume')).parent)
+behaviour = json.loads(os.environ.get('FAKE_MAIN_PLAN', '{}')).get(folder.name, 'finish')
+if behaviour == 'refuse':
+    print(f'error: {folder} is refused for this test', file=sys.stderr)
+    sys.exit(2)
+folder.mkdir(parents=True, exist_ok=True)
+config_path = folder / 'config.json'
+if config_path.exists():
+    config = json.loads(config_path.read_text())
+else:
+    config = runfiles.read_json(Path(os.environ['REPO_ROOT']) / 'presets.json')[option('--preset', 'fast')]
+    config.update(seed=int(option('--seed', 0)), preset=option('--preset', 'fast'), description='',
+                  data_dir='data', lr_changes=[])
+    if '--seq-layout' in args:
+        config['seq_layout'] = option('--seq-layout')
+    if '--cell' in args:
+        config['cell'] = option('--cell')
+    for i, a in enumerate(args):
+        if a == '--set':
+            key, value = args[i + 1].split('=', 1)
+            config[key] = json.loads(value) if value not in ('rows', 'flat', 'gru', 'lstm') else value
+    runfiles.write_json(config_path, config)
+runfiles.append_line(folder / 'train.log', f'2024-01-01 12:00:00 run {folder}: fake')
+if behaviour == 'crash':
+    runfiles.append_line(folder / 'train.log', 'crash: RuntimeError: boom\nTraceback (most recent call last):')
+    print('error: main.py crashed (RuntimeError: boom)', file=sys.stderr)
+    sys.exit(3)
+if behaviour == 'diverge':
+    runfiles.append_line(folder / 'train.log', '2024-01-01 12:00:01 error: the loss became nan at epoch 1, '
+                                               'step 1 (lr 0.02); no checkpoint was written yet')
+    sys.exit(1)
+if behaviour == 'kill':
+    os.kill(os.getpid(), signal.SIGKILL)
+n = 100
+labels = np.arange(n) % 10
+probs = np.full((n, 10), 0.05, np.float32)
+probs[np.arange(n), labels] = 0.55
+probs[: n // 2] = np.roll(probs[: n // 2], 1, axis=1)     # half of them wrong
+meta = {'kind': 'checkpoint', 'format_version': 1, 'run_config': config, 'state': {'epoch': 1}}
+runfiles.write_npz(folder / 'ckpt.npz', {'meta': np.array(json.dumps(meta)), 'param/b_o': np.zeros(10, np.float32)})
+runfiles.write_json(folder / 'history.json', [{'epoch': 1, 'train_loss': 2.0, 'train_acc': 0.3, 'val_loss': 2.1,
+                                               'val_acc': 0.3, 'lr': 0.02}])
+runfiles.write_json(folder / 'metrics.json', {
+    'test_loss': 1.5, 'test_acc': float((probs.argmax(1) == labels).mean()),
+    'ece': expected_calibration_error(probs, labels), 'best_val_acc': 0.3, 'epochs_done': 1,
+    'epochs_planned': 1, 'stopped_early': False, 'wall_time_s': 1.0, 'test_images': n})
+runfiles.write_npz(folder / 'predictions.npz', {'probs': probs, 'labels': labels, 'indices': np.arange(n)})
+runfiles.append_line(folder / 'train.log', '2024-01-01 12:00:02 test     accuracy 50.00%')
+'''
+
+
+@pytest.fixture
+def fake_main(tmp_path):
+    """(path of the fake main.py, path of its invocation log)."""
+    path, log = tmp_path / 'fake_main.py', tmp_path / 'fake_main.log'
+    path.write_text(FAKE_MAIN)
+    log.write_text('')
+    return path, log
+
+
+def claims_cli(fake, *args, plan=None, cwd=REPO_ROOT):
+    """Run the claims suite in a process of its own, with main.py replaced by the fake one.
+
+    claims.py's own code runs unchanged (its main(), the subprocesses, the exit code); only the
+    path of the script it runs for each run is the fake's. Returns (exit code, stdout, stderr).
+    """
+    path, log = fake
+    runner = ('import sys, claims; claims.MAIN = sys.argv.pop(1); sys.argv[0] = "claims.py"; '
+              'sys.exit(claims.main(sys.argv[1:]))')
+    env = dict(os.environ, FAKE_MAIN_LOG=str(log), FAKE_MAIN_PLAN=json.dumps(plan or {}), REPO_ROOT=str(REPO_ROOT),
+               PYTHONPATH=str(REPO_ROOT))
+    p = subprocess.run([sys.executable, '-c', runner, str(path), *map(str, args)], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    return p.returncode, p.stdout, p.stderr
+
+
+def invocations(fake):
+    """The argument lists the fake main.py was called with, in order."""
+    return [json.loads(line) for line in fake[1].read_text().splitlines()]
+
+
+def result_lines(out):
+    """{(variant, seed): its line of the results at the end} from claims.py's output."""
+    results = out[out.index('Claims suite results:'):]
+    lines = {}
+    for line in results.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[0] in claims.VARIANTS and words[1] == 'seed':
+            lines[(words[0], int(words[2]))] = line
+    return lines
+
+
+def test_a_crash_or_a_kill_is_a_failure_not_a_divergence_and_the_rest_still_runs(tmp_path, fake_main):
+    runs = tmp_path / 'claims'
+    plan = {'baseline-seed1': 'crash', 'flat-seed0': 'diverge', 'flat-seed1': 'kill'}
+    args = ['--runs-dir', runs, '--only', 'baseline', 'flat', '--seeds', '0', '1']
+    code, out, err = claims_cli(fake_main, *args, plan=plan)
+    assert code == 3, (out, err)
+    lines = result_lines(out)
+    assert 'crashed (exit 3: RuntimeError: boom), a bug' in lines[('baseline', 1)]
+    assert f"traceback is in {runs / 'baseline-seed1' / 'train.log'}" in lines[('baseline', 1)]
+    assert 'crashed: killed by SIGKILL' in lines[('flat', 1)]
+    assert 'diverged (kept as a result)' in lines[('flat', 0)] and lines[('baseline', 0)].endswith('finished')
+    assert len(invocations(fake_main)) == 4, 'a crash stopped the suite, or a crashed run was tried twice'
+    last = err.strip().splitlines()[-1]
+    assert last.startswith('claims.py: 2 runs crashed (baseline seed 1, flat seed 1)') and 'Traceback' not in err
+    record = json.loads((runs / 'comparison' / 'comparison.json').read_text())
+    counts = {v['label']: (v['finished'], v['diverged']) for v in record['variants']}
+    assert counts == {'baseline': (1, 0), 'seq_layout=flat': (0, 1)}, counts
+    left_out = {r['run']: r['reason'] for r in record['left_out']}
+    assert 'crashed (RuntimeError: boom)' in left_out['baseline-seed1'] and 'flat-seed1' in left_out
+
+    # The next run of the suite tries the crashed and the killed run again (no checkpoint: moved
+    # aside, started afresh), keeps the divergence, and now that they finish, exits 0.
+    code, out, err = claims_cli(fake_main, *args)
+    assert code == 0, (out, err)
+    assert plan_lines(out) == {('baseline', 0): 'finished', ('baseline', 1): 'restart', ('flat', 0): 'diverged',
+                               ('flat', 1): 'restart'}
+    assert 'crashed earlier (RuntimeError: boom)' in out
+    assert len(list(runs.glob('baseline-seed1.failed-*'))) == 1 and len(invocations(fake_main)) == 6
+
+
+def test_a_crash_with_a_checkpoint_is_resumed_by_the_next_run_of_the_suite(tmp_path, fake_main):
+    runs = tmp_path / 'claims'
+    args = ['--runs-dir', runs, '--only', 'baseline', '--seeds', '0']
+    stopped_run(runs / 'baseline-seed0', 0)
+    runfiles.append_line(runs / 'baseline-seed0' / 'train.log', 'crash: MemoryError: \nTraceback ...')
+    code, out, err = claims_cli(fake_main, *args, plan={'baseline-seed0': 'crash'})
+    assert code == 3 and plan_lines(out) == {('baseline', 0): 'resume'}, (out, err)
+    assert invocations(fake_main)[-1][:2] == ['--resume', str(runs / 'baseline-seed0' / 'ckpt.npz')]
+    code, out, err = claims_cli(fake_main, *args)
+    assert code == 0 and plan_lines(out) == {('baseline', 0): 'resume'}, (out, err)
+
+
+def stopped_run(folder, seed):
+    """A run folder of the baseline variant stopped early by its time budget: config.json, train.log,
+    a readable ckpt.npz, metrics.json with stopped_early; the suite would resume it."""
+    folder.mkdir(parents=True)
+    config = dict(FAST, seed=seed, preset='fast', description='', data_dir='data', lr_changes=[])
+    runfiles.write_json(folder / 'config.json', config)
+    runfiles.append_line(folder / 'train.log', '2024-01-01 12:00:00 run x: preset fast')
+    write_checkpoint(folder, config)
+    runfiles.write_json(folder / 'metrics.json', {'stopped_early': True, 'stop_reason': 'time budget'})
+
+
+# How each seed's run folder is damaged: the plan's action, and words its line of the results must hold.
+DAMAGES = {
+    'truncated checkpoint': ('damaged', 'ckpt.npz is damaged or was not written by main.py'),
+    'checkpoint with NaN weights': ('damaged', 'values that are not finite'),
+    'checkpoint meta not JSON': ('damaged', 'unreadable meta'),
+    'checkpoint is a .npy': ('damaged', 'not an .npz archive'),
+    'train.log is a pipe': ('damaged', 'train.log: it is a named pipe (FIFO)'),
+    'metrics.json is a pipe': ('damaged', 'metrics.json: it is a named pipe (FIFO)'),
+    '.lock is a pipe': ('damaged', '.lock: it is a named pipe (FIFO)'),
+    'ckpt.npz is a pipe': ('damaged', 'ckpt.npz: it is a named pipe (FIFO)'),
+    'config.json edited': ('inconsistent', 'weight_decay: 0 in config.json, 0.0005 in ckpt.npz'),
+    'finished, config.json edited': ('inconsistent', 'weight_decay: 0 in config.json, 0.0005 in ckpt.npz'),
+    'finished, NaN test accuracy': ('inconsistent', 'test_acc'),
+}
+
+
+def damage(folder, how):
+    """Damage a stopped run folder in one of the ways of DAMAGES."""
+    if how.startswith('finished'):         # a finished run instead, with all its files
+        shutil.rmtree(folder)
+        make_run(folder.parent, folder.name, int(folder.name[-1]), ckpt=True)
+    if how == 'truncated checkpoint':
+        (folder / 'ckpt.npz').write_bytes((folder / 'ckpt.npz').read_bytes()[:200])
+    elif how == 'checkpoint with NaN weights':
+        arrays = runfiles.read_npz(folder / 'ckpt.npz')
+        runfiles.write_npz(folder / 'ckpt.npz', dict(arrays, **{'param/b_o': np.full(10, np.nan, np.float32)}))
+    elif how == 'checkpoint meta not JSON':
+        runfiles.write_npz(folder / 'ckpt.npz', {'meta': np.array('{not json')})
+    elif how == 'checkpoint is a .npy':
+        with open(folder / 'ckpt.npz', 'wb') as f:
+            np.save(f, np.zeros(3))
+    elif how.endswith('config.json edited'):
+        edit_json(folder / 'config.json', weight_decay=0)
+    elif how.endswith('NaN test accuracy'):
+        edit_json(folder / 'metrics.json', test_acc=float('nan'))
+    else:                          # a named pipe where one of the run's files should be
+        name = how.split()[0]
+        (folder / name).unlink(missing_ok=True)
+        os.mkfifo(folder / name)
+
+
+def test_a_damaged_run_is_set_aside_never_resumed_and_the_fix_it_names_works(tmp_path, fake_main):
+    runs = tmp_path / 'claims'
+    for seed, how in enumerate(DAMAGES):
+        stopped_run(runs / f'baseline-seed{seed}', seed)
+        damage(runs / f'baseline-seed{seed}', how)
+    args = ['--runs-dir', runs, '--only', 'baseline', '--seeds', *range(len(DAMAGES))]
+    code, out, err = claims_cli(fake_main, *args)
+    assert code == 2, (out, err)
+    assert invocations(fake_main) == [], 'a damaged run was given to main.py'
+    lines = result_lines(out)
+    for seed, (how, (action, words)) in enumerate(DAMAGES.items()):
+        assert plan_lines(out)[('baseline', seed)] == action, (how, out)
+        assert words in lines[('baseline', seed)], (how, out)
+        if action == 'damaged':
+            assert '--resume' not in lines[('baseline', seed)], (how, out)
+    assert 'continues it' not in out and 'Traceback' not in err
+    assert err.strip().splitlines()[-1].startswith(f'claims.py: {len(DAMAGES)} runs could not be run')
+    # The fix each damaged checkpoint's line names, typed as it is: the run is moved aside, and the
+    # next run of the suite starts it afresh.
+    for seed, how in enumerate(list(DAMAGES)[:4]):
+        line = lines[('baseline', seed)]
+        move = shlex.split(line[line.index('mv '):].split(' and run the suite again')[0])
+        assert subprocess.run(move, timeout=CLI_TIMEOUT).returncode == 0, line
+    code, out, err = claims_cli(fake_main, *args[:-len(DAMAGES)], 0, 1, 2, 3)
+    assert code == 0 and set(plan_lines(out).values()) == {'run'}, (out, err)
+    assert len(invocations(fake_main)) == 4 and len(list(runs.glob('baseline-seed*.damaged'))) == 4
+
+
+def test_a_resume_that_main_py_refuses_is_a_failure_not_a_promise(tmp_path, fake_main):
+    runs = tmp_path / 'claims'
+    args = ['--runs-dir', runs, '--only', 'baseline', '--seeds', '0']
+    stopped_run(runs / 'baseline-seed0', 0)
+    code, out, err = claims_cli(fake_main, *args, plan={'baseline-seed0': 'refuse'})
+    assert code == 2, (out, err)
+    line = result_lines(out)[('baseline', 0)]
+    assert 'refused by main.py (exit 2' in line and 'resume it' not in line
+
+
+def test_a_folder_without_a_checkpoint_is_moved_aside_never_answered_with_resume(tmp_path, fake_main):
+    runs = tmp_path / 'claims'
+    folder = runs / 'baseline-seed0'
+    folder.mkdir(parents=True)
+    (folder / 'train.log').write_text('2024-01-01 12:00:00 run x: preset fast\n')
+    (folder / 'config.json').write_text('{}')
+    code, out, err = claims_cli(fake_main, '--runs-dir', runs, '--only', 'baseline', '--seeds', '0', '--dry-run')
+    assert code == 0 and plan_lines(out) == {('baseline', 0): 'restart'} and '--resume' not in out, out
+    assert f'moves {folder} aside to baseline-seed0.failed-<timestamp>, then runs' in out
+    code, out, err = claims_cli(fake_main, '--runs-dir', runs, '--only', 'baseline', '--seeds', '0')
+    assert code == 0 and invocations(fake_main)[-1][-2:] == ['--out', str(folder)], (out, err)
+    (moved,) = runs.glob('baseline-seed0.failed-*')
+    assert (moved / 'train.log').is_file()
+
+
+@pytest.mark.skipif(not Path('/proc/self/status').exists(), reason='needs /proc')
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_while_starting_ends_with_one_line_and_exit_130(tmp_path, signum):
+    from test_compare import wait_for_handler
+    proc = subprocess.Popen([sys.executable, 'claims.py', '--runs-dir', str(tmp_path / 'c'), '--dry-run'],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for_handler(proc), 'claims.py never installed its start-up interrupt handler'
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=CLI_TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (proc.returncode, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f'interrupted by {signal.Signals(signum).name}' in lines[0], err
+
+
+def test_bad_arguments_through_the_command_line(tmp_path):
+    (tmp_path / 'a-file').write_text('x')
+    for args, words in (([], '--runs-dir was given an empty path'), (['--seeds', '0', '0'], 'repeats a seed')):
+        p = subprocess.run([sys.executable, 'claims.py', '--runs-dir', '' if not args else str(tmp_path), *args],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=CLI_TIMEOUT)
+        assert p.returncode == 2 and p.stderr.strip() == p.stderr.strip().splitlines()[0] and words in p.stderr
+    make_run(tmp_path / 'runs', 'a-run', ckpt=True)
+    (tmp_path / 'runs' / 'latest').symlink_to('a-run')
+    for runs_dir, words in (('a-file', '--runs-dir a-file is not a folder'),
+                            ('runs/latest', '--runs-dir runs/latest is a run folder'),
+                            ('runs/latest/claims', 'is inside the run folder')):
+        p = subprocess.run([sys.executable, str(REPO_ROOT / 'claims.py'), '--runs-dir', runs_dir, '--dry-run'],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=CLI_TIMEOUT)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and words in p.stderr, p.stderr
+    assert not (tmp_path / 'runs' / 'a-run' / 'claims').exists()
+
+
+def test_an_unexpected_error_is_a_crash_with_exit_3_and_one_line(tmp_path, capsys, monkeypatch):
+    def broken(*args):
+        raise ZeroDivisionError('a bug')
+    monkeypatch.setattr(claims, 'make_plan', broken)
+    assert claims.main(['--runs-dir', str(tmp_path / 'c'), '--dry-run']) == 3
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and 'claims.py crashed (ZeroDivisionError: a bug)' in err

@@ -1,8 +1,16 @@
 """Tests of compare.py: grouping runs into variants, the numbers, the verdicts,
 runs left out, refusals, the figures; on run folders written by hand and on
-real smoke runs of main.py."""
+real smoke runs of main.py. The hostile cases of issue 18 (named pipes, crashes,
+numbers that are not numbers, an edited config.json, --out that is not ours)
+run compare.py as a subprocess, the way users run it, with a timeout so that a
+hang fails."""
 import json
 import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +20,7 @@ import compare
 import main
 import runfiles
 from cnn_rnn_numpy import CNNRNN
-from conftest import LABEL_NAMES, make_cifar_archive
+from conftest import LABEL_NAMES, REPO_ROOT, make_cifar_archive
 from metrics import confusion_matrix, expected_calibration_error, per_class_accuracy
 from test_viz import assert_valid_png
 
@@ -25,12 +33,14 @@ FIGURES = ('val_accuracy.png', 'test_accuracy.png')
 # --------------------------------------------------------------------------
 
 def make_run(root, name, seed=0, acc=0.4, n_test=200, epochs=3, preset='fast', stopped_early=False,
-             wall_time_s=300.0, **settings):
-    """A finished run folder: config.json, history.json, metrics.json, predictions.npz, train.log.
+             wall_time_s=300.0, ckpt=False, fingerprint=None, **settings):
+    """A finished run folder: config.json, history.json, metrics.json, predictions.npz, train.log,
+    and with ckpt=True a ckpt.npz whose metadata holds the same configuration.
 
     The test predictions are right on exactly round(acc * n_test) images, and
     metrics.json holds their accuracy and ECE (metrics.py), like main.py's.
-    settings override the `fast` preset's keys. Returns the folder's Path.
+    settings override the `fast` preset's keys; fingerprint, if given, is the
+    test set's data fingerprint in metrics.json. Returns the folder's Path.
     """
     run = Path(root) / name
     run.mkdir(parents=True)
@@ -54,7 +64,11 @@ def make_run(root, name, seed=0, acc=0.4, n_test=200, epochs=3, preset='fast', s
                'stop_reason': 'time budget of 1.0 h reached' if stopped_early else None,
                'wall_time_s': wall_time_s, 'train_images_per_s': 900.0, 'test_images': n_test,
                'label_names': LABEL_NAMES}
+    if fingerprint is not None:
+        metrics['data_fingerprint'] = {'train': '0' * 64, 'test': fingerprint}
     runfiles.write_json(run / 'config.json', config)
+    if ckpt:
+        write_checkpoint(run, config)
     runfiles.write_json(run / 'history.json', history)
     runfiles.write_json(run / 'metrics.json', metrics)
     runfiles.write_npz(run / 'predictions.npz', {
@@ -62,6 +76,14 @@ def make_run(root, name, seed=0, acc=0.4, n_test=200, epochs=3, preset='fast', s
         'hidden': rng.normal(size=(n_test, 8)).astype(np.float32)})
     runfiles.append_line(run / 'train.log', f'2024-01-01 12:00:00 run {run}: preset {preset}')
     return run
+
+
+def write_checkpoint(run, run_config, **arrays):
+    """A ckpt.npz in main.py's layout as far as compare.py and claims.py read it: a JSON `meta`
+    holding kind and run_config, and a parameter array (or the arrays given)."""
+    meta = {'format_version': 1, 'kind': 'checkpoint', 'run_config': run_config, 'state': {'epoch': 1}}
+    arrays = arrays or {'param/b_o': np.zeros(10, np.float32)}
+    runfiles.write_npz(Path(run) / 'ckpt.npz', {'meta': np.array(json.dumps(meta)), **arrays})
 
 
 def snapshot(folder):
@@ -202,9 +224,8 @@ def test_runs_that_cannot_be_compared_are_named_and_left_out(tmp_path, capsys):
         make_run(root, f'good-seed{seed}', seed, 0.4)
     training = make_run(root, 'training', 5)
     (training / 'metrics.json').unlink()
-    interrupted = make_run(root, 'interrupted', 6)
+    interrupted = make_run(root, 'interrupted', 6, ckpt=True)
     (interrupted / 'metrics.json').unlink()
-    (interrupted / 'ckpt.npz').write_bytes(b'a checkpoint')
     crashed = root / 'crashed'
     crashed.mkdir()
     runfiles.write_json(crashed / 'config.json', dict(FAST, seed=7))
@@ -326,3 +347,322 @@ def test_on_real_smoke_runs_with_a_diverged_one(tmp_path, capsys, monkeypatch):
     for name in FIGURES:
         assert_valid_png(out_dir / name)
     assert 'baseline' in out and 'seq_layout=flat' in out
+
+
+# --------------------------------------------------------------------------
+# Hostile inputs through the command line (issue 18)
+# --------------------------------------------------------------------------
+
+CLI_TIMEOUT = 60         # seconds: a named pipe read by mistake blocks forever, and fails the test here
+
+
+def compare_cli(*args, cwd=REPO_ROOT):
+    """Run `python compare.py ARGS` as a user does; returns (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, str(REPO_ROOT / 'compare.py'), *map(str, args)], cwd=cwd,
+                       capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    return p.returncode, p.stdout, p.stderr
+
+
+def strict_json(path):
+    """Parse a JSON file, failing on NaN and Infinity, which strict JSON does not have."""
+    def refuse(constant):
+        raise ValueError(f'{path} holds {constant}, which is not JSON')
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
+def edit_json(path, **changes):
+    """Rewrite a JSON file with some keys changed; NaN and inf are written as Python's json does."""
+    data = json.loads(Path(path).read_text())
+    data.update(changes)
+    Path(path).write_text(json.dumps(data))
+
+
+def suggested_commands(text):
+    """Every `python main.py ...` command a message suggests, as argument lists."""
+    commands = []
+    for part in text.split('python main.py ')[1:]:
+        words = shlex.split(part.split(';')[0])
+        commands.append(words[:words.index('continues')] if 'continues' in words
+                        else words[:words.index('redoes')] if 'redoes' in words else words)
+    return commands
+
+
+def hostile_runs(root):
+    """Two good runs, and beside them one run folder per hostile case: {name: words its reason must hold}."""
+    base = dict(ckpt=True, fingerprint='a' * 64)
+    for seed in (0, 1):
+        make_run(root, f'good-seed{seed}', seed, 0.4, **base)
+    make_run(root, 'old-no-fingerprint', 2, 0.4)           # an older run: kept, compared by size
+    cases = {}
+    # Class 1: named pipes and folders where a file should be never block and are named.
+    for name, file, kind in (('fifo-log', 'train.log', 'fifo'), ('fifo-metrics', 'metrics.json', 'fifo'),
+                             ('fifo-config', 'config.json', 'fifo'), ('fifo-lock', '.lock', 'fifo'),
+                             ('fifo-ckpt', 'ckpt.npz', 'fifo'), ('dir-predictions', 'predictions.npz', 'dir'),
+                             ('fifo-history', 'history.json', 'fifo'), ('fifo-diverged', 'diverged.json', 'fifo')):
+        run = make_run(root, name, 3, **base)
+        (run / file).unlink(missing_ok=True)
+        os.mkfifo(run / file) if kind == 'fifo' else (run / file).mkdir()
+        cases[name] = ['named pipe (FIFO)' if kind == 'fifo' else 'a folder', file]
+    # Class 2: a crash is a crash, not a divergence, with or without a checkpoint.
+    for name, ckpt in (('crashed', True), ('crashed-early', False)):
+        run = make_run(root, name, 4, ckpt=ckpt)
+        for f in ('metrics.json', 'predictions.npz'):
+            (run / f).unlink()
+        runfiles.append_line(run / 'train.log', 'crash: ValueError: boom\nTraceback (most recent call last):\n'
+                                                '  File "main.py", line 1\nValueError: boom')
+        cases[name] = ['crashed (ValueError: boom)', 'traceback is in']
+    diverged_then_crashed = make_run(root, 'diverged-then-crashed', 5, ckpt=True)
+    runfiles.append_line(diverged_then_crashed / 'train.log', '2024-01-01 12:01:00 error: the loss became nan at '
+                                                            'epoch 2, step 3 (lr 0.02); the last checkpoint ...')
+    runfiles.append_line(diverged_then_crashed / 'train.log', '2024-01-01 12:02:00 resuming x at epoch 2, step 0')
+    runfiles.append_line(diverged_then_crashed / 'train.log', 'crash: KeyError: k')
+    cases['diverged-then-crashed'] = ['crashed (KeyError: k)']
+    # Class 5: numbers that are not numbers, or impossible ones.
+    for name, (key, value) in (('nan-accuracy', ('test_acc', float('nan'))), ('accuracy-above-1', ('test_acc', 1.5)),
+                               ('infinite-loss', ('test_loss', float('inf'))), ('nan-ece', ('ece', float('nan'))),
+                               ('best-val-above-1', ('best_val_acc', 2.0))):
+        run = make_run(root, name, 6, ckpt=True)
+        edit_json(run / 'metrics.json', **{key: value})
+        cases[name] = ['inconsistent', 'metrics.json', key, f' = {value}']
+    run = make_run(root, 'history-nan', 6, ckpt=True)
+    history = json.loads((run / 'history.json').read_text())
+    history[1]['val_loss'] = float('nan')
+    (run / 'history.json').write_text(json.dumps(history))
+    cases['history-nan'] = ['inconsistent', 'history.json', 'record 2', 'val_loss', ' = nan']
+    for name, scale in (('probabilities-sum-to-half', 0.5), ('probabilities-nan', float('nan'))):
+        run = make_run(root, name, 7, ckpt=True)
+        preds = runfiles.read_npz(run / 'predictions.npz')
+        runfiles.write_npz(run / 'predictions.npz', dict(preds, probs=preds['probs'] * np.float32(scale)))
+        cases[name] = ['inconsistent', 'predictions.npz', 'sum to 1' if scale == 0.5 else 'finite']
+    # Class 4: config.json edited after the run started disagrees with its checkpoint.
+    run = make_run(root, 'edited-config', 8, ckpt=True)
+    edit_json(run / 'config.json', weight_decay=0, seed=80)
+    cases['edited-config'] = ['inconsistent', 'config.json was changed', 'seed: 80 in config.json, 8 in ckpt.npz',
+                              'weight_decay: 0 in config.json, 0.0005 in ckpt.npz']
+    run = make_run(root, 'damaged-ckpt', 9)
+    (run / 'ckpt.npz').write_bytes(b'PK\x03\x04 not really a zip archive')
+    cases['damaged-ckpt'] = ['damaged', 'ckpt.npz', 'mv ']
+    run = make_run(root, 'ckpt-a-npy', 9)
+    with open(run / 'ckpt.npz', 'wb') as f:
+        np.save(f, np.zeros(3))
+    cases['ckpt-a-npy'] = ['damaged', 'not an .npz archive']
+    run = make_run(root, 'ckpt-meta-a-list', 9)
+    runfiles.write_npz(run / 'ckpt.npz', {'meta': np.array('[1, 2]')})
+    cases['ckpt-meta-a-list'] = ['damaged', 'no run configuration']
+    # Another test set: the same size, another data fingerprint.
+    make_run(root, 'other-test-set', 10, ckpt=True, fingerprint='b' * 64)
+    cases['other-test-set'] = ['another test set', 'bbbbbbbbbbbb']
+    # Class 7: no checkpoint, so no --resume advice.
+    run = make_run(root, 'no-predictions-no-ckpt', 11)
+    (run / 'predictions.npz').unlink()
+    cases['no-predictions-no-ckpt'] = ['no checkpoint to evaluate again from', 'train it again in a new folder']
+    return cases
+
+
+def test_cli_leaves_out_pipes_crashes_non_numbers_and_edited_configs_with_the_reason(tmp_path):
+    root = tmp_path / 'runs'
+    cases = hostile_runs(root)
+    # A diverged run resumed with a lower --lr and diverged again before its next checkpoint:
+    # config.json's new lr is not an edit, and the run counts as diverged, not as inconsistent.
+    lowered = make_run(root, 'lowered-lr', 12, ckpt=True)
+    (lowered / 'metrics.json').unlink()
+    (lowered / 'predictions.npz').unlink()
+    change = {'global_step': 30, 'epoch': 2, 'step': 0, 'from': 0.02, 'to': 0.01}
+    edit_json(lowered / 'config.json', lr=0.01, lr_changes=[change])
+    runfiles.append_line(lowered / 'train.log', '2024-01-01 12:05:00 error: the loss became inf at epoch 2, '
+                                                'step 4 (lr 0.01); ...')
+    # A run diverged as main.py now records it: diverged.json, whatever train.log says.
+    recorded = make_run(root, 'diverged-json', 13, ckpt=True)
+    (recorded / 'metrics.json').unlink()
+    (recorded / 'predictions.npz').unlink()
+    runfiles.write_json(recorded / 'diverged.json', {'epoch': 2, 'step': 7, 'lr': 0.02, 'loss': 'nan',
+                                                     'message': 'the loss became nan at epoch 2, step 7; ...'})
+    before = snapshot(root)
+    start = time.monotonic()
+    code, out, err = compare_cli(root, '--out', tmp_path / 'out')
+    assert code == 0, err
+    assert time.monotonic() - start < CLI_TIMEOUT and 'Traceback' not in err
+    assert snapshot(root) == before
+    record = strict_json(tmp_path / 'out' / 'comparison.json')
+    reasons = {r['run']: r['reason'] for r in record['left_out']}
+    assert set(reasons) == set(cases), set(reasons) ^ set(cases)
+    for name, words in cases.items():
+        for word in words:
+            assert word in reasons[name], (name, word, reasons[name])
+        assert f'compare.py: left out {root / name}: ' in err
+    runs = {r['name']: r for v in record['variants'] for r in v['runs']}
+    assert {n for n, r in runs.items() if r['status'] == 'finished'} == {'good-seed0', 'good-seed1',
+                                                                          'old-no-fingerprint'}
+    assert runs['lowered-lr']['status'] == 'diverged' and 'crashed' not in str(record['variants'])
+    assert runs['diverged-json']['diverged'] == 'the loss became nan at epoch 2, step 7'
+    # Every command a reason suggests names a checkpoint that exists; a run without one gets none.
+    for name, reason in reasons.items():
+        for words in suggested_commands(reason):
+            ckpt = Path(words[1])          # main.py takes a ckpt.npz or the run folder holding one
+            assert words[0] == '--resume' and (ckpt.is_file() or (ckpt / 'ckpt.npz').is_file()), (name, reason)
+    for name in ('crashed-early', 'no-predictions-no-ckpt'):
+        assert '--resume' not in reasons[name]
+    assert 'nan%' not in (tmp_path / 'out' / 'comparison.md').read_text() and 'nan%' not in out
+
+
+def test_cli_a_nan_accuracy_with_one_or_three_seeds_never_reaches_the_statistics(tmp_path):
+    """The issue's example: a NaN test accuracy gave a traceback in the t-test with 3 seeds, and
+    'nan%' and a non-JSON NaN in comparison.json with 1 seed."""
+    for seeds in (1, 3):
+        root = tmp_path / f'runs{seeds}'
+        for seed in range(3):
+            make_run(root, f'base-seed{seed}', seed, 0.4 + 0.01 * seed)
+        for seed in range(seeds):
+            run = make_run(root, f'wd-seed{seed}', seed, 0.3, weight_decay=0)
+            edit_json(run / 'metrics.json', test_acc=float('nan'))
+        make_run(root, 'wd-seed9', 9, 0.3, weight_decay=0)
+        code, out, err = compare_cli(root)
+        assert code == 0 and 'Traceback' not in err, err
+        record = strict_json(root / 'comparison' / 'comparison.json')
+        assert len(record['left_out']) == seeds and 'nan%' not in out and 'nan ±' not in out
+        wd = next(v for v in record['variants'] if v['label'] == 'weight_decay=0')
+        assert wd['finished'] == 1 and wd['test_acc']['mean'] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize('case, words', [
+    ('empty', ['--out was given an empty path']),
+    ('another run folder', ['is a run folder', 'never writes into run folders', '--out']),
+    ('runs/latest', ['--out runs/latest is a run folder']),
+    ('inside another run', ['is inside the run folder']),
+    ('a file', ['is a file, not a folder']),
+    ('a named pipe', ['is a named pipe (FIFO), not a folder']),
+    ('a link to nothing', ['is a link to', 'which does not exist']),
+    ('comparison.md is a pipe', ['comparison.md', 'named pipe (FIFO)']),
+    ('empty baseline', ['--baseline was given an empty path']),
+    ('baseline config.json is a pipe', ['--baseline', 'config.json: it is a named pipe (FIFO)']),
+])
+def test_cli_refuses_an_output_that_is_not_ours_with_one_sentence(tmp_path, case, words):
+    work = tmp_path / 'work'                       # the current folder: '' must not mean it
+    runs = work / 'runs'
+    make_run(runs, 'a-seed0', 0, 0.4)
+    other = make_run(tmp_path / 'elsewhere', 'other-run', 1, 0.5)
+    (runs / 'latest').symlink_to('a-seed0')
+    (work / 'cmp').mkdir()
+    out = {'empty': '', 'another run folder': other, 'runs/latest': 'runs/latest',
+           'inside another run': other / 'figures' / 'cmp', 'a file': other / 'train.log',
+           'a named pipe': work / 'pipe', 'a link to nothing': work / 'dangling', 'comparison.md is a pipe': 'cmp',
+           'empty baseline': 'cmp', 'baseline config.json is a pipe': 'cmp'}[case]
+    if case == 'a named pipe':
+        os.mkfifo(work / 'pipe')
+    if case == 'a link to nothing':
+        (work / 'dangling').symlink_to(tmp_path / 'nowhere')
+    if case == 'comparison.md is a pipe':
+        os.mkfifo(work / 'cmp' / 'comparison.md')
+    extra = ['--baseline', ''] if case == 'empty baseline' else []
+    if case == 'baseline config.json is a pipe':
+        (work / 'piped').mkdir()
+        os.mkfifo(work / 'piped' / 'config.json')
+        extra = ['--baseline', 'piped']
+    before = snapshot(tmp_path)
+    listing = sorted(p.name for p in work.iterdir())
+    code, out_text, err = compare_cli('runs', '--out', out, *extra, cwd=work)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith('compare.py: '), err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert snapshot(tmp_path) == before and sorted(p.name for p in work.iterdir()) == listing
+    assert not (work / 'cmp' / 'val_accuracy.png').exists() and not (tmp_path / 'nowhere').exists()
+
+
+def test_cli_relative_paths_and_runs_latest_work(tmp_path):
+    work = tmp_path / 'work'
+    runs = work / 'runs'
+    for seed in range(2):
+        make_run(runs, f'a-seed{seed}', seed, 0.4)
+    (runs / 'latest').symlink_to('a-seed1')
+    stopped = make_run(runs, 'stopped seed', 3, 0.4, ckpt=True, stopped_early=True)     # a space in its name
+    code, out, err = compare_cli('runs/latest', 'runs/a-seed0', stopped, '--out', 'cmp', '--baseline', 'runs/latest',
+                                 cwd=work)
+    assert code == 0, err
+    record = strict_json(work / 'cmp' / 'comparison.json')
+    assert [r['name'] for r in record['variants'][0]['runs']] == ['a-seed1', 'a-seed0']
+    # The command the stopped run's reason suggests works from where compare.py was run.
+    (reason,) = [r['reason'] for r in record['left_out']]
+    words = shlex.split(reason[reason.index('python '):].split(' continues it')[0])
+    assert words[0] == 'python' and words[1].endswith('main.py') and (work / words[1]).is_file(), reason
+    assert words[2] == '--resume' and (work / words[3]).is_file() and words[3].endswith('ckpt.npz'), reason
+
+
+def wait_for_handler(proc, signum=signal.SIGTERM, timeout=CLI_TIMEOUT):
+    """Wait until the process catches signum (its bit in /proc/PID/status SigCgt): the tool has
+    installed cli.py's start-up handler, and is still starting (importing NumPy and the rest)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            status = Path(f'/proc/{proc.pid}/status').read_text()
+        except OSError:
+            break
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith('SigCgt:')), 16)
+        if caught >> (signum - 1) & 1:
+            return True
+        time.sleep(0.001)
+    return False
+
+
+@pytest.mark.skipif(not Path('/proc/self/status').exists(), reason='needs /proc')
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_cli_an_interrupt_while_starting_ends_with_one_line_and_exit_130(tmp_path, signum):
+    runs = tmp_path / 'runs'
+    for seed in range(3):
+        make_run(runs, f'a-seed{seed}', seed, 0.4)
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / 'compare.py'), str(runs)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for_handler(proc), 'compare.py never installed its start-up interrupt handler'
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=CLI_TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (proc.returncode, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f'interrupted by {signal.Signals(signum).name}' in lines[0], err
+    assert not (runs / 'comparison').exists()
+
+
+def test_an_unexpected_error_is_a_crash_with_exit_3_and_one_line(tmp_path, capsys, monkeypatch):
+    make_run(tmp_path / 'runs', 'a-seed0', 0, 0.4)
+
+    def broken(run_dir):
+        raise ZeroDivisionError('a bug')
+    monkeypatch.setattr(compare, 'read_run', broken)
+    code, _, err = run_compare(capsys, tmp_path / 'runs')
+    assert code == 3 and len(err.strip().splitlines()) == 1 and 'compare.py crashed (ZeroDivisionError: a bug)' in err
+
+
+def test_compare_checks_the_figures_itself_whatever_viz_checks(tmp_path, monkeypatch):
+    """compare.py does not rely on viz.load_run to refuse NaN, impossible figures or probabilities
+    that do not sum to 1: with a loader that checks nothing, each run is still left out."""
+    def unchecked(run_dir):
+        run_dir = Path(run_dir)
+        return {'config': json.loads((run_dir / 'config.json').read_text()),
+                'history': json.loads((run_dir / 'history.json').read_text()),
+                'metrics': json.loads((run_dir / 'metrics.json').read_text()),
+                'predictions': dict(np.load(run_dir / 'predictions.npz'))}
+    monkeypatch.setattr(compare.viz, 'load_run', unchecked)
+    root = tmp_path / 'runs'
+    cases = {}
+    for name, key, value in (('nan-acc', 'test_acc', float('nan')), ('acc-1.5', 'test_acc', 1.5),
+                             ('inf-loss', 'test_loss', float('inf')), ('ece-nan', 'ece', float('nan')),
+                             ('best-val-2', 'best_val_acc', 2.0), ('fingerprint-a-list', 'data_fingerprint', [1])):
+        edit_json(make_run(root, name) / 'metrics.json', **{key: value})
+        cases[name] = key
+    run = make_run(root, 'history-inf')
+    history = json.loads((run / 'history.json').read_text())
+    history[0]['train_loss'] = float('inf')
+    (run / 'history.json').write_text(json.dumps(history))
+    cases['history-inf'] = 'train_loss'
+    for name, scale in (('probs-half', 0.5), ('probs-nan', float('nan'))):
+        run = make_run(root, name)
+        preds = runfiles.read_npz(run / 'predictions.npz')
+        runfiles.write_npz(run / 'predictions.npz', dict(preds, probs=preds['probs'] * np.float32(scale)))
+        cases[name] = 'sum to 1' if scale == 0.5 else 'not finite'
+    for name, words in cases.items():
+        run = compare.read_run(root / name)
+        assert run['status'] == 'left out' and run['reason'].startswith('inconsistent: '), (name, run['reason'])
+        assert words in run['reason'], (name, run['reason'])
+    assert compare.read_run(make_run(root, 'good'))['status'] == 'finished'
