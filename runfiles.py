@@ -259,6 +259,14 @@ def read_json(path, fix='re-run training or restore the file'):
         raise RunFileError(f'{path} is not valid JSON ({e}); {fix}') from None
 
 
+def load_npz_archive(f):
+    """np.load of an open file that must be an .npz archive (a plain .npy gives ValueError)."""
+    loaded = np.load(f, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError('it is a single array (.npy), not an .npz archive')
+    return loaded
+
+
 def read_npz(path, fix='use another file or re-run the step that wrote it'):
     """Every array of an .npz file, read into memory, as a dict.
 
@@ -270,7 +278,7 @@ def read_npz(path, fix='use another file or re-run the step that wrote it'):
     if not os.path.isfile(path):
         raise RunFileError(f'{path} does not exist or is not a file; {fix}')
     try:
-        with open_regular(path, 'rb') as raw, np.load(raw, allow_pickle=False) as f:
+        with open_regular(path, 'rb') as raw, load_npz_archive(raw) as f:
             return {k: f[k] for k in f.files}
     except OSError as e:
         if e.errno is not None:
@@ -487,7 +495,7 @@ def checkpoint_meta(path):
     """
     fix = 'it is damaged: use another checkpoint, or start the run again in a new folder'
     try:
-        with open_regular(path, 'rb') as raw, np.load(raw, allow_pickle=False) as f:
+        with open_regular(path, 'rb') as raw, load_npz_archive(raw) as f:
             if 'meta' not in f.files:
                 raise RunFileError(f'{path} has no metadata; {fix}')
             meta = json.loads(str(f['meta']))

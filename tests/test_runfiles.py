@@ -249,3 +249,11 @@ def test_status_follows_links_and_sees_the_lock(tmp_path):
         assert runfiles.status(tmp_path / 'latest').state == runfiles.IN_USE
     (tmp_path / 'file').write_text('x')
     assert runfiles.status(tmp_path / 'file').state == runfiles.DAMAGED
+
+
+def test_a_single_array_file_is_not_an_npz(tmp_path):
+    with open(tmp_path / 'ckpt.npz', 'wb') as f:
+        np.save(f, np.zeros(3))
+    for read in (runfiles.read_npz, runfiles.checkpoint_meta):
+        with pytest.raises(RunFileError, match='single array'):
+            read(tmp_path / 'ckpt.npz')
