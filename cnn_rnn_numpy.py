@@ -13,7 +13,20 @@ Architecture (one image of shape (3, 32, 32)):
 
 Every layer is a pair of functions in the CS231n style: ``*_forward`` returns
 ``(out, cache)`` and ``*_backward`` takes the upstream gradient and the cache
-and returns the gradients. ``CNNRNN.loss`` chains them.
+and returns the gradients. ``CNNRNN.loss`` chains them. The recurrent cells
+are registered in one table, ``CELL_TABLE``, which is all the model knows
+about them.
+
+This module is the method, readable top to bottom; ``fast_layers.py`` holds
+what makes it fast, as CS231n's fast_layers.py sits beside its layers.py:
+im2col/col2im, the fused conv -> ReLU -> max-pool block, conv2 by
+Winograd's F(2x2, 3x3) (2.25x fewer multiply-adds), and the worker threads
+that run micro-batches of the conv blocks and slices of the recurrence on
+every CPU the process may use. ``conv3x3_forward``, ``relu_forward`` and
+``maxpool2x2_forward`` below are the plain layers the fused blocks are tested
+against. Process-wide settings for training (allocator, BLAS threads) are
+``fast_layers.prepare_process_for_training()``; importing either module
+changes none.
 
 Internal layout. Images enter the model as NCHW (the archive's own order) but
 every convolutional layer works in NHWC: with channels last, the 64 channels of
@@ -22,26 +35,22 @@ one pixel are contiguous, so
 * im2col is a strided *view* of the padded input (no index arithmetic) and a
   single copy turns it into the (N*H*W, 9*C) matrix that BLAS multiplies;
 * the conv output ``cols @ W`` already comes out as NHWC, no transpose;
-* both sequence layouts are free reshapes of the pooled NHWC map:
+* every sequence layout is a free reshape of the pooled NHWC map:
   (N, 8, 8, 64) -> (N, 64, 64) for 'pixels', -> (N, 8, 512) for 'rows'.
-
-conv1 runs as im2col + one matrix product (``conv_relu_pool_forward``); conv2,
-with 64 input channels and three quarters of the arithmetic, runs as
-Winograd's F(2x2, 3x3) (``winograd_relu_pool_forward``), which computes the
-same convolution with 2.25x fewer multiply-adds. ``conv3x3_forward`` is the
-plain layer both are tested against.
 
 The public parameter shapes stay those of common frameworks (conv weights
 ``(O, I, kH, kW)``, cross-correlation); the README lists them.
 """
-import ctypes
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from data_utils import NUM_CLASSES
+from fast_layers import (batch_slices, col2im_3x3, conv_stack_backward, conv_stack_forward, conv_weight_grad,
+                         conv_weight_matrix, im2col_3x3, input_grad_taps, map_on_threads, pool_blocks_backward,
+                         pool_blocks_forward, sum_in_order, thread_count)
 from runfiles import RunFileError, read_npz, write_npz
 
 FORMAT_VERSION = 1
@@ -51,9 +60,7 @@ FORMAT_VERSION = 1
 SEQ_LAYOUTS = ('pixels', 'rows', 'flat')
 MODEL_DTYPES = ('float32', 'float64')   # float32 to train, float64 for gradient checks
 RNN_INITS = ('xavier', 'orthogonal')
-# Recurrent cells and the number of gate blocks in their W_xh, W_hh and b_h.
-CELL_GATES = {'rnn': 1, 'gru': 3, 'lstm': 4}
-CELLS = tuple(CELL_GATES)
+# The recurrent cells (CELL_TABLE, CELLS, CELL_GATES) are registered after their functions, below.
 # Parameters that carry L2 weight decay (biases are not decayed).
 DECAYED_PARAMS = ('conv1_W', 'conv2_W', 'W_xh', 'W_hh', 'W_ho')
 
@@ -63,92 +70,10 @@ class ModelFileError(RunFileError):
 
 
 # --------------------------------------------------------------------------
-# Convolution (3x3, stride 1, padding 1) via im2col / col2im, NHWC
+# Convolution (3x3, stride 1, padding 1), NHWC: im2col + one matrix product
 # --------------------------------------------------------------------------
-
-def im2col_3x3(x, pool_order=False):
-    """Unfold every 3x3 neighbourhood of a zero-padded NHWC batch into a row.
-
-    Inputs:
-    - x: (N, H, W, C)
-    - pool_order: the order of the rows (output pixels).
-      False: (n, y, x), the usual one.
-      True: (a, b, n, py, px) with y = 2*py + a and x = 2*px + b, for H and W
-      even. The four members of every 2x2 pooling window then land in four
-      separate contiguous blocks of the convolution output, so the max-pool
-      that follows is an elementwise maximum of four contiguous arrays
-      instead of a strided gather.
-
-    Returns:
-    - cols: (N*H*W, 9*C), each row the padded patch centred on one output
-      pixel, ordered (kh, kw, c) so that C is the fastest axis.
-    """
-    N, H, W, C = x.shape
-    step = 2 if pool_order else 1
-    if H % step or W % step:
-        raise ValueError(f'pool order needs an even height and width, got {H}x{W}')
-    xp = np.zeros((N, H + 2, W + 2, C), dtype=x.dtype)
-    xp[:, 1:-1, 1:-1, :] = x
-    # A view of shape (N, H, W, C, 3, 3): no data moves until the copy below.
-    windows = np.lib.stride_tricks.sliding_window_view(xp, (3, 3), axis=(1, 2))
-    # Split y -> (py, a) and x -> (px, b) (still a view), then bring the
-    # block indices (a, b) to the front and (kh, kw, c) to the back.
-    windows = windows.reshape(N, H // step, step, W // step, step, C, 3, 3)
-    windows = windows.transpose(2, 4, 0, 1, 3, 6, 7, 5)
-    cols = np.empty(windows.shape, dtype=x.dtype)
-    # One strided copy: measured 2-3x faster than nine slice assignments.
-    np.copyto(cols, windows)
-    return cols.reshape(N * H * W, 9 * C)
-
-
-def col2im_3x3(dcols_taps, x_shape):
-    """Adjoint of ``im2col_3x3`` (plain row order): scatter-add patch gradients to pixels.
-
-    Inputs:
-    - dcols_taps: (9, N*H*W, C) gradient with respect to the im2col matrix,
-      given *tap-major*: dcols_taps[3*i + j, m, c] is the gradient of entry
-      (m, (i, j, c)) of the (N*H*W, 9*C) matrix. In this layout each kernel
-      tap's contribution is one contiguous (N, H, W, C) slab, so the nine
-      adds below run over long contiguous rows instead of 64-float pieces
-      (measured 2x faster than scattering the patch-major matrix).
-    - x_shape: (N, H, W, C) shape of the unpadded input
-
-    Returns:
-    - dx: (N, H, W, C)
-    """
-    N, H, W, C = x_shape
-    dcols_taps = dcols_taps.reshape(9, N, H, W, C)
-    dxp = np.zeros((N, H + 2, W + 2, C), dtype=dcols_taps.dtype)
-    # Nine shifted adds (a loop over kernel taps, never over pixels): output
-    # pixel (y, x) read padded input (y + i, x + j) through tap (i, j).
-    for i in range(3):
-        for j in range(3):
-            dxp[:, i:i + H, j:j + W, :] += dcols_taps[3 * i + j]
-    return dxp[:, 1:-1, 1:-1, :]
-
-
-def input_grad_taps(dout2, w):
-    """Gradient with respect to the im2col matrix, tap-major: (9, M, C).
-
-    dout2: (M, O) gradient of the convolution output; w: (O, C, 3, 3).
-    One batched product of dout2 with the nine (O, C) tap matrices.
-    """
-    O, C = w.shape[:2]
-    w_taps = w.transpose(2, 3, 0, 1).reshape(9, O, C)
-    return np.matmul(dout2[None], w_taps)
-
-
-def conv_weight_matrix(w):
-    """(O, C, 3, 3) framework-order weights -> (9*C, O) matrix in im2col order."""
-    O, C = w.shape[:2]
-    return w.transpose(2, 3, 1, 0).reshape(9 * C, O)
-
-
-def conv_weight_grad(cols, dout2, w_shape):
-    """dW in framework order from the im2col matrix (M, 9C) and dout (M, O)."""
-    O, C = w_shape[:2]
-    return np.ascontiguousarray((cols.T @ dout2).reshape(3, 3, C, O).transpose(3, 2, 0, 1))
-
+# im2col_3x3 and its adjoint col2im_3x3 come from fast_layers, which shares
+# them with the fused conv blocks the model trains with.
 
 def conv3x3_forward(x, w, b):
     """3x3 convolution (cross-correlation), stride 1, zero padding 1.
@@ -201,69 +126,6 @@ def relu_backward(dout, cache):
     return dout * (cache > 0)
 
 
-def pool_blocks_forward(blocks):
-    """Maximum over the four members of every 2x2 window, given as blocks.
-
-    Inputs:
-    - blocks: (2, 2, ...) where blocks[a, b] holds window member (row a, col b)
-
-    Returns a tuple of:
-    - out: (...) the window maxima
-    - winner: (...) int8 in 0..3, the index 2*a + b of the member that won.
-      Ties go to the first member in the order (0,0), (0,1), (1,0), (1,1),
-      so a tie never sends the gradient to two places.
-    """
-    top = np.maximum(blocks[0, 0], blocks[0, 1])
-    bottom = np.maximum(blocks[1, 0], blocks[1, 1])
-    out = np.maximum(top, bottom)
-    # Strict comparisons give ties to the earlier member. Bit operations on
-    # the boolean masks, because np.where on 4M elements is ~10x slower.
-    right_in_top = blocks[0, 1] > blocks[0, 0]
-    right_in_bottom = blocks[1, 1] > blocks[1, 0]
-    bottom_wins = bottom > top
-    right_wins = right_in_top ^ (bottom_wins & (right_in_top ^ right_in_bottom))
-    winner = (bottom_wins.view(np.int8) << 1) | right_wins.view(np.int8)
-    return out, winner
-
-
-def pool_blocks_backward(dout, winner):
-    """Backward pass of ``pool_blocks_forward``.
-
-    Inputs:
-    - dout: (...) gradient of the window maxima
-    - winner: (...) int8 from the forward pass
-
-    Returns:
-    - dblocks: (2, 2, ...) with each dout value at its window's winner, zeros elsewhere
-    """
-    dblocks = np.empty((2, 2) + dout.shape, dtype=dout.dtype)
-    for k in range(4):
-        np.multiply(dout, winner == k, out=dblocks[k // 2, k % 2])
-    return dblocks
-
-
-def pool_bias_relu_forward(blocks, b):
-    """2x2 max-pool, then bias, then ReLU, for the fused conv blocks.
-
-    ReLU and max-pooling commute (both monotone) and the bias is the same for
-    the four members of a window, so bias and ReLU run on the 4x smaller
-    pooled map. blocks: (2, 2, N, H/2, W/2, O), b: (O,).
-    Returns out (N, H/2, W/2, O) and the cache (winner, out).
-    """
-    out, winner = pool_blocks_forward(blocks)
-    out += b
-    np.maximum(out, 0, out=out)
-    return out, (winner, out)
-
-
-def pool_bias_relu_backward(dout, cache):
-    """Backward of ``pool_bias_relu_forward`` -> (dblocks (2, 2, N, H/2, W/2, O), db (O,))."""
-    winner, out = cache
-    dpooled = dout * (out > 0)
-    db = dpooled.reshape(-1, out.shape[-1]).sum(axis=0)
-    return pool_blocks_backward(dpooled, winner), db
-
-
 def maxpool2x2_forward(x):
     """2x2 max-pooling with stride 2.
 
@@ -272,7 +134,7 @@ def maxpool2x2_forward(x):
 
     Returns a tuple of:
     - out: (N, H/2, W/2, C)
-    - cache: (winner, x.shape), see ``pool_blocks_forward``
+    - cache: (winner, x.shape), see ``fast_layers.pool_blocks_forward``
     """
     N, H, W, C = x.shape
     blocks = x.reshape(N, H // 2, 2, W // 2, 2, C).transpose(2, 4, 0, 1, 3, 5)
@@ -285,289 +147,6 @@ def maxpool2x2_backward(dout, cache):
     winner, (N, H, W, C) = cache
     dblocks = pool_blocks_backward(dout, winner)
     return dblocks.transpose(2, 3, 0, 4, 1, 5).reshape(N, H, W, C)
-
-
-# --------------------------------------------------------------------------
-# The fused block the model uses: conv -> ReLU -> 2x2 max-pool
-# --------------------------------------------------------------------------
-
-def conv_relu_pool_forward(x, w, b):
-    """conv3x3 -> ReLU -> 2x2 max-pool, computed in the cheapest order.
-
-    Same values and gradients as chaining ``conv3x3_forward``,
-    ``relu_forward`` and ``maxpool2x2_forward``, with three savings:
-    - im2col rows in pool order, so pooling is a maximum of four contiguous
-      blocks of the convolution output;
-    - ReLU and max-pooling commute (both monotone), and the bias is the same
-      for the four members of a window, so bias and ReLU are applied to the
-      4x smaller pooled map.
-
-    Inputs:
-    - x: (N, H, W, C) NHWC, H and W even
-    - w: (O, C, 3, 3), b: (O,)
-
-    Returns a tuple of:
-    - out: (N, H/2, W/2, O)
-    - cache
-    """
-    N, H, W, C = x.shape
-    O = w.shape[0]
-    cols = im2col_3x3(x, pool_order=True)
-    blocks = (cols @ conv_weight_matrix(w)).reshape(2, 2, N, H // 2, W // 2, O)
-    out, pool_cache = pool_bias_relu_forward(blocks, b)
-    return out, (cols, pool_cache, w, x.shape)
-
-
-def conv_relu_pool_backward(dout, cache, need_dx=True):
-    """Backward pass of ``conv_relu_pool_forward``.
-
-    Inputs:
-    - dout: (N, H/2, W/2, O)
-    - need_dx: False skips the input gradient (the first block's input is the
-      image, whose gradient nobody uses: it saves a third of that block's work)
-
-    Returns a tuple of:
-    - dx: (N, H, W, C), or None when need_dx is False
-    - dw: (O, C, 3, 3)
-    - db: (O,)
-    """
-    cols, pool_cache, w, x_shape = cache
-    O = w.shape[0]
-    dblocks, db = pool_bias_relu_backward(dout, pool_cache)         # (2, 2, N, H/2, W/2, O), (O,)
-    dw = conv_weight_grad(cols, dblocks.reshape(-1, O), w.shape)    # rows in pool order, like cols
-    dx = None
-    if need_dx:
-        # Back to plain (n, y, x) order for col2im, whose adds then run over
-        # contiguous rows; the reorder moves a 9x smaller array than dcols.
-        N, H, W, C = x_shape
-        dout_plain = dblocks.transpose(2, 3, 0, 4, 1, 5).reshape(N * H * W, O)
-        dx = col2im_3x3(input_grad_taps(dout_plain, w), x_shape)
-    return dx, dw, db
-
-
-# --------------------------------------------------------------------------
-# conv2 by Winograd's minimal filtering F(2x2, 3x3)
-# --------------------------------------------------------------------------
-#
-# Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016).
-# A 3x3 convolution producing one 2x2 tile of output reads a 4x4 tile d of the
-# padded input. Directly that is 2*2*9 = 36 multiplications per channel pair;
-# Winograd's F(2x2, 3x3) needs 16:
-#
-#     Y = A^T [ (G g G^T) * (B^T d B) ] A        (* elementwise, all 4x4)
-#
-# with g the 3x3 kernel and the small constant matrices below. Summed over
-# input channels, the 16 elementwise products become 16 matrix products
-# (tiles, C) @ (C, O), 2.25x fewer multiply-adds than im2col's single
-# (pixels, 9C) @ (9C, O) product. The transforms with B and A are sums and
-# differences only (entries 0, +1, -1), done as whole-array adds over all
-# tiles at once: a Python loop over the 16 tile positions, never over pixels.
-#
-# Tiles sit at even positions, so each 2x2 output tile is exactly one window
-# of the 2x2 max-pool that follows: the four outputs of the transform are the
-# four pool members that ``pool_blocks_forward`` takes, no reordering needed.
-#
-# Only conv2 (64 -> 64 channels on a 16x16 map, three quarters of the model's
-# arithmetic) uses it. conv1 has C = 3 input channels, too few for products of
-# (tiles, 3) @ (3, 64) to pay for the transforms; it stays on im2col.
-
-WINOGRAD_BT = np.array([[1, 0, -1, 0],
-                        [0, 1, 1, 0],
-                        [0, -1, 1, 0],
-                        [0, 1, 0, -1]])       # (4, 4) input transform B^T
-WINOGRAD_G = np.array([[1.0, 0.0, 0.0],
-                       [0.5, 0.5, 0.5],
-                       [0.5, -0.5, 0.5],
-                       [0.0, 0.0, 1.0]])      # (4, 3) kernel transform G
-WINOGRAD_AT = np.array([[1, 1, 1, 0],
-                        [0, 1, -1, -1]])      # (2, 4) output transform A^T
-
-
-def signed_sum(signs, parts, out):
-    """out[...] = sum_k signs[k] * parts[k] for signs in {-1, 0, +1}.
-
-    The rows of B^T and A^T as whole-array adds: one NumPy call for the first
-    two terms, one in-place add per further term, no multiplications.
-    """
-    plus = [p for s, p in zip(signs, parts) if s > 0]
-    minus = [p for s, p in zip(signs, parts) if s < 0]
-    if len(plus) >= 2:
-        np.add(plus.pop(0), plus.pop(0), out=out)
-    elif plus and minus:
-        np.subtract(plus.pop(0), minus.pop(0), out=out)
-    elif plus:
-        np.copyto(out, plus.pop(0))
-    else:
-        np.negative(minus.pop(0), out=out)
-    for p in plus:
-        out += p
-    for p in minus:
-        out -= p
-    return out
-
-
-def add_signed(signs, parts, out):
-    """out[...] += sum_k signs[k] * parts[k] for signs in {-1, 0, +1} (the adjoint of ``signed_sum``)."""
-    for s, p in zip(signs, parts):
-        if s > 0:
-            out += p
-        elif s < 0:
-            out -= p
-
-
-def winograd_kernel_transform(w):
-    """The transformed kernels U = G g G^T of every (output, input) channel pair.
-
-    Inputs:
-    - w: (O, C, 3, 3) conv weights (framework order)
-
-    Returns:
-    - U: (4, 4, C, O), U[xi, nu] the (C, O) matrix of tile position (xi, nu)
-    """
-    G = WINOGRAD_G.astype(w.dtype)
-    Gw = np.tensordot(G, w, axes=([1], [2]))            # (4, O, C, 3): G applied to kernel rows
-    U = np.tensordot(Gw, G, axes=([3], [1]))            # (4, O, C, 4): and to kernel columns
-    return np.ascontiguousarray(U.transpose(0, 3, 2, 1))
-
-
-def winograd_kernel_transform_backward(dU):
-    """Adjoint of ``winograd_kernel_transform``: dU (4, 4, C, O) -> dw (O, C, 3, 3) = G^T dU G."""
-    G = WINOGRAD_G.astype(dU.dtype)
-    Gt_dU = np.tensordot(G, dU, axes=([0], [0]))        # (3, 4, C, O)
-    dw = np.tensordot(Gt_dU, G, axes=([1], [0]))        # (3, C, O, 3): (i, c, o, j)
-    return np.ascontiguousarray(dw.transpose(2, 1, 0, 3))
-
-
-def winograd_input_transform(x):
-    """B^T d B of every 4x4 input tile d, tiles at stride 2 over the zero-padded input.
-
-    Inputs:
-    - x: (N, H, W, C) NHWC, H and W even
-
-    Returns:
-    - V: (4, 4, N, H/2, W/2, C), V[xi, nu, n, ty, tx] the transformed tile
-      whose 2x2 output lands on pixels (2ty..2ty+1, 2tx..2tx+1)
-    """
-    N, H, W, C = x.shape
-    xp = np.zeros((N, H + 2, W + 2, C), dtype=x.dtype)
-    xp[:, 1:-1, 1:-1, :] = x
-    # Row r of every tile, for all tiles at once: a stride-2 view.
-    tile_rows = [xp[:, r:r + H:2] for r in range(4)]                  # 4 x (N, H/2, W+2, C)
-    row_mix = np.empty((4, N, H // 2, W + 2, C), dtype=x.dtype)
-    for xi in range(4):
-        signed_sum(WINOGRAD_BT[xi], tile_rows, row_mix[xi])           # B^T along tile rows
-    # Column s of every tile, for all four row mixes at once.
-    tile_cols = [row_mix[:, :, :, s:s + W:2] for s in range(4)]       # 4 x (4, N, H/2, W/2, C)
-    V = np.empty((4, 4, N, H // 2, W // 2, C), dtype=x.dtype)
-    for nu in range(4):
-        signed_sum(WINOGRAD_BT[nu], tile_cols, V[:, nu])              # ... then along tile columns
-    return V
-
-
-def winograd_input_transform_backward(dV, x_shape):
-    """Adjoint of ``winograd_input_transform``: dV (4, 4, N, H/2, W/2, C) -> dx (N, H, W, C).
-
-    Overlapping tiles (neighbours share two rows or columns) add their
-    contributions, as col2im does for overlapping patches.
-    """
-    N, H, W, C = x_shape
-    d_row_mix = np.zeros((4, N, H // 2, W + 2, C), dtype=dV.dtype)
-    dV_by_column = dV.transpose(1, 0, 2, 3, 4, 5)        # dV_by_column[nu] = dV[:, nu], all four rows xi
-    for s in range(4):
-        add_signed(WINOGRAD_BT[:, s], dV_by_column, d_row_mix[:, :, :, s:s + W:2])
-    dxp = np.zeros((N, H + 2, W + 2, C), dtype=dV.dtype)
-    for r in range(4):
-        add_signed(WINOGRAD_BT[:, r], d_row_mix, dxp[:, r:r + H:2])
-    return dxp[:, 1:-1, 1:-1, :]
-
-
-def winograd_output_transform(M):
-    """A^T m A of every 4x4 tile of products: M (4, 4, ...) -> Y (2, 2, ...)."""
-    Y = np.empty((2, 2) + M.shape[2:], dtype=M.dtype)
-    row_mix = np.empty((4,) + M.shape[2:], dtype=M.dtype)
-    for a in range(2):
-        signed_sum(WINOGRAD_AT[a], M, row_mix)          # A^T along tile rows, all columns nu at once
-        for b in range(2):
-            signed_sum(WINOGRAD_AT[b], row_mix, Y[a, b])
-    return Y
-
-
-def winograd_output_transform_backward(dY):
-    """Adjoint of ``winograd_output_transform``: dY (2, 2, ...) -> dM (4, 4, ...) = A dY A^T."""
-    dM = np.empty((4, 4) + dY.shape[2:], dtype=dY.dtype)
-    row_mix = np.empty((2,) + dY.shape[2:], dtype=dY.dtype)
-    for xi in range(4):
-        signed_sum(WINOGRAD_AT[:, xi], dY, row_mix)     # A along tile rows, both columns b at once
-        for nu in range(4):
-            signed_sum(WINOGRAD_AT[:, nu], row_mix, dM[xi, nu])
-    return dM
-
-
-def winograd_products(V, U):
-    """The 16 matrix products of F(2x2, 3x3), one per tile position.
-
-    Inputs:
-    - V: (4, 4, ..., C) transformed input tiles
-    - U: (4, 4, C, O) transformed kernels
-
-    Returns:
-    - M: (4, 4, ..., O), M[xi, nu] = V[xi, nu] @ U[xi, nu] over the tile axes
-    """
-    C, O = U.shape[2:]
-    M = np.matmul(V.reshape(16, -1, C), U.reshape(16, C, O))      # (16, tiles, O)
-    return M.reshape(V.shape[:-1] + (O,))
-
-
-def winograd_products_backward(dM, V, U, need_dV=True):
-    """Backward of ``winograd_products``: dM (4, 4, ..., O) -> (dV (4, 4, ..., C) or None, dU (4, 4, C, O))."""
-    C, O = U.shape[2:]
-    dM16 = dM.reshape(16, -1, O)
-    dU = np.matmul(V.reshape(16, -1, C).transpose(0, 2, 1), dM16).reshape(4, 4, C, O)
-    dV = None
-    if need_dV:
-        # U^T made contiguous first: OpenBLAS multiplies by a transposed view ~1.5x slower.
-        U_T = np.ascontiguousarray(U.reshape(16, C, O).transpose(0, 2, 1))
-        dV = np.matmul(dM16, U_T).reshape(V.shape)
-    return dV, dU
-
-
-def winograd_relu_pool_forward(x, U, b):
-    """conv3x3 -> ReLU -> 2x2 max-pool like ``conv_relu_pool_forward``, the convolution by Winograd.
-
-    Inputs:
-    - x: (N, H, W, C) NHWC, H and W even
-    - U: (4, 4, C, O) from ``winograd_kernel_transform(w)``, computed once
-      per step for all micro-batches
-    - b: (O,)
-
-    Returns a tuple of:
-    - out: (N, H/2, W/2, O), equal to the im2col block's up to float rounding
-    - cache
-    """
-    V = winograd_input_transform(x)                       # (4, 4, N, H/2, W/2, C)
-    blocks = winograd_output_transform(winograd_products(V, U))    # (2, 2, N, H/2, W/2, O)
-    out, pool_cache = pool_bias_relu_forward(blocks, b)
-    return out, (V, U, pool_cache, x.shape)
-
-
-def winograd_relu_pool_backward(dout, cache, need_dx=True):
-    """Backward pass of ``winograd_relu_pool_forward``.
-
-    Inputs:
-    - dout: (N, H/2, W/2, O)
-
-    Returns a tuple of:
-    - dx: (N, H, W, C), or None when need_dx is False
-    - dU: (4, 4, C, O) gradient of the transformed kernels; summed over the
-      micro-batches, ``winograd_kernel_transform_backward`` turns it into dw
-    - db: (O,)
-    """
-    V, U, pool_cache, x_shape = cache
-    dblocks, db = pool_bias_relu_backward(dout, pool_cache)           # (2, 2, N, H/2, W/2, O), (O,)
-    dM = winograd_output_transform_backward(dblocks)                  # (4, 4, N, H/2, W/2, O)
-    dV, dU = winograd_products_backward(dM, V, U, need_dV=need_dx)
-    dx = winograd_input_transform_backward(dV, x_shape) if need_dx else None
-    return dx, dU, db
 
 
 # --------------------------------------------------------------------------
@@ -936,6 +515,93 @@ def lstm_backward(dh_T, cache):
 
 
 # --------------------------------------------------------------------------
+# The cell table: everything the model knows about a recurrent cell
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RecurrentCell:
+    """A recurrent cell as the model sees it. Each cell is one entry of CELL_TABLE.
+
+    With G = ``gates`` and H hidden units the cell's parameters are W_xh (D, G*H),
+    W_hh (H, G*H) and b_h (G*H,), the gates as column blocks in the cell's own
+    order, then one (k*H,) array for each entry name: k of ``extra``.
+
+    - forward: (x (N, T, D), *params in ``names`` order) -> (h_T (N, H), cache)
+    - backward: (dh_T (N, H), cache) -> (dx (N, T, D), *their gradients in ``names`` order)
+    - gates: G
+    - extra: {name: k} parameters after b_h; zero at initialisation, not decayed
+    - gate_bias: the initial value of each gate block of b_h (None: all zero)
+
+    The initialisation is otherwise the same for every cell (``CNNRNN._init_params``):
+    Xavier for each gate block of W_xh, orthogonal (or Xavier) for each of W_hh.
+    """
+    forward: Callable
+    backward: Callable
+    gates: int
+    extra: dict = field(default_factory=dict)
+    gate_bias: tuple | None = None
+
+    @property
+    def names(self):
+        """The cell's parameter names, in the order ``forward`` takes them and ``backward`` returns gradients."""
+        return ('W_xh', 'W_hh', 'b_h') + tuple(self.extra)
+
+    def shapes(self, D, H):
+        """{name: shape} of the cell's parameters for D input features and H hidden units."""
+        G = self.gates
+        return {'W_xh': (D, G * H), 'W_hh': (H, G * H), 'b_h': (G * H,),
+                **{name: (k * H,) for name, k in self.extra.items()}}
+
+
+CELL_TABLE = {
+    'rnn': RecurrentCell(rnn_forward, rnn_backward, gates=1),
+    # b_hn: the recurrent bias of the candidate n, inside r * (...), so it cannot fold into b_h.
+    'gru': RecurrentCell(gru_forward, gru_backward, gates=3, extra={'b_hn': 1}),
+    # Forget-gate bias 1 (gate order i, f, g, o), so that c_t is kept at first.
+    'lstm': RecurrentCell(lstm_forward, lstm_backward, gates=4, gate_bias=(0, 1, 0, 0)),
+}
+CELLS = tuple(CELL_TABLE)
+CELL_GATES = {name: cell.gates for name, cell in CELL_TABLE.items()}
+
+
+def cell_forward(x, p, cell):
+    """Run the recurrent cell named ``cell`` over x (N, T, D) with the model's params p -> (h_T (N, H), cache)."""
+    spec = CELL_TABLE[cell]
+    return spec.forward(x, *(p[name] for name in spec.names))
+
+
+def cell_backward(dh_T, cache, cell):
+    """Backward of ``cell_forward`` -> (dx (N, T, D), {name: gradient} of the cell's params)."""
+    spec = CELL_TABLE[cell]
+    dx, *dparams = spec.backward(dh_T, cache)
+    return dx, dict(zip(spec.names, dparams))
+
+
+def recurrent_forward(seq, p, cell='rnn'):
+    """``cell_forward`` on one slice of the batch per worker thread.
+
+    The recurrence is sequential in time but independent across images, so
+    splitting the batch lets its 64 (or 8) small steps run on every core.
+    seq: (N, T, D) -> h_T (N, H), caches.
+    """
+    slices = batch_slices(seq.shape[0], thread_count())
+    results = map_on_threads(lambda s: cell_forward(seq[s], p, cell), slices)
+    return np.concatenate([h for h, _ in results]), (slices, [c for _, c in results])
+
+
+def recurrent_backward(dh_T, caches, cell='rnn'):
+    """BPTT per slice on the worker threads.
+
+    dh_T: (N, H). Returns grads (the cell's params, summed over slices) and dx (N, T, D).
+    """
+    slices, slice_caches = caches
+    results = map_on_threads(lambda i: cell_backward(dh_T[slices[i]], slice_caches[i], cell),
+                             range(len(slices)))
+    grads = {name: sum_in_order([g[name] for _, g in results]) for name in results[0][1]}
+    return grads, np.concatenate([dx for dx, _ in results])
+
+
+# --------------------------------------------------------------------------
 # Affine layer and softmax cross-entropy
 # --------------------------------------------------------------------------
 
@@ -994,180 +660,6 @@ def softmax_loss(logits, y, smoothing=0.0):
 
 
 # --------------------------------------------------------------------------
-# Running a batch on every core: micro-batches on worker threads
-# --------------------------------------------------------------------------
-
-THREADS = os.cpu_count() or 1   # worker threads; 1 runs everything in the calling thread
-CONV_CHUNK = 16                 # images per conv micro-batch; 16 timed best or tied against 32 and 64
-_pools = {}                     # thread count -> ThreadPoolExecutor, made once
-_blas = []                      # the threadpoolctl controller, made once
-
-
-def keep_freed_memory_for_reuse():
-    """Ask glibc's malloc to keep freed memory in the process instead of returning it to the OS.
-
-    Why: a training step allocates and frees the same large arrays (im2col
-    matrices, Winograd tiles, activations: 1-30 MB each) every step. By
-    default glibc hands blocks like these back to the kernel when they are
-    freed (munmap, heap trimming, one heap per worker thread), so the next
-    step's arrays arrive as fresh pages that the kernel must fault in and
-    zero: about 28,000 page faults and 110 ms of system time per step at
-    batch 256 on 2 cores. With these settings the freed memory is reused:
-    under 100 faults per step, and the step ran 2.5x-3.4x faster in three
-    repeats (``benchmarks/page_faults.py``; README, "Benchmarks"). Memory use
-    stays at the step's peak.
-
-    The settings: one malloc arena for all threads (M_ARENA_MAX = 1), blocks up
-    to 32 MB from the heap rather than from mmap (M_MMAP_THRESHOLD, 32 MB is
-    glibc's ceiling), and no trimming of the heap below 1 GB of free space
-    (M_TRIM_THRESHOLD). A no-op where the C library is not glibc.
-    Returns True when the settings were applied.
-    """
-    try:
-        mallopt = ctypes.CDLL('libc.so.6').mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8     # from glibc's malloc.h
-    return all([mallopt(M_ARENA_MAX, 1), mallopt(M_MMAP_THRESHOLD, 32 << 20),
-                mallopt(M_TRIM_THRESHOLD, 1 << 30)])
-
-
-# A process-wide setting, made when the model is imported: before any worker
-# thread exists, so that no thread gets an arena of its own.
-MALLOC_TUNED = keep_freed_memory_for_reuse()
-
-
-def map_on_threads(fn, items, threads=None):
-    """``[fn(item) for item in items]``, spread over ``threads`` worker threads.
-
-    Each worker carries one item from start to end with single-threaded BLAS,
-    so the elementwise work (im2col, pooling, col2im), which NumPy runs on one
-    core, is spread over the cores as well as the products. NumPy releases the
-    GIL inside these operations. Results come back in the order of ``items``,
-    so sums over them are deterministic.
-    """
-    threads = THREADS if threads is None else threads
-    items = list(items)
-    if threads <= 1 or len(items) <= 1:
-        return [fn(item) for item in items]
-    if threads not in _pools:
-        _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix='cnnrnn')
-    if not _blas:
-        import threadpoolctl
-        _blas.append(threadpoolctl.ThreadpoolController())
-    with _blas[0].limit(limits=1, user_api='blas'):
-        return list(_pools[threads].map(fn, items))
-
-
-def sum_in_order(arrays):
-    """Sum a list of equally shaped arrays left to right into a new array.
-
-    A fixed order keeps float rounding, and so training runs, reproducible
-    whatever thread finished first.
-    """
-    total = arrays[0].copy()
-    for a in arrays[1:]:
-        total += a
-    return total
-
-
-def batch_slices(N, parts):
-    """``range(N)`` cut into at most ``parts`` contiguous, nearly equal slices."""
-    edges = np.linspace(0, N, min(parts, N) + 1).astype(int)
-    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
-
-
-def conv_stack_forward(x, p, chunk=None):
-    """The two conv blocks over a batch, in micro-batches of ``chunk`` images on the workers.
-
-    Inputs:
-    - x: (N, 32, 32, 3) NHWC images
-    - p: the model's params (conv1_W, conv1_b, conv2_W, conv2_b)
-
-    Returns a tuple of:
-    - fmap: (N, 8, 8, 64) the pooled map
-    - caches: one (cache1, cache2) per micro-batch
-    """
-    chunk = chunk or CONV_CHUNK
-    U2 = winograd_kernel_transform(p['conv2_W'])      # (4, 4, 64, 64), once for all micro-batches
-
-    def blocks(s):
-        r1, c1 = conv_relu_pool_forward(x[s:s + chunk], p['conv1_W'], p['conv1_b'])   # (n,16,16,64)
-        r2, c2 = winograd_relu_pool_forward(r1, U2, p['conv2_b'])                      # (n,8,8,64)
-        return r2, (c1, c2)
-    results = map_on_threads(blocks, range(0, x.shape[0], chunk))
-    return np.concatenate([r2 for r2, _ in results]), [c for _, c in results]
-
-
-def conv_stack_backward(dmap, caches, input_grad=False, chunk=None):
-    """Backward through the conv blocks, micro-batch by micro-batch.
-
-    Inputs:
-    - dmap: (N, 8, 8, 64) gradient of the pooled map
-    - caches: from ``conv_stack_forward``
-    - input_grad: also compute the gradient with respect to the input
-    - chunk: the micro-batch size the forward pass used
-
-    Returns a tuple of:
-    - grads: dict with conv1_W, conv1_b, conv2_W, conv2_b, summed over micro-batches
-    - dx: (N, 32, 32, 3), or None without input_grad
-    """
-    chunk = chunk or CONV_CHUNK
-
-    def blocks(i):
-        c1, c2 = caches[i]
-        dr1, dU2, db2 = winograd_relu_pool_backward(dmap[i * chunk:(i + 1) * chunk], c2)
-        dx, dw1, db1 = conv_relu_pool_backward(dr1, c1, need_dx=input_grad)
-        return dx, {'conv1_W': dw1, 'conv1_b': db1, 'conv2_U': dU2, 'conv2_b': db2}
-    results = map_on_threads(blocks, range(len(caches)))
-    grads = {name: sum_in_order([g[name] for _, g in results]) for name in results[0][1]}
-    # The kernel transform is linear: transform the summed dU back once.
-    grads['conv2_W'] = winograd_kernel_transform_backward(grads.pop('conv2_U'))
-    return grads, (np.concatenate([dx for dx, _ in results]) if input_grad else None)
-
-
-def cell_forward(x, p, cell):
-    """Run one recurrent cell over x (N, T, D) with the model's params p -> (h_T, cache)."""
-    if cell == 'gru':
-        return gru_forward(x, p['W_xh'], p['W_hh'], p['b_h'], p['b_hn'])
-    if cell == 'lstm':
-        return lstm_forward(x, p['W_xh'], p['W_hh'], p['b_h'])
-    return rnn_forward(x, p['W_xh'], p['W_hh'], p['b_h'])
-
-
-def cell_backward(dh_T, cache, cell):
-    """Backward of ``cell_forward`` -> (dx (N, T, D), {name: gradient} of the cell's params)."""
-    backward = {'rnn': rnn_backward, 'gru': gru_backward, 'lstm': lstm_backward}[cell]
-    dx, *dparams = backward(dh_T, cache)
-    names = ('W_xh', 'W_hh', 'b_h', 'b_hn')[:len(dparams)]
-    return dx, dict(zip(names, dparams))
-
-
-def recurrent_forward(seq, p, cell='rnn'):
-    """``cell_forward`` on one slice of the batch per worker thread.
-
-    The recurrence is sequential in time but independent across images, so
-    splitting the batch lets its 64 (or 8) small steps run on every core.
-    seq: (N, T, D) -> h_T (N, H), caches.
-    """
-    slices = batch_slices(seq.shape[0], THREADS)
-    results = map_on_threads(lambda s: cell_forward(seq[s], p, cell), slices)
-    return np.concatenate([h for h, _ in results]), (slices, [c for _, c in results])
-
-
-def recurrent_backward(dh_T, caches, cell='rnn'):
-    """BPTT per slice on the worker threads.
-
-    dh_T: (N, H). Returns grads (the cell's params, summed over slices) and dx (N, T, D).
-    """
-    slices, slice_caches = caches
-    results = map_on_threads(lambda i: cell_backward(dh_T[slices[i]], slice_caches[i], cell),
-                             range(len(slices)))
-    grads = {name: sum_in_order([g[name] for _, g in results]) for name in results[0][1]}
-    return grads, np.concatenate([dx for dx, _ in results])
-
-
-# --------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------
 
@@ -1175,10 +667,10 @@ class CNNRNN:
     """Two conv blocks, a recurrent cell over the feature map, a softmax head.
 
     Parameters (``self.params``), H = hidden, D = 64 ('pixels'), 512 ('rows') or 4096 ('flat'),
-    G = the cell's gate blocks (1 'rnn', 3 'gru', 4 'lstm'):
+    G = the cell's gate blocks (``CELL_TABLE``: 1 'rnn', 3 'gru', 4 'lstm'):
       conv1_W (64, 3, 3, 3), conv1_b (64,), conv2_W (64, 64, 3, 3), conv2_b (64,),
-      W_xh (D, G*H), W_hh (H, G*H), b_h (G*H,), b_hn (H,) for 'gru' only,
-      W_ho (H, 10), b_o (10,)
+      W_xh (D, G*H), W_hh (H, G*H), b_h (G*H,), W_ho (H, 10), b_o (10,),
+      then the cell's extra parameters (b_hn (H,) for 'gru')
     """
 
     channels = 64
@@ -1214,24 +706,25 @@ class CNNRNN:
                 'cell': self.cell}
 
     def param_shapes(self):
-        """Expected shape of every parameter, keyed like ``params``."""
+        """Expected shape of every parameter, keyed like ``params``, in their fixed order."""
         C, H = self.channels, self.hidden
-        G = CELL_GATES[self.cell]
         _, D = sequence_length_and_size(self.seq_layout, 8, 8, C)
+        recurrent = CELL_TABLE[self.cell].shapes(D, H)
         shapes = {'conv1_W': (C, 3, 3, 3), 'conv1_b': (C,),
                   'conv2_W': (C, C, 3, 3), 'conv2_b': (C,),
-                  'W_xh': (D, G * H), 'W_hh': (H, G * H), 'b_h': (G * H,),
+                  **{name: recurrent.pop(name) for name in ('W_xh', 'W_hh', 'b_h')},
                   'W_ho': (H, NUM_CLASSES), 'b_o': (NUM_CLASSES,)}
-        if self.cell == 'gru':
-            shapes['b_hn'] = (H,)     # the recurrent bias of the candidate, inside r * (...)
-        return shapes
+        # The cell's extra parameters come last. The order matters beyond files:
+        # gradient norms are summed in it, so it is part of bit-identical training.
+        return {**shapes, **recurrent}
 
     def _init_params(self, rng):
         """He for the convolutions, Xavier for W_xh (per gate block) and W_ho,
         orthogonal (or Xavier, per rnn_init) for each H x H block of W_hh,
-        zero biases except the LSTM's forget gate (1, so c_t is kept at first)."""
+        zero biases except the gate biases the cell table sets (the LSTM's forget gate)."""
         shapes = self.param_shapes()
-        H, G = self.hidden, CELL_GATES[self.cell]
+        cell = CELL_TABLE[self.cell]
+        H, G = self.hidden, cell.gates
         p = {}
         # He initialisation for the ReLU convolutions: std = sqrt(2 / fan_in).
         for name in ('conv1_W', 'conv2_W'):
@@ -1256,8 +749,9 @@ class CNNRNN:
         for name in shapes:
             if name not in p:
                 p[name] = np.zeros(shapes[name])
-        if self.cell == 'lstm':
-            p['b_h'][H:2 * H] = 1.0       # gate order i, f, g, o
+        if cell.gate_bias is not None:
+            p['b_h'][:] = np.repeat(cell.gate_bias, H)
+        # The draws above are in a fixed order (and so is this dict): a seed gives the same model.
         return {k: np.ascontiguousarray(v, dtype=self.dtype) for k, v in p.items()}
 
     # ---- forward / backward --------------------------------------------

@@ -71,6 +71,7 @@ from pathlib import Path
 import numpy as np
 
 import viz
+import config
 from config import Config
 from metrics import accuracy, expected_calibration_error
 from runfiles import (DIVERGED_NAME, NotRegularFile, RunFileError, check_regular, describe_os_error, file_kind,
@@ -80,7 +81,6 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_ABORTED = (cli.EXIT_OK, cli.EXIT_BAD
                                                        cli.EXIT_ABORTED)
 
 REPO = Path(__file__).resolve().parent
-PRESETS_PATH = REPO / 'presets.json'
 BASELINE_PRESET = 'fast'
 # Configuration keys that do not define a variant (see the module docstring).
 NOT_SETTINGS = ('seed', 'data_dir', 'description', 'preset', 'lr_changes')
@@ -587,13 +587,13 @@ def differences(settings, base):
 
 
 def preset_settings(name=BASELINE_PRESET):
-    """The settings of a preset of presets.json (read as plain JSON), or None if unreadable."""
+    """The settings of a preset of presets.json (the method's defaults where it is silent),
+    or None if presets.json is unreadable or has no such preset."""
     try:
-        presets = read_json(PRESETS_PATH)
-    except RunFileError:
+        preset = config.load_presets().get(name)
+    except config.ConfigError:
         return None
-    preset = presets.get(name) if isinstance(presets, dict) else None
-    return settings_of(preset) if isinstance(preset, dict) else None
+    return settings_of(preset.settings()) if preset is not None else None
 
 
 def group_variants(runs, baseline_settings=None):

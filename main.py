@@ -40,6 +40,7 @@ from config import (Config, ConfigError, add_override_flags, flag_name, load_pre
                     parse_set_options)
 from cnn_rnn_numpy import CNNRNN, ModelFileError, array_problem, load_npz, read_meta
 from data_utils import BatchIterator, DataError, channel_mean_std, load_cifar10
+from fast_layers import ThreadSettingError, prepare_process_for_training
 from metrics import (N_BINS, TIME_TO_VAL_ACC, accuracy, confusion_matrix, cross_entropy,
                      expected_calibration_error, per_class_accuracy, time_to_accuracy)
 from optim import SGD, WeightAverage, clip_grad_norm, learning_rate
@@ -331,6 +332,7 @@ class Stopper:
         self.during = 'starting'      # then 'training', then 'evaluation'
         self.ckpt = None          # the run's ckpt.npz, for the message when aborted
         self.log = print          # the run's log, once its folder exists
+        self.process_settings = None   # what prepare_process set (threads, allocator), for the log
         self.previous = {}
 
     def request(self, reason):
@@ -750,6 +752,8 @@ def run(argv=None):
             list_presets()
             return EXIT_OK
         overrides = check_args(args)
+        # Threads, BLAS threads and the allocator are process-wide: set here, where a model will train.
+        prepare_process(stopper)
         if args.resume is not None:
             return resume_run(args, stopper)
         return new_run(args, overrides, stopper)
@@ -778,6 +782,17 @@ def run(argv=None):
         return cli.report_crash('main.py', e, log)
     finally:
         stopper.uninstall()
+
+
+def prepare_process(stopper):
+    """fast_layers.prepare_process_for_training: worker and BLAS threads from the CPUs this process
+    may use (or CNNRNN_THREADS), and the allocator settings; logged at the start of training."""
+    try:
+        settings = prepare_process_for_training()
+    except ThreadSettingError as e:
+        raise UsageError(str(e)) from None
+    stopper.process_settings = settings
+    return settings
 
 
 def out_of_memory_advice(stopper):
@@ -983,6 +998,8 @@ def train_and_evaluate(cfg, run, model, opt, state, data, stopper, average=None)
     stopper.during = 'training'
     runfiles.point_latest_at(run.path, warn=run.log)
     run.log('config ' + json.dumps(cfg.to_dict()))
+    if stopper.process_settings is not None:
+        run.log(f'process {stopper.process_settings}')
     trainer = Trainer(cfg, run, model, opt, state, data, stopper, average)
     try:
         trainer.train()

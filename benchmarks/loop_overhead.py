@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 import repo_on_path  # noqa: E402,F401  (the project's modules)
+import fast_layers  # noqa: E402
 import main  # noqa: E402
 from cnn_rnn_numpy import CNNRNN  # noqa: E402
 from data_utils import BatchIterator, channel_mean_std  # noqa: E402
@@ -37,6 +38,9 @@ def main_():
     ap.add_argument('--preset', default='fast')
     ap.add_argument('--repeats', type=int, default=3)
     args = ap.parse_args()
+    # The process settings of a training run, made where training starts (this
+    # script drives main.Trainer directly, so it makes them itself).
+    print(f'process settings: {fast_layers.prepare_process_for_training()}')
 
     cfg = main.load_presets()[args.preset]
     cfg.epochs, cfg.preset = args.epochs, args.preset

@@ -1,11 +1,12 @@
-"""What the allocator settings of ``cnn_rnn_numpy`` are worth: the training step with and without them.
+"""What the allocator settings of ``fast_layers`` are worth: the training step with and without them.
 
-Runs the same step (``model.loss``, float32) in two fresh processes, one
-importing the model as usual (glibc told to keep freed memory,
-``keep_freed_memory_for_reuse``), one where the settings cannot be applied
-(the C library is hidden from ``ctypes``, the path taken off glibc), and
-prints per step: wall time, system CPU time and minor page faults
-(``getrusage``), medians over the repeats. Linux with glibc only.
+Runs the same step (``model.loss``, float32) in two fresh processes, both
+calling ``fast_layers.prepare_process_for_training()`` as training does: in
+one glibc is told to keep freed memory (``keep_freed_memory_for_reuse``), in
+the other the settings cannot be applied (the C library is hidden from
+``ctypes``, the path taken off glibc). It prints per step: wall time, system
+CPU time and minor page faults (``getrusage``), medians over the repeats.
+Linux with glibc only.
 
 Usage:
     python benchmarks/page_faults.py [--layout pixels] [--batch 256] [--steps 10] [--repeats 3]
@@ -28,6 +29,8 @@ if sys.argv[1] == 'without':
         raise OSError('hidden')
     ctypes.CDLL = no_libc
 import cnn_rnn_numpy as M
+import fast_layers
+settings = fast_layers.prepare_process_for_training()
 layout, batch, steps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rng = np.random.default_rng(0)
 X = rng.random((batch, 3, 32, 32), dtype=np.float32)
@@ -39,7 +42,7 @@ r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
 for _ in range(steps):
     model.loss(X, y)
 r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-print(json.dumps({'tuned': M.MALLOC_TUNED, 'wall_ms': 1e3 * (t1 - t0) / steps,
+print(json.dumps({'tuned': settings.allocator_tuned, 'wall_ms': 1e3 * (t1 - t0) / steps,
                   'sys_ms': 1e3 * (r1.ru_stime - r0.ru_stime) / steps,
                   'faults': (r1.ru_minflt - r0.ru_minflt) / steps}))
 '''

@@ -11,10 +11,11 @@ Prints, for each sequence layout and recurrent cell (rnn, gru, lstm):
 - when PyTorch is importable, the same architecture trained the same way on
   the same number of threads (``torch_reference.py``), and the NumPy/PyTorch
   ratio measured side by side in this one run (PyTorch is not a requirement
-  of the project). PyTorch is timed twice: in this process, which importing
-  the NumPy model has given glibc settings that keep freed memory for reuse
-  (``torch``), and in a fresh process with the C library's defaults, as a
-  PyTorch user runs it (``torch-own``). Both ratios are printed;
+  of the project). PyTorch is timed twice: in this process, which
+  ``fast_layers.prepare_process_for_training()`` has given the settings a
+  training run uses (glibc keeps freed memory for reuse) (``torch``), and in
+  a fresh process with the C library's defaults, as a PyTorch user runs it
+  (``torch-own``). Both ratios are printed;
 - each gated cell's step time relative to the vanilla RNN's, same layout,
   same repeat.
 
@@ -24,7 +25,6 @@ Usage:
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 import repo_on_path  # noqa: E402,F401  (the project's modules)
+import fast_layers  # noqa: E402
 from cnn_rnn_numpy import CELL_GATES, CELLS, CNNRNN  # noqa: E402
 from optim import SGD, clip_grad_norm  # noqa: E402
 from torch_reference import median_time, torch_step_fn  # noqa: E402
@@ -81,7 +82,7 @@ def numpy_peak_memory_mb(step):
     return peak / 2**20
 
 
-# The functions of cnn_rnn_numpy that --profile times (tests check they exist).
+# The functions of cnn_rnn_numpy and fast_layers that --profile times (tests check they exist).
 PROFILED_FUNCTIONS = ['im2col_3x3', 'conv_weight_grad', 'col2im_3x3', 'input_grad_taps',
                       'winograd_input_transform', 'winograd_products', 'winograd_output_transform',
                       'winograd_output_transform_backward', 'winograd_products_backward',
@@ -92,6 +93,49 @@ PROFILED_FUNCTIONS = ['im2col_3x3', 'conv_weight_grad', 'col2im_3x3', 'input_gra
                       'winograd_relu_pool_forward', 'winograd_relu_pool_backward']
 
 
+def profiled_function(name):
+    """The function ``name`` of the model's modules (fast_layers first, then cnn_rnn_numpy), or None."""
+    import cnn_rnn_numpy as M
+    import fast_layers as F
+    return getattr(F, name, None) or getattr(M, name, None)
+
+
+def install_timers(names, seconds):
+    """Wrap each named function wherever a training step looks it up; returns a function that undoes it.
+
+    A step finds a function in the globals of the module that calls it (either
+    model module) or, for a recurrent cell's forward and backward, in
+    ``CELL_TABLE``; each such place gets the timed wrapper, which adds the
+    function's wall time to ``seconds[name]``.
+    """
+    import dataclasses
+    import cnn_rnn_numpy as M
+    import fast_layers as F
+    undo = []
+    for name in names:
+        original = profiled_function(name)
+
+        def timed(*a, _f=original, _n=name, **k):
+            t0 = time.perf_counter()
+            r = _f(*a, **k)
+            seconds[_n] = seconds.get(_n, 0.0) + time.perf_counter() - t0
+            return r
+        for module in (F, M):
+            if getattr(module, name, None) is original:
+                undo.append(lambda m=module, n=name, f=original: setattr(m, n, f))
+                setattr(module, name, timed)
+        for cell, spec in list(M.CELL_TABLE.items()):
+            for role in ('forward', 'backward'):
+                if getattr(spec, role) is original:
+                    undo.append(lambda c=cell, s=spec: M.CELL_TABLE.__setitem__(c, s))
+                    M.CELL_TABLE[cell] = dataclasses.replace(M.CELL_TABLE[cell], **{role: timed})
+
+    def uninstall():
+        for restore in reversed(undo):
+            restore()
+    return uninstall
+
+
 def numpy_profile(layout, batch):
     """Time per layer of one training step on ONE core (median of 5), in ms.
 
@@ -99,26 +143,16 @@ def numpy_profile(layout, batch):
     parts add up to the step: this is where the core-time goes. With the
     default threads the step runs on every core and is correspondingly shorter.
     """
-    import cnn_rnn_numpy as M
+    import fast_layers as F
     from threadpoolctl import threadpool_limits
     names = PROFILED_FUNCTIONS
     totals = {n: [] for n in names}
-    originals = {n: getattr(M, n) for n in names}
     current = {}
-
-    def wrap(n):
-        def f(*a, **k):
-            t0 = time.perf_counter()
-            r = originals[n](*a, **k)
-            current[n] = current.get(n, 0.0) + time.perf_counter() - t0
-            return r
-        return f
-    for n in names:
-        setattr(M, n, wrap(n))
-    threads_before = M.THREADS
+    uninstall = install_timers(names, current)
+    threads_before = F.THREADS
     try:
         model, _, step = numpy_train_step_fn(layout, batch)
-        M.THREADS = 1
+        F.THREADS = 1
         whole = []
         with threadpool_limits(1, 'blas'):
             step()
@@ -130,9 +164,8 @@ def numpy_profile(layout, batch):
                 for n in names:
                     totals[n].append(current.get(n, 0.0))
     finally:
-        M.THREADS = threads_before
-        for n in names:
-            setattr(M, n, originals[n])
+        F.THREADS = threads_before
+        uninstall()
     med = {n: 1e3 * float(np.median(v)) for n, v in totals.items()}
     step_ms = 1e3 * float(np.median(whole))
     # conv1 (im2col): its forward product, bias and ReLU = block total minus the parts timed.
@@ -186,6 +219,8 @@ def main():
     ap.add_argument('--profile', action='store_true', help='print a per-layer profile of one step')
     ap.add_argument('--no-torch', action='store_true', help='skip the PyTorch comparison')
     args = ap.parse_args()
+    # As a training run does; the thread count is the worker threads', for PyTorch too.
+    print(f'process settings: {fast_layers.prepare_process_for_training()}')
 
     try:
         from threadpoolctl import threadpool_info
@@ -193,8 +228,8 @@ def main():
                          for i in threadpool_info())
     except ImportError:
         blas = 'threadpoolctl not installed'
-    threads = os.cpu_count()
-    print(f'numpy {np.__version__} ({blas}); {threads} CPUs; batch {args.batch}; '
+    threads = fast_layers.THREADS
+    print(f'numpy {np.__version__} ({blas}); {threads} worker threads; batch {args.batch}; '
           f'median of {args.steps} steps after 2 warm-up steps')
     torch_ok = False
     if not args.no_torch:

@@ -1,10 +1,11 @@
 """The NumPy model's architecture in PyTorch, for the speed comparison only.
 
 Imported by ``speed.py`` to time PyTorch in the benchmark's own process, and run
-as a script to time it in a fresh process: one that never imports the NumPy
-model, so PyTorch runs with the C library's default memory allocator settings,
-as a PyTorch user gets them (``cnn_rnn_numpy`` changes them when imported, for
-the whole process; see ``keep_freed_memory_for_reuse``).
+as a script to time it in a fresh process: one that never prepares a NumPy
+training run, so PyTorch runs with the C library's default memory allocator
+settings, as a PyTorch user gets them (``speed.py`` calls
+``fast_layers.prepare_process_for_training()``, which changes them for the
+whole process; see ``keep_freed_memory_for_reuse``).
 
 Usage (prints one JSON line with training and evaluation images/s):
     python benchmarks/torch_reference.py --layout rows --cell rnn --batch 256 --steps 8 --threads 2

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import cnn_rnn_numpy as M
+import fast_layers as F
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / 'benchmarks'
 
@@ -29,20 +30,38 @@ def load(name):
 
 def test_every_profiled_function_exists_and_runs_in_a_step():
     speed = load('speed')
-    missing = [n for n in speed.PROFILED_FUNCTIONS if not callable(getattr(M, n, None))]
+    missing = [n for n in speed.PROFILED_FUNCTIONS if not callable(speed.profiled_function(n))]
     assert missing == []
     # A small profile: every function the step uses must have been timed, and
     # the rows must add up to the step (the last row is the remainder).
-    threads, products = M.THREADS, M.winograd_products
+    before = (F.THREADS, F.winograd_products, M.rnn_forward, dict(M.CELL_TABLE))
     step_ms, rows = speed.numpy_profile('rows', 8)
-    # The model is left as it was: thread count and the timed functions restored.
-    assert (M.THREADS, M.winograd_products) == (threads, products)
+    # The model is left as it was: thread count, the timed functions and the cell table restored.
+    assert (F.THREADS, F.winograd_products, M.rnn_forward, dict(M.CELL_TABLE)) == before
     assert step_ms > 0
     assert abs(sum(ms for _, ms in rows) - step_ms) < 1e-6
     names = dict(rows)
     for row in ('conv2 Winograd products', 'conv2 Winograd products, backward (dU, dV)', 'conv1 im2col',
                 'RNN forward', 'RNN backward (BPTT)'):
         assert names[row] > 0, row
+
+
+def test_the_bit_identity_check_compares_a_separate_copy_and_sees_a_change(monkeypatch):
+    """ab_identical.py's machinery: a second copy of the model (with its own fast_layers)
+    computes the same bits, and a changed number is reported."""
+    ab_step, ab_identical = load('ab_step'), load('ab_identical')
+    copy = ab_step.load_model_from(BENCHMARKS.parent, 'copy')
+    assert copy is not M and copy.fast_layers_module is not F
+    assert sys.modules['fast_layers'] is F                     # the working tree's copy is back
+    ab_step.set_threads(copy, 2)
+    monkeypatch.setattr(F, 'THREADS', 2)
+    assert copy.fast_layers_module.THREADS == 2
+    report = ab_identical.compare(M, copy, ['gru'], ['rows'], threads=[2], batch=6)
+    assert report == {(2, 'rows', 'gru'): []}
+    monkeypatch.setattr(copy, 'DECAYED_PARAMS', ('conv1_W',))   # less weight decay in the copy
+    problems = ab_identical.compare(M, copy, ['rnn'], ['flat'], threads=[2], batch=6)[2, 'flat', 'rnn']
+    assert any(p.startswith('step 0 loss') for p in problems)
+    assert any('grads[W_ho]' in p for p in problems)
 
 
 def test_flop_count_of_the_direct_convolutions():

@@ -188,7 +188,8 @@ config_path = folder / 'config.json'
 if config_path.exists():
     config = json.loads(config_path.read_text())
 else:
-    config = runfiles.read_json(Path(os.environ['REPO_ROOT']) / 'presets.json')[option('--preset', 'fast')]
+    import config as configuration
+    config = configuration.load_presets()[option('--preset', 'fast')].to_dict()
     config.update(seed=int(option('--seed', 0)), preset=option('--preset', 'fast'), description='',
                   data_dir='data', lr_changes=[])
     if '--seq-layout' in args:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import compare
+import config
 import main
 import runfiles
 from cnn_rnn_numpy import CNNRNN
@@ -24,7 +25,7 @@ from conftest import LABEL_NAMES, REPO_ROOT, make_cifar_archive
 from metrics import confusion_matrix, expected_calibration_error, per_class_accuracy
 from test_viz import assert_valid_png
 
-FAST = runfiles.read_json(Path(compare.__file__).parent / 'presets.json')['fast']
+FAST = config.load_presets()['fast'].settings()
 FIGURES = ('val_accuracy.png', 'test_accuracy.png')
 
 

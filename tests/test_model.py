@@ -1,15 +1,22 @@
-"""Tests of cnn_rnn_numpy: numeric gradient checks for every layer and the
-whole model, agreement with naive reference implementations, overfitting a
-tiny batch, float32/float64 agreement, and save/load."""
+"""Tests of cnn_rnn_numpy and fast_layers: numeric gradient checks for every
+layer and the whole model, the fast kernels against the plain layers and naive
+reference implementations, overfitting a tiny batch, float32/float64
+agreement, save/load, and the worker-thread count and process settings."""
 import errno
 import json
 import os
+import platform
+import re
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import cnn_rnn_numpy as M
+import fast_layers as F
 from cnn_rnn_numpy import CNNRNN, ModelFileError
 from optim import SGD, clip_grad_norm
 from runfiles import RunFileError
@@ -107,17 +114,17 @@ def test_conv_forward_matches_naive_cross_correlation(rng):
 
 def test_col2im_is_the_adjoint_of_im2col(rng):
     x = rng.standard_normal((2, 4, 6, 3))
-    cols = M.im2col_3x3(x)
+    cols = F.im2col_3x3(x)
     c = rng.standard_normal(cols.shape)
     c_taps = c.reshape(-1, 9, 3).transpose(1, 0, 2)        # tap-major view of the same numbers
     # <im2col(x), c> == <x, col2im(c)> for every x, c  <=>  col2im = im2col^T
-    np.testing.assert_allclose(np.vdot(cols, c), np.vdot(x, M.col2im_3x3(c_taps, x.shape)), rtol=1e-12)
+    np.testing.assert_allclose(np.vdot(cols, c), np.vdot(x, F.col2im_3x3(c_taps, x.shape)), rtol=1e-12)
 
 
 def test_pool_order_is_a_row_permutation_of_plain_order(rng):
     x = rng.standard_normal((2, 4, 6, 3))
-    plain = M.im2col_3x3(x).reshape(2, 2, 2, 3, 2, 27)       # (n, py, a, px, b, patch)
-    pooled = M.im2col_3x3(x, pool_order=True).reshape(2, 2, 2, 2, 3, 27)   # (a, b, n, py, px, patch)
+    plain = F.im2col_3x3(x).reshape(2, 2, 2, 3, 2, 27)       # (n, py, a, px, b, patch)
+    pooled = F.im2col_3x3(x, pool_order=True).reshape(2, 2, 2, 2, 3, 27)   # (a, b, n, py, px, patch)
     np.testing.assert_array_equal(pooled, plain.transpose(2, 4, 0, 1, 3, 5))
 
 
@@ -162,36 +169,36 @@ def test_conv_relu_pool_equals_the_chain_of_plain_layers(rng):
     x = rng.standard_normal((3, 6, 4, 2))
     w = rng.standard_normal((4, 2, 3, 3))
     b = rng.standard_normal(4)
-    out, cache = M.conv_relu_pool_forward(x, w, b)
+    out, cache = F.conv_relu_pool_forward(x, w, b)
     a, c_conv = M.conv3x3_forward(x, w, b)
     r, c_relu = M.relu_forward(a)
     ref, c_pool = M.maxpool2x2_forward(r)
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
     dout = rng.standard_normal(out.shape)
-    dx, dw, db = M.conv_relu_pool_backward(dout, cache)
+    dx, dw, db = F.conv_relu_pool_backward(dout, cache)
     rdx, rdw, rdb = M.conv3x3_backward(M.relu_backward(M.maxpool2x2_backward(dout, c_pool), c_relu), c_conv)
     np.testing.assert_allclose(dx, rdx, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(dw, rdw, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(db, rdb, rtol=1e-10, atol=1e-12)
-    assert M.conv_relu_pool_backward(dout, cache, need_dx=False)[0] is None
+    assert F.conv_relu_pool_backward(dout, cache, need_dx=False)[0] is None
 
 
 def test_conv_relu_pool_gradients(rng):
     x = rng.standard_normal((2, 4, 4, 3))
     w = rng.standard_normal((4, 3, 3, 3))
     b = rng.standard_normal(4)
-    check_layer(M.conv_relu_pool_forward, M.conv_relu_pool_backward, [x, w, b], wrt=[0, 1, 2], rng=rng)
+    check_layer(F.conv_relu_pool_forward, F.conv_relu_pool_backward, [x, w, b], wrt=[0, 1, 2], rng=rng)
 
 
 
 def winograd_block_forward(x, w, b):
     """The Winograd block with framework-order weights, as the model runs it (transform, then block)."""
-    return M.winograd_relu_pool_forward(x, M.winograd_kernel_transform(w), b)
+    return F.winograd_relu_pool_forward(x, F.winograd_kernel_transform(w), b)
 
 
 def winograd_block_backward(dout, cache):
-    dx, dU, db = M.winograd_relu_pool_backward(dout, cache)
-    return dx, M.winograd_kernel_transform_backward(dU), db
+    dx, dU, db = F.winograd_relu_pool_backward(dout, cache)
+    return dx, F.winograd_kernel_transform_backward(dU), db
 
 
 def test_winograd_conv_equals_the_im2col_conv(rng):
@@ -201,12 +208,12 @@ def test_winograd_conv_equals_the_im2col_conv(rng):
     w = rng.standard_normal((7, 5, 3, 3))
     b = rng.standard_normal(7)
     out, cache = winograd_block_forward(x, w, b)
-    ref, ref_cache = M.conv_relu_pool_forward(x, w, b)
+    ref, ref_cache = F.conv_relu_pool_forward(x, w, b)
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
     dout = rng.standard_normal(out.shape)
-    for got, want in zip(winograd_block_backward(dout, cache), M.conv_relu_pool_backward(dout, ref_cache)):
+    for got, want in zip(winograd_block_backward(dout, cache), F.conv_relu_pool_backward(dout, ref_cache)):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
-    assert M.winograd_relu_pool_backward(dout, cache, need_dx=False)[0] is None
+    assert F.winograd_relu_pool_backward(dout, cache, need_dx=False)[0] is None
     # In float32, as trained, it agrees to float32 rounding.
     x32, w32, b32 = (a.astype(np.float32) for a in (x, w, b))
     out32, _ = winograd_block_forward(x32, w32, b32)
@@ -217,21 +224,21 @@ def test_winograd_conv_equals_the_im2col_conv(rng):
 def test_winograd_transforms_and_their_adjoints(rng):
     # <T(a), c> == <a, T_adjoint(c)> for the input, output and kernel transforms.
     x = rng.standard_normal((2, 4, 6, 3))
-    V = M.winograd_input_transform(x)
+    V = F.winograd_input_transform(x)
     c = rng.standard_normal(V.shape)
-    np.testing.assert_allclose(np.vdot(V, c), np.vdot(x, M.winograd_input_transform_backward(c, x.shape)),
+    np.testing.assert_allclose(np.vdot(V, c), np.vdot(x, F.winograd_input_transform_backward(c, x.shape)),
                                rtol=1e-12)
     m = rng.standard_normal((4, 4, 5, 2))
-    Y = M.winograd_output_transform(m)
+    Y = F.winograd_output_transform(m)
     dY = rng.standard_normal(Y.shape)
-    np.testing.assert_allclose(np.vdot(Y, dY), np.vdot(m, M.winograd_output_transform_backward(dY)), rtol=1e-12)
+    np.testing.assert_allclose(np.vdot(Y, dY), np.vdot(m, F.winograd_output_transform_backward(dY)), rtol=1e-12)
     w = rng.standard_normal((3, 2, 3, 3))
-    U = M.winograd_kernel_transform(w)
+    U = F.winograd_kernel_transform(w)
     assert U.shape == (4, 4, 2, 3)
     dU = rng.standard_normal(U.shape)
-    np.testing.assert_allclose(np.vdot(U, dU), np.vdot(w, M.winograd_kernel_transform_backward(dU)), rtol=1e-12)
+    np.testing.assert_allclose(np.vdot(U, dU), np.vdot(w, F.winograd_kernel_transform_backward(dU)), rtol=1e-12)
     # U = G g G^T for one channel pair, written out.
-    np.testing.assert_allclose(U[:, :, 1, 2], M.WINOGRAD_G @ w[2, 1] @ M.WINOGRAD_G.T, rtol=1e-12)
+    np.testing.assert_allclose(U[:, :, 1, 2], F.WINOGRAD_G @ w[2, 1] @ F.WINOGRAD_G.T, rtol=1e-12)
 
 
 def test_winograd_block_gradients(rng):
@@ -244,10 +251,10 @@ def test_winograd_block_gradients(rng):
 def test_signed_sum_and_its_adjoint(rng):
     parts = [rng.standard_normal(5) for _ in range(4)]
     for signs in ([1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 0, 0, -1], [-1, 1, 1, 0], [1, 1, 1, 0]):
-        out = M.signed_sum(signs, parts, np.empty(5))
+        out = F.signed_sum(signs, parts, np.empty(5))
         np.testing.assert_allclose(out, sum(s * p for s, p in zip(signs, parts)), rtol=1e-12)
         acc = np.ones(5)
-        M.add_signed(signs, parts, acc)
+        F.add_signed(signs, parts, acc)
         np.testing.assert_allclose(acc, 1 + out, rtol=1e-12)
 
 
@@ -342,7 +349,7 @@ def test_model_gradient_check(rng, layout, cell, monkeypatch):
         if name.endswith('_b') or name.startswith('b_'):
             m.params[name][:] = rng.standard_normal(m.params[name].shape) * 0.1
     X, y = small_batch(rng)
-    monkeypatch.setattr(M, 'CONV_CHUNK', 1)   # also exercises the micro-batch accumulation
+    monkeypatch.setattr(F, 'CONV_CHUNK', 1)   # also exercises the micro-batch accumulation
     _, grads = m.loss(X, y, input_grad=True)
     for name, arr in list(m.params.items()) + [('X', X)]:
         sample = rng.choice(arr.size, size=min(arr.size, 12), replace=False)
@@ -359,7 +366,7 @@ def test_flat_layout_is_one_hidden_layer_without_recurrence(rng):
     X, y = small_batch(rng, n=3)
     m = CNNRNN(seq_layout='flat', hidden=16, reg=0.0, seed=1, dtype=np.float64)
     m.params['b_h'][:] = rng.standard_normal(16) * 0.1
-    fmap, _ = M.conv_stack_forward(X.transpose(0, 2, 3, 1), m.params)        # (N, 8, 8, 64)
+    fmap, _ = F.conv_stack_forward(X.transpose(0, 2, 3, 1), m.params)        # (N, 8, 8, 64)
     h = np.tanh(fmap.reshape(3, 4096) @ m.params['W_xh'] + m.params['b_h'])
     np.testing.assert_allclose(m.features(X), h, rtol=1e-12, atol=1e-12)
     _, grads = m.loss(X, y)
@@ -400,7 +407,7 @@ def test_micro_batch_size_does_not_change_the_result(rng, monkeypatch):
     X, y = small_batch(rng, n=10)
     m = CNNRNN(dtype=np.float64, seed=2)
     l_a, g_a = m.loss(X, y)
-    monkeypatch.setattr(M, 'CONV_CHUNK', 3)
+    monkeypatch.setattr(F, 'CONV_CHUNK', 3)
     l_b, g_b = m.loss(X, y)
     assert l_a == pytest.approx(l_b, rel=1e-12)
     for k in g_a:
@@ -562,3 +569,168 @@ def test_bptt_flushes_values_that_would_become_subnormal():
         smallest = min(smallest, nz.min() if nz.size else np.inf)
     assert smallest < tiny
 
+
+
+# --------------------------------------------------------------------------
+# worker threads: the CPUs this process may use, CNNRNN_THREADS, process settings
+# --------------------------------------------------------------------------
+
+@pytest.fixture
+def machine(tmp_path, monkeypatch):
+    """A fake machine: CPU affinity and cgroup files under tmp_path, no CNNRNN_THREADS.
+
+    Returns set_up(affinity=None, membership=None, files=None): each call changes what it is given
+    (affinity: a number of CPUs; membership: the text of /proc/self/cgroup; files: {path under
+    the cgroup root: text}).
+    """
+    monkeypatch.delenv(F.THREADS_ENV, raising=False)
+    monkeypatch.setattr(F, 'CGROUP_ROOT', str(tmp_path / 'cgroup'))
+    monkeypatch.setattr(F, 'PROC_SELF_CGROUP', str(tmp_path / 'proc_self_cgroup'))
+
+    def set_up(affinity=None, membership=None, files=None):
+        if affinity is not None:
+            monkeypatch.setattr(F.os, 'sched_getaffinity', lambda pid: set(range(affinity)), raising=False)
+        if membership is not None:
+            (tmp_path / 'proc_self_cgroup').write_text(membership)
+        for rel, text in (files or {}).items():
+            path = tmp_path / 'cgroup' / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    return set_up
+
+
+def test_usable_cpus_is_the_affinity_without_a_quota(machine):
+    machine(affinity=3)                                        # no cgroup files at all
+    assert F.usable_cpus() == 3 and F.cgroup_cpu_limit() is None
+    machine(affinity=3, membership='0::/\n', files={'cpu.max': 'max 100000\n'})
+    assert F.usable_cpus() == 3 and F.cgroup_cpu_limit() is None
+
+
+@pytest.mark.parametrize('cpu_max, expected', [('150000 100000', 2), ('200000 100000', 2),
+                                               ('50000 100000', 1), ('1000 100000', 1),
+                                               ('600000 100000', 6), ('250000 50000', 5)])
+def test_a_cgroup_v2_quota_caps_the_affinity_rounded_up(machine, cpu_max, expected):
+    machine(affinity=8, membership='0::/\n', files={'cpu.max': cpu_max + '\n'})
+    assert F.cgroup_cpu_limit() == expected
+    assert F.usable_cpus() == expected
+    machine(affinity=1)                                        # the affinity can be the smaller one
+    assert F.usable_cpus() == 1
+
+
+def test_the_quota_of_the_process_cgroup_and_its_ancestors_applies(machine):
+    # A quota two levels up, none on the process's own cgroup: the ancestor's applies.
+    machine(affinity=16, membership='0::/runs/sweep/run3\n',
+            files={'runs/cpu.max': '400000 100000', 'runs/sweep/run3/cpu.max': 'max 100000',
+                   'other/cpu.max': '100000 100000'})
+    assert F.usable_cpus() == 4
+    # A smaller one on the process's own cgroup wins.
+    machine(files={'runs/sweep/run3/cpu.max': '300000 100000'})
+    assert F.usable_cpus() == 3
+
+
+def test_a_cgroup_v1_quota(machine):
+    machine(affinity=8, membership='5:cpu,cpuacct:/job\n4:memory:/job\n',
+            files={'cpu,cpuacct/job/cpu.cfs_quota_us': '250000', 'cpu,cpuacct/job/cpu.cfs_period_us': '100000'})
+    assert F.usable_cpus() == 3
+    machine(files={'cpu,cpuacct/job/cpu.cfs_quota_us': '-1'})      # -1: no quota
+    assert F.usable_cpus() == 8
+    # Inside a container /proc names a cgroup the container cannot see; its own is the mount root.
+    machine(membership='5:cpu,cpuacct:/docker/abc\n',
+            files={'cpu/cpu.cfs_quota_us': '100000', 'cpu/cpu.cfs_period_us': '100000'})
+    assert F.usable_cpus() == 1
+
+
+def test_unreadable_cgroup_values_mean_no_quota(machine):
+    machine(affinity=4, membership='garbage\n0::/\n', files={'cpu.max': 'lots of cpus'})
+    assert F.usable_cpus() == 4
+    machine(files={'cpu.max': '0 100000'})
+    assert F.usable_cpus() == 4
+
+
+def test_cnnrnn_threads_overrides_and_bad_values_name_the_fix(machine, monkeypatch):
+    machine(affinity=2)
+    assert F.worker_threads() == 2
+    monkeypatch.setenv('CNNRNN_THREADS', '5')
+    assert F.worker_threads() == 5                     # more than the CPUs is allowed: it is an override
+    monkeypatch.setenv('CNNRNN_THREADS', ' ')
+    assert F.worker_threads() == 2                     # empty counts as unset
+    for bad in ('0', '-1', '2.5', 'two', '1e3'):
+        monkeypatch.setenv('CNNRNN_THREADS', bad)
+        with pytest.raises(ValueError, match=rf"CNNRNN_THREADS='{re.escape(bad)}' is not a positive "
+                                             rf"integer.*e\.g\. CNNRNN_THREADS=2 .*or unset it"):
+            F.worker_threads()
+        with pytest.raises(F.ThreadSettingError):
+            F.prepare_process_for_training()            # refused before anything is changed
+    assert F.worker_threads({'CNNRNN_THREADS': '3'}) == 3
+
+
+def test_the_thread_count_is_decided_once(machine, monkeypatch):
+    machine(affinity=2)
+    monkeypatch.setattr(F, 'THREADS', None)
+    monkeypatch.setenv('CNNRNN_THREADS', '3')
+    assert F.thread_count() == 3 and F.THREADS == 3
+    monkeypatch.setenv('CNNRNN_THREADS', '1')
+    assert F.thread_count() == 3
+
+
+@pytest.mark.parametrize('threads', [0, -2, 2.0, True, '2'])
+def test_prepare_refuses_a_bad_thread_count(threads):
+    with pytest.raises(F.ThreadSettingError, match='threads must be a positive integer'):
+        F.prepare_process_for_training(threads)
+
+
+def test_the_thread_count_changes_only_rounding(rng, monkeypatch):
+    X, y = small_batch(rng, n=7)
+    m = CNNRNN(seq_layout='rows', hidden=16, dtype=np.float64, seed=2, cell='gru')
+    results = []
+    for threads in (1, 3):
+        monkeypatch.setattr(F, 'THREADS', threads)
+        results.append(m.loss(X, y))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
+    for k in results[0][1]:
+        np.testing.assert_allclose(results[0][1][k], results[1][1][k], rtol=1e-10, atol=1e-15)
+
+
+def run_python(code, **env):
+    """Run ``code`` in a fresh interpreter in the repository; returns its stdout's last line as JSON."""
+    environ = {k: v for k, v in os.environ.items() if k != 'CNNRNN_THREADS'}
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                         env={**environ, **env}, cwd=Path(__file__).resolve().parent.parent).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_importing_the_model_changes_no_process_setting():
+    code = '''if True:
+        import ctypes, json
+        calls = []
+        real = ctypes.CDLL
+        ctypes.CDLL = lambda name, *a, **k: (calls.append(str(name)), real(name, *a, **k))[1]
+        import numpy
+        from threadpoolctl import threadpool_info
+        before = [i['num_threads'] for i in threadpool_info()]
+        calls.clear()
+        import cnn_rnn_numpy, fast_layers
+        libc = [c for c in calls if 'libc' in c]
+        after = [i['num_threads'] for i in threadpool_info()]
+        print(json.dumps({'libc': libc, 'blas': before == after,
+                          'threads': fast_layers.THREADS}))
+    '''
+    assert run_python(code) == {'libc': [], 'blas': True, 'threads': None}
+
+
+def test_prepare_sets_threads_blas_and_the_allocator():
+    code = '''if True:
+        import json, fast_layers
+        from threadpoolctl import threadpool_info
+        s = fast_layers.prepare_process_for_training()
+        print(json.dumps({'threads': s.threads, 'from': s.threads_from, 'module': fast_layers.THREADS,
+                          'blas': sorted({i['num_threads'] for i in threadpool_info()}),
+                          'reported': sorted(set(s.blas_threads.values())), 'tuned': s.allocator_tuned,
+                          'line': str(s)}))
+    '''
+    got = run_python(code, CNNRNN_THREADS='1')
+    assert (got['threads'], got['from'], got['module']) == (1, 'CNNRNN_THREADS', 1)
+    assert got['blas'] in ([], [1]) and got['reported'] == got['blas']
+    assert got['line'].startswith('1 worker thread (from CNNRNN_THREADS')
+    if sys.platform.startswith('linux') and platform.libc_ver()[0] == 'glibc':
+        assert got['tuned'] is True
