@@ -16,14 +16,19 @@ been linked there (CI does this; locally:
 `mkdir -p data && ln -sf /path/to/cifar-10-python.tar.gz data/`) and skips
 the test otherwise.
 """
+import contextlib
 import io
 import os
 import pickle
+import signal
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+import main
+from cnn_rnn_numpy import CNNRNN
 
 REPO_ROOT = Path(__file__).resolve().parent.parent   # pytest.ini puts it on sys.path
 
@@ -234,3 +239,98 @@ def code_running_pickle(marker_path):
         def __reduce__(self):
             return (os.system, (f'touch {marker_path}',))
     return pickle.dumps({b'data': Exploit(), b'labels': []}, protocol=2)
+
+
+# --------------------------------------------------------------------------
+# Shared by the test modules (so that no test module imports another)
+# --------------------------------------------------------------------------
+
+def numeric_gradient(f, x, h=1e-5, indices=None):
+    """Central-difference gradient of the scalar f() with respect to array x (changed in place).
+
+    indices: optional list of flat indices to check (all when None).
+    Returns (flat indices, numeric gradient at them).
+    """
+    flat = x.reshape(-1)
+    if indices is None:
+        indices = np.arange(flat.size)
+    grad = np.empty(len(indices))
+    for k, i in enumerate(indices):
+        old = flat[i]
+        flat[i] = old + h
+        fp = f()
+        flat[i] = old - h
+        fm = f()
+        flat[i] = old
+        grad[k] = (fp - fm) / (2 * h)
+    return indices, grad
+
+
+def rel_error(a, b):
+    """Largest elementwise relative error, CS231n style: max |a-b| / max(|a|+|b|, 1e-8)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return float(np.max(np.abs(a - b) / np.maximum(1e-8, np.abs(a) + np.abs(b))))
+
+
+def rel_error_vector(a, b):
+    """Relative error of a gradient vector: max |a-b| / max(|a|+|b|).
+
+    Used for the whole model, where a few entries (a nearly dead ReLU channel)
+    have true gradients near 1e-11, below what central differences resolve on
+    a loss of ~2 (eps * loss / h ~ 5e-11): their elementwise ratio measures
+    rounding, not the gradient.
+    """
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return float(np.max(np.abs(a - b)) / max(1e-300, np.max(np.abs(a) + np.abs(b))))
+
+
+# 250 training images -> 225 train / 25 val; batch 32 -> 8 steps per epoch.
+SMOKE = ['--preset', 'smoke', '--subset', '1']
+
+
+STEPS_PER_EPOCH = 8
+
+
+def train_run(data_dir, out, *extra, interrupt_after=None):
+    with interrupted_after(interrupt_after):
+        return main.run(SMOKE + ['--data-dir', data_dir, '--out', str(out), *extra])
+
+
+def resume(ckpt, *extra, interrupt_after=None):
+    with interrupted_after(interrupt_after):
+        return main.run(['--resume', str(ckpt), *extra])
+
+
+@contextlib.contextmanager
+def interrupted_after(steps):
+    """Send this process SIGINT during training step ``steps`` (1-based), as Ctrl-C would.
+
+    The run's own signal handler (main.Stopper) then stops it after that step,
+    exactly as it does for a user.
+    """
+    if steps is None:
+        yield
+        return
+    real_loss, calls = CNNRNN.loss, {'n': 0}
+
+    def loss(self, *args, **kwargs):
+        calls['n'] += 1
+        if calls['n'] == steps:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(self, *args, **kwargs)
+    CNNRNN.loss = loss
+    try:
+        yield
+    finally:
+        CNNRNN.loss = real_loss
+
+
+def arrays(path):
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files if k != 'meta'}
+
+
+def folder_snapshot(path):
+    """{file name: bytes} of a folder, to prove that nothing was touched."""
+    return {name: open(os.path.join(path, name), 'rb').read() for name in sorted(os.listdir(path))
+            if os.path.isfile(os.path.join(path, name))}

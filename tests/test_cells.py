@@ -10,7 +10,7 @@ import pytest
 
 import cnn_rnn_numpy
 from cnn_rnn_numpy import CELL_TABLE, CELLS, sigmoid
-from test_model import numeric_gradient, rel_error
+from conftest import numeric_gradient, rel_error
 
 RTOL = 1e-6   # the bound on the elementwise relative error of every gradient
 N, T, D, H = 3, 5, 4, 6

@@ -11,8 +11,7 @@ import data_utils as du
 import main
 from cnn_rnn_numpy import CNNRNN
 from optim import WeightAverage
-from test_main import SMOKE, arrays, resume, train_run
-from test_model import numeric_gradient, rel_error, rel_error_vector
+from conftest import SMOKE, arrays, numeric_gradient, rel_error, rel_error_vector, resume, train_run
 
 
 @pytest.fixture(scope='module')

@@ -1,7 +1,6 @@
 """End-to-end tests of the training driver on synthetic archives: the run
 folder, exact resume, the time budget, signals, divergence, bad input, and
 the learning-rate schedule."""
-import contextlib
 import json
 import os
 import signal
@@ -14,62 +13,14 @@ import pytest
 
 import main
 from cnn_rnn_numpy import CNNRNN
-from conftest import REPO_ROOT, make_cifar_archive
+from conftest import (REPO_ROOT, SMOKE, STEPS_PER_EPOCH, arrays, folder_snapshot, make_cifar_archive, resume,
+                      train_run)
 from metrics import expected_calibration_error
-
-# 250 training images -> 225 train / 25 val; batch 32 -> 8 steps per epoch.
-SMOKE = ['--preset', 'smoke', '--subset', '1']
-STEPS_PER_EPOCH = 8
 
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
     return str(make_cifar_archive(tmp_path_factory.mktemp('cifar'), n_per_batch=50, n_test=100))
-
-
-def train_run(data_dir, out, *extra, interrupt_after=None):
-    with interrupted_after(interrupt_after):
-        return main.run(SMOKE + ['--data-dir', data_dir, '--out', str(out), *extra])
-
-
-def resume(ckpt, *extra, interrupt_after=None):
-    with interrupted_after(interrupt_after):
-        return main.run(['--resume', str(ckpt), *extra])
-
-
-@contextlib.contextmanager
-def interrupted_after(steps):
-    """Send this process SIGINT during training step ``steps`` (1-based), as Ctrl-C would.
-
-    The run's own signal handler (main.Stopper) then stops it after that step,
-    exactly as it does for a user.
-    """
-    if steps is None:
-        yield
-        return
-    real_loss, calls = CNNRNN.loss, {'n': 0}
-
-    def loss(self, *args, **kwargs):
-        calls['n'] += 1
-        if calls['n'] == steps:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(self, *args, **kwargs)
-    CNNRNN.loss = loss
-    try:
-        yield
-    finally:
-        CNNRNN.loss = real_loss
-
-
-def arrays(path):
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files if k != 'meta'}
-
-
-def folder_snapshot(path):
-    """{file name: bytes} of a folder, to prove that nothing was touched."""
-    return {name: open(os.path.join(path, name), 'rb').read() for name in sorted(os.listdir(path))
-            if os.path.isfile(os.path.join(path, name))}
 
 
 @pytest.fixture(scope='module')

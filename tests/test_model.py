@@ -18,6 +18,7 @@ import pytest
 import cnn_rnn_numpy as M
 import fast_layers as F
 from cnn_rnn_numpy import CNNRNN, ModelFileError
+from conftest import numeric_gradient, rel_error, rel_error_vector
 from optim import SGD, clip_grad_norm
 from runfiles import RunFileError
 
@@ -27,44 +28,6 @@ RTOL = 1e-6   # the bound on the relative error of every gradient
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
-
-def numeric_gradient(f, x, h=1e-5, indices=None):
-    """Central-difference gradient of the scalar f() with respect to array x (changed in place).
-
-    indices: optional list of flat indices to check (all when None).
-    Returns (flat indices, numeric gradient at them).
-    """
-    flat = x.reshape(-1)
-    if indices is None:
-        indices = np.arange(flat.size)
-    grad = np.empty(len(indices))
-    for k, i in enumerate(indices):
-        old = flat[i]
-        flat[i] = old + h
-        fp = f()
-        flat[i] = old - h
-        fm = f()
-        flat[i] = old
-        grad[k] = (fp - fm) / (2 * h)
-    return indices, grad
-
-
-def rel_error(a, b):
-    """Largest elementwise relative error, CS231n style: max |a-b| / max(|a|+|b|, 1e-8)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    return float(np.max(np.abs(a - b) / np.maximum(1e-8, np.abs(a) + np.abs(b))))
-
-
-def rel_error_vector(a, b):
-    """Relative error of a gradient vector: max |a-b| / max(|a|+|b|).
-
-    Used for the whole model, where a few entries (a nearly dead ReLU channel)
-    have true gradients near 1e-11, below what central differences resolve on
-    a loss of ~2 (eps * loss / h ~ 5e-11): their elementwise ratio measures
-    rounding, not the gradient.
-    """
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    return float(np.max(np.abs(a - b)) / max(1e-300, np.max(np.abs(a) + np.abs(b))))
 
 
 def check_layer(forward, backward, inputs, wrt, rng, dout_seed=0):
@@ -188,7 +151,6 @@ def test_conv_relu_pool_gradients(rng):
     w = rng.standard_normal((4, 3, 3, 3))
     b = rng.standard_normal(4)
     check_layer(F.conv_relu_pool_forward, F.conv_relu_pool_backward, [x, w, b], wrt=[0, 1, 2], rng=rng)
-
 
 
 def winograd_block_forward(x, w, b):
@@ -568,7 +530,6 @@ def test_bptt_flushes_values_that_would_become_subnormal():
         nz = np.abs(d[d != 0])
         smallest = min(smallest, nz.min() if nz.size else np.inf)
     assert smallest < tiny
-
 
 
 # --------------------------------------------------------------------------

@@ -20,8 +20,8 @@ import config
 import main
 import runfiles
 from cnn_rnn_numpy import CNNRNN
-from conftest import REPO_ROOT, make_cifar_archive
-from test_main import SMOKE, STEPS_PER_EPOCH, folder_snapshot, resume, train_run
+from conftest import (REPO_ROOT, SMOKE, STEPS_PER_EPOCH, folder_snapshot, make_cifar_archive, resume,
+                      train_run)
 
 
 @pytest.fixture(scope='module')
