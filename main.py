@@ -27,6 +27,7 @@ import datetime
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -644,6 +645,21 @@ def test_metrics(cfg, state, best, probs, labels, eval_s, label_names):
     }
 
 
+def typed_path(path):
+    """``path`` as a user types it from the current folder: relative when it lies below it, quoted if needed."""
+    path = os.path.abspath(path)
+    rel = os.path.relpath(path)
+    return shlex.quote(rel if not rel.startswith('..') else path)
+
+
+def viz_command(run_dir):
+    """The command that draws this run's figures, as it works when typed in the current folder:
+    the interpreter that runs this process (e.g. .venv/bin/python after make train) and viz.py
+    beside this file."""
+    return (f'{typed_path(sys.executable)} {typed_path(Path(__file__).resolve().parent / "viz.py")} '
+            f'{typed_path(run_dir)}')
+
+
 def summary(cfg, run_dir, m, names):
     """The one-screen summary printed at the end of a run."""
     early = f"  (stopped early: {m['stop_reason']})" if m['stopped_early'] else ''
@@ -663,7 +679,7 @@ def summary(cfg, run_dir, m, names):
                                      + (f'{s / 60:.1f} min' if s is not None else '-')
                                      for t, s in m['time_to_val_acc'].items()),
              'per class ' + '  '.join(f'{n[:5]} {100 * a:.0f}' for n, a in zip(names, m['per_class_acc'])),
-             f'next     python viz.py {run_dir}', '=' * 64]
+             f'next     {viz_command(run_dir)}', '=' * 64]
     return '\n'.join(lines)
 
 

@@ -469,3 +469,15 @@ def test_an_epoch_split_by_a_resume_reports_the_time_and_speed_of_both_parts(dat
     b = json.loads((split / 'history.json').read_text())[0]
     assert 0.25 < b['images_per_s'] / a['images_per_s'] < 4, (a, b)
     assert b['epoch_time_s'] < a['epoch_time_s'] * 4 + 5
+
+
+def test_the_run_summary_names_a_viz_command_that_works_as_typed(data_dir, tmp_path):
+    """Printed for a run made from another folder, with the interpreter of this process."""
+    proc = cli(*SMOKE, '--epochs', '1', '--data-dir', data_dir, '--out', 'runs/first', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if line.startswith('next '))
+    argv = shlex.split(line[len('next '):])
+    assert argv[-1] == 'runs/first' and argv[1].endswith('viz.py')
+    drawn = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    assert drawn.returncode == 0, drawn.stderr
+    assert (tmp_path / 'runs' / 'first' / 'report.md').is_file()
