@@ -140,3 +140,194 @@ def time_to_accuracy(history, threshold):
             return total
     return None
 
+
+
+# --------------------------------------------------------------------------
+# Temperature scaling (Guo et al., 2017)
+# --------------------------------------------------------------------------
+
+TEMPERATURE_RANGE = (0.05, 20.0)   # searched on a log scale; a fit at a bound says the outputs are degenerate
+
+
+def log_probabilities(probs):
+    """log p in float64, clipped at the smallest positive float32 (a probability may round to 0).
+
+    These serve as logits: softmax(log p) = p, and softmax(log p / T) is p tempered by T,
+    so temperature scaling applies to the probabilities a run reports, flip-averaged or not.
+    """
+    return np.log(np.maximum(np.asarray(probs, dtype=np.float64), np.finfo(np.float32).tiny))
+
+
+def apply_temperature(probs, temperature):
+    """softmax(log p / T), row by row: (N, C) -> (N, C) float64. T > 1 softens, T < 1 sharpens."""
+    z = log_probabilities(probs) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def temperature_nll(log_t, log_p, labels):
+    """Mean negative log-likelihood of softmax(log_p / e^log_t) at the true labels (a scalar)."""
+    z = log_p / np.exp(log_t)
+    z_max = z.max(axis=1)
+    log_norm = z_max + np.log(np.exp(z - z_max[:, None]).sum(axis=1))
+    return float((log_norm - z[np.arange(len(labels)), labels]).mean())
+
+
+def fit_temperature(probs, labels):
+    """The temperature T minimising the NLL of softmax(log p / T) on (probs (N, C), labels (N,)).
+
+    One scalar, fitted on log T so it stays positive (Guo et al. 2017, "On Calibration of
+    Modern Neural Networks"). Temperature scaling never changes the argmax, so accuracy is
+    unchanged. Returns a Python float in TEMPERATURE_RANGE.
+    """
+    from scipy.optimize import minimize_scalar   # installed with scikit-learn
+    log_p = log_probabilities(probs)
+    labels = np.asarray(labels)
+    lo, hi = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
+    result = minimize_scalar(temperature_nll, bounds=(lo, hi), args=(log_p, labels), method='bounded',
+                             options={'xatol': 1e-6})
+    return float(np.exp(result.x))
+
+
+# --------------------------------------------------------------------------
+# ECE and its noise
+# --------------------------------------------------------------------------
+
+def _confidence_and_correct(probs, labels):
+    probs = np.asarray(probs)
+    return probs.max(axis=1).astype(np.float64), (probs.argmax(axis=1) == np.asarray(labels)).astype(np.float64)
+
+
+def _binned_ece(bins, confidence, correct, n_bins, weights=None):
+    """sum_b |sum(correct) - sum(confidence)| / N over bins (weights: counts of a resample)."""
+    w = np.ones_like(confidence) if weights is None else weights
+    diff = np.bincount(bins, weights=w * (correct - confidence), minlength=n_bins)
+    return float(np.abs(diff).sum() / w.sum())
+
+
+def equal_mass_bins(confidence, n_bins=N_BINS):
+    """Bin index of each confidence with bins of (nearly) equal counts: (N,) -> (N,) int.
+
+    The images are ordered by confidence (ties kept in their order) and cut into n_bins
+    runs whose sizes differ by at most one (Kumar et al. 2019; Roelofs et al. 2022).
+    """
+    order = np.argsort(confidence, kind='stable')
+    bins = np.empty(len(confidence), dtype=np.int64)
+    bins[order] = np.arange(len(confidence)) * n_bins // len(confidence)
+    return bins
+
+
+def ece_equal_mass(probs, labels, n_bins=N_BINS):
+    """ECE with equal-mass bins: each bin holds N / n_bins images. (N, C), (N,) -> float."""
+    confidence, correct = _confidence_and_correct(probs, labels)
+    return _binned_ece(equal_mass_bins(confidence, n_bins), confidence, correct, n_bins)
+
+
+def ece_debiased(probs, labels, n_bins=N_BINS, samples=1000, seed=0):
+    """The debiased ECE of Kumar et al. 2019 ("Verified Uncertainty Calibration"), equal-width bins.
+
+    The plug-in ECE is biased upward: even a calibrated model's bin accuracies scatter around
+    their confidences. The bias is estimated by redrawing each bin's accuracy from a normal
+    with the bin's observed accuracy and its binomial standard error, sqrt(a (1 - a) / n_b):
+    debiased = 2 * plug-in - mean(redrawn ECE). It can be slightly negative. -> float.
+    """
+    confidence, correct = _confidence_and_correct(probs, labels)
+    bins = confidence_bins(confidence, n_bins)
+    count = np.bincount(bins, minlength=n_bins)
+    used = count > 0
+    n_b = count[used]
+    acc = np.bincount(bins, weights=correct, minlength=n_bins)[used] / n_b
+    conf = np.bincount(bins, weights=confidence, minlength=n_bins)[used] / n_b
+    weight = n_b / n_b.sum()
+    plugin = float(weight @ np.abs(acc - conf))
+    rng = np.random.default_rng(seed)
+    redrawn = rng.normal(acc, np.sqrt(acc * (1 - acc) / n_b), size=(samples, len(n_b)))
+    return 2 * plugin - float((np.abs(redrawn - conf) @ weight).mean())
+
+
+def ece_bootstrap_interval(probs, labels, n_bins=N_BINS, samples=1000, seed=0, level=0.95):
+    """Percentile bootstrap interval (lo, hi) of the 15-bin ECE: images resampled with replacement."""
+    confidence, correct = _confidence_and_correct(probs, labels)
+    bins = confidence_bins(confidence, n_bins)
+    n = len(confidence)
+    rng = np.random.default_rng(seed)
+    values = [_binned_ece(bins, confidence, correct, n_bins,
+                          weights=np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64))
+              for _ in range(samples)]
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def ece_if_calibrated(probs, n_bins=N_BINS, samples=1000, seed=0):
+    """The ECE a perfectly calibrated model with these confidences would score, by simulation.
+
+    Each image is drawn correct with probability equal to its confidence, so accuracy equals
+    confidence in expectation and every bit of ECE is sampling noise. Returns (mean, 95th
+    percentile) over ``samples`` draws: a measured ECE below the 95th percentile cannot be
+    told apart from perfect calibration.
+    """
+    confidence = np.asarray(probs).max(axis=1).astype(np.float64)
+    bins = confidence_bins(confidence, n_bins)
+    rng = np.random.default_rng(seed)
+    values = [_binned_ece(bins, confidence, (rng.random(len(confidence)) < confidence).astype(np.float64), n_bins)
+              for _ in range(samples)]
+    return float(np.mean(values)), float(np.percentile(values, 95))
+
+
+def calibration_report(probs, labels, n_bins=N_BINS, samples=1000, seed=0):
+    """Every calibration figure of one set of predictions, for metrics.json (a dict of floats).
+
+    ece (15 equal-width bins, the method's), ece_equal_mass, ece_debiased, ece_ci95 [lo, hi]
+    (bootstrap), ece_if_calibrated {mean, p95} (simulated) and distinguishable (the ECE is
+    above what a perfectly calibrated model scores 95% of the time), nll and mean_confidence.
+    """
+    confidence, correct = _confidence_and_correct(probs, labels)
+    ece = expected_calibration_error(probs, labels, n_bins)
+    mean_cal, p95_cal = ece_if_calibrated(probs, n_bins, samples, seed)
+    return {'ece': ece, 'ece_equal_mass': ece_equal_mass(probs, labels, n_bins),
+            'ece_debiased': ece_debiased(probs, labels, n_bins, samples, seed),
+            'ece_ci95': list(ece_bootstrap_interval(probs, labels, n_bins, samples, seed)),
+            'ece_if_calibrated': {'mean': mean_cal, 'p95': p95_cal},
+            'distinguishable': bool(ece > p95_cal),
+            'nll': cross_entropy(probs, labels), 'mean_confidence': float(confidence.mean()),
+            'accuracy': float(correct.mean())}
+
+
+# --------------------------------------------------------------------------
+# Comparing variants over seeds: Welch's t-test and Holm's correction
+# --------------------------------------------------------------------------
+
+def welch_test(variant, baseline, level=0.95):
+    """Welch's unequal-variance t-test of mean(variant) - mean(baseline), from scipy.stats.
+
+    variant, baseline: 1-D sequences of per-seed values (at least 2 each, not both constant).
+    Returns a dict: diff, t, df (Welch-Satterthwaite, not rounded), p (two-sided) and ci
+    [lo, hi] of the difference at ``level``.
+    """
+    from scipy import stats
+    a, b = np.asarray(variant, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    diff, se = a.mean() - b.mean(), np.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    result = stats.ttest_ind(a, b, equal_var=False)
+    half = stats.t.ppf(0.5 + level / 2, df) * se
+    return {'diff': float(diff), 't': float(result.statistic), 'df': float(df), 'p': float(result.pvalue),
+            'ci': [float(diff - half), float(diff + half)]}
+
+
+def holm_adjust(pvalues):
+    """Holm's step-down adjusted p-values (family-wise error), in the order given.
+
+    Sorted ascending, the k-th smallest (0-based) of m is multiplied by m - k, made
+    non-decreasing, and capped at 1. A variant is 'better' or 'worse' at 5% when its
+    adjusted p is below 0.05.
+    """
+    p = np.asarray(pvalues, dtype=np.float64)
+    m = len(p)
+    order = np.argsort(p, kind='stable')
+    adjusted = np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(m))))
+    out = np.empty(m)
+    out[order] = adjusted
+    return out.tolist()
