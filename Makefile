@@ -1,13 +1,31 @@
 # Two commands set everything up on a fresh machine with only Python 3:
-#   make train   creates .venv, installs requirements, runs the reference training
-#   make test    creates .venv, installs requirements + pytest, runs the test suite
+#   make train         creates .venv, installs requirements, runs the reference training
+#   make test          creates .venv, installs requirements + pytest, runs the test suite
+# and then:
+#   make report        draws the figures and report.md of a run (RUN, default runs/latest)
+#   make claims        re-measures the method's claims (hours of CPU; resumable), then compares the runs
+#   make docs          rewrites the generated tables of README.md and docs/ (presets.json, run folders)
+#   make bench         the benchmarks a user should run: bench-speed, bench-faults, bench-loop, bench-data
+#   make bench-speed   the model's step and evaluation, every cell and layout (and PyTorch if installed)
+#   make bench-faults  the step with and without the allocator settings
+#   make bench-loop    the training loop against its bare steps
+#   make bench-data    the data pipeline (needs the archive in data/)
+#   make ab REV=X      the working tree against git revision X: bit for bit, then the step's speed
+#   make venv, dev     only the environment (dev adds pytest)
+#   make clean         removes .venv and pytest's cache (never runs/ or data/)
+#   make help          prints this list
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TRAIN_ARGS ?= --preset fast --subset 0.4 --max-hours 1
 CLAIMS_ARGS ?=
+RUN ?= runs/latest
+REV ?=
 
-.PHONY: venv dev train test bench clean
+.PHONY: help venv dev train test report claims docs bench bench-speed bench-faults bench-loop bench-data ab clean
+
+help:
+	@sed -n '/^# Two/,/^# *make help/p' Makefile | sed 's/^# \{0,1\}//'
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,16 +48,36 @@ train: venv
 test: dev
 	$(BIN)/python -m pytest -q tests
 
+report: venv
+	$(BIN)/python viz.py $(RUN)
+
 # The method's claims, re-measured: 10 variants x 3 seeds of the fast protocol
 # (hours of CPU; resumable: run it again to continue), then runs/claims/comparison/.
 claims: venv
 	$(BIN)/python claims.py $(CLAIMS_ARGS)
 
-.PHONY: claims
+docs: venv
+	$(BIN)/python docs/tables.py
 
-bench: venv
-	$(BIN)/python benchmarks/data_bench.py
-	$(BIN)/python benchmarks/speed.py
+bench: bench-speed bench-faults bench-loop bench-data
+
+bench-speed: venv
+	$(BIN)/python benchmarks/speed.py --repeats 3 --profile
+
+bench-faults: venv
+	$(BIN)/python benchmarks/page_faults.py
+
+bench-loop: venv
+	$(BIN)/python benchmarks/loop_overhead.py --repeats 3
+
+bench-data: venv
+	$(BIN)/python benchmarks/data_bench.py --data-dir data
+
+ab: venv
+	@test -n "$(REV)" || { echo 'make ab needs a git revision: make ab REV=ea53f72' >&2; exit 2; }
+	$(BIN)/python benchmarks/ab_identical.py $(REV)
+	$(BIN)/python benchmarks/ab_presets.py $(REV)
+	$(BIN)/python benchmarks/ab_step.py $(REV)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,611 @@
+"""Write the tables of README.md and docs/*.md that come from presets.json and from run folders.
+
+    .venv/bin/python docs/tables.py [--runs runs] [--commit REV] [--check]      (make docs)
+
+Each generated table sits between two markers in its page,
+
+    <!-- docs/tables.py: begin NAME -->
+    ...
+    <!-- docs/tables.py: end NAME -->
+
+and only the text between them is rewritten. The sources:
+
+    presets    README.md          presets.json (config.load_presets)
+    headline   README.md          the finished runs of the `fast` and `best` presets under --runs
+    best-runs  docs/results.md    the finished runs of the `best` preset under --runs, one row each
+    claims     docs/claims.md     <runs>/claims/comparison/comparison.json   (make claims writes it)
+    cells      docs/claims.md     the same file: the `pixels` RNN against the GRU and the LSTM
+    levers     docs/results.md    <runs>/levers13/comparison/comparison.json
+                                  (python compare.py runs/levers13 --baseline runs/levers13/base-s0)
+
+compare.py's figures of those comparisons are copied over the ones in docs/
+(claims_test_accuracy.png, claims_val_accuracy.png, levers_test_accuracy.png).
+A table whose source is missing (no run folders on this machine) is left as it
+is: the pages keep the figures measured earlier, each with the commit it was
+measured at. A run folder does not record the commit of the code that trained
+it, so a generated row names the commit given by --commit (default: HEAD when
+the tables are made, marked `+changes` when tracked files differ from it).
+
+--check writes nothing and exits 1 if a page would change (0 if none would).
+Exit code 2: a page without its markers, or a source that is not what
+compare.py or main.py writes (one sentence).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import config                       # noqa: E402  (the repository's modules, found through REPO)
+import runfiles                     # noqa: E402
+from config import Config, flag_name  # noqa: E402
+
+PYTHON = '.venv/bin/python'
+FULL_TRAIN = 50_000                  # training images of CIFAR-10 before the 9:1 train/validation split
+NOT_COMPARED = ('seed', 'eval_batch_size')     # settings in which two runs of one preset may differ
+HEADLINE_COMMANDS = {'fast': 'main.py --preset fast --subset 0.4 --max-hours 1',
+                     'best': 'main.py --preset best --max-hours 1'}
+# The claims suite's variants whose claim predicts a direction: removing what the method
+# credits should make the runs worse (or, for clipping, make them diverge).
+EXPECTED = {'no-weight-decay': 'worse', 'no-warmup': 'worse', 'constant-lr': 'worse',
+            'no-augmentation': 'worse', 'flat': 'worse', 'no-clipping': 'diverges'}
+
+
+class SourceError(Exception):
+    """A page or a source file is not in the form this script reads: one sentence."""
+
+
+# --------------------------------------------------------------------------
+# Markers
+# --------------------------------------------------------------------------
+
+def markers(name):
+    return f'<!-- docs/tables.py: begin {name} -->', f'<!-- docs/tables.py: end {name} -->'
+
+
+def block_span(text, name, page):
+    """(start, end) of the text between the two markers of ``name`` in ``text``."""
+    begin, end = markers(name)
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i or text.count(begin) != 1 or text.count(end) != 1:
+        raise SourceError(f'{page} must hold the markers {begin} and {end} once each, in that order; '
+                          f'restore them from git')
+    return i + len(begin), j
+
+
+def read_block(text, name, page):
+    i, j = block_span(text, name, page)
+    return text[i:j].strip('\n')
+
+
+def write_block(text, name, body, page):
+    i, j = block_span(text, name, page)
+    return text[:i] + '\n' + body.strip('\n') + '\n' + text[j:]
+
+
+# --------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------
+
+def show(value):
+    """A setting as a person types it: 0.0005, false, rows."""
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, float):
+        return f'{value:g}'
+    return str(value)
+
+
+def same(a, b):
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    return a == b
+
+
+def pct(x, digits=2):
+    return '-' if x is None else f'{100 * x:.{digits}f}%'
+
+
+def minutes(seconds):
+    return '-' if seconds is None else f'{seconds / 60:.1f} min'
+
+
+def mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def std(values):
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return None
+    m = mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def mean_pm(values, digits=2):
+    """'81.01% ± 0.29' for fractions in [0, 1] (the std in points), '80.80%' for one value."""
+    m, s = mean(values), std(values)
+    if m is None:
+        return '-'
+    return pct(m, digits) + ('' if s is None else f' ± {100 * s:.{digits}f}')
+
+
+def seeds_text(seeds):
+    return f"{len(seeds)} ({', '.join(str(s) for s in seeds)})"
+
+
+def table(header, rows):
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
+    return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
+
+
+def options_for(settings, base):
+    """The main.py options that turn the settings ``base`` into ``settings`` (flags where
+    a key has one, else --set KEY=VALUE), in the order of Config's fields; seed left out."""
+    out = []
+    for key in Config.preset_keys():
+        if key in NOT_COMPARED or key not in settings or same(settings[key], base.get(key)):
+            continue
+        value = settings[key]
+        if key in Config.flag_keys():
+            out.append(f'{flag_name(key)} {show(value)}')
+        else:
+            out.append(f'--set {key}={show(value)}')
+    return out
+
+
+def closest_preset(settings, presets):
+    """(name, settings) of the preset that differs from ``settings`` in the fewest keys."""
+    return min(((name, p.settings()) for name, p in presets.items()),
+               key=lambda item: len(options_for(settings, item[1])))
+
+
+def command_for(settings, presets, seed_placeholder=True):
+    name, base = closest_preset(settings, presets)
+    words = [PYTHON, 'main.py', '--preset', name, *options_for(settings, base)]
+    if seed_placeholder:
+        words += ['--seed', 'S']
+    return ' '.join(words)
+
+
+# --------------------------------------------------------------------------
+# presets: README.md, from presets.json
+# --------------------------------------------------------------------------
+
+def describe_lr(s):
+    text = f"{show(s['lr'])}, {s['warmup_epochs']} warm-up epoch{'s' if s['warmup_epochs'] != 1 else ''}, then "
+    if s['schedule'] == 'cosine':
+        text += f"cosine to {show(s['min_lr'])}"
+    else:
+        text += f"x{show(s['decay'])} per epoch" if s['decay'] != 1 else 'constant'
+    return text + (', Nesterov' if s['nesterov'] else '')
+
+
+def describe_augmentation(s):
+    if not s['augment']:
+        return 'none'
+    crop = {'paste': '28x28 crop pasted on black', 'pad': 'pad 4, crop 32x32'}.get(s['crop'], s['crop'])
+    return f'{crop}, flip'
+
+
+PRESET_COLUMNS = [
+    ('layout', ('seq_layout',), lambda s: f"`{s['seq_layout']}`"),
+    ('cell', ('cell',), lambda s: f"`{s['cell']}`"),
+    (f'of the {FULL_TRAIN:,} training images', ('subset',), lambda s: f"{100 * s['subset']:g}%"),
+    ('epochs', ('epochs',), lambda s: str(s['epochs'])),
+    ('batch', ('batch_size',), lambda s: str(s['batch_size'])),
+    ('learning rate', ('lr', 'warmup_epochs', 'schedule', 'decay', 'min_lr', 'nesterov'), describe_lr),
+    ('augmentation', ('augment', 'crop'), describe_augmentation),
+    ('inputs', ('standardize',), lambda s: 'standardised' if s['standardize'] else 'scaled to [0, 1]'),
+    ('test-time flip', ('tta_flip',), lambda s: 'yes' if s['tta_flip'] else 'no'),
+]
+
+
+def render_presets(presets):
+    """The presets table (one row per preset of presets.json) and the settings all presets share."""
+    shown = {k for _, keys, _ in PRESET_COLUMNS for k in keys} | set(NOT_COMPARED)
+    settings = {name: p.settings() for name, p in presets.items()}
+    rest = [k for k in Config.preset_keys() if k not in shown]
+    shared = [k for k in rest if all(same(s[k], settings[next(iter(settings))][k]) for s in settings.values())]
+    differing = [k for k in rest if k not in shared]
+    header = ['preset', 'what'] + [c for c, _, _ in PRESET_COLUMNS] + (['also'] if differing else [])
+    rows = []
+    for name, p in presets.items():
+        s = settings[name]
+        what = re.split(r'[:;.]', p.description, maxsplit=1)[0].strip() or '-'
+        row = [f'`{name}`', what] + [fmt(s) for _, _, fmt in PRESET_COLUMNS]
+        if differing:
+            row.append(', '.join(f'{k}={show(s[k])}' for k in differing
+                                 if not same(s[k], Config.method_defaults()[k])) or '-')
+        rows.append(row)
+    first = settings[next(iter(settings))]
+    common = ', '.join(f'`{k}` {show(first[k])}' for k in shared)
+    return (table(header, rows) + '\n\n' + f'All presets share {common}. '
+            '`.venv/bin/python main.py --list-presets` prints every setting of each.')
+
+
+# --------------------------------------------------------------------------
+# Run folders
+# --------------------------------------------------------------------------
+
+def candidate_folders(runs_dir, depth=2):
+    """Folders under runs_dir (up to ``depth`` levels) that hold a config.json; links such as
+    runs/latest are not followed, so that a run counts once."""
+    found, level = [], [Path(runs_dir)]
+    for _ in range(depth):
+        nxt = []
+        for folder in level:
+            try:
+                children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
+            except OSError:
+                continue
+            for child in children:
+                if child.name == 'comparison' or '.failed-' in child.name:
+                    continue
+                if (child / runfiles.CONFIG_NAME).is_file():
+                    found.append(child)
+                else:
+                    nxt.append(child)
+        level = nxt
+    return found
+
+
+def finished_runs(runs_dir, commit):
+    """Every finished run under runs_dir (trained to its last epoch, evaluated, not stopped
+    early), as dicts: path, config (a Config), metrics, commit."""
+    runs = []
+    for folder in candidate_folders(runs_dir):
+        if runfiles.status(folder).state != runfiles.FINISHED:
+            continue
+        try:
+            raw = runfiles.read_json(folder / runfiles.CONFIG_NAME)
+            metrics = runfiles.read_json(folder / runfiles.METRICS_NAME)
+            known = {f.name for f in dataclasses.fields(Config)}
+            cfg = Config.from_dict({k: v for k, v in raw.items() if k in known}, str(folder / runfiles.CONFIG_NAME))
+        except (runfiles.RunFileError, config.ConfigError, TypeError, AttributeError):
+            continue
+        if not isinstance(metrics, dict) or metrics.get('stopped_early') or metrics.get('test_acc') is None:
+            continue
+        run_commit = raw.get('commit') or metrics.get('commit') or commit
+        runs.append({'path': folder, 'config': cfg, 'metrics': metrics, 'commit': str(run_commit)})
+    return runs
+
+
+def runs_of_preset(runs, name, presets):
+    """The runs whose settings are those of preset ``name`` (seed aside)."""
+    want = presets[name].settings()
+    return sorted((r for r in runs if not options_for(r['config'].settings(), want)
+                   and not options_for(want, r['config'].settings())),
+                  key=lambda r: (r['config'].seed, str(r['path'])))
+
+
+def commits_text(runs):
+    return ', '.join(dict.fromkeys(r['commit'] for r in runs))
+
+
+def headline_rows(runs, presets):
+    """{preset: row} of the headline table for the presets with finished runs."""
+    rows = {}
+    for name, command in HEADLINE_COMMANDS.items():
+        mine = runs_of_preset(runs, name, presets) if name in presets else []
+        if not mine:
+            continue
+        seeds = [r['config'].seed for r in mine]
+        typed = f'{PYTHON} {command}' + (' --seed S' if seeds != [0] else '')
+        rows[f'`{name}`'] = [f'`{name}`', f'`{typed}`', mean_pm([r['metrics']['test_acc'] for r in mine]),
+                             f"{mean([r['metrics']['ece'] for r in mine]):.3f}",
+                             minutes(mean([r['metrics'].get('wall_time_s') for r in mine])),
+                             seeds_text(seeds), commits_text(mine)]
+    return rows
+
+
+def merge_rows(stored, rows):
+    """The stored table with the rows whose first cell is a key of ``rows`` replaced."""
+    out = []
+    for line in stored.splitlines():
+        cells = [c.strip() for c in line.strip().strip('|').split('|')] if line.startswith('|') else None
+        key = cells[0] if cells else None
+        out.append('| ' + ' | '.join(rows[key]) + ' |' if key in rows else line)
+    missing = [k for k in rows if not any(line.startswith(f'| {k} |') for line in out)]
+    if missing:
+        raise SourceError(f'the headline table has no row for {", ".join(missing)}; restore it from git')
+    return '\n'.join(out)
+
+
+def best_run_rows(runs, presets):
+    mine = runs_of_preset(runs, 'best', presets) if 'best' in presets else []
+    rows = []
+    for r in mine:
+        m = r['metrics']
+        single = m.get('single_view') or {}
+        reached = m.get('time_to_val_acc') or {}
+        best = (f"{m['best_epoch']}, {pct(m.get('best_val_acc'))}" if m.get('best_epoch') is not None else '-')
+        rows.append([str(r['config'].seed), pct(m['test_acc']), pct(single.get('test_acc')),
+                     f"{m['ece']:.3f}", '-' if single.get('ece') is None else f"{single['ece']:.3f}",
+                     minutes(m.get('wall_time_s')), minutes(reached.get('0.70')), minutes(reached.get('0.75')),
+                     best, r['commit']])
+    if len(mine) > 1:
+        accs = [r['metrics']['test_acc'] for r in mine]
+        singles = [(r['metrics'].get('single_view') or {}).get('test_acc') for r in mine]
+        single_eces = [(r['metrics'].get('single_view') or {}).get('ece') for r in mine]
+        rows.append(['mean', f'**{mean_pm(accs)}**', pct(mean(singles)),
+                     f"{mean([r['metrics']['ece'] for r in mine]):.3f}",
+                     '-' if mean(single_eces) is None else f'{mean(single_eces):.3f}', '', '', '', '', ''])
+    return rows
+
+
+BEST_RUNS_HEADER = ['seed', 'test accuracy (flip averaged)', 'single view', 'ECE (flip averaged)',
+                    'ECE single view', 'wall time', 'validation 70% reached', 'validation 75% reached',
+                    'best epoch, validation', 'measured at']
+
+
+# --------------------------------------------------------------------------
+# Comparisons (compare.py's comparison.json)
+# --------------------------------------------------------------------------
+
+def read_comparison(path):
+    """The variants of a comparison.json written by compare.py, checked for what is used here."""
+    try:
+        data = json.loads(Path(path).read_text(encoding='utf-8'))
+        variants = data['variants']
+        for v in variants:
+            missing = [k for k in ('label', 'is_baseline', 'differs', 'settings', 'seeds', 'test_acc', 'ece',
+                                   'wall_time_s', 'runs', 'diverged') if k not in v]
+            missing += [f'test_acc.{k}' for k in ('values', 'mean') if k not in v['test_acc']]
+            missing += [f'differs.{k}' for d in v['differs'] for k in ('key', 'value') if k not in d]
+            missing += [f'runs.{k}' for r in v['runs'] for k in ('path',) if k not in r]
+            if missing:
+                raise KeyError(', '.join(missing))
+            dict(v['settings'])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SourceError(f'{path} is not a comparison.json written by compare.py ({type(e).__name__}: {e}); '
+                          f'write it again with compare.py') from None
+    if not any(v['is_baseline'] for v in variants):
+        raise SourceError(f'{path} has no baseline variant; write it again with compare.py --baseline RUN')
+    return data
+
+
+def against(v):
+    """'+3.06 points, better (t = +10.85, df 2.3)' from a variant's vs_baseline record."""
+    w = v.get('vs_baseline') or {}
+    if w.get('diff') is None:
+        return '-'
+    text = f"{w['diff']:+.2f} points"
+    if w.get('t') is None:
+        return text + f" ({len(v['test_acc']['values'])} seed{'s' if len(v['test_acc']['values']) != 1 else ''})"
+    return text + f", {w['verdict']} (t = {w['t']:+.2f}, df {w['df']:.1f})"
+
+
+def single_view_ece(v):
+    """The mean single-view ECE of a variant's runs, read from their metrics.json (tta_flip runs), or None."""
+    values = []
+    for r in v['runs']:
+        try:
+            m = runfiles.read_json(Path(r['path']) / runfiles.METRICS_NAME)
+            values.append(m['single_view']['ece'])
+        except (runfiles.RunFileError, KeyError, TypeError):
+            return None
+    return mean(values)
+
+
+def claim_verdict(name, v):
+    w = v.get('vs_baseline') or {}
+    expected = EXPECTED.get(name)
+    n_div, n = v['diverged'], len(v['runs'])
+    if expected == 'diverges':
+        return (f'holds: {n_div} of {n} runs diverged' if n_div else
+                f'does not hold: 0 of {n} runs diverged; accuracy {w.get("verdict", "-")}')
+    verdict = w.get('verdict', 'too few runs')
+    if expected is None or verdict == 'too few runs':
+        return verdict
+    if verdict == expected:
+        return 'holds'
+    if verdict == 'within noise':
+        return 'not shown: within noise'
+    return f'does not hold: reversed ({verdict})'
+
+
+def claims_variant_settings(options):
+    """The overrides {key: value} that a claims.py variant's main.py options make."""
+    parser = argparse.ArgumentParser(add_help=False)
+    config.add_override_flags(parser)
+    return config.overrides_from_args(parser.parse_args(options))
+
+
+def find_variant(variants, overrides):
+    for v in variants:
+        if {d['key']: d['value'] for d in v['differs']}.keys() == overrides.keys() and all(
+                same(d['value'], overrides[d['key']]) for d in v['differs']):
+            return v
+    return None
+
+
+def render_claims(data, commit, source):
+    import claims        # the suite's variants and the claim each tests
+    variants = data['variants']
+    base = next(v for v in variants if v['is_baseline'])
+    rows = []
+    for name, (options, claim) in claims.VARIANTS.items():
+        if name == 'baseline':
+            continue
+        v = find_variant(variants, claims_variant_settings(options))
+        if v is None:
+            rows.append([claim, f"`{' '.join(options)}`", 'not run', '-'])
+            continue
+        div = f", {v['diverged']} of {len(v['runs'])} diverged" if v['diverged'] else ''
+        rows.append([claim, f"`{' '.join(options)}`",
+                     f"{mean_pm(v['test_acc']['values'])} ({len(v['seeds'])} seeds{div}), {against(v)}",
+                     claim_verdict(name, v)])
+    head = (f"Baseline (the method's `fast` protocol, unchanged): {mean_pm(base['test_acc']['values'])} over "
+            f"{len(base['seeds'])} seeds. Measured at {commit}, by `make claims`; generated from "
+            f"`{shown(source)}`.")
+    return head + '\n\n' + table(['claim of the method', 'variant: `main.py` options',
+                                  'measured: the variant against the baseline', 'verdict'], rows)
+
+
+def render_cells(data, commit, source):
+    variants = data['variants']
+    base = next(v for v in variants if v['is_baseline'])
+    rows = [['`rnn` (the method)', base, '']]
+    for cell in ('gru', 'lstm'):
+        v = find_variant(variants, {'cell': cell})
+        if v is not None:
+            rows.append([f'`{cell}`', v, against(v)])
+    head = f'Measured at {commit}, by `make claims`; generated from `{shown(source)}`.'
+    return head + '\n\n' + table(
+        ['`pixels`, 15 epochs', 'seeds', 'test accuracy, mean ± std', 'each seed', 'against `rnn`'],
+        [[label, str(len(v['seeds'])), mean_pm(v['test_acc']['values']),
+          ', '.join(f'{100 * a:.2f}' for a in v['test_acc']['values']), vs] for label, v, vs in rows])
+
+
+def render_levers(data, commit, source, presets):
+    variants = data['variants']
+    base = next(v for v in variants if v['is_baseline'])
+    rows = []
+    for v in variants:
+        single = single_view_ece(v)
+        label = f"base: `{closest_preset(base['settings'], presets)[0]}`" if v['is_baseline'] else v['label']
+        rows.append([label, f"`{command_for(v['settings'], presets)}`", str(len(v['seeds'])),
+                     f"{mean_pm(v['test_acc']['values'])} "
+                     f"({', '.join(f'{100 * a:.2f}' for a in v['test_acc']['values'])})",
+                     f"{v['ece']['mean']:.3f}" + ('' if single is None else f' / {single:.3f}'),
+                     minutes(v['wall_time_s']['mean']), '' if v['is_baseline'] else against(v)])
+    head = f'Measured at {commit}; generated from `{shown(source)}`.'
+    return head + '\n\n' + table(['lever', 'command', 'seeds', 'test accuracy, mean ± std (each seed)',
+                                  'ECE flip averaged / single view', 'wall time', 'against the base'], rows)
+
+
+# --------------------------------------------------------------------------
+# The pages
+# --------------------------------------------------------------------------
+
+def shown(path):
+    """A path as the pages show it: relative to the repository (or the current folder) when below it."""
+    path = Path(path).absolute()
+    for base in (REPO, Path.cwd()):
+        try:
+            return str(path.relative_to(base))
+        except ValueError:
+            pass
+    return str(path)
+
+
+def head_commit():
+    """HEAD's short hash, with '+changes' when tracked files differ from it; 'unknown' without git."""
+    try:
+        rev = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+    return rev + ('+changes' if dirty else '')
+
+
+def plan(runs_dir, commit, root=REPO):
+    """[(page, block name, new body or None to keep, what was done)] for every generated table."""
+    presets = config.load_presets()
+    runs_dir = Path(runs_dir)
+    out = [('README.md', 'presets', render_presets(presets), 'rewritten from presets.json')]
+    runs = finished_runs(runs_dir, commit) if runs_dir.is_dir() else []
+
+    rows = headline_rows(runs, presets)
+    if rows:
+        stored = read_block((root / 'README.md').read_text(encoding='utf-8'), 'headline', 'README.md')
+        out.append(('README.md', 'headline', merge_rows(stored, rows),
+                    f"rows {', '.join(rows)} rewritten from the runs under {shown(runs_dir)}"))
+    else:
+        out.append(('README.md', 'headline', None,
+                    f'kept: no finished `fast` or `best` run under {shown(runs_dir)}'))
+
+    best = best_run_rows(runs, presets)
+    head = f'Generated from the `best` runs under `{shown(runs_dir)}`.'
+    out.append(('docs/results.md', 'best-runs', head + '\n\n' + table(BEST_RUNS_HEADER, best) if best else None,
+                f'rewritten from the `best` runs under {shown(runs_dir)}' if best
+                else f'kept: no finished `best` run under {shown(runs_dir)}'))
+
+    for source, blocks, figures in (
+            (runs_dir / 'claims' / 'comparison' / 'comparison.json',
+             [('docs/claims.md', 'claims', render_claims), ('docs/claims.md', 'cells', render_cells)],
+             [('test_accuracy.png', 'docs/claims_test_accuracy.png'),
+              ('val_accuracy.png', 'docs/claims_val_accuracy.png')]),
+            (runs_dir / 'levers13' / 'comparison' / 'comparison.json',
+             [('docs/results.md', 'levers', lambda d, c, s: render_levers(d, c, s, presets))],
+             [('test_accuracy.png', 'docs/levers_test_accuracy.png')])):
+        data = read_comparison(source) if source.is_file() else None
+        for page, name, render in blocks:
+            if data is None:
+                out.append((page, name, None, f'kept: {shown(source)} not found'))
+            else:
+                out.append((page, name, render(data, commit, source), f'rewritten from {shown(source)}'))
+        for figure, page in figures:
+            if data is not None and (source.parent / figure).is_file():
+                out.append((page, None, source.parent / figure, f'copied from {shown(source.parent / figure)}'))
+    return out
+
+
+def apply(plan_items, root=REPO, check=False, log=print):
+    """Write (or with check, only compare) every page and figure; returns those that changed.
+
+    plan_items: (page, block name, new body or None to keep it, what) for a table;
+    (figure, None, the file to copy, what) for a figure of compare.py's."""
+    texts, changed = {}, []
+    for page, name, body, what in plan_items:
+        if name is None:
+            content = Path(body).read_bytes()
+            target = root / page
+            if not target.is_file() or target.read_bytes() != content:
+                changed.append(page)
+                if not check:
+                    runfiles.write_atomic(target, lambda f: f.write(content))
+            log(f'{page}: {what}')
+            continue
+        text = texts.setdefault(page, (root / page).read_text(encoding='utf-8'))
+        if body is None:
+            block_span(text, name, page)          # the markers must be there all the same
+        else:
+            texts[page] = write_block(text, name, body, page)
+        log(f'{page} {name}: {what}')
+    for page, text in texts.items():
+        if text != (root / page).read_text(encoding='utf-8'):
+            changed.append(page)
+            if not check:
+                runfiles.write_text(root / page, text)
+    return changed
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description='Rewrite the generated tables of README.md and docs/*.md '
+                                                 'from presets.json and the run folders.')
+    parser.add_argument('--runs', default=str(REPO / 'runs'),
+                        help='the folder holding the run folders (default: runs/ of the repository)')
+    parser.add_argument('--commit', default=None,
+                        help="the commit of the code that trained the runs (default: HEAD, '+changes' "
+                             'if tracked files differ from it)')
+    parser.add_argument('--check', action='store_true',
+                        help='write nothing; exit 1 if a page would change')
+    args = parser.parse_args(argv)
+    try:
+        changed = apply(plan(args.runs, args.commit or head_commit()), check=args.check)
+    except (SourceError, config.ConfigError, runfiles.RunFileError) as e:
+        print(f'docs/tables.py: {e}', file=sys.stderr)
+        return 2
+    if args.check and changed:
+        print(f"docs/tables.py: {', '.join(changed)} would change; run make docs", file=sys.stderr)
+        return 1
+    print(('changed: ' + ', '.join(changed)) if changed else 'no page changed')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

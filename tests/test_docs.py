@@ -1,0 +1,467 @@
+"""The documentation is real: every command that README.md and docs/*.md give names a script, a
+make target and flags that exist; every link resolves; the README stays short; the generated
+tables match their sources, and docs/tables.py rewrites them from run folders (written here by
+hand in main.py's format and compared by compare.py) and keeps them when there are none.
+
+Each script's --help runs once, in parallel subprocesses, as users run it."""
+import concurrent.futures
+import importlib.util
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import config
+import runfiles
+from conftest import LABEL_NAMES, REPO_ROOT
+from metrics import confusion_matrix, expected_calibration_error, per_class_accuracy
+
+README = REPO_ROOT / 'README.md'
+DOCS = REPO_ROOT / 'docs'
+MAKEFILE = REPO_ROOT / 'Makefile'
+README_MAX_BYTES = 15_000
+PAGES = [README] + sorted(DOCS.glob('*.md'))
+INTERPRETERS = ('python', 'python3', '.venv/bin/python', '$(BIN)/python')
+
+
+def load_tables():
+    spec = importlib.util.spec_from_file_location('docs_tables', DOCS / 'tables.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tables = load_tables()
+
+
+# --------------------------------------------------------------------------
+# Commands in the pages
+# --------------------------------------------------------------------------
+
+def code_snippets(text):
+    """The code of a Markdown page: each line of a fenced block, each inline `code` span."""
+    snippets, fenced = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith('```'):
+            fenced = not fenced
+            continue
+        if fenced:
+            snippets.append(line)
+        else:
+            snippets += re.findall(r'`([^`]+)`', line)
+    return snippets
+
+
+def words(snippet):
+    try:
+        return shlex.split(snippet, comments=True)
+    except ValueError:            # an unbalanced quote in prose-like code: plain words will do
+        return snippet.split()
+
+
+def commands(snippet):
+    """[(cwd, [words])] of the shell commands in a snippet, split at && ; | and following cd."""
+    out, cwd, current = [], Path('.'), []
+    for word in words(snippet) + ['&&']:
+        if word in ('&&', ';', '|', '||'):
+            if current[:1] == ['cd'] and len(current) == 2:
+                cwd = cwd / current[1]
+            elif current:
+                out.append((cwd, current))
+            current = []
+        else:
+            current.append(word)
+    return out
+
+
+def flags_of(args):
+    """The option names among command-line words: --name (before any =), -x; not '-' or numbers."""
+    names = []
+    for a in args:
+        a = a.strip('[]')
+        if re.fullmatch(r'--?[A-Za-z][\w-]*(=.*)?', a):
+            names.append(a.split('=', 1)[0])
+    return names
+
+
+def python_commands(pages):
+    """(page, script path relative to the repository, flags, the snippet) of every
+    `python X.py ...` in the pages (python, python3, .venv/bin/python)."""
+    found = []
+    for page in pages:
+        for snippet in code_snippets(page.read_text(encoding='utf-8')):
+            for cwd, cmd in commands(snippet):
+                if cmd[0] in INTERPRETERS and len(cmd) > 1 and cmd[1].endswith('.py'):
+                    found.append((page.name, str(cwd / cmd[1]), flags_of(cmd[2:]), snippet))
+    return found
+
+
+def make_commands(pages):
+    """(page, target, {VAR: value}, snippet) of every `make ...` in the pages."""
+    found = []
+    for page in pages:
+        for snippet in code_snippets(page.read_text(encoding='utf-8')):
+            for _, cmd in commands(snippet):
+                if cmd[0] != 'make':
+                    continue
+                assigned = dict(w.split('=', 1) for w in cmd[1:] if re.fullmatch(r'[A-Z_]+=.*', w))
+                targets = [w for w in cmd[1:] if '=' not in w and not w.startswith('-')] or ['']
+                found += [(page.name, t, assigned, snippet) for t in targets]
+    return found
+
+
+# --------------------------------------------------------------------------
+# What exists: scripts' options (from --help) and the Makefile
+# --------------------------------------------------------------------------
+
+def help_options(script):
+    """The options a script accepts, read from the usage lines of its --help (run as users do)."""
+    proc = subprocess.run([sys.executable, script, '--help'], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, f'{script} --help exited {proc.returncode}: {proc.stderr[-500:]}'
+    usage = proc.stdout.split('\n\n', 1)[0]
+    assert usage.startswith('usage:'), f'{script} --help does not start with argparse usage lines'
+    options = set(re.findall(r'(?<![\w-])(--?[A-Za-z][\w-]*)', usage))
+    return options | ({'--help'} if '-h' in options else set())     # usage shows only -h of -h/--help
+
+
+@pytest.fixture(scope='session')
+def script_options():
+    """{script: its options} for every script the pages (and the Makefile) run; missing ones absent."""
+    scripts = {s for _, s, _, _ in python_commands(PAGES)} | set(makefile()['scripts'].values())
+    existing = sorted(s for s in scripts if (REPO_ROOT / s).is_file())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(existing, pool.map(help_options, existing)))
+
+
+def makefile(path=MAKEFILE):
+    """targets, .PHONY names, variables, the header comment's `make X` names, and {VAR: script}
+    for variables handed to a script in a recipe, and the recipes' python commands."""
+    text = path.read_text(encoding='utf-8')
+    lines = text.splitlines()
+    targets = {m for line in lines for m in re.findall(r'^([A-Za-z][\w-]*)\s*:(?!=)', line)}
+    phony = {w for line in lines if line.startswith('.PHONY:') for w in line.split(':', 1)[1].split()}
+    variables = set(re.findall(r'^([A-Z_]+)\s*[?:]?=', text, flags=re.M))
+    header = []
+    for line in lines:
+        if not line.startswith('#'):
+            break
+        header.append(line)
+    header_names = set()
+    for m in re.finditer(r'\bmake ([\w-]+(?:, [\w-]+)*)', '\n'.join(header)):
+        header_names |= set(m.group(1).split(', '))
+    scripts, recipes = {}, []
+    for line in lines:
+        m = re.match(r'\t\$\(BIN\)/python (\S+\.py)(.*)$', line)
+        if m:
+            recipes.append((m.group(1), flags_of(m.group(2).split())))
+            for var in re.findall(r'\$\(([A-Z_]+)\)', m.group(2)):
+                scripts[var] = m.group(1)
+    return {'targets': targets, 'phony': phony, 'variables': variables, 'header': header_names,
+            'scripts': scripts, 'recipes': recipes}
+
+
+def unknown_options(cmds, options):
+    """The problems of (page, script, flags, snippet) commands against {script: options}."""
+    problems = []
+    for page, script, flags, snippet in cmds:
+        if not (REPO_ROOT / script).is_file():
+            problems.append(f'{page}: `{snippet}` runs {script}, which does not exist')
+            continue
+        problems += [f'{page}: `{snippet}`: {script} has no option {f}' for f in flags
+                     if f not in options[script]]
+    return problems
+
+
+def test_every_python_command_names_a_script_and_options_that_exist(script_options):
+    cmds = python_commands(PAGES)
+    assert len(cmds) > 40 and {'main.py', 'viz.py', 'compare.py', 'claims.py'} <= {c[1] for c in cmds}
+    assert unknown_options(cmds, script_options) == []
+
+
+def test_the_check_fails_on_a_wrong_flag_or_a_missing_script(script_options, tmp_path):
+    page = tmp_path / 'page.md'
+    page.write_text('Run `.venv/bin/python main.py --preset fast --no-such-flag 3`, then\n'
+                    '```bash\ncd benchmarks && python speed.py --profile --steps=3   # fine\n'
+                    'python nowhere.py --x\n```\n', encoding='utf-8')
+    cmds = python_commands([page])
+    assert [c[1] for c in cmds] == ['main.py', 'benchmarks/speed.py', 'nowhere.py']
+    assert cmds[1][2] == ['--profile', '--steps']
+    problems = unknown_options(cmds, script_options)
+    assert len(problems) == 2
+    assert 'no option --no-such-flag' in problems[0] and 'nowhere.py, which does not exist' in problems[1]
+
+
+def test_every_make_command_names_a_target_and_variables_that_exist(script_options):
+    mk = makefile()
+    cmds = make_commands(PAGES)
+    assert {'train', 'test', 'report', 'claims', 'docs', 'bench'} <= {t for _, t, _, _ in cmds}
+    problems = [f'{page}: `{snippet}`: no make target {t!r}' for page, t, _, snippet in cmds
+                if t and t not in mk['targets']]
+    for page, _, assigned, snippet in cmds:
+        for var, value in assigned.items():
+            if var not in mk['variables']:
+                problems.append(f'{page}: `{snippet}`: the Makefile has no variable {var}')
+            elif var in mk['scripts']:     # the value holds options of the script the recipe runs
+                script = mk['scripts'][var]
+                problems += [f'{page}: `{snippet}`: {script} has no option {f}'
+                             for f in flags_of(words(value)) if f not in script_options[script]]
+    assert problems == []
+
+
+def test_the_makefile_lists_every_target_in_phony_and_in_its_header(script_options):
+    mk = makefile()
+    assert mk['targets'] - mk['phony'] == set(), 'targets missing from .PHONY'
+    assert mk['targets'] - mk['header'] == set(), 'targets missing from the header comment'
+    assert mk['header'] - mk['targets'] == set(), 'the header names targets that do not exist'
+    assert {'report', 'docs', 'claims', 'bench'} <= mk['targets']
+    problems = [f'Makefile: {script} has no option {f}' for script, flags in mk['recipes']
+                for f in flags if f not in script_options[script]]
+    assert problems == []
+    # make bench runs every benchmark a user should run.
+    bench = re.search(r'^bench:(.*)$', MAKEFILE.read_text(encoding='utf-8'), flags=re.M).group(1).split()
+    assert set(bench) == {'bench-speed', 'bench-faults', 'bench-loop', 'bench-data'}
+
+
+@pytest.mark.skipif(shutil.which('make') is None, reason='make is not installed')
+def test_make_report_draws_the_latest_run_with_the_venvs_python():
+    proc = subprocess.run(['make', '-n', '-o', '.venv/.installed', 'report'], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == '.venv/bin/python viz.py runs/latest'
+
+
+# --------------------------------------------------------------------------
+# Links, size, pages
+# --------------------------------------------------------------------------
+
+def slug(heading):
+    """GitHub's anchor of a Markdown heading."""
+    text = re.sub(r'[^\w\- ]', '', heading.strip().lower().replace('`', ''))
+    return text.replace(' ', '-')
+
+
+def anchors(page):
+    text = re.sub(r'```.*?```', '', page.read_text(encoding='utf-8'), flags=re.S)
+    return {slug(m) for m in re.findall(r'^#{1,6} (.+)$', text, flags=re.M)}
+
+
+def links(page):
+    text = re.sub(r'```.*?```', '', page.read_text(encoding='utf-8'), flags=re.S)
+    return re.findall(r'!?\[[^\]]*\]\(([^)\s]+)\)', text)
+
+
+def test_every_relative_link_and_image_resolves():
+    problems, checked = [], 0
+    for page in PAGES:
+        for target in links(page):
+            if re.match(r'[a-z]+:', target):
+                continue
+            path, _, fragment = target.partition('#')
+            resolved = (page.parent / path).resolve() if path else page
+            checked += 1
+            if not resolved.exists():
+                problems.append(f'{page.name}: {target} does not exist')
+            elif fragment and resolved.suffix == '.md' and fragment not in anchors(resolved):
+                problems.append(f'{page.name}: {target}: {resolved.name} has no heading #{fragment}')
+    assert checked > 30 and problems == []
+
+
+def test_the_readme_is_short_and_links_every_docs_page_and_every_figure_is_shown():
+    assert len(README.read_bytes()) <= README_MAX_BYTES
+    readme_links = {(README.parent / t.partition('#')[0]).resolve() for t in links(README)}
+    assert {p.resolve() for p in DOCS.glob('*.md')} <= readme_links
+    shown = {(page.parent / t).resolve() for page in PAGES for t in links(page)}
+    assert {p.resolve() for p in DOCS.glob('*.png')} <= shown
+
+
+def test_the_readme_sections_come_in_the_order_of_issue_20():
+    headings = re.findall(r'^## (.+)$', re.sub(r'```.*?```', '', README.read_text(encoding='utf-8'),
+                                                  flags=re.S), flags=re.M)
+    assert headings == ['Quick start', 'The data, online or offline', 'Using the tools', 'Presets',
+                        'The run folder', 'The code', 'Tests', 'Results', 'Documentation']
+
+
+def test_the_run_folder_table_is_one_table_with_the_lock_row():
+    section = README.read_text(encoding='utf-8').split('## The run folder', 1)[1].split('\n## ', 1)[0]
+    rows = re.findall(r'^\|.*\|$', section, flags=re.M)
+    block = section[section.index(rows[0]):section.index(rows[-1]) + len(rows[-1])]
+    assert '\n\n' not in block, 'a blank line breaks the run-folder table'
+    assert rows[-1].startswith('| `.lock` |')
+    for name in ('config.json', 'history.json', 'train.log', 'ckpt.npz', 'best.npz', 'metrics.json',
+                 'predictions.npz', 'report.md'):
+        assert f'`{name}`' in block
+
+
+# --------------------------------------------------------------------------
+# Generated tables
+# --------------------------------------------------------------------------
+
+def test_the_presets_table_is_the_one_presets_json_gives():
+    presets = config.load_presets()
+    block = tables.read_block(README.read_text(encoding='utf-8'), 'presets', 'README.md')
+    assert block == tables.render_presets(presets)
+    rows = [line for line in block.splitlines() if line.startswith('| `')]
+    assert [r.split('|')[1].strip().strip('`') for r in rows] == list(presets)
+
+
+def test_the_pages_are_up_to_date_and_kept_without_run_folders(tmp_path, capsys):
+    assert tables.main(['--runs', str(tmp_path / 'no-runs'), '--check']) == 0
+    out = capsys.readouterr().out
+    assert 'README.md presets: rewritten from presets.json' in out
+    assert out.count(': kept') == 5
+
+
+def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, single_view=None,
+                 n_test=200, **settings):
+    """A finished run folder as main.py writes it (config, history, metrics, predictions, log,
+    a checkpoint at the last epoch), its test predictions right on round(acc * n_test) images."""
+    run = Path(root) / name
+    run.mkdir(parents=True)
+    base = config.load_presets()[preset].settings()
+    cfg = dict(base, **settings, seed=seed, preset=preset, description='', data_dir='data', lr_changes=[])
+    epochs = cfg['epochs']
+    rng = np.random.default_rng(seed + 1000 * len(name))
+    labels = np.arange(n_test) % 10
+    predicted = labels.copy()
+    wrong = np.arange(n_test) >= round(acc * n_test)
+    predicted[wrong] = (labels[wrong] + rng.integers(1, 10, wrong.sum())) % 10
+    logits = rng.normal(scale=0.5, size=(n_test, 10))
+    logits[np.arange(n_test), predicted] += 4
+    probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+    cm = confusion_matrix(labels, probs.argmax(1))
+    history = [{'epoch': e, 'train_loss': 2.0 / e, 'train_acc': acc * e / epochs, 'val_loss': 2.1 / e,
+                'val_acc': acc * e / epochs, 'lr': 0.02, 'base_lr': 0.02, 'epoch_time_s': 20.0,
+                'images_per_s': 900.0, 'elapsed_s': 20.0 * e} for e in range(1, epochs + 1)]
+    metrics = {'test_loss': 1.5, 'test_acc': float((probs.argmax(1) == labels).mean()),
+               'ece': expected_calibration_error(probs, labels), 'per_class_acc': per_class_accuracy(cm),
+               'confusion_matrix': cm, 'best_val_acc': history[-1]['val_acc'], 'best_epoch': epochs,
+               'epochs_done': epochs, 'epochs_planned': epochs, 'stopped_early': False, 'stop_reason': None,
+               'wall_time_s': wall_time_s, 'train_images_per_s': 900.0, 'test_images': n_test,
+               'label_names': LABEL_NAMES, 'time_to_val_acc': {'0.70': None, '0.75': None}}
+    if single_view is not None:
+        metrics['single_view'] = single_view
+    runfiles.write_json(run / 'config.json', cfg)
+    meta = {'format_version': 1, 'kind': 'checkpoint', 'run_config': cfg, 'state': {'epoch': epochs}}
+    runfiles.write_npz(run / 'ckpt.npz', {'meta': np.array(json.dumps(meta)), 'param/b_o': np.zeros(10, np.float32)})
+    runfiles.write_json(run / 'history.json', history)
+    runfiles.write_json(run / 'metrics.json', metrics)
+    runfiles.write_npz(run / 'predictions.npz', {
+        'probs': probs, 'labels': labels.astype(np.int64), 'indices': np.arange(n_test),
+        'hidden': rng.normal(size=(n_test, 8)).astype(np.float32)})
+    runfiles.append_line(run / 'train.log', f'2024-01-01 12:00:00 run {run}: preset {preset}')
+    return run
+
+
+@pytest.fixture(scope='module')
+def fake_runs(tmp_path_factory):
+    """runs/ with a claims suite (baseline, no weight decay, flat, gru: 2 seeds each; no-clipping
+    with a diverged-free pair), second-round levers on `best` at 10 epochs, and two `best` runs;
+    compared by compare.py's command line, as make claims does."""
+    runs = tmp_path_factory.mktemp('docs') / 'runs'
+    claims_dir = runs / 'claims'
+    for seed in (0, 1):
+        finished_run(claims_dir, f'baseline-seed{seed}', seed, 0.45 + 0.01 * seed)
+        finished_run(claims_dir, f'no-weight-decay-seed{seed}', seed, 0.30 + 0.01 * seed, weight_decay=0)
+        finished_run(claims_dir, f'flat-seed{seed}', seed, 0.62 + 0.01 * seed, seq_layout='flat')
+        finished_run(claims_dir, f'gru-seed{seed}', seed, 0.455 - 0.01 * seed, cell='gru')
+    levers = runs / 'levers13'
+    sv = {'test_acc': 0.7, 'test_loss': 1.0, 'ece': 0.012}
+    for seed in (0, 1, 2):
+        finished_run(levers, f'base-s{seed}', seed, 0.72 + 0.005 * seed, preset='best', epochs=10,
+                     single_view=sv, wall_time_s=360.0)
+    finished_run(levers, 'gru-s0', 0, 0.76, preset='best', epochs=10, cell='gru', single_view=sv)
+    for seed in (0, 1):
+        finished_run(runs, f'2026-best-seed{seed}', seed, 0.80 + 0.01 * seed, preset='best',
+                     single_view={'test_acc': 0.795, 'test_loss': 0.7, 'ece': 0.03}, wall_time_s=2500.0)
+    procs = [subprocess.Popen([sys.executable, 'compare.py', *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for args in ([str(claims_dir)], [str(levers), '--baseline', str(levers / 'base-s0')])]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    return runs
+
+
+def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_runs, tmp_path, capsys):
+    root = tmp_path / 'repo'
+    (root / 'docs').mkdir(parents=True)
+    shutil.copy(README, root / 'README.md')
+    for page in DOCS.glob('*.md'):
+        shutil.copy(page, root / 'docs' / page.name)
+    before = {p: (root / p).read_text(encoding='utf-8') for p in ('README.md', 'docs/claims.md', 'docs/results.md')}
+
+    changed = tables.apply(tables.plan(fake_runs, 'abc1234', root=root), root=root, log=print)
+    figures = {'docs/claims_test_accuracy.png': 'claims/comparison/test_accuracy.png',
+               'docs/claims_val_accuracy.png': 'claims/comparison/val_accuracy.png',
+               'docs/levers_test_accuracy.png': 'levers13/comparison/test_accuracy.png'}
+    assert sorted(changed) == sorted(['README.md', 'docs/claims.md', 'docs/results.md', *figures])
+    assert ': kept' not in capsys.readouterr().out
+    for page, source in figures.items():      # compare.py's figures of the same runs, copied
+        assert (root / page).read_bytes() == (fake_runs / source).read_bytes()
+    readme, claims, results = ((root / p).read_text(encoding='utf-8')
+                               for p in ('README.md', 'docs/claims.md', 'docs/results.md'))
+    # Only the text between the markers changed.
+    for page, text in (('README.md', readme), ('docs/claims.md', claims), ('docs/results.md', results)):
+        outside = re.sub(r'<!-- docs/tables.py: begin (\S+) -->.*?<!-- docs/tables.py: end \1 -->', '', text,
+                         flags=re.S)
+        assert outside == re.sub(r'<!-- docs/tables.py: begin (\S+) -->.*?<!-- docs/tables.py: end \1 -->',
+                                 '', before[page], flags=re.S)
+
+    headline = tables.read_block(readme, 'headline', 'README.md')
+    assert "| reference (the method's report) |" in headline and '37.01%' in headline
+    assert ('| `fast` | `.venv/bin/python main.py --preset fast --subset 0.4 --max-hours 1 --seed S` '
+            '| 45.50% ± 0.71 |') in headline
+    assert '| `best` | `.venv/bin/python main.py --preset best --max-hours 1 --seed S` | 80.50% ± 0.71 |' in headline
+    assert '41.7 min | 2 (0, 1) | abc1234 |' in headline
+
+    claims_table = tables.read_block(claims, 'claims', 'docs/claims.md')
+    assert claims_table.startswith("Baseline (the method's `fast` protocol, unchanged): 45.50% ± 0.71 over 2 "
+                                   'seeds. Measured at abc1234, by `make claims`; generated from `')
+    assert '251fa83' not in claims_table
+    assert ('| L2 weight decay: about +3% validation accuracy | `--set weight_decay=0` | 30.50% ± 0.71 (2 seeds), '
+            '-15.00 points, worse (t = -21.21, df 2.0) | holds |') in claims_table
+    assert '| `--seq-layout flat` | 62.50% ± 0.71 (2 seeds), +17.00 points, better' in claims_table
+    assert 'does not hold: reversed (better)' in claims_table
+    assert '| gradient clipping: no NaN divergence | `--set clip=0` | not run | - |' in claims_table
+    cells = tables.read_block(claims, 'cells', 'docs/claims.md')
+    assert '| `gru` | 2 | 45.00% ± 0.71 | 45.50, 44.50 | -0.50 points, within noise' in cells
+    assert '`lstm`' not in cells
+
+    levers = tables.read_block(results, 'levers', 'docs/results.md')
+    assert ('| base: `best` | `.venv/bin/python main.py --preset best --epochs 10 --seed S` | 3 '
+            '| 72.50% ± 0.50 (72.00, 72.50, 73.00) |') in levers
+    assert ('| cell=gru | `.venv/bin/python main.py --preset best --epochs 10 --cell gru --seed S` | 1 '
+            '| 76.00% (76.00) |') in levers
+    assert '/ 0.012 | 6.0 min |' in levers and '+3.50 points (1 seed)' in levers
+    best = tables.read_block(results, 'best-runs', 'docs/results.md')
+    assert best.startswith('Generated from the `best` runs under') and 'Seed 0: measured at' not in best
+    assert '| 0 | 80.00% | 79.50% |' in best and '| 1 | 81.00% | 79.50% |' in best
+    assert '| mean | **80.50% ± 0.71** | 79.50% |' in best
+
+    # Run again: nothing changes; --check agrees.
+    assert tables.apply(tables.plan(fake_runs, 'abc1234', root=root), root=root, log=lambda _: None) == []
+
+
+def test_a_page_without_its_markers_or_a_bad_comparison_is_one_sentence(fake_runs, tmp_path, capsys):
+    root = tmp_path / 'repo'
+    (root / 'docs').mkdir(parents=True)
+    shutil.copy(README, root / 'README.md')
+    for page in DOCS.glob('*.md'):
+        shutil.copy(page, root / 'docs' / page.name)
+    text = (root / 'docs/claims.md').read_text(encoding='utf-8')
+    (root / 'docs/claims.md').write_text(text.replace('<!-- docs/tables.py: end claims -->', ''), encoding='utf-8')
+    with pytest.raises(tables.SourceError, match='docs/claims.md must hold the markers'):
+        tables.apply(tables.plan(tmp_path / 'none', 'x', root=root), root=root, log=lambda _: None)
+
+    runs = tmp_path / 'runs'
+    (runs / 'claims' / 'comparison').mkdir(parents=True)
+    (runs / 'claims' / 'comparison' / 'comparison.json').write_text('{"variants": 3}', encoding='utf-8')
+    assert tables.main(['--runs', str(runs), '--check']) == 2
+    assert 'is not a comparison.json written by compare.py' in capsys.readouterr().err
