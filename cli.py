@@ -51,11 +51,24 @@ def exit_cleanly_on_interrupt_while_starting():
 
 
 def _exit_quietly_if_interrupted_while_starting(exc_type, exc, tb, _default=sys.excepthook):
-    """An interrupt during the imports escapes every try block: say so in one line, exit 130."""
+    """What escapes every try block happened while importing: an interrupt (one line, exit 130),
+    a package that is not installed or a Python too old (one line, exit 2), or a bug
+    (report_crash, exit 3)."""
+    tool = os.path.basename(sys.argv[0] or 'python')
     if issubclass(exc_type, StartupInterrupted):
-        tool = os.path.basename(sys.argv[0] or 'python')
         print(interrupted_message(tool, exc), file=sys.stderr, flush=True)
         os._exit(EXIT_ABORTED)
+    if issubclass(exc_type, ModuleNotFoundError):
+        print(f'error: {tool} needs the Python package {exc.name!r}, which is not installed for '
+              f'{sys.executable}; install the requirements (make venv, or pip install -r requirements.txt) '
+              f'and run it with that interpreter', file=sys.stderr, flush=True)
+        os._exit(EXIT_BAD_INPUT)
+    if issubclass(exc_type, ImportError):   # e.g. data_utils's check of the Python version
+        print(f'error: {exc}', file=sys.stderr, flush=True)
+        os._exit(EXIT_BAD_INPUT)
+    if issubclass(exc_type, Exception):
+        sys.stderr.flush()
+        os._exit(report_crash(tool, exc.with_traceback(tb)))
     _default(exc_type, exc, tb)
 
 

@@ -481,3 +481,14 @@ def test_the_run_summary_names_a_viz_command_that_works_as_typed(data_dir, tmp_p
     drawn = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
     assert drawn.returncode == 0, drawn.stderr
     assert (tmp_path / 'runs' / 'first' / 'report.md').is_file()
+
+
+def test_a_missing_package_is_one_sentence_not_a_traceback(tmp_path):
+    """An interpreter without the requirements (python3 main.py outside the venv) is told what to do."""
+    hide = tmp_path / 'hide'
+    hide.mkdir()
+    (hide / 'tqdm.py').write_text('raise ModuleNotFoundError("No module named \'tqdm\'", name="tqdm")\n')
+    env = dict(os.environ, PYTHONPATH=str(hide))
+    proc = cli('--help', env=env)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert "needs the Python package 'tqdm'" in proc.stderr and 'requirements' in proc.stderr
