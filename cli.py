@@ -16,7 +16,6 @@ import argparse
 import os
 import signal
 import sys
-import traceback
 
 EXIT_OK = 0
 EXIT_DIVERGED = 1
@@ -84,6 +83,7 @@ def report_crash(tool, exc, log_path=None):
     and it can be written; else it goes to stderr only if CNNRNN_TRACEBACK=1 is set.
     Returns EXIT_CRASHED.
     """
+    import traceback   # here, not at the top: the start-up handler must be installed as early as possible
     text = ''.join(traceback.format_exception(exc))
     where = None
     if log_path is not None:

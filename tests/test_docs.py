@@ -7,6 +7,7 @@ Each script's --help runs once, in parallel subprocesses, as users run it."""
 import concurrent.futures
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
@@ -231,8 +232,10 @@ def test_the_makefile_lists_every_target_in_phony_and_in_its_header(script_optio
 
 @pytest.mark.skipif(shutil.which('make') is None, reason='make is not installed')
 def test_make_report_draws_the_latest_run_with_the_venvs_python():
-    proc = subprocess.run(['make', '-n', '-o', '.venv/.installed', 'report'], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=60)
+    # (under an outer make, as in make test, the inner one would print 'Leaving directory' lines)
+    env = {k: v for k, v in os.environ.items() if k not in ('MAKEFLAGS', 'MAKELEVEL', 'MFLAGS')}
+    proc = subprocess.run(['make', '--no-print-directory', '-n', '-o', '.venv/.installed', 'report'],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == '.venv/bin/python viz.py runs/latest'
 
