@@ -10,18 +10,19 @@ or a divergence of one run does not stop the others:
     python main.py --preset fast --subset 0.4 <the variant's options> --seed K \\
                    --out <runs-dir>/<variant>-seed<K> <--extra>
 
-The suite is resumable; what it does with each run folder:
+The suite is resumable; what it does with each run folder, by its state (runfiles.status,
+the one vocabulary of the run-folder contract):
 
-    absent or empty                         run it
-    finished (metrics.json, not stopped early, consistent by compare.py's checks)
+    new (absent or empty)                   run it
+    finished (consistent by compare.py's checks)
                                             skip it
-    diverged (train.log ends in main.py's divergence error)
-                                            skip it: the divergence is the result
+    diverged (diverged.json)                skip it: the divergence is the result
                                             (running it again would diverge again)
-    stopped early, interrupted or crashed, with a checkpoint
+    stopped (early, interrupted, or crashed: crashed.json), or needs evaluation
                                             resume it: python main.py --resume <run>/ckpt.npz
+                                            (with --evaluate when only the test evaluation is to redo)
     in use by another process               skip it this time
-    files but no checkpoint (crashed, killed or diverged-then-resumed in its first epoch)
+    damaged: files but no checkpoint (crashed, killed or diverged-then-resumed in its first epoch)
                                             rename it to <name>.failed-<timestamp>
                                             (nothing is deleted) and run it again
     damaged (a checkpoint that cannot be read, a named pipe or folder where a file
@@ -62,6 +63,7 @@ if __name__ == '__main__':
 
 import argparse
 import datetime
+import os
 import re
 import shlex
 import signal
@@ -70,10 +72,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 import compare
-from runfiles import MAX_SEED, RunFileError, describe_os_error, folder_in_use, read_json, read_npz
+import runfiles
+from runfiles import MAX_SEED, RecordError, RunFileError, describe_os_error
 
 REPO = Path(__file__).resolve().parent
 MAIN = REPO / 'main.py'
@@ -127,7 +128,7 @@ def resume_args(folder, extra=(), evaluate=False):
         name = token.split('=', 1)[0]
         if name in RESUME_OPTIONS:
             kept += [token] if '=' in token else tokens[i:i + 2]
-    return ['--resume', str(Path(folder) / 'ckpt.npz'), *kept] + (['--evaluate'] if evaluate else [])
+    return ['--resume', str(Path(folder) / runfiles.CHECKPOINT_NAME), *kept] + (['--evaluate'] if evaluate else [])
 
 
 def shown(args):
@@ -146,12 +147,13 @@ def move_command(folder, suffix):
 # --------------------------------------------------------------------------
 
 def plan_run(folder):
-    """What to do with one run folder: a dict with action, detail and evaluate. action is one of
+    """What to do with one run folder, from its state (runfiles.status) and, for the details, its
+    checkpoint, config.json and files: a dict with action, detail and evaluate. action is one of
 
     'run'           nothing there yet
     'restart'       files but no checkpoint: move it aside, then run
-    'resume'        a checkpoint and no final metrics, or a crash (evaluate: only the test
-                    evaluation is to redo: metrics.json damaged, or predictions.npz missing)
+    'resume'        stopped, crashed, or its test evaluation to redo (evaluate: only that is
+                    to redo: trained to its last epoch, metrics.json damaged or missing)
     'finished', 'diverged', 'in use'                    nothing to do now
     'not a folder', 'damaged', 'inconsistent'           set aside: never run; detail says why and how to fix it
     """
@@ -164,59 +166,71 @@ def plan_run(folder):
         what = f'is a link to {folder.readlink()}, which is not a folder' if folder.is_symlink() else \
             'exists and is not a folder'
         return job('not a folder', f'{folder} {what}; move it away ({move_command(folder, "old")})')
-    try:
-        empty = not any(folder.iterdir())
-    except OSError as e:
-        return job('damaged', describe_os_error(e, folder, 'read'))
-    if empty:
+    # status never blocks: a named pipe where a file (or the lock) should be makes the folder damaged.
+    state = runfiles.status(folder)
+    if state.state == runfiles.NEW:
         return job('run')
-    # Before the lock is probed: a named pipe called .lock would block that probe forever.
-    unreadable = compare.unreadable_file(folder)
-    if unreadable:
-        return job('damaged', f'{unreadable}; then run the suite again')
-    if folder_in_use(folder):
+    if state.state == runfiles.IN_USE:
         return job('in use', 'another process holds its folder; run the suite again once it has finished')
-    try:
-        event, message = compare.last_event(folder)
-    except RunFileError as e:
-        return job('damaged', str(e))
-    if event == 'diverged':
-        return job('diverged', message)
-    return job(*plan_by_files(folder, crashed=message if event == 'crashed' else None))
+    if state.state == runfiles.DIVERGED:
+        return job('diverged', state.divergence.summary)
+    return job(*plan_by_state(folder, state))
 
 
-def plan_by_files(folder, crashed=None):
-    """(action, detail, evaluate) of a run folder that is neither in use nor diverged, from its files.
+def plan_by_state(folder, state):
+    """(action, detail, evaluate) of a run folder that is neither new, in use nor diverged.
 
-    crashed: the crash message if train.log ends in one (the run is then tried again).
+    A crash (crashed.json) is tried again: resumed from its checkpoint, or started afresh.
     """
-    # main.py writes metrics.json, then predictions.npz: a run killed between the two, or one
-    # whose metrics.json is damaged, needs its evaluation redone (--evaluate).
-    finished, evaluate = False, False
-    if (folder / 'metrics.json').is_file():
-        try:
-            metrics = read_json(folder / 'metrics.json')
-            finished = isinstance(metrics, dict) and metrics.get('stopped_early') is False
-        except RunFileError:
-            evaluate = True
-        if finished and (folder / 'predictions.npz').is_file() and not crashed:
-            run = compare.read_run(folder)
-            if run['status'] == 'finished':
-                return 'finished', '', False
-            return 'inconsistent', f"{run['reason']}; then run the suite again", False
-        evaluate = evaluate or finished
+    crashed = state.crash.message if state.crash is not None else None
+    if state.state == runfiles.DAMAGED:
+        return plan_damaged(folder, state, crashed)
+    if state.state == runfiles.FINISHED and not crashed:
+        return plan_finished(folder)
+    # Stopped early, interrupted or crashed: resume. Trained to the end: evaluate again.
+    evaluate = state.state != runfiles.STOPPED
     earlier = (f'it crashed earlier ({crashed}): trying again' if crashed
                else 'only the test evaluation is to redo' if evaluate else '')
-    if (folder / 'ckpt.npz').exists():
-        problem = checkpoint_problem(folder)
-        if problem:
-            return 'damaged', problem, False
-        edited = config_problem(folder)
-        if edited:
-            return 'inconsistent', f'{edited}; then run the suite again', False
-        return 'resume', earlier, evaluate
-    return 'restart', (f'it crashed earlier ({crashed}), before its first checkpoint: starting it afresh'
-                       if crashed else 'no checkpoint: it crashed or was stopped in its first epoch'), False
+    return plan_resume(folder, earlier, evaluate)
+
+
+def plan_damaged(folder, state, crashed):
+    """(action, detail, evaluate) of a damaged run folder: started afresh if it has no checkpoint
+    at all, else set aside with the fix."""
+    ckpt = folder / runfiles.CHECKPOINT_NAME
+    if state.file != ckpt:
+        return 'damaged', f'{state.reason}; then run the suite again', False
+    if not os.path.lexists(ckpt):
+        return 'restart', (f'it crashed earlier ({crashed}), before its first checkpoint: starting it afresh'
+                           if crashed else 'no checkpoint: it crashed or was stopped in its first epoch'), False
+    return 'damaged', checkpoint_problem(folder) or f'{state.reason}; then run the suite again', False
+
+
+def plan_finished(folder):
+    """(action, detail, evaluate) of a finished run: skipped if compare.py would compare it; its
+    test evaluation redone if metrics.json cannot be read; else set aside as inconsistent."""
+    try:
+        runfiles.read_metrics(folder)
+    except RecordError:      # readable but impossible: compare.py's reason says so
+        pass
+    except RunFileError:     # truncated, not JSON: main.py writes it again from the checkpoint
+        return plan_resume(folder, 'only the test evaluation is to redo', True)
+    run = compare.read_run(folder)
+    if run.status == 'finished':
+        return 'finished', '', False
+    return 'inconsistent', f"{run.reason}; then run the suite again", False
+
+
+def plan_resume(folder, detail, evaluate):
+    """('resume', detail, evaluate) once the checkpoint reads whole and config.json agrees with it;
+    else the run is set aside."""
+    problem = checkpoint_problem(folder)
+    if problem:
+        return 'damaged', problem, False
+    edited = config_problem(folder)
+    if edited:
+        return 'inconsistent', f'{edited}; then run the suite again', False
+    return 'resume', detail, evaluate
 
 
 def checkpoint_problem(folder):
@@ -226,14 +240,8 @@ def checkpoint_problem(folder):
     main.py) and the metadata must hold the run's configuration. main.py checks
     more on --resume; what it refuses there is reported after it exits.
     """
-    path = folder / 'ckpt.npz'
     try:
-        compare.checkpoint_config(path)     # first: it words a plain .npy, which read_npz does not expect
-        arrays = read_npz(path)
-        not_finite = next((name for name, a in arrays.items()
-                           if a.dtype.kind in 'fc' and not np.isfinite(a).all()), None)
-        if not_finite:
-            raise RunFileError(f'{path} holds {not_finite} with values that are not finite (NaN or infinite)')
+        runfiles.verify_checkpoint(folder / runfiles.CHECKPOINT_NAME)
     except RunFileError as e:
         return (f'{e}; it was not resumed: restore the checkpoint, or set the run aside with '
                 f'{move_command(folder, "damaged")} and run the suite again to start it afresh')
@@ -244,13 +252,10 @@ def config_problem(folder):
     """Why the run's config.json does not describe what its checkpoint trains (edited, or
     unreadable), with the fix; None if it agrees. main.py resumes from the checkpoint's copy, so
     an edit would be ignored and the comparison would group the run under the wrong variant."""
-    if not (folder / 'config.json').exists():     # main.py resumes from the checkpoint alone
-        return None
     try:
-        config = read_json(folder / 'config.json')
-        if not isinstance(config, dict):
-            raise RunFileError(f"{folder / 'config.json'} is not a JSON object; restore the file")
-        compare.check_against_checkpoint(folder, config)
+        config = runfiles.read_config(folder, advice=lambda run_dir, name: 'restore the file')
+        if config is not None:     # without one, main.py resumes from the checkpoint alone
+            compare.check_against_checkpoint(folder, config)
     except (RunFileError, compare.LeftOut) as e:
         return str(e)
     return None
@@ -336,12 +341,13 @@ def outcome(job, code):
     folder = job['folder']
     if code == MAIN_OK:
         try:
-            metrics = read_json(folder / 'metrics.json')
+            metrics = runfiles.read_metrics(folder)
+            if metrics is None:
+                raise RunFileError(f'{folder} has none')
         except RunFileError as e:
             return f'crashed: main.py exited 0 without a readable metrics.json ({e})', CRASHED
-        if isinstance(metrics, dict) and metrics.get('stopped_early'):
-            return (f"stopped early ({metrics.get('stop_reason')}); run the suite again to resume it",
-                    UNFINISHED)
+        if metrics.stopped_early:
+            return f'stopped early ({metrics.stop_reason}); run the suite again to resume it', UNFINISHED
         return 'finished', DONE
     if code == MAIN_DIVERGED:
         return 'diverged (kept as a result)', DONE
@@ -361,11 +367,11 @@ def crash_result(folder, code):
     with a code main.py does not use."""
     if code == MAIN_CRASHED:
         try:
-            event, message = compare.last_event(folder)
+            crash = runfiles.read_crash(folder)     # main.py records what it crashed on
         except RunFileError:
-            event, message = None, None
-        what = f'exit 3: {message}' if event == 'crashed' else 'exit 3'
-        where = f"the traceback is in {folder / 'train.log'}" if event == 'crashed' else \
+            crash = None
+        what = f'exit 3: {crash.message}' if crash else 'exit 3'
+        where = f'the traceback is in {folder / runfiles.LOG_NAME}' if crash else \
             'its message above says where the traceback is'
         cause = f'crashed ({what}), a bug: {where}'
     elif code < 0:
@@ -518,8 +524,8 @@ def baseline_run(runs_dir):
     baseline, and compare.py refuses it.
     """
     return next((p for p in sorted(Path(runs_dir).glob('baseline-seed*'))
-                 if re.fullmatch(r'baseline-seed\d+', p.name) and p.is_dir() and (p / 'config.json').is_file()
-                 and compare.unreadable_file(p) is None and config_problem(p) is None), None)
+                 if re.fullmatch(r'baseline-seed\d+', p.name) and (p / runfiles.CONFIG_NAME).is_file()
+                 and config_problem(p) is None), None)
 
 
 def run_suite(args):

@@ -31,19 +31,20 @@ folder by accident (an empty --out is refused).
 
 A run that cannot be compared is named (on stderr and in comparison.md) and
 left out, not fatal: still training (its folder is locked by another process),
-interrupted or stopped early before finishing its epochs, crashed (train.log
-ends in main.py's `crash:` line), no metrics yet, damaged files (including a
+interrupted or stopped early before finishing its epochs, crashed (main.py
+recorded the crash in crashed.json), no metrics yet, damaged files (including a
 named pipe or a folder where one of its files should be), inconsistent files
 (figures that are not finite or impossible, probabilities whose rows do not
 sum to 1, a metrics.json that its predictions.npz does not give, a config.json
 edited after the run started so that it differs from the configuration saved
 in ckpt.npz), or a test set other than the other runs' (another size, or
-another data fingerprint). A run whose loss diverged (main.py exit code 1) is
-not left out but counted as 'diverged' in its variant: for a claim such as
-"clipping prevents divergence" that count is the result.
+another data fingerprint). A run whose loss diverged (main.py exit code 1, and
+diverged.json) is not left out but counted as 'diverged' in its variant: for a
+claim such as "clipping prevents divergence" that count is the result.
 
-Run folders are only read (through runfiles.py, via viz.load_run), never
-written: the lock is probed without taking it over. Exit codes (cli.py): 0
+Run folders are only read, through the run-folder contract (runfiles.read_run
+and runfiles.status, which decide what a run folder is and what state it is
+in), never written: the lock is probed without taking it over. Exit codes (cli.py): 0
 written; 2 bad arguments, no comparable run, or the output cannot be written
 (one sentence on stderr); 3 crashed (a bug); 130 interrupted (before writing,
 nothing was changed; while writing, run the command again).
@@ -59,23 +60,22 @@ import datetime
 import json
 import math
 import os
-import re
 import shlex
 import signal
 import sys
 import time
-import zipfile
-import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import viz
 import config
+import runfiles
 from config import Config
 from metrics import accuracy, expected_calibration_error
-from runfiles import (DIVERGED_NAME, NotRegularFile, RunFileError, check_regular, describe_os_error, file_kind,
-                      folder_in_use, open_regular, read_json, resolve_folder, write_atomic, write_json, write_text)
+from runfiles import (NotRegularFile, RecordError, RunFileError, check_regular, describe_os_error, file_kind,
+                      resolve_folder, write_atomic, write_json, write_text)
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_ABORTED = (cli.EXIT_OK, cli.EXIT_BAD_INPUT, cli.EXIT_CRASHED,
                                                        cli.EXIT_ABORTED)
@@ -90,23 +90,8 @@ NOT_SETTINGS = ('seed', 'data_dir', 'description', 'preset', 'lr_changes')
 NOT_CHECKED_AGAINST_CHECKPOINT = ('data_dir', 'description', 'preset', 'lr_changes')
 # Keys added to config.json after some runs were made, with the value those runs had.
 KEY_DEFAULTS = Config.defaults()
-# Files of which at least one marks a folder as a run folder (main.py writes
-# config.json first, so even a run that crashed at once has it).
-RUN_FILES = ('config.json', 'history.json', 'metrics.json', 'ckpt.npz', 'train.log')
-# Every file of a run folder that compare.py or claims.py opens: each must be a regular file (or a
-# link to one), since a named pipe blocks its reader forever and a device never ends.
-READ_FILES = ('.lock', 'train.log', 'config.json', 'history.json', 'metrics.json', 'predictions.npz',
-              'ckpt.npz', DIVERGED_NAME)
 # What compare.py writes into --out.
 OUT_FILES = ('val_accuracy.png', 'test_accuracy.png', 'comparison.md', 'comparison.json')
-# Lines of main.py's train.log: the divergence error, the crash report (cli.report_crash, not
-# time-stamped), and the events after which an earlier divergence or crash no longer describes
-# the run (a resume, a re-evaluation, a final summary).
-DIVERGED_MARK = 'error: the loss became'
-CRASH_LINE = re.compile(r'^(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d )?crash: (?P<what>.*)$')
-AFTER_EVENT_MARKS = (' resuming ', ' re-evaluating ', 'test     accuracy')
-# A row of predicted probabilities must sum to 1 within this (float32 softmax is good to ~1e-6).
-PROB_SUM_TOL = 1e-3
 # Two-sided 5% critical values of Student's t for 1..30 degrees of freedom;
 # above 30 the value for 30 is used, which errs on the side of "noise".
 T_CRIT_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
@@ -120,6 +105,58 @@ class CompareError(Exception):
 
 class LeftOut(Exception):
     """A run that cannot be compared; the message is the reason, with what to do about it."""
+
+
+@dataclass
+class RunResult:
+    """One run folder as the comparison counts it (read_run).
+
+    status: 'finished', 'diverged' (counted in its variant) or 'left out' (reason says why and
+    what to do; for a diverged run, where it diverged). config, seed and settings (what defines
+    its variant) for a usable run; for a finished one test_acc, ece, wall_time_s, epochs_done,
+    test_images, test_fingerprint (sha256 hex of its test set, None in older runs) and val_acc
+    (per-epoch fractions, None for a missing value).
+    """
+    name: str
+    path: Path
+    status: str = 'left out'
+    reason: str = None
+    config: dict = None
+    seed: int = None
+    settings: dict = None
+    test_acc: float = None
+    ece: float = None
+    wall_time_s: float = None
+    epochs_done: int = None
+    test_images: int = None
+    test_fingerprint: str = None
+    val_acc: list = None
+
+
+@dataclass
+class Variant:
+    """The runs of one setting: label (what differs from the baseline, or 'baseline'),
+    is_baseline, settings, differs [(key, baseline value, this value)], runs (RunResult; the
+    finished and the diverged), and over the finished ones test_acc, ece and wall_time_s
+    ({'mean', 'std', 'values'}), val_curve, and vs_baseline (welch(), None for the baseline)."""
+    label: str
+    is_baseline: bool
+    settings: dict
+    differs: list
+    runs: list
+    test_acc: dict = None
+    ece: dict = None
+    wall_time_s: dict = None
+    val_curve: dict = None
+    vs_baseline: dict = None
+
+    @property
+    def finished(self):
+        return [r for r in self.runs if r.status == 'finished']
+
+    @property
+    def diverged(self):
+        return [r for r in self.runs if r.status == 'diverged']
 
 
 def quoted(path):
@@ -144,12 +181,6 @@ def main_command(*args):
 # Finding the run folders
 # --------------------------------------------------------------------------
 
-def is_run_folder(path):
-    # exists(), not is_file(): a run folder whose config.json is a named pipe is still a run
-    # folder, and read_run says what is wrong with it.
-    return path.is_dir() and any((path / name).exists() for name in RUN_FILES)
-
-
 def expand_runs(paths):
     """The run folders that the command-line arguments name, resolved, each once, in order.
 
@@ -161,10 +192,10 @@ def expand_runs(paths):
     found = []
     for given in paths:
         real = resolve_folder(given, 'give a run folder or a folder of run folders such as runs/claims')
-        if is_run_folder(real):
+        if runfiles.is_run_folder(real):
             found.append(real)
             continue
-        inside = sorted(p for p in map(_resolved, real.iterdir()) if p is not None and is_run_folder(p))
+        inside = sorted(p for p in map(_resolved, real.iterdir()) if p is not None and runfiles.is_run_folder(p))
         if not inside:
             raise CompareError(f'{given} is not a run folder and holds none; give folders written by '
                                f'main.py, or a folder of them such as runs/claims')
@@ -181,97 +212,8 @@ def _resolved(path):
 
 
 # --------------------------------------------------------------------------
-# Reading one run's files
+# One run's configuration against its checkpoint
 # --------------------------------------------------------------------------
-
-def unreadable_file(run_dir):
-    """One sentence for the first of the run's files that is not a regular file, else None.
-
-    Checked before anything is opened: reading a named pipe waits for a writer
-    forever (even runfiles.folder_in_use would, on a named pipe called .lock).
-    """
-    for name in READ_FILES:
-        try:
-            check_regular(Path(run_dir) / name)
-        except OSError as e:
-            return describe_os_error(e, Path(run_dir) / name, 'read')
-    return None
-
-
-def last_event(run_dir):
-    """('diverged' or 'crashed', message) if the run ended in a divergence or a crash, else (None, None).
-
-    From train.log: the last of main.py's divergence error ('the loss became nan
-    at epoch 3, step 5 (lr 0.02)', without its advice) and cli.report_crash's line
-    ('ValueError: ...'), unless a later resume, re-evaluation or final summary
-    cleared it. A diverged.json (main.py writes it when the loss diverges, and
-    removes it when the run is resumed) marks a divergence when train.log does
-    not say. Raises RunFileError if either file exists but cannot be read.
-    """
-    event = (None, None)
-    for line in _log_lines(Path(run_dir) / 'train.log'):
-        crash = CRASH_LINE.match(line)
-        if crash:
-            event = ('crashed', crash.group('what'))
-        elif DIVERGED_MARK in line:
-            event = ('diverged', line[line.index(DIVERGED_MARK) + len('error: '):].split(';')[0])
-        elif any(mark in line for mark in AFTER_EVENT_MARKS):
-            event = (None, None)
-    diverged = Path(run_dir) / DIVERGED_NAME
-    if event == (None, None) and diverged.exists():
-        record = read_json(diverged, fix='restore it, or remove it if the run did not diverge')
-        message = record.get('message') if isinstance(record, dict) else None
-        event = ('diverged', str(message).split(';')[0] if message else f'the loss diverged ({diverged})')
-    return event
-
-
-def _log_lines(path):
-    """The lines of a train.log ([] if there is none); RunFileError if it cannot be read."""
-    try:
-        with open_regular(path, 'r', errors='replace') as f:
-            return f.read().splitlines()
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise RunFileError(describe_os_error(e, path, 'read')) from None
-
-
-def checkpoint_config(path):
-    """The run configuration (dict) saved in a checkpoint's metadata, reading only its `meta` member.
-
-    Raises RunFileError (one sentence naming the file) if it is not a readable
-    .npz archive with a JSON object `meta` holding a `run_config` object.
-    """
-    damaged = (f'{path} is damaged or was not written by main.py ({{}}), so it cannot be resumed '
-               f'and its configuration cannot be checked')
-    try:
-        with open_regular(path, 'rb') as f:
-            archive = np.load(f, allow_pickle=False)
-            if not hasattr(archive, 'files'):
-                raise ValueError('it is a single .npy array, not an .npz archive')
-            with archive:
-                meta = archive['meta']
-    except NotRegularFile as e:
-        raise RunFileError(describe_os_error(e, path, 'read')) from None
-    except OSError as e:
-        if e.errno is not None:
-            raise RunFileError(describe_os_error(e, path, 'read')) from None
-        raise RunFileError(damaged.format(e)) from None
-    except KeyError:
-        raise RunFileError(damaged.format('it has no meta member')) from None
-    except (zipfile.BadZipFile, ValueError, EOFError, zlib.error) as e:
-        raise RunFileError(damaged.format(str(e) or type(e).__name__)) from None
-    try:
-        if meta.ndim != 0 or meta.dtype.kind not in 'US':
-            raise ValueError(f'its meta is a {meta.dtype} array of shape {meta.shape}, not a JSON text')
-        text = meta.item()
-        meta = json.loads(text.decode('utf-8') if isinstance(text, bytes) else text)
-    except ValueError as e:
-        raise RunFileError(damaged.format(f'unreadable meta: {e}')) from None
-    if not isinstance(meta, dict) or not isinstance(meta.get('run_config'), dict):
-        raise RunFileError(damaged.format('its meta holds no run configuration'))
-    return meta['run_config']
-
 
 def config_edits(config, saved):
     """[(key, config.json's value, the checkpoint's value)] in which config.json differs from the
@@ -302,21 +244,22 @@ def check_against_checkpoint(run_dir, config):
 
     A run without ckpt.npz has nothing to be checked against and passes.
     """
-    path = Path(run_dir) / 'ckpt.npz'
+    path = Path(run_dir) / runfiles.CHECKPOINT_NAME
     if not path.exists():
         return
     try:
-        saved = checkpoint_config(path)
+        saved = runfiles.checkpoint_meta(path)['run_config']
     except RunFileError as e:
-        raise LeftOut(f'damaged: {e}: restore it, or move it away (mv {quoted(path)} '
-                      f'{quoted(str(path) + ".damaged")}) to compare the run by its config.json alone') from None
+        raise LeftOut(f'damaged: {e} and its configuration cannot be checked: restore it, or move it away '
+                      f'(mv {quoted(path)} {quoted(str(path) + ".damaged")}) to compare the run by its '
+                      f'config.json alone') from None
     edits = config_edits(config, saved)
     if edits:
         shown = '; '.join(f'{k}: {_short(show(a))} in config.json, {_short(show(b))} in ckpt.npz'
                           for k, a, b in edits[:5]) + ('; ...' if len(edits) > 5 else '')
         raise LeftOut(f'inconsistent: its config.json was changed after the run started and differs from '
                       f'the configuration saved in its checkpoint ({shown}), so its variant is uncertain; '
-                      f"put back the checkpoint's values in {Path(run_dir) / 'config.json'} "
+                      f"put back the checkpoint's values in {Path(run_dir) / runfiles.CONFIG_NAME} "
                       f'(they are what it trained with)')
 
 
@@ -329,56 +272,43 @@ def _short(text, limit=40):
 # --------------------------------------------------------------------------
 
 def read_run(run_dir):
-    """Read and check one run folder.
+    """Read and check one run folder through the run-folder contract (runfiles.read_run, status).
 
-    Returns a dict with name, path, status and reason, and for a usable run
-    config, seed, settings, and for a finished one test_acc, ece, wall_time_s,
-    epochs_done, test_images, test_fingerprint (sha256 hex of the test set, or
-    None in older runs) and val_acc (list of per-epoch fractions, None for a
-    missing value). status is 'finished', 'diverged' (counted in its variant)
-    or 'left out' (reason says why and what to do).
+    Returns a RunResult: finished, diverged or left out with the reason.
     """
-    run = {'name': run_dir.name, 'path': run_dir, 'status': 'left out', 'reason': None}
     try:
-        files = _load_checked(run_dir)
-        config = files['config']
-        run.update(config=config, seed=config.get('seed'), settings=settings_of(config))
+        files = _read_checked(run_dir)
+        config, state = files.config, files.status
+        usable = dict(name=run_dir.name, path=run_dir, config=config, seed=config.get('seed'),
+                      settings=settings_of(config))
         # Before the metrics: a run resumed after a stop and then diverged keeps its earlier metrics.json.
-        event, message = last_event(run_dir)
-        if event == 'diverged':
-            run.update(status='diverged', reason=message)
-            return run
-        if event == 'crashed':
-            raise LeftOut(crashed_reason(run_dir, message))
-        run.update(finished_figures(run_dir, config, files['history'], files['metrics'], files['predictions']))
-        run['status'] = 'finished'
+        if state.state == runfiles.DIVERGED:
+            return RunResult(**usable, status='diverged', reason=state.divergence.summary)
+        if state.crash is not None:
+            raise LeftOut(crashed_reason(run_dir, state.crash.message))
+        return RunResult(**usable, status='finished', **finished_figures(files))
     except LeftOut as e:
-        run['reason'] = str(e)
-    except RunFileError as e:
-        run['reason'] = f'damaged: {e}'
-    return run
+        return RunResult(run_dir.name, run_dir, reason=str(e))
 
 
-def _load_checked(run_dir):
-    """viz.load_run's dict of the run's files, once nothing can block, config.json is there, and it
-    agrees with the checkpoint (first: other advice may rely on the checkpoint). LeftOut otherwise."""
-    unreadable = unreadable_file(run_dir)
-    if unreadable:
-        raise LeftOut(f'damaged: {unreadable}')
-    if folder_in_use(run_dir):
-        raise LeftOut('its folder is in use by another process (still training?)')
-    if not (run_dir / 'config.json').is_file():
-        raise LeftOut('it has no config.json, so its variant is unknown')
-    config = read_json(run_dir / 'config.json')
-    if not isinstance(config, dict):
-        raise LeftOut(f"inconsistent: {run_dir / 'config.json'} is not a JSON object; restore the file")
-    check_against_checkpoint(run_dir, config)
+def _read_checked(run_dir):
+    """The run's files (a runfiles.Run) once they read well, the run is neither in use nor damaged
+    (but for its checkpoint, said below), has a config.json, and that agrees with its checkpoint
+    (first: other advice may rely on the checkpoint). LeftOut otherwise."""
     try:
-        files = viz.load_run(run_dir)
-    except viz.RunFolderError as e:      # readable, but holds what main.py does not write (NaN, 1.5, 'high')
+        files = runfiles.read_run(run_dir)
+    except RecordError as e:          # readable, but holds what main.py does not write (NaN, 1.5, 'high')
         raise LeftOut(f'inconsistent: {e}') from None
-    except RunFileError as e:            # unreadable: truncated, not JSON, not a regular file
+    except RunFileError as e:         # unreadable: truncated, not JSON, not a regular file
         raise LeftOut(f'damaged: {e}') from None
+    state = files.status
+    if state.state == runfiles.IN_USE:
+        raise LeftOut('its folder is in use by another process (still training?)')
+    if state.state == runfiles.DAMAGED and (state.file is None or state.file.name != runfiles.CHECKPOINT_NAME):
+        raise LeftOut(f'damaged: {state.reason}')
+    if files.config is None:
+        raise LeftOut(f'it has no {runfiles.CONFIG_NAME}, so its variant is unknown')
+    check_against_checkpoint(run_dir, files.config)
     return files
 
 
@@ -390,7 +320,7 @@ RESTART_ADVICE = ('train it again in a new folder (main.py does not write into a
 def resume_advice(run_dir, evaluate=False):
     """What to do to continue (or, evaluate=True, re-evaluate) a run: a command that works when
     typed if the run has a checkpoint, else how to start it again."""
-    ckpt = Path(run_dir) / 'ckpt.npz'
+    ckpt = Path(run_dir) / runfiles.CHECKPOINT_NAME
     if ckpt.is_file():
         command = main_command('--resume', ckpt, *(['--evaluate'] if evaluate else []))
         return f'{command} {"redoes the test evaluation" if evaluate else "continues it"}'
@@ -398,117 +328,58 @@ def resume_advice(run_dir, evaluate=False):
 
 
 def crashed_reason(run_dir, what):
-    """Why a run whose train.log ends in main.py's crash report is left out, and what to do."""
-    log = Path(run_dir) / 'train.log'
-    then = (f'once the cause is fixed, {resume_advice(run_dir)}' if (Path(run_dir) / 'ckpt.npz').is_file()
-            else resume_advice(run_dir))
+    """Why a run whose crashed.json records a crash of main.py is left out, and what to do."""
+    log = Path(run_dir) / runfiles.LOG_NAME
+    then = (f'once the cause is fixed, {resume_advice(run_dir)}'
+            if (Path(run_dir) / runfiles.CHECKPOINT_NAME).is_file() else resume_advice(run_dir))
     return f'it crashed ({what}), a bug, not a result: the traceback is in {log}; {then}'
 
 
-def finished_figures(run_dir, config, history, metrics, preds):
-    """The figures of a finished run (test_acc, ece, wall_time_s, epochs_done, test_images,
-    test_fingerprint, val_acc), checked; LeftOut if it is unfinished, damaged or inconsistent."""
-    unfinished = unfinished_reason(run_dir, config, metrics, preds)
+def finished_figures(files):
+    """The figures of a finished run (a runfiles.Run, its records checked): test_acc, ece,
+    wall_time_s, epochs_done, test_images, test_fingerprint, val_acc. LeftOut if it is unfinished
+    or its metrics.json is not that of its predictions.npz."""
+    run_dir, state, metrics, preds = files.folder, files.status, files.metrics, files.predictions
+    unfinished = unfinished_reason(files)
     if unfinished:
         raise LeftOut(unfinished)
-    if not history:
+    if state.state == runfiles.DAMAGED:        # its checkpoint, which nothing above has named
+        raise LeftOut(f'damaged: {state.reason}')
+    if state.state != runfiles.FINISHED:
+        raise LeftOut(f'its checkpoint is at epoch {state.epoch} of {state.epochs}, so its metrics.json is '
+                      f'not its last; {resume_advice(run_dir)}')
+    if not files.history:
         raise LeftOut('it has no per-epoch history (history.json missing or empty)')
-    problem = history_problem(history)
-    if problem:
-        raise LeftOut(f'inconsistent: {problem}; restore history.json, or train the run again in a new folder')
-    redo = resume_advice(run_dir, evaluate=True)
-    problem = metrics_problem(metrics) or predictions_problem(preds)
-    if problem:
-        raise LeftOut(f'inconsistent: {problem}; {redo}')
-    probs, labels = preds['probs'], preds['labels']
     # The numbers of metrics.json must be those of the predictions beside them.
-    test_acc = accuracy(probs, labels)
-    ece = expected_calibration_error(probs, labels)
-    test_images = metrics.get('test_images')
-    if test_images not in (None, len(labels)):
-        raise LeftOut(f'inconsistent: metrics.json counts {test_images} test images, predictions.npz '
-                      f'holds {len(labels)}; {redo}')
-    if abs(test_acc - metrics['test_acc']) > 1e-9 or abs(ece - metrics['ece']) > 1e-6:
-        raise LeftOut(f"inconsistent: metrics.json (test accuracy {metrics['test_acc']:.4f}, ECE "
-                      f"{metrics['ece']:.4f}) does not match predictions.npz ({test_acc:.4f}, {ece:.4f}); {redo}")
-    fingerprint = metrics.get('data_fingerprint')
-    return dict(test_acc=float(metrics['test_acc']), ece=float(metrics['ece']),
-                wall_time_s=metrics.get('wall_time_s'), epochs_done=metrics.get('epochs_done'),
-                test_images=len(labels), test_fingerprint=fingerprint['test'] if fingerprint else None,
-                val_acc=[r.get('val_acc') for r in sorted(history, key=lambda r: r['epoch'])])
+    test_acc = accuracy(preds.probs, preds.labels)
+    ece = expected_calibration_error(preds.probs, preds.labels)
+    if abs(test_acc - metrics.test_acc) > 1e-9 or abs(ece - metrics.ece) > 1e-6:
+        raise LeftOut(f'inconsistent: metrics.json (test accuracy {metrics.test_acc:.4f}, ECE {metrics.ece:.4f}) '
+                      f'does not match predictions.npz ({test_acc:.4f}, {ece:.4f}); '
+                      f'{resume_advice(run_dir, evaluate=True)}')
+    fingerprint = metrics.data_fingerprint
+    return dict(test_acc=float(metrics.test_acc), ece=float(metrics.ece), wall_time_s=metrics.wall_time_s,
+                epochs_done=metrics.epochs_done, test_images=len(preds.labels),
+                test_fingerprint=fingerprint['test'] if fingerprint else None,
+                val_acc=[r.val_acc for r in sorted(files.history, key=lambda r: r.epoch)])
 
 
-def unfinished_reason(run_dir, config, metrics, preds):
-    """Why a run has no final figures yet (no metrics, stopped early, no predictions), with what to
-    do; None when it has them."""
+def unfinished_reason(files):
+    """Why a run (a runfiles.Run) has no final figures yet (no metrics, stopped early, no
+    predictions), with what to do; None when it has them."""
+    run_dir, metrics = files.folder, files.metrics
     if metrics is None:
-        if (run_dir / 'ckpt.npz').is_file():
+        if (run_dir / runfiles.CHECKPOINT_NAME).is_file():
             return f'it stopped before its test evaluation (no metrics.json); {resume_advice(run_dir)}'
         return ('it has neither metrics.json nor a checkpoint: it crashed or was stopped in its first '
                 f'epoch (or is just starting); {RESTART_ADVICE}')
-    stopped_early, test_images = metrics.get('stopped_early', False), metrics.get('test_images')
-    if not isinstance(stopped_early, bool) or not (test_images is None or (
-            isinstance(test_images, int) and not isinstance(test_images, bool) and test_images > 0)):
-        return (f"damaged: {run_dir / 'metrics.json'} has stopped_early = {stopped_early!r} and "
-                f'test_images = {test_images!r}, not what main.py writes; {resume_advice(run_dir, evaluate=True)}')
-    if stopped_early:
-        done, planned = metrics.get('epochs_done'), metrics.get('epochs_planned', config.get('epochs'))
-        return (f"it stopped early ({metrics.get('stop_reason') or 'no reason given'}) after "
-                f'{done} of {planned} epochs; {resume_advice(run_dir)}')
-    if preds is None:
+    if metrics.stopped_early:
+        planned = metrics.epochs_planned if metrics.epochs_planned is not None else files.config.get('epochs')
+        return (f'it stopped early ({metrics.stop_reason or "no reason given"}) after '
+                f'{metrics.epochs_done} of {planned} epochs; {resume_advice(run_dir)}')
+    if files.predictions is None:
         return (f'it has metrics.json but no predictions.npz (its evaluation was interrupted?); '
                 f'{resume_advice(run_dir, evaluate=True)}')
-    return None
-
-
-def _finite(v, low=-math.inf, high=math.inf):
-    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            and low <= v <= high)
-
-
-# What each figure of metrics.json and history.json must be: (low, high, may it be null).
-METRIC_RANGES = {'test_acc': (0, 1, False), 'ece': (0, 1, False), 'test_loss': (0, math.inf, False),
-                 'best_val_acc': (0, 1, True), 'wall_time_s': (0, math.inf, True)}
-HISTORY_RANGES = {'train_acc': (0, 1), 'val_acc': (0, 1), 'train_loss': (0, math.inf),
-                  'val_loss': (0, math.inf), 'lr': (0, math.inf), 'epoch_time_s': (0, math.inf),
-                  'images_per_s': (0, math.inf), 'elapsed_s': (0, math.inf)}
-
-
-def metrics_problem(metrics):
-    """The first figure of metrics.json that is not finite or is impossible (an accuracy outside
-    [0, 1], ...), or a malformed data_fingerprint, in a few words; else None."""
-    for key, (low, high, nullable) in METRIC_RANGES.items():
-        v = metrics.get(key)
-        if not (_finite(v, low, high) or (nullable and v is None)):
-            return f'metrics.json has {key} = {_short(repr(v))}, which is not a number in [{low}, {high}]'
-    fp = metrics.get('data_fingerprint')
-    if fp is not None and not (isinstance(fp, dict) and isinstance(fp.get('test'), str) and fp['test']):
-        return f"metrics.json has data_fingerprint = {_short(repr(fp))}, not {{'train': hex, 'test': hex}}"
-    return None
-
-
-def history_problem(history):
-    """The first figure of history.json (a list of per-epoch records) that is not finite or is
-    impossible, in a few words; else None. A missing value (null) is allowed."""
-    for i, record in enumerate(history, 1):
-        for key, (low, high) in HISTORY_RANGES.items():
-            v = record.get(key)
-            if v is not None and not _finite(v, low, high):
-                return f"history.json's record {i} has {key} = {_short(repr(v))}, not a number in [{low}, {high}]"
-    return None
-
-
-def predictions_problem(preds):
-    """What is wrong with predictions.npz's probs (N, C): values that are not finite or negative,
-    rows that do not sum to 1; else None."""
-    probs = preds['probs']
-    if not np.isfinite(probs).all():
-        return 'predictions.npz holds probabilities that are not finite'
-    sums = probs.astype(np.float64).sum(axis=1)
-    bad = np.flatnonzero((np.abs(sums - 1) > PROB_SUM_TOL) | (probs < 0).any(axis=1))
-    if bad.size:
-        return (f'predictions.npz holds {bad.size} rows of probabilities that are negative or do not '
-                f'sum to 1 (row {bad[0]} sums to {sums[bad[0]]:.4g})')
     return None
 
 
@@ -519,23 +390,21 @@ def leave_out_other_test_sets(runs):
     runs that record it, the most common data fingerprint (ties: the first in
     sorted order); a run without a fingerprint (older versions) is compared by size.
     """
-    finished = [r for r in runs if r['status'] == 'finished']
+    finished = [r for r in runs if r.status == 'finished']
     if not finished:
         return
-    sizes = [r['test_images'] for r in finished]
+    sizes = [r.test_images for r in finished]
     usual = max(set(sizes), key=lambda s: (sizes.count(s), s))
-    prints = sorted(r['test_fingerprint'] for r in finished
-                    if r['test_images'] == usual and r.get('test_fingerprint'))
+    prints = sorted(r.test_fingerprint for r in finished if r.test_images == usual and r.test_fingerprint)
     usual_print = max(dict.fromkeys(prints), key=prints.count) if prints else None
     for r in finished:
-        if r['test_images'] != usual:
-            r.update(status='left out', reason=f"it was evaluated on {r['test_images']} test images, "
-                                               f'the other runs on {usual}')
-        elif usual_print and r.get('test_fingerprint') and r['test_fingerprint'] != usual_print:
-            r.update(status='left out', reason=(
-                f"it was tested on another test set than the other runs (data fingerprint "
-                f"{r['test_fingerprint'][:12]}..., theirs {usual_print[:12]}...); compare it with runs "
-                f'tested on the same test_batch'))
+        if r.test_images != usual:
+            r.status, r.reason = 'left out', f'it was evaluated on {r.test_images} test images, the other runs on {usual}'
+        elif usual_print and r.test_fingerprint and r.test_fingerprint != usual_print:
+            r.status, r.reason = 'left out', (
+                f'it was tested on another test set than the other runs (data fingerprint '
+                f'{r.test_fingerprint[:12]}..., theirs {usual_print[:12]}...); compare it with runs '
+                f'tested on the same test_batch')
 
 
 # --------------------------------------------------------------------------
@@ -599,15 +468,14 @@ def preset_settings(name=BASELINE_PRESET):
 def group_variants(runs, baseline_settings=None):
     """Group finished and diverged runs by their settings; label each against the baseline.
 
-    Returns (variants, baseline, why): variants a list of dicts (label,
-    settings, differs, runs, finished, diverged), the baseline variant first,
+    Returns (variants, baseline, why): variants a list of Variant, the baseline variant first,
     then by mean test accuracy, highest first; baseline the settings dict the
     labels are relative to; why a phrase saying how the baseline was chosen.
     """
     groups = {}
     for r in runs:
-        if r['status'] in ('finished', 'diverged'):
-            groups.setdefault(variant_key(r['settings']), []).append(r)
+        if r.status in ('finished', 'diverged'):
+            groups.setdefault(variant_key(r.settings), []).append(r)
     if baseline_settings is not None:
         why = 'the variant of the run given by --baseline'
     else:
@@ -616,21 +484,17 @@ def group_variants(runs, baseline_settings=None):
             baseline_settings, why = fast, f"the variant with the settings of presets.json's `{BASELINE_PRESET}` preset"
         else:
             # The most finished runs, then the most runs; a tie goes to the group met first.
-            largest = max(groups.values(), key=lambda g: (sum(r['status'] == 'finished' for r in g), len(g)))
-            baseline_settings, why = largest[0]['settings'], 'the variant with the most runs'
+            largest = max(groups.values(), key=lambda g: (sum(r.status == 'finished' for r in g), len(g)))
+            baseline_settings, why = largest[0].settings, 'the variant with the most runs'
     base_key = variant_key(baseline_settings)
     variants = []
     for key, members in groups.items():
-        differs = differences(members[0]['settings'], baseline_settings)
+        differs = differences(members[0].settings, baseline_settings)
         label = 'baseline' if key == base_key else ', '.join(f'{k}={show(v)}' for k, _, v in differs)
-        finished = [r for r in members if r['status'] == 'finished']
-        variants.append({'label': label, 'is_baseline': key == base_key, 'settings': members[0]['settings'],
-                         'differs': differs, 'runs': members, 'finished': finished,
-                         'diverged': [r for r in members if r['status'] == 'diverged']})
-    for v in variants:
-        v.update(summarise(v['finished']))
-    variants.sort(key=lambda v: (not v['is_baseline'], v['test_acc']['mean'] is None,
-                                 -(v['test_acc']['mean'] or 0), v['label']))
+        finished = [r for r in members if r.status == 'finished']
+        variants.append(Variant(label, key == base_key, members[0].settings, differs, members, **summarise(finished)))
+    variants.sort(key=lambda v: (not v.is_baseline, v.test_acc['mean'] is None,
+                                 -(v.test_acc['mean'] or 0), v.label))
     return variants, baseline_settings, why
 
 
@@ -653,7 +517,7 @@ def summarise(finished):
     The curve has one entry per epoch: mean, min and max of val_acc over the
     runs that recorded that epoch (None where none did).
     """
-    curves = [r['val_acc'] for r in finished]
+    curves = [r.val_acc for r in finished]
     curve = {'epoch': [], 'mean': [], 'min': [], 'max': []}
     for e in range(max((len(c) for c in curves), default=0)):
         values = [c[e] for c in curves if e < len(c) and c[e] is not None]
@@ -661,9 +525,9 @@ def summarise(finished):
         curve['mean'].append(float(np.mean(values)) if values else None)
         curve['min'].append(min(values) if values else None)
         curve['max'].append(max(values) if values else None)
-    return {'test_acc': mean_std([r['test_acc'] for r in finished]),
-            'ece': mean_std([r['ece'] for r in finished]),
-            'wall_time_s': mean_std([r['wall_time_s'] for r in finished]),
+    return {'test_acc': mean_std([r.test_acc for r in finished]),
+            'ece': mean_std([r.ece for r in finished]),
+            'wall_time_s': mean_std([r.wall_time_s for r in finished]),
             'val_curve': curve}
 
 
@@ -676,7 +540,7 @@ def welch(variant, baseline):
     value at those degrees of freedom (rounded down), else 'within noise';
     'too few runs' when either side has fewer than 2 finished runs.
     """
-    a, b = variant['test_acc']['values'], baseline['test_acc']['values']
+    a, b = variant.test_acc['values'], baseline.test_acc['values']
     out = {'diff': None, 'se': None, 't': None, 'df': None, 't_crit': None, 'verdict': 'too few runs'}
     if not a or not b:
         return out
@@ -707,18 +571,18 @@ def variant_colors(variants):
     palette = matplotlib.colormaps['tab10']
     colors, k = {}, 0
     for v in variants:
-        if v['is_baseline']:
-            colors[v['label']] = 'black'
+        if v.is_baseline:
+            colors[v.label] = 'black'
         else:
-            colors[v['label']] = palette(k % 10)
+            colors[v.label] = palette(k % 10)
             k += 1
     return colors
 
 
 def legend_label(v):
-    n = len(v['finished'])
-    diverged = f", {len(v['diverged'])} diverged" if v['diverged'] else ''
-    return f"{v['label']} ({n} seed{'s' if n != 1 else ''}{diverged})"
+    n = len(v.finished)
+    diverged = f", {len(v.diverged)} diverged" if v.diverged else ''
+    return f"{v.label} ({n} seed{'s' if n != 1 else ''}{diverged})"
 
 
 def plot_val_accuracy(variants, colors):
@@ -729,18 +593,18 @@ def plot_val_accuracy(variants, colors):
     ax = fig.subplots()
     last = 0
     for v in variants:
-        curve = v['val_curve']
-        if not v['finished'] or not curve['epoch']:
+        curve = v.val_curve
+        if not v.finished or not curve['epoch']:
             continue
         epoch = np.array(curve['epoch'])
         mean, lo, hi = (100 * np.array([np.nan if x is None else x for x in curve[k]], dtype=float)
                         for k in ('mean', 'min', 'max'))
         style = {'marker': 'o', 'markersize': 3 if len(epoch) > 30 else 4}
-        ax.plot(epoch, mean, color=colors[v['label']], label=legend_label(v),
-                linewidth=2.2 if v['is_baseline'] else 1.5, zorder=3 if v['is_baseline'] else 2, **style)
-        ax.fill_between(epoch, lo, hi, color=colors[v['label']], alpha=0.15, linewidth=0)
+        ax.plot(epoch, mean, color=colors[v.label], label=legend_label(v),
+                linewidth=2.2 if v.is_baseline else 1.5, zorder=3 if v.is_baseline else 2, **style)
+        ax.fill_between(epoch, lo, hi, color=colors[v.label], alpha=0.15, linewidth=0)
         if len(epoch) == 1:      # a band of one epoch has no width: show the spread as a bar
-            ax.vlines(epoch, lo, hi, color=colors[v['label']], alpha=0.4, linewidth=6)
+            ax.vlines(epoch, lo, hi, color=colors[v.label], alpha=0.4, linewidth=6)
         last = max(last, len(epoch))
     ax.set(title='Validation accuracy per epoch: mean over seeds, band from the lowest to the highest seed',
            xlabel='epoch', ylabel='validation accuracy (%)')
@@ -757,12 +621,12 @@ def plot_test_accuracy(variants, colors):
     """Test accuracy per variant: the mean (diamond), +- one std (whiskers), every seed (dots)."""
     fig = viz._new_figure(figsize=(11, 1.6 + 0.6 * len(variants)))
     ax = fig.subplots()
-    base = next((v for v in variants if v['is_baseline']), None)
-    if base is not None and base['test_acc']['mean'] is not None:
-        ax.axvline(100 * base['test_acc']['mean'], color='0.5', linestyle='--', linewidth=1,
-                   label=f"baseline mean {100 * base['test_acc']['mean']:.2f}%")
+    base = next((v for v in variants if v.is_baseline), None)
+    if base is not None and base.test_acc['mean'] is not None:
+        ax.axvline(100 * base.test_acc['mean'], color='0.5', linestyle='--', linewidth=1,
+                   label=f"baseline mean {100 * base.test_acc['mean']:.2f}%")
     for y, v in enumerate(variants):
-        color, acc = colors[v['label']], v['test_acc']
+        color, acc = colors[v.label], v.test_acc
         if acc['values']:
             # The seeds just below the mean, each a little lower than the last, so that
             # none hides under the mean's marker or under another seed of equal accuracy.
@@ -774,8 +638,8 @@ def plot_test_accuracy(variants, colors):
             std = '' if acc['std'] is None else f" ± {100 * acc['std']:.2f}"
             ax.annotate(f"{100 * acc['mean']:.2f}{std}%", (100 * acc['mean'], y), xytext=(0, 11),
                         textcoords='offset points', ha='center', fontsize=9)
-        if v['diverged']:
-            ax.annotate(f"{len(v['diverged'])} of {len(v['runs'])} diverged", (0, y),
+        if v.diverged:
+            ax.annotate(f"{len(v.diverged)} of {len(v.runs)} diverged", (0, y),
                         xycoords=('axes fraction', 'data'), xytext=(6, -14), textcoords='offset points',
                         color='tab:red', fontsize=9)
     ax.set_yticks(range(len(variants)), [legend_label(v) for v in variants])
@@ -783,7 +647,7 @@ def plot_test_accuracy(variants, colors):
     ax.set(title='Test accuracy per variant: diamond = mean, whiskers = ± 1 std over seeds, dots = seeds',
            xlabel='test accuracy (%)')
     ax.grid(alpha=0.3, axis='x')
-    if base is not None and base['test_acc']['mean'] is not None:
+    if base is not None and base.test_acc['mean'] is not None:
         ax.legend(loc='lower right', fontsize=9)
     return fig
 
@@ -820,7 +684,7 @@ RULE = ("The rule: the difference of the mean test accuracies (variant minus bas
 
 
 def build_markdown(variants, left_out, why, sources):
-    n_runs = sum(len(v['runs']) for v in variants)
+    n_runs = sum(len(v.runs) for v in variants)
     lines = ['# Comparison of runs', '',
              f"Generated by `compare.py` on {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} from "
              + ', '.join(f'`{s}`' for s in sources) + '.', '',
@@ -836,47 +700,47 @@ def build_markdown(variants, left_out, why, sources):
               '| differs from the baseline in |'),
              '| --- | ---: | ---: | ---: | ---: | ---: | --- |']
     for v in variants:
-        differs = '(the baseline)' if v['is_baseline'] else '; '.join(
-            f'{k}: {show(b)} → {show(x)}' for k, b, x in v['differs'])
-        lines.append(f"| {v['label']} | {len(v['finished'])} | {len(v['diverged'])} of {len(v['runs'])} | "
-                     f"{_pm(v['test_acc'], 100, 2)} | {_pm(v['ece'], 1, 4)} | {_minutes(v['wall_time_s']['mean'])} | "
+        differs = '(the baseline)' if v.is_baseline else '; '.join(
+            f'{k}: {show(b)} → {show(x)}' for k, b, x in v.differs)
+        lines.append(f"| {v.label} | {len(v.finished)} | {len(v.diverged)} of {len(v.runs)} | "
+                     f"{_pm(v.test_acc, 100, 2)} | {_pm(v.ece, 1, 4)} | {_minutes(v.wall_time_s['mean'])} | "
                      f'{differs} |')
     lines += ['', ('*seeds*: the finished runs of the variant. Mean ± sample standard deviation (n - 1) '
                    'over them. A diverged run (non-finite loss, main.py exit code 1) has no test accuracy '
                    'and counts only in the *diverged* column.'), '']
 
-    base = next((v for v in variants if v['is_baseline']), None)
-    others = [v for v in variants if not v['is_baseline']]
+    base = next((v for v in variants if v.is_baseline), None)
+    others = [v for v in variants if not v.is_baseline]
     if others:
         lines += ['## Against the baseline', '']
-        if base is None or not base['finished']:
+        if base is None or not base.finished:
             lines += ['No finished run of the baseline variant: no differences to report.', '']
         else:
             lines += [('| variant | test accuracy difference (points) | standard error | Welch t (df) '
                        '| verdict | diverged (baseline) |'),
                       '| --- | ---: | ---: | ---: | --- | ---: |']
             for v in others:
-                w = v['vs_baseline']
+                w = v.vs_baseline
                 t = '-' if w['t'] is None else f"{w['t']:+.2f} ({w['df']:.1f})"
                 se = '-' if w['se'] is None else f"{w['se']:.2f}"
-                lines.append(f"| {v['label']} | {_signed(w['diff'])} | {se} | {t} | {w['verdict']} | "
-                             f"{len(v['diverged'])} of {len(v['runs'])} ({len(base['diverged'])} of "
-                             f"{len(base['runs'])}) |")
+                lines.append(f"| {v.label} | {_signed(w['diff'])} | {se} | {t} | {w['verdict']} | "
+                             f"{len(v.diverged)} of {len(v.runs)} ({len(base.diverged)} of "
+                             f"{len(base.runs)}) |")
             lines += ['', RULE, '']
 
     lines += ['## Runs', '', '| run | variant | seed | test accuracy (%) | ECE | epochs | wall time (min) |',
               '| --- | --- | ---: | ---: | ---: | ---: | ---: |']
     for v in variants:
-        for r in v['runs']:
-            if r['status'] == 'diverged':
-                lines.append(f"| {r['name']} | {v['label']} | {r['seed']} | diverged: {r['reason']} | | | |")
+        for r in v.runs:
+            if r.status == 'diverged':
+                lines.append(f"| {r.name} | {v.label} | {r.seed} | diverged: {r.reason} | | | |")
             else:
-                lines.append(f"| {r['name']} | {v['label']} | {r['seed']} | {100 * r['test_acc']:.2f} | "
-                             f"{r['ece']:.4f} | {r['epochs_done']} | {_minutes(r['wall_time_s'])} |")
+                lines.append(f"| {r.name} | {v.label} | {r.seed} | {100 * r.test_acc:.2f} | "
+                             f"{r.ece:.4f} | {r.epochs_done} | {_minutes(r.wall_time_s)} |")
     lines.append('')
     if left_out:
         lines += ['## Left out', '']
-        lines += [f"- `{r['path']}`: {r['reason']}" for r in left_out]
+        lines += [f"- `{r.path}`: {r.reason}" for r in left_out]
         lines.append('')
     return '\n'.join(lines)
 
@@ -884,10 +748,10 @@ def build_markdown(variants, left_out, why, sources):
 def build_json(variants, baseline_settings, left_out, why, sources):
     def run_record(r):
         keys = ('name', 'seed', 'status', 'test_acc', 'ece', 'wall_time_s', 'epochs_done', 'test_images')
-        record = {k: r.get(k) for k in keys}
-        record['path'] = str(r['path'])
-        if r['status'] == 'diverged':
-            record['diverged'] = r['reason']
+        record = {k: getattr(r, k) for k in keys}
+        record['path'] = str(r.path)
+        if r.status == 'diverged':
+            record['diverged'] = r.reason
         return record
 
     return {
@@ -897,17 +761,17 @@ def build_json(variants, baseline_settings, left_out, why, sources):
         'not_settings': list(NOT_SETTINGS),
         'rule': "Welch's t-test of test accuracy against the baseline, two-sided 5%",
         'variants': [{
-            'label': v['label'], 'is_baseline': v['is_baseline'],
-            'differs': [{'key': k, 'baseline': b, 'value': x} for k, b, x in v['differs']],
-            'settings': v['settings'],
-            'finished': len(v['finished']), 'diverged': len(v['diverged']),
-            'seeds': [r['seed'] for r in v['finished']],
-            'test_acc': v['test_acc'], 'ece': v['ece'], 'wall_time_s': v['wall_time_s'],
-            'val_acc_curve': v['val_curve'],
-            'vs_baseline': v.get('vs_baseline'),
-            'runs': [run_record(r) for r in v['runs']],
+            'label': v.label, 'is_baseline': v.is_baseline,
+            'differs': [{'key': k, 'baseline': b, 'value': x} for k, b, x in v.differs],
+            'settings': v.settings,
+            'finished': len(v.finished), 'diverged': len(v.diverged),
+            'seeds': [r.seed for r in v.finished],
+            'test_acc': v.test_acc, 'ece': v.ece, 'wall_time_s': v.wall_time_s,
+            'val_acc_curve': v.val_curve,
+            'vs_baseline': v.vs_baseline,
+            'runs': [run_record(r) for r in v.runs],
         } for v in variants],
-        'left_out': [{'run': r['name'], 'path': str(r['path']), 'reason': r['reason']} for r in left_out],
+        'left_out': [{'run': r.name, 'path': str(r.path), 'reason': r.reason} for r in left_out],
     }
 
 
@@ -925,11 +789,11 @@ def baseline_settings_from(given):
     if not path.is_dir():
         raise CompareError(f'--baseline {given} is not a run folder; {example}')
     try:
-        config = read_json(path / 'config.json', fix='give another run of the baseline variant')
+        config = runfiles.read_config(path, advice=lambda folder, name: 'give another run of the baseline variant')
     except RunFileError as e:
         raise CompareError(f'--baseline: {e}') from None
-    if not isinstance(config, dict):
-        raise CompareError(f'--baseline {given}: its config.json is not a JSON object; give another run')
+    if config is None:
+        raise CompareError(f'--baseline {given} has no config.json; give another run of the baseline variant')
     try:
         check_against_checkpoint(path.resolve(), config)
     except LeftOut as e:
@@ -945,21 +809,15 @@ def default_out(run_dirs):
     return parent / 'comparison'
 
 
-def _made_by_main(folder):
-    """True for a folder main.py wrote: it holds config.json and train.log (written within moments
-    of each other), so a user's own folder that happens to hold a config.json is not mistaken for one."""
-    return (folder / 'config.json').exists() and (folder / 'train.log').exists()
-
-
 def run_folder_at_or_above(out, run_dirs):
     """The run folder that the resolved path out is, or lies inside, or None.
 
-    out itself counts if it looks like a run folder at all (is_run_folder); a
-    folder above it only if it is one of the runs read or was made by main.py.
+    out itself counts if it looks like a run folder at all (runfiles.is_run_folder); a
+    folder above it only if it is one of the runs read or was certainly made by main.py.
     """
-    if out in run_dirs or (out.is_dir() and is_run_folder(out)):
+    if out in run_dirs or runfiles.is_run_folder(out):
         return out
-    return next((p for p in out.parents if p in run_dirs or _made_by_main(p)), None)
+    return next((p for p in out.parents if p in run_dirs or runfiles.is_run_folder(p, certain=True)), None)
 
 
 def check_out(given, run_dirs):
@@ -1011,18 +869,18 @@ def compare(paths, out=None, baseline=None, log=print, warn=None):
     out = check_out(out, run_dirs)
     runs = [read_run(d) for d in run_dirs]
     leave_out_other_test_sets(runs)
-    left_out = [r for r in runs if r['status'] == 'left out']
+    left_out = [r for r in runs if r.status == 'left out']
     for r in left_out:
-        warn(f"compare.py: left out {r['path']}: {r['reason']}")
-    if not any(r['status'] == 'finished' for r in runs):
-        diverged = sum(r['status'] == 'diverged' for r in runs)
+        warn(f"compare.py: left out {r.path}: {r.reason}")
+    if not any(r.status == 'finished' for r in runs):
+        diverged = sum(r.status == 'diverged' for r in runs)
         raise CompareError(f'no comparable run among the {len(runs)} found ({diverged} diverged, '
                            f'{len(left_out)} left out, as listed above); finish or resume some runs first')
     variants, baseline_settings, why = group_variants(runs, baseline_settings)
-    base = next((v for v in variants if v['is_baseline']), None)
+    base = next((v for v in variants if v.is_baseline), None)
     for v in variants:
-        if not v['is_baseline']:
-            v['vs_baseline'] = welch(v, base) if base is not None else None
+        if not v.is_baseline:
+            v.vs_baseline = welch(v, base) if base is not None else None
     record = build_json(variants, baseline_settings, left_out, why, paths)
     with interrupts_while_writing():
         write_outputs(out, variants, left_out, why, paths, record, log)

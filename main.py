@@ -39,7 +39,7 @@ import numpy as np
 import runfiles
 from config import (Config, ConfigError, add_override_flags, flag_name, load_presets, overrides_from_args,
                     parse_set_options)
-from cnn_rnn_numpy import CNNRNN, ModelFileError, array_problem, load_npz, read_meta
+from cnn_rnn_numpy import CNNRNN, FORMAT_VERSION, ModelFileError, array_problem, load_npz, read_meta
 from data_utils import BatchIterator, DataError, channel_mean_std, load_cifar10
 from fast_layers import ThreadSettingError, prepare_process_for_training
 from metrics import (N_BINS, TIME_TO_VAL_ACC, accuracy, confusion_matrix, cross_entropy,
@@ -47,12 +47,9 @@ from metrics import (N_BINS, TIME_TO_VAL_ACC, accuracy, confusion_matrix, cross_
 from optim import SGD, WeightAverage, clip_grad_norm, learning_rate
 from runfiles import RunFileError
 
-CHECKPOINT_KIND = 'checkpoint'
+CHECKPOINT_KIND = runfiles.CHECKPOINT_KIND
 EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_ABORTED = (
     cli.EXIT_OK, cli.EXIT_DIVERGED, cli.EXIT_BAD_INPUT, cli.EXIT_CRASHED, cli.EXIT_ABORTED)
-# The files of a run folder that main.py reads or appends to, checked to be regular files on resume.
-RUN_FILES = ('config.json', 'history.json', 'train.log', 'ckpt.npz', 'best.npz', 'metrics.json',
-             'predictions.npz')
 
 
 class UsageError(Exception):
@@ -64,7 +61,7 @@ class Diverged(Exception):
 
     def __init__(self, message, record=None):
         super().__init__(message)
-        self.record = record or {}
+        self.record = record or runfiles.Divergence()
 
 
 # --------------------------------------------------------------------------
@@ -170,14 +167,13 @@ class TrainState:
 def save_checkpoint(path, model, opt, state, cfg, average=None):
     """Everything needed to resume: params, velocities, the weight average (if any),
     position, history, config."""
-    meta = dict(model.config(), format_version=1, kind=CHECKPOINT_KIND,
+    meta = dict(model.config(), format_version=FORMAT_VERSION, kind=CHECKPOINT_KIND,
                 run_config=cfg.to_dict(), state=runfiles.to_jsonable(dataclasses.asdict(state)))
-    arrays = {'meta': np.array(json.dumps(meta))}
-    arrays.update({f'param/{k}': v for k, v in model.params.items()})
+    arrays = {f'param/{k}': v for k, v in model.params.items()}
     arrays.update({f'velocity/{k}': v for k, v in opt.velocity.items()})
     if average is not None:
         arrays.update({f'average/{k}': v for k, v in average.params.items()})
-    runfiles.write_npz(path, arrays)
+    runfiles.write_checkpoint(path, meta, arrays)
 
 
 @dataclass
@@ -248,7 +244,7 @@ class RunFolder:
         """Print a line (to stdout, or ``stream``) and append it, time-stamped, to train.log."""
         print(msg, file=stream or sys.stdout, flush=True)
         stamp = datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')
-        runfiles.append_line(self.file('train.log'), f'{stamp} {msg}')
+        runfiles.append_line(self.file(runfiles.LOG_NAME), f'{stamp} {msg}')
 
 
 def new_run_folder(out, preset):
@@ -266,9 +262,9 @@ def new_run_folder(out, preset):
     if path.exists() and not path.is_dir():
         raise UsageError(f'--out {out} is a file; give a folder path for the run')
     if path.is_dir() and any(path.iterdir()):
-        if (path / 'ckpt.npz').is_file():
+        if (path / runfiles.CHECKPOINT_NAME).is_file():
             raise UsageError(f"--out {out} already holds files; choose a new folder, or continue "
-                             f"that run with python main.py --resume {path / 'ckpt.npz'}")
+                             f"that run with python main.py --resume {path / runfiles.CHECKPOINT_NAME}")
         raise UsageError(f'--out {out} already holds files (and no checkpoint to continue from); '
                          f'choose a new folder, or move that one away first')
     try:
@@ -285,15 +281,16 @@ def checkpoint_path(given):
                          "e.g. --resume runs/latest/ckpt.npz")
     path = Path(given)
     if path.is_dir():
-        if not (path / 'ckpt.npz').is_file():
-            if (path / 'config.json').is_file() or (path / 'train.log').is_file():
+        ckpt = path / runfiles.CHECKPOINT_NAME
+        if not ckpt.is_file():
+            if runfiles.is_run_folder(path):
                 raise UsageError(f'--resume {given}: that run stopped before writing its first checkpoint '
-                                 f'({path / "ckpt.npz"}), so it cannot be continued; {restart_hint(path)}')
+                                 f'({ckpt}), so it cannot be continued; {restart_hint(path)}')
             raise UsageError(f"--resume {given} is a folder without a checkpoint: expected "
-                             f"{path / 'ckpt.npz'}; give a run folder written by main.py")
-        path = path / 'ckpt.npz'
-    elif not path.is_file() and not path.is_symlink() and path.parent.is_dir() and path.name == 'ckpt.npz' \
-            and (path.parent / 'train.log').is_file():
+                             f"{ckpt}; give a run folder written by main.py")
+        path = ckpt
+    elif not path.is_file() and not path.is_symlink() and path.name == runfiles.CHECKPOINT_NAME \
+            and runfiles.is_run_folder(path.parent):
         raise UsageError(f'--resume {given}: that run stopped before writing its first checkpoint, so it '
                          f'cannot be continued; {restart_hint(path.parent)}')
     return path
@@ -302,8 +299,8 @@ def checkpoint_path(given):
 def restart_hint(folder):
     """How to start the run of ``folder`` again (in a new folder), from its config.json."""
     try:
-        d = runfiles.read_json(Path(folder) / 'config.json')
-        cfg = Config.from_dict({k: v for k, v in d.items() if k != 'lr_changes'}, 'config.json')
+        d = runfiles.read_config(folder)
+        cfg = Config.from_dict({k: v for k, v in d.items() if k != 'lr_changes'}, runfiles.CONFIG_NAME)
         return f'start it again: {restart_command(cfg, cfg.lr)}'
     except (RunFileError, ConfigError, TypeError, AttributeError):
         return 'start it again with the settings it was given (its config.json is unreadable)'
@@ -420,7 +417,8 @@ class Trainer:
                 s.elapsed_s = self.elapsed()
                 self.add_epoch_time(time.monotonic() - t_epoch, train_time, images)
                 self.check_finite_weights()
-                save_checkpoint(self.run.file('ckpt.npz'), self.model, self.opt, s, cfg, self.average)
+                save_checkpoint(self.run.file(runfiles.CHECKPOINT_NAME), self.model, self.opt, s, cfg,
+                                self.average)
                 self.run.log(f'stopped at epoch {s.epoch + 1}, step {s.step}/{self.steps_per_epoch}: '
                              f'{s.stop_reason}; resumable checkpoint written')
                 return False
@@ -475,40 +473,42 @@ class Trainer:
         self.stopper.reserve_s = self.n_eval / s.eval_images_per_s
         speed = s.epoch_timed_images / s.epoch_train_s if s.epoch_train_s > 0 else None
         epoch_time = s.epoch_wall_s
-        record = {'epoch': s.epoch + 1, 'train_loss': s.sum_loss / s.seen,
-                  'train_acc': s.sum_correct / s.seen, 'val_loss': val_loss, 'val_acc': val_acc,
-                  'lr': lr, 'base_lr': cfg.lr, 'epoch_time_s': epoch_time + time.monotonic() - t_val,
-                  'images_per_s': speed}
+        record = runfiles.EpochRecord(
+            epoch=s.epoch + 1, train_loss=s.sum_loss / s.seen, train_acc=s.sum_correct / s.seen,
+            val_loss=val_loss, val_acc=val_acc, lr=lr, base_lr=cfg.lr,
+            epoch_time_s=epoch_time + time.monotonic() - t_val, images_per_s=speed)
         if self.average is not None:      # what the average gains over the last step's weights
-            record['val_acc_raw'] = evaluate(self.model, self.val_it, cfg.tta_flip)[1]
-        s.history.append(record)
+            record.val_acc_raw = evaluate(self.model, self.val_it, cfg.tta_flip)[1]
         improved = val_acc > s.best_val_acc
         if improved:
             s.best_val_acc, s.best_epoch = val_acc, s.epoch + 1
-            self.eval_model.save(self.run.file('best.npz'), extra_meta={'epoch': s.epoch + 1, 'val_acc': val_acc})
+            self.eval_model.save(self.run.file(runfiles.BEST_NAME),
+                                 extra_meta={'epoch': s.epoch + 1, 'val_acc': val_acc})
         s.epoch, s.step, s.sum_loss, s.sum_correct, s.seen = s.epoch + 1, 0, 0.0, 0, 0
         s.epoch_wall_s, s.epoch_train_s, s.epoch_timed_images = 0.0, 0.0, 0
-        s.elapsed_s = record['elapsed_s'] = self.elapsed()
+        s.elapsed_s = record.elapsed_s = self.elapsed()
+        s.history.append(record.to_json())
         self.check_finite_weights()
-        save_checkpoint(self.run.file('ckpt.npz'), self.model, self.opt, s, cfg, self.average)
-        runfiles.write_json(self.run.file('history.json'), s.history)
+        save_checkpoint(self.run.file(runfiles.CHECKPOINT_NAME), self.model, self.opt, s, cfg, self.average)
+        runfiles.write_history(self.run.path, s.history)
         shown = f'  {speed:.0f} img/s' if speed else ''
-        self.run.log(f"epoch {record['epoch']:3d}/{cfg.epochs}  train loss {record['train_loss']:.4f} "
-                     f"acc {record['train_acc']:.4f}  val loss {val_loss:.4f} acc {val_acc:.4f}"
-                     f"{' *' if improved else '  '}  lr {lr:.4g}  {record['epoch_time_s']:.1f}s{shown}")
+        self.run.log(f"epoch {record.epoch:3d}/{cfg.epochs}  train loss {record.train_loss:.4f} "
+                     f"acc {record.train_acc:.4f}  val loss {val_loss:.4f} acc {val_acc:.4f}"
+                     f"{' *' if improved else '  '}  lr {lr:.4g}  {record.epoch_time_s:.1f}s{shown}")
 
     def divergence_record(self, loss, lr):
-        """Where the run diverged, as data (diverged.json): epoch and step are 1-based."""
+        """Where the run diverged, as data (diverged.json; the message is added when it is written):
+        epoch and step are 1-based."""
         s = self.state
-        return {'epoch': s.epoch + 1, 'step': s.step + 1, 'global_step': s.global_step + 1,
-                'lr': float(lr), 'loss': str(loss)}
+        return runfiles.Divergence(epoch=s.epoch + 1, step=s.step + 1, global_step=s.global_step + 1,
+                                   lr=float(lr), loss=str(loss))
 
     def divergence_message(self, loss, lr):
         """What happened, and a command that continues (or restarts) with a lower learning rate."""
         s, cfg = self.state, self.cfg
         lower = float(f'{cfg.lr / 2:.3g}')
         what = f'the loss became {loss} at epoch {s.epoch + 1}, step {s.step + 1} (lr {lr:.4g})'
-        ckpt = self.run.file('ckpt.npz')
+        ckpt = self.run.file(runfiles.CHECKPOINT_NAME)
         if ckpt.is_file() and lower >= cfg.min_lr:
             return (f'{what}; the last checkpoint is intact: continue from it with a lower learning '
                     f'rate, python main.py --resume {ckpt} --lr {lower:g}')
@@ -589,14 +589,13 @@ def final_evaluation(cfg, run, model, state, data, announce=None):
         raise RuntimeError('the test evaluation gave non-finite probabilities; metrics.json was not written')
     metrics = test_metrics(cfg, state, best, probs, labels, eval_s, data['label_names'])
     if cfg.tta_flip:     # the same parameters without the mirrored view: what the flip adds
-        metrics['single_view'] = {'test_acc': accuracy(single['probs'], labels),
-                                  'test_loss': cross_entropy(single['probs'], labels),
-                                  'ece': expected_calibration_error(single['probs'], labels, n_bins=N_BINS)}
-    runfiles.write_json(run.file('metrics.json'), metrics)
-    runfiles.write_npz(run.file('predictions.npz'),
-                       {'probs': probs.astype(np.float32), 'labels': labels.astype(np.int64),
-                        'indices': np.arange(len(labels), dtype=np.int64),
-                        'hidden': hidden.astype(np.float32)})
+        metrics.single_view = {'test_acc': accuracy(single['probs'], labels),
+                               'test_loss': cross_entropy(single['probs'], labels),
+                               'ece': expected_calibration_error(single['probs'], labels, n_bins=N_BINS)}
+    metrics.write(run.path)
+    runfiles.Predictions(probs=probs.astype(np.float32), labels=labels.astype(np.int64),
+                         indices=np.arange(len(labels), dtype=np.int64),
+                         hidden=hidden.astype(np.float32)).write(run.path)
     run.log(summary(cfg, run.path, metrics, data['label_names']))
     return metrics
 
@@ -607,7 +606,7 @@ def load_best(cfg, run, model):
     best.npz is checked before use (names, shapes, finite values, the run's own model and a
     record it can have written), so a damaged one is refused before metrics.json is touched.
     """
-    best_path = run.file('best.npz')
+    best_path = run.file(runfiles.BEST_NAME)
     if not best_path.is_file():
         return model, {'epoch': None, 'val_acc': None,
                        'evaluated': 'the current parameters (no epoch finished, so no best.npz yet)'}
@@ -619,30 +618,29 @@ def load_best(cfg, run, model):
             and isinstance(val_acc, (int, float)) and 0 <= val_acc <= 1):
         raise UsageError(f'{best_path} records epoch {epoch!r} and validation accuracy '
                          f'{val_acc!r}, which this run cannot have written; it is damaged: '
-                         f'delete it and re-evaluate (python main.py --resume {run.file("ckpt.npz")} '
+                         f'delete it and re-evaluate (python main.py --resume {run.file(runfiles.CHECKPOINT_NAME)} '
                          f'--evaluate) to test the last weights instead')
     return model, {'epoch': epoch, 'val_acc': val_acc, 'evaluated': f'best.npz (epoch {epoch})'}
 
 
 def test_metrics(cfg, state, best, probs, labels, eval_s, label_names):
-    """The metrics.json record of a test evaluation (probs (N, 10), labels (N,))."""
+    """The runfiles.Metrics record (metrics.json) of a test evaluation (probs (N, 10), labels (N,))."""
     confusion = confusion_matrix(labels, probs.argmax(1))
     speeds = [r['images_per_s'] for r in state.history if r.get('images_per_s')]
-    return {
-        'test_loss': cross_entropy(probs, labels), 'test_acc': accuracy(probs, labels),
-        'ece': expected_calibration_error(probs, labels, n_bins=N_BINS),
-        'per_class_acc': per_class_accuracy(confusion), 'confusion_matrix': confusion,
-        'best_val_acc': best['val_acc'], 'best_epoch': best['epoch'], 'epochs_done': state.epoch,
-        'epochs_planned': cfg.epochs,
-        'stopped_early': bool(state.stop_reason), 'stop_reason': state.stop_reason,
-        'evaluated': best['evaluated'],
-        'wall_time_s': state.elapsed_s + eval_s,
-        'train_images_per_s': float(np.median(speeds)) if speeds else None,
-        'test_images_per_s': len(labels) / max(eval_s, 1e-9),
-        'test_images': int(len(labels)), 'label_names': list(label_names),
-        'time_to_val_acc': {f'{t:.2f}': time_to_accuracy(state.history, t) for t in TIME_TO_VAL_ACC},
-        'data_fingerprint': state.data_fingerprint,
-    }
+    return runfiles.Metrics(
+        test_loss=cross_entropy(probs, labels), test_acc=accuracy(probs, labels),
+        ece=expected_calibration_error(probs, labels, n_bins=N_BINS),
+        per_class_acc=per_class_accuracy(confusion), confusion_matrix=confusion,
+        best_val_acc=best['val_acc'], best_epoch=best['epoch'], epochs_done=state.epoch,
+        epochs_planned=cfg.epochs,
+        stopped_early=bool(state.stop_reason), stop_reason=state.stop_reason,
+        evaluated=best['evaluated'],
+        wall_time_s=state.elapsed_s + eval_s,
+        train_images_per_s=float(np.median(speeds)) if speeds else None,
+        test_images_per_s=len(labels) / max(eval_s, 1e-9),
+        test_images=int(len(labels)), label_names=list(label_names),
+        time_to_val_acc={f'{t:.2f}': time_to_accuracy(state.history, t) for t in TIME_TO_VAL_ACC},
+        data_fingerprint=state.data_fingerprint)
 
 
 def typed_path(path):
@@ -661,24 +659,24 @@ def viz_command(run_dir):
 
 
 def summary(cfg, run_dir, m, names):
-    """The one-screen summary printed at the end of a run."""
-    early = f"  (stopped early: {m['stop_reason']})" if m['stopped_early'] else ''
+    """The one-screen summary printed at the end of a run (m: its runfiles.Metrics)."""
+    early = f'  (stopped early: {m.stop_reason})' if m.stopped_early else ''
     lines = ['', '=' * 64,
              f'run      {run_dir}',
-             f"preset   {cfg.preset}  cell {cfg.cell}  layout {cfg.seq_layout}  epochs {m['epochs_done']}/{cfg.epochs}"
-             f"  subset {cfg.subset}{early}",
-             f"test     accuracy {100 * m['test_acc']:.2f}%  loss {m['test_loss']:.4f}  ECE {m['ece']:.4f}"
-             f"  ({m['test_images']} images, {m['evaluated']}"
-             + (f", with the flip; {100 * m['single_view']['test_acc']:.2f}% without)"
-                if 'single_view' in m else ')'),
-             f"val      best accuracy {100 * m['best_val_acc']:.2f}% at epoch {m['best_epoch']}"
-             if m['best_val_acc'] is not None else 'val      no epoch finished',
-             f"time     {m['wall_time_s'] / 60:.1f} min"
-             + (f", {m['train_images_per_s']:.0f} training images/s" if m['train_images_per_s'] else ''),
+             f'preset   {cfg.preset}  cell {cfg.cell}  layout {cfg.seq_layout}  epochs {m.epochs_done}/{cfg.epochs}'
+             f'  subset {cfg.subset}{early}',
+             f'test     accuracy {100 * m.test_acc:.2f}%  loss {m.test_loss:.4f}  ECE {m.ece:.4f}'
+             f'  ({m.test_images} images, {m.evaluated}'
+             + (f", with the flip; {100 * m.single_view['test_acc']:.2f}% without)"
+                if m.single_view is not None else ')'),
+             f'val      best accuracy {100 * m.best_val_acc:.2f}% at epoch {m.best_epoch}'
+             if m.best_val_acc is not None else 'val      no epoch finished',
+             f'time     {m.wall_time_s / 60:.1f} min'
+             + (f', {m.train_images_per_s:.0f} training images/s' if m.train_images_per_s else ''),
              'reached  ' + ', '.join(f'{100 * float(t):.0f}% val at '
                                      + (f'{s / 60:.1f} min' if s is not None else '-')
-                                     for t, s in m['time_to_val_acc'].items()),
-             'per class ' + '  '.join(f'{n[:5]} {100 * a:.0f}' for n, a in zip(names, m['per_class_acc'])),
+                                     for t, s in m.time_to_val_acc.items()),
+             'per class ' + '  '.join(f'{n[:5]} {100 * a:.0f}' for n, a in zip(names, m.per_class_acc)),
              f'next     {viz_command(run_dir)}', '=' * 64]
     return '\n'.join(lines)
 
@@ -793,11 +791,28 @@ def run(argv=None):
                 if ckpt is not None and ckpt.is_file() else 'no checkpoint was written yet')
         print(f'error: aborted by a second interrupt; {then}', file=sys.stderr)
         return EXIT_ABORTED
-    except Exception as e:   # a bug: one line here, the traceback in the run's train.log
-        log = stopper.ckpt.parent / 'train.log' if stopper.ckpt is not None else None
-        return cli.report_crash('main.py', e, log)
+    except Exception as e:   # a bug: one line here, the traceback in the run's train.log, crashed.json
+        folder = stopper.ckpt.parent if stopper.ckpt is not None else None
+        code = cli.report_crash('main.py', e, folder / runfiles.LOG_NAME if folder is not None else None)
+        if folder is not None:
+            record_crash(folder, e, stopper.during)
+        return code
     finally:
         stopper.uninstall()
+
+
+def record_crash(folder, exc, during):
+    """Write the run's crashed.json (a runfiles.Crash record), under its lock. A failure to write
+    it changes nothing: the one-line report and train.log's traceback already tell of the crash."""
+    lock = runfiles.RunFolderLock(folder, 'main.py')
+    try:
+        if lock.acquire(busy_ok=True):
+            runfiles.Crash(f'{type(exc).__name__}: {exc}', during=during,
+                           time=datetime.datetime.now().isoformat(timespec='seconds')).write(folder)
+    except (RunFileError, OSError):
+        pass
+    finally:
+        lock.release()
 
 
 def prepare_process(stopper):
@@ -850,9 +865,9 @@ def new_run(args, overrides, stopper):
     stopper.during = 'training'
     run = new_run_folder(args.out, cfg.preset)
     run.lock.acquire()
-    stopper.ckpt, stopper.log = run.file('ckpt.npz'), run.log
+    stopper.ckpt, stopper.log = run.file(runfiles.CHECKPOINT_NAME), run.log
     try:
-        runfiles.write_json(run.file('config.json'), cfg.to_dict())
+        runfiles.write_config(run.path, cfg.to_dict())
         run.log(f"run {run.path}: preset {cfg.preset}, {len(data['y_train'])} train / "
                 f"{len(data['y_val'])} val / {len(data['y_test'])} test images")
         return train_and_evaluate(cfg, run, model, opt, state, data, stopper, average)
@@ -870,7 +885,7 @@ def resume_run(args, stopper):
               f'has metrics.json; nothing to do (add --evaluate to redo the test evaluation)')
         return EXIT_OK
     run.lock.acquire()
-    stopper.ckpt, stopper.log = run.file('ckpt.npz'), run.log
+    stopper.ckpt, stopper.log = run.file(runfiles.CHECKPOINT_NAME), run.log
     try:
         # Read again under the lock: another process may have written it since.
         ck = load_checkpoint(ckpt)
@@ -889,9 +904,10 @@ def resume_run(args, stopper):
         changes = apply_resume_changes(args, cfg, state, data, new_lr, data_dir_given)
         if changes or adopted:
             # The checkpoint first, then config.json: both say the same before anything else runs.
-            save_checkpoint(run.file('ckpt.npz'), model, opt, state, cfg, average)
-            runfiles.write_json(run.file('config.json'), cfg.to_dict())
+            save_checkpoint(run.file(runfiles.CHECKPOINT_NAME), model, opt, state, cfg, average)
+            runfiles.write_config(run.path, cfg.to_dict())
             run.log(f"resume changes: {'; '.join(changes + (['data fingerprint recorded'] if adopted else []))}")
+        forget_crash(run)
         if state.epoch >= cfg.epochs:
             stopper.during = 'evaluation'
             final_evaluation(cfg, run, averaged_model(model, average), state, data,
@@ -908,14 +924,27 @@ def resume_run(args, stopper):
 def forget_divergence(run):
     """A resume of a diverged run (with a lower learning rate) continues it: the run is no longer
     diverged, so its diverged.json goes (train.log keeps the story)."""
-    path = run.file(runfiles.DIVERGED_NAME)
-    if path.is_file():
-        try:
-            what = str(runfiles.read_json(path).get('message', ''))[:200]
-        except (RunFileError, AttributeError):
-            what = '(unreadable)'
-        run.log(f'continuing after the divergence recorded in {path.name}: {what}')
-        path.unlink()
+    try:
+        record = runfiles.read_divergence(run.path)
+        what = None if record is None else record.message[:200]
+    except RunFileError:
+        what = '(unreadable)'
+    if what is not None:
+        run.log(f'continuing after the divergence recorded in {runfiles.DIVERGED_NAME}: {what}')
+        runfiles.Divergence.remove(run.path)
+
+
+def forget_crash(run):
+    """A resume of a crashed run continues (or re-evaluates) it: the crash no longer describes the
+    run, so its crashed.json goes (train.log keeps the traceback)."""
+    try:
+        record = runfiles.read_crash(run.path)
+        what = None if record is None else record.message[:200]
+    except RunFileError:
+        what = '(unreadable)'
+    if what is not None:
+        run.log(f'trying again after the crash recorded in {runfiles.CRASHED_NAME}: {what}')
+        runfiles.Crash.remove(run.path)
 
 
 def optimizer_from(ck, model, cfg):
@@ -927,7 +956,7 @@ def optimizer_from(ck, model, cfg):
 
 def check_run_files(run):
     """UsageError if a file main.py reads or appends to is a named pipe, a device or a folder."""
-    for name in RUN_FILES:
+    for name in runfiles.MAIN_FILES:
         try:
             runfiles.check_regular(run.file(name))
         except OSError as e:
@@ -937,14 +966,16 @@ def check_run_files(run):
 def check_config_file(run, cfg):
     """A resumed run keeps the configuration saved in its checkpoint: refuse a config.json that
     says otherwise (edited by hand), rather than ignore it. A missing config.json is rewritten."""
-    path = run.file('config.json')
-    if not path.exists():
-        runfiles.write_json(path, cfg.to_dict())
+    path = run.file(runfiles.CONFIG_NAME)
+    given = runfiles.read_config(run.path, advice=lambda folder, name: 'delete it and resume again: it '
+                                                                      'is rewritten from the checkpoint')
+    if given is None:
+        runfiles.write_config(run.path, cfg.to_dict())
         return
     saved = json.loads(runfiles.dumps_strict(cfg.to_dict()))
-    given = runfiles.read_json(path, fix='delete it and resume again: it is rewritten from the checkpoint')
-    if not isinstance(given, dict):
-        given = {}
+    # Keys added after older runs were started are absent from their config.json: they trained
+    # with the defaults, which their checkpoint's configuration gets too.
+    given = {**Config.defaults(), **given}
     differ = sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k))
     if differ:
         k = differ[0]
@@ -1020,7 +1051,7 @@ def train_and_evaluate(cfg, run, model, opt, state, data, stopper, average=None)
     try:
         trainer.train()
     except Diverged as e:
-        runfiles.write_json(run.file(runfiles.DIVERGED_NAME), dict(e.record, message=str(e)))
+        dataclasses.replace(e.record, message=str(e)).write(run.path)
         run.log(f'error: {e}', stream=sys.stderr)
         return EXIT_DIVERGED
     stopper.during = 'evaluation'

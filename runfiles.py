@@ -1,15 +1,44 @@
-"""Run-folder I/O shared by main.py and viz.py: atomic writes, safe reads, the lock, `latest`.
+"""The run-folder contract: what a run folder holds, how its files are written and read, and what
+state a run is in. main.py writes through it; viz.py, compare.py and claims.py read through it;
+no other module opens a run folder's files by name.
 
-Every file of a run folder is written the same way: into a temporary file
-beside its destination (named ``<name>.tmp-<random>``), flushed and fsynced,
-then renamed over the destination with ``os.replace``. A crash, a full disk or
-a kill at any moment leaves either the old file or the new one, never half of
-one; the temporary files such a kill leaves behind are removed the next time a
+    runs/<run>/config.json      the resolved configuration: config.Config's dict (read_config)
+               history.json     one EpochRecord per epoch (read_history, write_history)
+               train.log        the journal, appended line by line (append_line)
+               ckpt.npz         the resumable state; its JSON 'meta' member (checkpoint_meta)
+               best.npz         the weights of the best validation epoch (cnn_rnn_numpy reads it)
+               metrics.json     the Metrics record of the test evaluation
+               predictions.npz  the Predictions arrays of the test evaluation
+               diverged.json    a Divergence record: the loss became non-finite (main.py exit 1)
+               crashed.json     a Crash record: main.py crashed (exit 3)
+               figures/, report.md   viz.py's
+
+    status(folder)     -> RunStatus: new, in use, stopped, needs evaluation, finished, diverged or
+                          damaged (with the reason), and the divergence and crash records
+    read_run(folder)   -> Run: the status and every record (None where a file is absent), each
+                          checked; one sentence (RunFileError, RecordError) for what is not
+
+Every file is written the same way: into a temporary file beside its destination (named
+``<name>.tmp-<random>``), flushed and fsynced, then renamed over the destination with
+``os.replace``. A crash, a full disk or a kill at any moment leaves either the old file or the new
+one, never half of one; the temporary files such a kill leaves behind are removed the next time a
 process takes the run folder's lock (``RunFolderLock``).
 
-Every failure, of a write or of a read, is raised as ``RunFileError`` whose
-message is one sentence naming the path and the fix, so that the command-line
-tools can print it as it is and exit with code 2.
+Every failure, of a write or of a read, is raised as ``RunFileError`` whose message is one
+sentence naming the path and the fix, so that the command-line tools can print it as it is and
+exit with code 2. ``RecordError`` (a RunFileError) says that a file reads well but holds what
+main.py does not write: a NaN, an accuracy outside [0, 1], probabilities that do not sum to 1, a
+confusion matrix that disagrees with test_acc.
+
+Run folders written by earlier versions read as they are: a record field added later (e.g.
+history's elapsed_s, metrics' data_fingerprint and time_to_val_acc) is None when absent. Before
+diverged.json and crashed.json existed a divergence or a crash was only told by train.log, which
+no module reads to learn a run's state: such a folder reads as its other files say (stopped,
+needs evaluation or finished with a checkpoint, damaged without one).
+
+This module imports only the standard library and NumPy (data_utils, metrics and the model import
+it), and never config.py: config.json is read as the dict of config.Config, and callers build
+``Config.from_dict`` where they need it.
 """
 import errno
 import fcntl
@@ -17,30 +46,58 @@ import json
 import math
 import os
 import re
+import shlex
 import stat
 import tempfile
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-TEMP_MARK = '.tmp-'          # every temporary file of this module has it in its name
-LOCK_NAME = '.lock'
-# The files this project writes into a run folder and its figures/: only temporary files
-# of these names (``<name>.tmp-<8 characters of mkstemp>``) are ours to remove.
+REPO = Path(__file__).resolve().parent
+
+# --------------------------------------------------------------------------
+# File names
+# --------------------------------------------------------------------------
+
+CONFIG_NAME, HISTORY_NAME, LOG_NAME = 'config.json', 'history.json', 'train.log'
+CHECKPOINT_NAME, BEST_NAME = 'ckpt.npz', 'best.npz'
+METRICS_NAME, PREDICTIONS_NAME = 'metrics.json', 'predictions.npz'
 DIVERGED_NAME = 'diverged.json'   # where and how the loss became non-finite, written when it happens
-RUN_FOLDER_FILES = ('config.json', 'history.json', 'metrics.json', 'ckpt.npz', 'best.npz',
-                    'predictions.npz', 'report.md', DIVERGED_NAME)
+CRASHED_NAME = 'crashed.json'     # what main.py crashed on (exit 3), written when it happens
+REPORT_NAME, FIGURES_NAME = 'report.md', 'figures'
+LOCK_NAME = '.lock'
+# Every file main.py writes into a run folder: any one of them makes a folder a run folder.
+MAIN_FILES = (CONFIG_NAME, HISTORY_NAME, LOG_NAME, CHECKPOINT_NAME, BEST_NAME, METRICS_NAME,
+              PREDICTIONS_NAME, DIVERGED_NAME, CRASHED_NAME)
+# The files this project writes atomically into a run folder and its figures/: only temporary
+# files of these names (``<name>.tmp-<8 characters of mkstemp>``) are ours to remove.
+TEMP_MARK = '.tmp-'          # every temporary file of this module has it in its name
+RUN_FOLDER_FILES = tuple(n for n in MAIN_FILES if n != LOG_NAME) + (REPORT_NAME,)
 FIGURE_FILE_SUFFIX = '.png'
 _OWN_TEMP = re.compile(r'^(?P<base>.+)' + re.escape(TEMP_MARK) + r'[a-z0-9_]{8}$')
+# What the 'kind' of a checkpoint's metadata says (best.npz, a model file, says 'CNNRNN').
+CHECKPOINT_KIND = 'checkpoint'
 # Seeds both command lines accept: what NumPy's and scikit-learn's generators both take.
 MAX_SEED = 2 ** 32 - 1
 
 
 class RunFileError(Exception):
-    """A run-folder file cannot be written or read; the message says why and what to do."""
+    """A run-folder file cannot be written or read; the message says why and what to do.
+
+    ``path``: the file the message is about, when the raiser knows it (else None).
+    """
+
+    def __init__(self, message, path=None):
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+
+
+class RecordError(RunFileError):
+    """A run file reads well but holds what main.py does not write (a NaN, an impossible value,
+    a part that disagrees with another); the message names the file, the value and the fix."""
 
 
 class NotRegularFile(OSError):
@@ -169,7 +226,7 @@ def write_atomic(path, write, binary=True):
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
-        raise RunFileError(describe_os_error(e, path)) from None
+        raise RunFileError(describe_os_error(e, path), path) from None
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -199,6 +256,12 @@ def write_npz(path, arrays):
     write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
+def write_checkpoint(path, meta, arrays):
+    """Write a checkpoint atomically: ``meta`` (a dict) as the JSON text of its 'meta' member,
+    then ``arrays`` ({name: array}), the layout checkpoint_meta reads."""
+    write_npz(path, {'meta': np.array(json.dumps(meta)), **arrays})
+
+
 def to_jsonable(obj):
     """NumPy scalars and arrays inside a structure -> plain Python, for json.dump."""
     if isinstance(obj, dict):
@@ -220,7 +283,7 @@ def append_line(path, line):
         with open_regular(path, 'a') as f:
             f.write(line + '\n')
     except OSError as e:
-        raise RunFileError(describe_os_error(e, path)) from None
+        raise RunFileError(describe_os_error(e, path), path) from None
 
 
 # --------------------------------------------------------------------------
@@ -254,9 +317,9 @@ def read_json(path, fix='re-run training or restore the file'):
         with open_regular(path, 'r') as f:
             return json.load(f)
     except OSError as e:
-        raise RunFileError(describe_os_error(e, path, 'read')) from None
+        raise RunFileError(describe_os_error(e, path, 'read'), path) from None
     except ValueError as e:   # JSONDecodeError and UnicodeDecodeError
-        raise RunFileError(f'{path} is not valid JSON ({e}); {fix}') from None
+        raise RunFileError(f'{path} is not valid JSON ({e}); {fix}', path) from None
 
 
 def load_npz_archive(f):
@@ -276,18 +339,37 @@ def read_npz(path, fix='use another file or re-run the step that wrote it'):
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise RunFileError(f'{path} does not exist or is not a file; {fix}')
+        raise RunFileError(f'{path} does not exist or is not a file; {fix}', path)
     try:
         with open_regular(path, 'rb') as raw, load_npz_archive(raw) as f:
             return {k: f[k] for k in f.files}
     except OSError as e:
         if e.errno is not None:
-            raise RunFileError(describe_os_error(e, path, 'read')) from None
-        raise RunFileError(f'{path} is not a readable .npz file ({e}); it is corrupt or truncated: {fix}') from None
+            raise RunFileError(describe_os_error(e, path, 'read'), path) from None
+        raise RunFileError(f'{path} is not a readable .npz file ({e}); it is corrupt or truncated: {fix}',
+                           path) from None
     except (zipfile.BadZipFile, ValueError, EOFError, KeyError, zlib.error) as e:
         reason = str(e) or type(e).__name__
         raise RunFileError(f'{path} is not a readable .npz file ({reason}); it is corrupt or '
-                           f'truncated: {fix}') from None
+                           f'truncated: {fix}', path) from None
+
+
+def present(path):
+    """True if a run file is there, False if absent; RunFileError for anything that is not a file.
+
+    A named pipe would block its reader forever and a device never ends; a link
+    to nothing is named as such rather than taken for a missing file.
+    """
+    try:
+        if not os.path.lexists(path):
+            return False
+        if not os.path.exists(path):
+            raise RunFileError(f'{path} is a link to {os.readlink(path)}, which does not exist; '
+                               f'restore the file it points at, or remove the link', path)
+        check_regular(path)
+    except OSError as e:
+        raise RunFileError(describe_os_error(e, path, 'read'), path) from None
+    return True
 
 
 # --------------------------------------------------------------------------
@@ -375,7 +457,8 @@ def folder_in_use(run_dir):
     except FileNotFoundError:  # no lock file: no process of this project ever held it
         return False
     except OSError as e:       # a named pipe or a folder where the lock file should be
-        raise RunFileError(describe_os_error(e, Path(run_dir) / LOCK_NAME, 'use')) from None
+        lock = Path(run_dir) / LOCK_NAME
+        raise RunFileError(describe_os_error(e, lock, 'use'), lock) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
@@ -450,13 +533,575 @@ def point_latest_at(run_dir, warn=print):
 
 
 # --------------------------------------------------------------------------
-# The run folder's state: one vocabulary for every tool
+# Advice that works when typed
 # --------------------------------------------------------------------------
 
-CONFIG_NAME, HISTORY_NAME, LOG_NAME = 'config.json', 'history.json', 'train.log'
-CHECKPOINT_NAME, BEST_NAME = 'ckpt.npz', 'best.npz'
-METRICS_NAME, PREDICTIONS_NAME = 'metrics.json', 'predictions.npz'
-REPORT_NAME, FIGURES_NAME = 'report.md', 'figures'
+def typed_path(path):
+    """A path as it can be typed in the current folder: relative when below it, else absolute
+    (links resolved); shell-quoted if it holds spaces or the like."""
+    path = Path(path)
+    try:
+        rel = os.path.relpath(path)
+    except (ValueError, OSError):    # another drive (Windows), or the current folder has vanished
+        rel = str(path)
+    return shlex.quote(rel if not rel.startswith('..') else str(path.resolve()))
+
+
+def main_command(*args):
+    """'python <main.py> ARGS' as it works when typed in the current folder (Paths made typeable)."""
+    words = [typed_path(a) if isinstance(a, Path) else shlex.quote(str(a)) for a in args]
+    return ' '.join(['python', typed_path(REPO / 'main.py'), *words])
+
+
+def repair_advice(folder, name):
+    """What to do about the damaged run file ``name`` of ``folder``, as a command that works when typed.
+
+    metrics.json and predictions.npz come from the test evaluation, which main.py
+    redoes from the run's ckpt.npz; the other files cannot be rebuilt by a command.
+    """
+    folder = Path(folder)
+    if name in (METRICS_NAME, PREDICTIONS_NAME):
+        if (folder / CHECKPOINT_NAME).is_file():
+            return f"redo the test evaluation with {main_command('--resume', folder, '--evaluate')}"
+        return f'restore it from a backup (the run has no {CHECKPOINT_NAME} to evaluate again from)'
+    path = typed_path(folder / name)
+    return f'restore it from a backup, or move it aside (mv {path} {path}.damaged) to use the run without it'
+
+
+# --------------------------------------------------------------------------
+# What a value must be: the tests behind the records' fields
+# --------------------------------------------------------------------------
+
+def _number(v):
+    # true/false is an int to Python but not a measurement.
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(v):
+    if not _number(v):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:      # an integer too large for a float: no real measurement
+        return False
+
+
+def _fraction(v):
+    return _finite(v) and 0 <= v <= 1
+
+
+def _at_least_0(v):
+    return _finite(v) and v >= 0
+
+
+def _count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _text(v):
+    return isinstance(v, str)
+
+
+def _or_null(test):
+    return lambda v: v is None or test(v)
+
+
+def _table(shape, kinds, upper=None):
+    """A test for nested JSON lists: an array of ``shape``, dtype kind in ``kinds``, finite entries in [0, upper]."""
+    def test(value):
+        try:
+            a = np.array(value)
+        except (ValueError, OverflowError):      # ragged lists, integers too large
+            return False
+        if a.shape != shape or a.dtype.kind not in kinds or a.size == 0:
+            return a.shape == shape and a.dtype.kind in kinds
+        return bool(np.isfinite(a).all() and a.min() >= 0 and (upper is None or a.max() <= upper))
+    return test
+
+
+def _fingerprints(v):
+    return (isinstance(v, dict) and isinstance(v.get('test'), str)
+            and re.fullmatch(r'[0-9a-f]{64}', v['test']) is not None)
+
+
+def _single_view(v):
+    return (isinstance(v, dict) and _fraction(v.get('test_acc')) and _fraction(v.get('ece'))
+            and _or_null(_at_least_0)(v.get('test_loss')))
+
+
+def _times(v):
+    return isinstance(v, dict) and all(isinstance(k, str) and _or_null(_at_least_0)(x) for k, x in v.items())
+
+
+# {key: (test, what it must be)}; an absent key counts as null. null means unknown
+# (write_json writes a NaN as null) and leaves a gap; a NaN, an infinity or an
+# impossible value is refused, so no report ever shows one.
+FRACTION_OR_NULL = (_or_null(_fraction), 'a fraction in [0, 1] or null')
+LOSS_OR_NULL = (_or_null(_at_least_0), 'a finite loss >= 0 or null')
+AMOUNT_OR_NULL = (_or_null(_at_least_0), 'a finite number >= 0 or null')
+COUNT_OR_NULL = (_or_null(_count), 'a whole number or null')
+TEXT_OR_NULL = (_or_null(_text), 'a text or null')
+CONFIG_RULES = {'seed': (_or_null(lambda v: _count(v) and v <= MAX_SEED), f'an integer in [0, {MAX_SEED}]'),
+                'data_dir': (_or_null(_text), 'a path')}
+
+
+def check_values(values, rules, path, fix, where='{!r}'):
+    """RecordError naming the first value of the dict ``values`` that fails its rule."""
+    for key, (test, what) in rules.items():
+        value = values.get(key)
+        if not test(value):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + '...'
+            raise RecordError(f'{path} has {where.format(key)} = {shown}, which is not {what}; {fix}', path)
+
+
+def check_finite(value, path, fix, where=''):
+    """RecordError for the first NaN or infinity anywhere in a JSON value."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, path, fix, f'{where}.{k}' if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_finite(v, path, fix, f'{where}[{i}]')
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise RecordError(f'{path} has {where!r} = {value}, which is not a finite number; {fix}', path)
+
+
+def _from_json(cls, values, path, fix, rules, where='{!r}'):
+    """``cls`` built from the dict ``values`` once every field passes ``rules``; unknown keys
+    (written by another version) are left out. RecordError otherwise."""
+    if not isinstance(values, dict):
+        raise RecordError(f'{path} is not a JSON object; {fix}', path)
+    check_values(values, rules, path, fix, where)
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+# --------------------------------------------------------------------------
+# The records
+# --------------------------------------------------------------------------
+
+@dataclass
+class EpochRecord:
+    """One record of history.json: the end of epoch ``epoch`` (1-based), as main.py writes it.
+
+    train_loss is the epoch's mean cross-entropy without the L2 term (so it compares with
+    val_loss), train_acc/val_acc fractions, lr the rate of the epoch's last step and base_lr the
+    run's base rate then, epoch_time_s the epoch's wall time (validation included), images_per_s
+    its training speed, elapsed_s the run's wall time at its end (absent in older runs),
+    val_acc_raw the validation accuracy of the last step's weights when validation uses a
+    weight average (ema; absent otherwise).
+    """
+    epoch: int
+    train_loss: float = None
+    train_acc: float = None
+    val_loss: float = None
+    val_acc: float = None
+    lr: float = None
+    base_lr: float = None
+    epoch_time_s: float = None
+    images_per_s: float = None
+    elapsed_s: float = None
+    val_acc_raw: float = None
+
+    RULES = {'epoch': (_count, 'an epoch number'),
+             **dict.fromkeys(('train_loss', 'val_loss'), LOSS_OR_NULL),
+             **dict.fromkeys(('train_acc', 'val_acc', 'val_acc_raw'), FRACTION_OR_NULL),
+             **dict.fromkeys(('lr', 'base_lr', 'epoch_time_s', 'images_per_s', 'elapsed_s'), AMOUNT_OR_NULL)}
+
+    @classmethod
+    def from_json(cls, values, path, fix, number=1):
+        """The record of a dict read from history.json (its ``number``-th, 1-based); RecordError."""
+        return _from_json(cls, values, path, fix, cls.RULES, where=f"record {number}'s {{!r}}")
+
+    def to_json(self):
+        record = asdict(self)
+        if self.val_acc_raw is None:
+            del record['val_acc_raw']
+        return record
+
+
+@dataclass
+class Metrics:
+    """metrics.json: a run's test evaluation (main.py's final_evaluation), C classes.
+
+    test_loss, test_acc and ece (15 bins) of the probabilities in predictions.npz; per_class_acc
+    (C,) and confusion_matrix (C, C) counts, rows true; best_val_acc and best_epoch of the weights
+    evaluated (best.npz's, else the last), evaluated saying which; epochs_done of epochs_planned,
+    stopped_early with stop_reason; wall_time_s of the whole run; train_images_per_s (median
+    over epochs) and test_images_per_s; test_images (N); label_names (C); time_to_val_acc
+    {'0.70': seconds or null, ...}; data_fingerprint {'train': sha256, 'test': sha256}
+    (data_utils.fingerprint); single_view, with tta_flip, the same figures without the mirror view.
+    time_to_val_acc and data_fingerprint are absent (None) in runs of earlier versions.
+    """
+    test_loss: float
+    test_acc: float
+    ece: float
+    per_class_acc: list = None
+    confusion_matrix: list = None
+    best_val_acc: float = None
+    best_epoch: int = None
+    epochs_done: int = None
+    epochs_planned: int = None
+    stopped_early: bool = False
+    stop_reason: str = None
+    evaluated: str = None
+    wall_time_s: float = None
+    train_images_per_s: float = None
+    test_images_per_s: float = None
+    test_images: int = None
+    label_names: list = None
+    time_to_val_acc: dict = None
+    data_fingerprint: dict = None
+    single_view: dict = None
+
+    @staticmethod
+    def rules(n_classes):
+        """What each field must be, for C = n_classes classes."""
+        c = n_classes
+        return {
+            # Written with every test evaluation, so never null.
+            'test_acc': (_fraction, 'a fraction in [0, 1]'),
+            'test_loss': (_at_least_0, 'a finite loss >= 0'),
+            'ece': (_fraction, 'a calibration error in [0, 1]'),
+            'best_val_acc': FRACTION_OR_NULL,
+            **dict.fromkeys(('wall_time_s', 'train_images_per_s', 'test_images_per_s'), AMOUNT_OR_NULL),
+            **dict.fromkeys(('best_epoch', 'epochs_done', 'epochs_planned'), COUNT_OR_NULL),
+            'stopped_early': (lambda v: v is None or isinstance(v, bool), 'true or false'),
+            **dict.fromkeys(('stop_reason', 'evaluated'), TEXT_OR_NULL),
+            'test_images': (_or_null(lambda v: _count(v) and v > 0), 'a number of test images or null'),
+            'label_names': (_or_null(lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)),
+                            'a list of class names'),
+            'time_to_val_acc': (_or_null(_times), 'null or {accuracy: seconds or null}'),
+            'single_view': (_or_null(_single_view), 'null or test_acc, ece (fractions in [0, 1]) and test_loss'),
+            'data_fingerprint': (_or_null(_fingerprints), "null or a 'test' sha256 in hex (data_utils.fingerprint)"),
+            'per_class_acc': (_or_null(_table((c,), 'iuf', upper=1)), f'a list of {c} fractions in [0, 1]'),
+            'confusion_matrix': (_or_null(_table((c, c), 'iu')), f'a {c} x {c} table of counts >= 0'),
+        }
+
+    @classmethod
+    def from_json(cls, values, path, fix, n_classes):
+        """The record of a dict read from metrics.json, checked field by field and as a whole."""
+        record = _from_json(cls, values, path, fix, cls.rules(n_classes))
+        if record.stopped_early is None:
+            record.stopped_early = False
+        problem = record.problem()
+        if problem:
+            raise RecordError(f'{path} is inconsistent: {problem}; {fix}', path)
+        return record
+
+    def problem(self):
+        """How the record disagrees with itself, in a few words, or None: the report shows
+        test_acc and per_class_acc next to figures drawn from the confusion matrix."""
+        if self.confusion_matrix is None:
+            return None
+        cm = np.asarray(self.confusion_matrix, dtype=np.int64)
+        total, n = int(cm.sum()), self.test_images
+        if n is not None and total != n:
+            return f'its confusion_matrix counts {total} test images, test_images says {n}'
+        if total > 0 and abs(self.test_acc - np.trace(cm) / total) > 1e-6:
+            return (f'test_acc {self.test_acc:.4f} is not the accuracy of its confusion_matrix '
+                    f'({np.trace(cm) / total:.4f})')
+        per_class = np.diag(cm) / np.maximum(cm.sum(axis=1), 1)
+        if self.per_class_acc is not None and np.abs(np.asarray(self.per_class_acc, float) - per_class).max() > 1e-6:
+            return 'per_class_acc is not the per-class accuracy of its confusion_matrix'
+        return None
+
+    def to_json(self):
+        record = asdict(self)
+        if self.single_view is None:      # written only with tta_flip
+            del record['single_view']
+        return record
+
+    def write(self, folder):
+        write_json(Path(folder) / METRICS_NAME, self.to_json())
+
+
+# float32 probabilities of one image sum to 1 within ~1e-6; 1e-3 only catches real damage.
+PROB_SUM_TOLERANCE = 1e-3
+# main.py writes CIFAR-10's 10 classes; past 100 a confusion matrix cannot be drawn or read.
+MAX_CLASSES = 100
+
+
+@dataclass
+class Predictions:
+    """predictions.npz: the test evaluation's arrays, N test images of C classes.
+
+    probs (N, C) float32, rows in [0, 1] summing to 1; labels (N,) int64 in 0..C-1; indices
+    (N,) int64, distinct rows of the test set (0..N-1 when a file lacks them); hidden (N, H)
+    float32, the final RNN states (None when absent).
+    """
+    probs: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    hidden: np.ndarray = None
+
+    @property
+    def n_classes(self):
+        return self.probs.shape[1]
+
+    @classmethod
+    def from_arrays(cls, arrays, path, fix):
+        """The record of predictions.npz's arrays, consistent with each other; RecordError otherwise."""
+        if 'probs' not in arrays or 'labels' not in arrays:
+            raise RecordError(f"{path} lacks the arrays 'probs' and 'labels'; {fix}", path)
+        arrays = dict(arrays)
+        arrays.setdefault('indices', np.arange(arrays['labels'].size))
+        probs, labels, indices, hidden = (arrays.get(k) for k in ('probs', 'labels', 'indices', 'hidden'))
+        n = len(labels) if labels.ndim == 1 else -1
+        consistent = (probs.ndim == 2 and len(probs) == n > 0 and 0 < probs.shape[1] <= MAX_CLASSES
+                      and indices.shape == (n,)
+                      and probs.dtype.kind == 'f' and labels.dtype.kind in 'iu' and indices.dtype.kind in 'iu'
+                      and (hidden is None or (hidden.shape[:1] == (n,) and hidden.ndim == 2
+                                              and hidden.dtype.kind in 'fiu')))
+        if not consistent:
+            shown = ', '.join(f'{k} {v.dtype}{v.shape}' for k, v in arrays.items())
+            raise RecordError(f'{path} has inconsistent arrays ({shown}); expected float probs '
+                              f'(N, 10), integer labels (N,) and indices (N,), hidden (N, H); {fix}', path)
+        record = cls(probs, labels, indices, hidden)
+        problem = record.problem()
+        if problem:
+            raise RecordError(f'{path} has {problem}; {fix}', path)
+        return record
+
+    def problem(self):
+        """The first impossible value among arrays of consistent shapes, in words, or None."""
+        probs, labels, indices, hidden = self.probs, self.labels, self.indices, self.hidden
+        if not np.isfinite(probs).all():
+            return 'non-finite probabilities (NaN or infinite)'
+        if probs.min() < 0 or probs.max() > 1:
+            return 'probabilities outside [0, 1]'
+        sums = probs.sum(axis=1, dtype=np.float64)
+        worst = np.abs(sums - 1).argmax()
+        if abs(sums[worst] - 1) > PROB_SUM_TOLERANCE:
+            return f'rows of probabilities that do not sum to 1 (e.g. {sums[worst]:.4f})'
+        if hidden is not None and not np.isfinite(hidden).all():
+            return 'non-finite hidden states'
+        if labels.min() < 0 or labels.max() >= probs.shape[1]:
+            return f'labels outside 0..{probs.shape[1] - 1}'
+        if indices.min() < 0 or len(np.unique(indices)) != len(indices):
+            return 'negative or repeated test-set indices'
+        return None
+
+    def to_arrays(self):
+        arrays = {'probs': self.probs, 'labels': self.labels, 'indices': self.indices}
+        if self.hidden is not None:
+            arrays['hidden'] = self.hidden
+        return arrays
+
+    def write(self, folder):
+        write_npz(Path(folder) / PREDICTIONS_NAME, self.to_arrays())
+
+
+@dataclass
+class Divergence:
+    """diverged.json: where the loss (or a weight) became NaN or infinite, as data.
+
+    main.py writes it when that happens (exit code 1) and removes it when a resume continues the
+    run. epoch and step are 1-based, global_step counts every step of the run, lr is the rate of
+    that step, loss what it became ('nan', 'inf', 'non-finite in W_hh'), message main.py's
+    error: what happened, then (after ';') what to do.
+    """
+    epoch: int = None
+    step: int = None
+    global_step: int = None
+    lr: float = None
+    loss: str = None
+    message: str = ''
+
+    RULES = {**dict.fromkeys(('epoch', 'step', 'global_step'), COUNT_OR_NULL), 'lr': AMOUNT_OR_NULL,
+             'loss': TEXT_OR_NULL, 'message': (_or_null(_text), 'a text')}
+    NAME = DIVERGED_NAME
+
+    @property
+    def summary(self):
+        """What happened, without the advice: 'the loss became nan at epoch 2, step 3 (lr 0.02)'."""
+        return (self.message or '').split(';')[0] or 'the loss diverged'
+
+    @classmethod
+    def from_json(cls, values, path, fix):
+        record = _from_json(cls, values, path, fix, cls.RULES)
+        record.message = record.message or ''
+        return record
+
+    def to_json(self):
+        return asdict(self)
+
+    def write(self, folder):
+        write_json(Path(folder) / self.NAME, self.to_json())
+
+    @classmethod
+    def remove(cls, folder):
+        (Path(folder) / cls.NAME).unlink(missing_ok=True)
+
+
+@dataclass
+class Crash:
+    """crashed.json: main.py stopped on an unexpected error, a bug (exit code 3).
+
+    main.py writes it with the one-line report (the traceback goes to train.log) and removes it
+    when a resume continues or re-evaluates the run. message is the error, e.g.
+    'ValueError: boom'; during what the run was doing ('training', 'evaluation'); time when,
+    in ISO format.
+    """
+    message: str
+    during: str = None
+    time: str = None
+
+    RULES = {'message': (_text, 'a text'), 'during': TEXT_OR_NULL, 'time': TEXT_OR_NULL}
+    NAME = CRASHED_NAME
+
+    @classmethod
+    def from_json(cls, values, path, fix):
+        return _from_json(cls, values, path, fix, cls.RULES)
+
+    def to_json(self):
+        return asdict(self)
+
+    def write(self, folder):
+        write_json(Path(folder) / self.NAME, self.to_json())
+
+    @classmethod
+    def remove(cls, folder):
+        (Path(folder) / cls.NAME).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------
+# Reading and writing each file of a run folder
+# --------------------------------------------------------------------------
+
+def read_config(folder, advice=repair_advice):
+    """config.json as the dict of config.Config (build ``Config.from_dict`` where it is needed),
+    or None if the run has none. Its seed and data folder are checked, and that no number in it
+    is NaN or infinite; RunFileError / RecordError with ``advice(folder, name)`` as the fix."""
+    path = Path(folder) / CONFIG_NAME
+    if not present(path):
+        return None
+    fix = advice(folder, CONFIG_NAME)
+    values = read_json(path, fix=fix)
+    if not isinstance(values, dict):
+        raise RecordError(f'{path} is not a JSON object; {fix}', path)
+    check_values(values, CONFIG_RULES, path, fix)
+    check_finite(values, path, fix)
+    return values
+
+
+def write_config(folder, config):
+    """config.json from the dict of a config.Config (``cfg.to_dict()``)."""
+    write_json(Path(folder) / CONFIG_NAME, config)
+
+
+def read_history(folder, advice=repair_advice):
+    """history.json as a list of EpochRecord (None if absent); RunFileError / RecordError."""
+    path = Path(folder) / HISTORY_NAME
+    if not present(path):
+        return None
+    fix = advice(folder, HISTORY_NAME)
+    values = read_json(path, fix=fix)
+    if not isinstance(values, list) or not all(isinstance(r, dict) for r in values):
+        raise RecordError(f'{path} is not a list of per-epoch records; {fix}', path)
+    return [EpochRecord.from_json(r, path, fix, i) for i, r in enumerate(values, 1)]
+
+
+def write_history(folder, records):
+    """history.json from EpochRecords (or their to_json dicts, as a checkpoint's state keeps them)."""
+    write_json(Path(folder) / HISTORY_NAME, [r.to_json() if isinstance(r, EpochRecord) else r for r in records])
+
+
+def read_metrics(folder, n_classes=None, advice=repair_advice):
+    """metrics.json as a Metrics record (None if absent), for C = n_classes classes (default
+    CIFAR-10's); RunFileError / RecordError."""
+    if n_classes is None:
+        from data_utils import NUM_CLASSES        # here: data_utils imports this module
+        n_classes = NUM_CLASSES
+    path = Path(folder) / METRICS_NAME
+    if not present(path):
+        return None
+    fix = advice(folder, METRICS_NAME)
+    return Metrics.from_json(read_json(path, fix=fix), path, fix, n_classes)
+
+
+def read_predictions(folder, advice=repair_advice):
+    """predictions.npz as a Predictions record (None if absent); RunFileError / RecordError."""
+    path = Path(folder) / PREDICTIONS_NAME
+    if not present(path):
+        return None
+    fix = advice(folder, PREDICTIONS_NAME)
+    return Predictions.from_arrays(read_npz(path, fix=fix), path, fix)
+
+
+def read_divergence(folder):
+    """diverged.json as a Divergence record, or None; RunFileError / RecordError."""
+    return _read_event(Divergence, folder, 'remove it if the run did not diverge')
+
+
+def read_crash(folder):
+    """crashed.json as a Crash record, or None; RunFileError / RecordError."""
+    return _read_event(Crash, folder, 'remove it if the run did not crash')
+
+
+def _read_event(cls, folder, fix):
+    path = Path(folder) / cls.NAME
+    if not present(path):
+        return None
+    fix = f'restore it, or {fix}'
+    return cls.from_json(read_json(path, fix=fix), path, fix)
+
+
+# --------------------------------------------------------------------------
+# The checkpoint's metadata
+# --------------------------------------------------------------------------
+
+def checkpoint_meta(path):
+    """The JSON metadata of a checkpoint written by main.py, reading only its 'meta' member:
+    a dict holding at least ``run_config`` (config.Config's dict) and ``state``.
+
+    Raises RunFileError, one sentence naming the file and what is wrong with it
+    ('... is damaged or was not written by main.py (...), so it cannot be resumed').
+    """
+    def damaged(detail):
+        return RunFileError(f'{path} is damaged or was not written by main.py ({detail}), so it cannot '
+                            f'be resumed', path)
+    try:
+        with open_regular(path, 'rb') as raw, load_npz_archive(raw) as f:
+            if 'meta' not in f.files:
+                raise damaged('it has no meta member')
+            meta = f['meta']
+    except RunFileError:
+        raise
+    except OSError as e:
+        if e.errno is not None:
+            raise RunFileError(describe_os_error(e, path, 'read'), path) from None
+        raise damaged(e) from None
+    except (zipfile.BadZipFile, ValueError, EOFError, KeyError, zlib.error) as e:
+        raise damaged(str(e) or type(e).__name__) from None
+    try:
+        if meta.ndim != 0 or meta.dtype.kind not in 'US':
+            raise ValueError(f'its meta is a {meta.dtype} array of shape {meta.shape}, not a JSON text')
+        text = meta.item()
+        meta = json.loads(text.decode('utf-8') if isinstance(text, bytes) else text)
+    except ValueError as e:
+        raise damaged(f'unreadable meta: {e}') from None
+    if not isinstance(meta, dict) or not isinstance(meta.get('run_config'), dict):
+        raise damaged('its meta holds no run configuration')
+    return meta
+
+
+def verify_checkpoint(path):
+    """Raise RunFileError unless a checkpoint reads whole: its metadata (checkpoint_meta) and every
+    member (a truncated file or a bit flip fails here), every float array finite.
+
+    main.py checks more on --resume (shapes, types and ranges of the state).
+    """
+    checkpoint_meta(path)      # first: it words a plain .npy, which read_npz does not expect
+    arrays = read_npz(path)
+    bad = next((name for name, a in arrays.items() if a.dtype.kind in 'fc' and not np.isfinite(a).all()), None)
+    if bad:
+        raise RunFileError(f'{path} holds {bad} with values that are not finite (NaN or infinite)', path)
+
+
+# --------------------------------------------------------------------------
+# The run folder's state: one vocabulary for every tool
+# --------------------------------------------------------------------------
 
 NEW, IN_USE, STOPPED, NEEDS_EVALUATION, FINISHED, DIVERGED, DAMAGED = (
     'new', 'in use', 'stopped', 'needs evaluation', 'finished', 'diverged', 'damaged')
@@ -472,49 +1117,37 @@ class RunStatus:
       in use            a process holds its lock (training, or viz.py drawing)
       stopped           stopped before its last epoch (time budget, Ctrl-C, a crash): --resume continues it
       needs evaluation  trained to its last epoch, but metrics.json / predictions.npz are missing
-      finished          trained and evaluated
+      finished          trained and evaluated (a folder whose checkpoint was removed but which holds
+                        metrics.json, not stopped early, and predictions.npz counts as finished too)
       diverged          the loss became non-finite (diverged.json records where)
       damaged           cannot be used as it is; ``reason`` says why and what to do
     reason: one sentence for diverged and damaged (else '').
     epoch, epochs: epochs done and planned, from the checkpoint (None if there is none).
+    file: the file a damaged state is about (ckpt.npz when the run has no checkpoint), else None.
+    divergence, crash: the Divergence and Crash records of the folder, or None. A crash record
+      leaves the state to the other files (a crashed run with a checkpoint is stopped).
     """
     state: str
     reason: str = ''
     epoch: int = None
     epochs: int = None
+    file: Path = None
+    divergence: Divergence = None
+    crash: Crash = None
 
     @property
     def resumable(self):
         return self.state in (STOPPED, NEEDS_EVALUATION)
 
 
-def checkpoint_meta(path):
-    """The JSON metadata of an .npz written by this project, reading only its 'meta' member.
-
-    Raises RunFileError if the file cannot be read or holds no such metadata object.
-    """
-    fix = 'it is damaged: use another checkpoint, or start the run again in a new folder'
-    try:
-        with open_regular(path, 'rb') as raw, load_npz_archive(raw) as f:
-            if 'meta' not in f.files:
-                raise RunFileError(f'{path} has no metadata; {fix}')
-            meta = json.loads(str(f['meta']))
-    except OSError as e:
-        raise RunFileError(describe_os_error(e, path, 'read')) from None
-    except (zipfile.BadZipFile, ValueError, EOFError, KeyError, zlib.error) as e:
-        raise RunFileError(f'{path} is not a readable .npz file ({str(e) or type(e).__name__}); {fix}') from None
-    if not isinstance(meta, dict):
-        raise RunFileError(f'{path} has metadata that is not a JSON object; {fix}')
-    return meta
-
-
 def status(folder):
     """The RunStatus of a run folder (a path as typed; links such as runs/latest are followed).
 
-    Reads only what it needs: the lock, which files exist, diverged.json, and the
-    checkpoint's metadata (not its arrays). Whether metrics.json and predictions.npz
-    hold valid values is the business of their readers; here they only have to be
-    regular files.
+    Reads only what it needs: the lock, which files exist, diverged.json and crashed.json, and
+    the checkpoint's metadata (not its arrays; metrics.json too when there is no checkpoint).
+    Whether metrics.json and predictions.npz hold valid values is the business of their readers
+    (read_run); here they only have to be regular files. Never blocks: a named pipe, a device
+    or a folder where a file should be makes the folder damaged.
     """
     folder = Path(folder)
     if not folder.exists() and not folder.is_symlink():
@@ -522,45 +1155,133 @@ def status(folder):
     try:
         folder = resolve_folder(folder, 'pass a run folder such as runs/latest')
         names = {p.name for p in folder.iterdir()} - {LOCK_NAME}
-        for name in names & set(RUN_FOLDER_FILES + (LOG_NAME,)):
+        for name in sorted(names & set(MAIN_FILES + RUN_FOLDER_FILES)):
             check_regular(folder / name)
         if folder_in_use(folder):
             return RunStatus(IN_USE, f'another process holds {folder / LOCK_NAME}')
-    except (RunFileError, OSError) as e:
-        return RunStatus(DAMAGED, str(e) if isinstance(e, RunFileError) else describe_os_error(e, folder, 'read'))
+    except RunFileError as e:
+        return RunStatus(DAMAGED, str(e), file=e.path or folder)
+    except OSError as e:
+        return RunStatus(DAMAGED, describe_os_error(e, folder, 'read'), file=Path(e.filename or folder))
     if not names:
         return RunStatus(NEW)
-    if DIVERGED_NAME in names:
-        return _diverged_status(folder)
-    if CHECKPOINT_NAME not in names:
-        return RunStatus(DAMAGED, f'{folder} holds no checkpoint ({CHECKPOINT_NAME}): the run stopped before '
-                                  f'its first one, or the folder is not a run of main.py; start the run '
-                                  f'again in a new folder')
-    return _status_from_checkpoint(folder, names)
-
-
-def _diverged_status(folder):
     try:
-        record = read_json(folder / DIVERGED_NAME)
-        reason = str(record['message']) if isinstance(record, dict) and 'message' in record else ''
+        divergence, crash = read_divergence(folder), read_crash(folder)
     except RunFileError as e:
-        return RunStatus(DAMAGED, str(e))
-    return RunStatus(DIVERGED, reason or f'the loss diverged ({folder / DIVERGED_NAME})')
+        return RunStatus(DAMAGED, str(e), file=e.path)
+    if divergence is not None:
+        found = RunStatus(DIVERGED, divergence.message or f'the loss diverged ({folder / DIVERGED_NAME})')
+    elif CHECKPOINT_NAME in names:
+        found = _status_from_checkpoint(folder, names)
+    else:
+        found = _status_without_checkpoint(folder, names)
+    found.divergence, found.crash = divergence, crash
+    return found
 
 
 def _status_from_checkpoint(folder, names):
+    path = folder / CHECKPOINT_NAME
     try:
-        meta = checkpoint_meta(folder / CHECKPOINT_NAME)
+        meta = checkpoint_meta(path)
         epoch, epochs = meta['state']['epoch'], meta['run_config']['epochs']
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, epochs)):
+        if not all(_count(v) for v in (epoch, epochs)):
             raise TypeError
     except RunFileError as e:
-        return RunStatus(DAMAGED, str(e))
+        return RunStatus(DAMAGED, f'{e}; use another checkpoint, or start the run again in a new folder', file=path)
     except (KeyError, TypeError):
-        return RunStatus(DAMAGED, f'{folder / CHECKPOINT_NAME} has no valid epoch in its metadata; it is '
-                                  f'damaged: start the run again in a new folder')
+        return RunStatus(DAMAGED, f'{path} has no valid epoch in its metadata; it is damaged: start the run '
+                                  f'again in a new folder', file=path)
     if epoch < epochs:
         return RunStatus(STOPPED, epoch=epoch, epochs=epochs)
     # main.py writes metrics.json, then predictions.npz: a stop between the two leaves only the first.
     evaluated = {METRICS_NAME, PREDICTIONS_NAME} <= names
     return RunStatus(FINISHED if evaluated else NEEDS_EVALUATION, epoch=epoch, epochs=epochs)
+
+
+def _status_without_checkpoint(folder, names):
+    """A folder without ckpt.npz: finished if it holds a test evaluation of a run that was not
+    stopped early (its checkpoint was removed), else damaged: nothing can continue it."""
+    path = folder / CHECKPOINT_NAME
+    if {METRICS_NAME, PREDICTIONS_NAME} <= names:
+        try:
+            metrics = read_json(folder / METRICS_NAME)
+        except RunFileError as e:
+            return RunStatus(DAMAGED, str(e), file=e.path)
+        if isinstance(metrics, dict) and metrics.get('stopped_early', False) is False:
+            done, planned = metrics.get('epochs_done'), metrics.get('epochs_planned')
+            return RunStatus(FINISHED, epoch=done if _count(done) else None,
+                             epochs=planned if _count(planned) else None)
+        return RunStatus(DAMAGED, f'{folder} stopped early and holds no checkpoint ({CHECKPOINT_NAME}) to '
+                                  f'continue from; start the run again in a new folder', file=path)
+    return RunStatus(DAMAGED, f'{folder} holds no checkpoint ({CHECKPOINT_NAME}): the run stopped before '
+                              f'its first one, or the folder is not a run of main.py; start the run '
+                              f'again in a new folder', file=path)
+
+
+# --------------------------------------------------------------------------
+# One entry point for readers
+# --------------------------------------------------------------------------
+
+def is_run_folder(path, certain=False):
+    """True if ``path`` is a folder holding any file main.py writes (MAIN_FILES; a named pipe or a
+    dangling link in its place counts: its reader names the problem).
+
+    certain=True asks for both config.json and train.log, which main.py writes within moments of
+    each other, so that a user's folder that merely holds a config.json is not taken for a run.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if certain:
+        return all(os.path.lexists(path / name) for name in (CONFIG_NAME, LOG_NAME))
+    return any(os.path.lexists(path / name) for name in MAIN_FILES)
+
+
+@dataclass
+class Run:
+    """What read_run found in a run folder: its status and its records, None where a file is absent.
+
+    folder: the real folder (links resolved); config: config.json's dict; history: [EpochRecord];
+    metrics: Metrics; predictions: Predictions; missing: the names of those four files that are
+    absent, in that order. The divergence and crash records are the status's.
+    """
+    folder: Path
+    status: RunStatus
+    config: dict = None
+    history: list = None
+    metrics: Metrics = None
+    predictions: Predictions = None
+    missing: list = field(default_factory=list)
+
+
+def read_run(folder, advice=repair_advice):
+    """Read a run folder (a path as typed; runs/latest is followed) through the contract.
+
+    Every record is checked on its own and against the others (metrics.json's test_images
+    against predictions.npz, its tables against the predictions' classes). A folder without any
+    of main.py's files, a file that cannot be read (also a named pipe, a device, a folder or a
+    dangling link where a file should be) raise RunFileError; a file that holds what main.py
+    does not write raises RecordError; each one sentence naming the file, with
+    ``advice(folder, name)`` as the fix (repair_advice: commands that work when typed). Never
+    blocks, never writes.
+    """
+    given = folder
+    folder = resolve_folder(folder, 'pass a run folder such as runs/latest')
+    if not is_run_folder(folder):
+        raise RunFileError(f'{given} is not a run folder (it has none of the files main.py writes, such as '
+                           f'{CONFIG_NAME} or {HISTORY_NAME}); pass a folder written by main.py, such as '
+                           f'runs/latest')
+    run = Run(folder, status(folder))
+    run.predictions = read_predictions(folder, advice)
+    run.config = read_config(folder, advice)
+    run.history = read_history(folder, advice)
+    run.metrics = read_metrics(folder, run.predictions.n_classes if run.predictions else None, advice)
+    run.missing = [name for name, value in ((CONFIG_NAME, run.config), (HISTORY_NAME, run.history),
+                                            (METRICS_NAME, run.metrics), (PREDICTIONS_NAME, run.predictions))
+                   if value is None]
+    n = run.metrics.test_images if run.metrics else None
+    if run.predictions is not None and n is not None and len(run.predictions.labels) != n:
+        path = folder / METRICS_NAME
+        raise RecordError(f'{path} is inconsistent: test_images says {n}, {PREDICTIONS_NAME} holds '
+                          f'{len(run.predictions.labels)}; {advice(folder, METRICS_NAME)}', path)
+    return run

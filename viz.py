@@ -26,8 +26,9 @@ written. A refusal is one sentence on stderr and exit code 2, and changes
 nothing. Exit codes are cli.py's: 3 for a crash (a bug), 130 for Ctrl-C or
 SIGTERM.
 
-The numbers come from metrics.py (as in metrics.json), files go through
-runfiles.py and the test images through data_utils.py. matplotlib and
+The numbers come from metrics.py (as in metrics.json); the run's files are
+read and checked by runfiles.read_run (the run-folder contract), the test
+images by data_utils.py. matplotlib and
 scikit-learn are imported inside the functions that draw, so importing this
 module is cheap.
 """
@@ -45,20 +46,21 @@ import json
 import math
 import os
 import re
-import shlex
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 import data_utils
+import runfiles
 from data_utils import ARCHIVE_NAME, FOLDER_NAME, NUM_CLASSES, DataError, apportion, fingerprint, load_test_set
 from metrics import (N_BINS, TIME_TO_VAL_ACC, confusion_matrix, expected_calibration_error,
                      per_class_accuracy, reliability_stats, time_to_accuracy)
-from runfiles import (LOCK_NAME, MAX_SEED, TEMP_MARK, RunFileError, RunFolderLock, check_regular,
-                      describe_os_error, read_json, read_npz, resolve_folder, write_atomic, write_text)
+from runfiles import (FIGURES_NAME, LOCK_NAME, MAX_SEED, REPORT_NAME, TEMP_MARK, RunFileError, RunFolderLock,
+                      check_regular, describe_os_error, read_run, typed_path, write_atomic, write_text)
 
 REPO = Path(__file__).resolve().parent
 
@@ -75,10 +77,6 @@ MAX_TSNE_SAMPLES = 10_000
 # A 10 x 10 grid is about 1750 x 2000 pixels with each 32 x 32 image shown 5x; more
 # images make each one too small to read (and 1,000,000 took minutes and 4.5 GB).
 MAX_GALLERY_SIZE = 100
-# A confusion matrix draws C x C numbers: past 100 classes it is unreadable and slow.
-MAX_CLASSES = 100
-# float32 probabilities of one image sum to 1 within ~1e-6; 1e-3 only catches real damage.
-PROB_SUM_TOLERANCE = 1e-3
 # Figures label classes with their names; longer names are shortened so the axes keep room.
 FIGURE_NAME_CHARS = 24
 # t-SNE budget for the default 2,000 points: ~4 s on one core. Past ~400
@@ -146,38 +144,13 @@ def stratified_sample(labels, n, seed=0):
 # Commands in messages: they must work when typed
 # --------------------------------------------------------------------------
 
-def shell_path(path):
-    """A path as it can be typed in the current folder: relative when below it, quoted if needed."""
-    path = Path(path)
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:         # another drive (Windows) or a vanished current folder
-        rel = str(path)
-    return shlex.quote(rel if not rel.startswith('..') else str(path.resolve()))
-
-
 def command(tool, *args):
     """'python <tool> ARGS' for a tool of this repository, typed from the current folder.
 
-    args: option strings (taken as they are) and Paths (made typeable by shell_path).
+    args: option strings (taken as they are) and Paths (made typeable by runfiles.typed_path).
     """
-    words = [shell_path(REPO / tool)] + [shell_path(a) if isinstance(a, Path) else a for a in args]
+    words = [typed_path(REPO / tool)] + [typed_path(a) if isinstance(a, Path) else a for a in args]
     return 'python ' + ' '.join(words)
-
-
-def _repair(run_dir, name):
-    """What to do about a damaged run file `name`, as a command that works when typed.
-
-    metrics.json and predictions.npz come from the test evaluation, which main.py
-    redoes from the run's ckpt.npz; the other files cannot be rebuilt by a command.
-    """
-    path = Path(run_dir) / name
-    if name in ('metrics.json', 'predictions.npz'):
-        if (Path(run_dir) / 'ckpt.npz').is_file():
-            return f"redo the test evaluation with {command('main.py', '--resume', Path(run_dir), '--evaluate')}"
-        return 'restore it from a backup (the run has no ckpt.npz to evaluate again from)'
-    return (f'restore it from a backup, or move it aside (mv {shell_path(path)} '
-            f'{shell_path(path)}.damaged) to draw without it')
 
 
 # --------------------------------------------------------------------------
@@ -185,7 +158,9 @@ def _repair(run_dir, name):
 # --------------------------------------------------------------------------
 
 class RunFolderError(Exception):
-    """The folder is not a run folder or its files are damaged; the message says why and what to do."""
+    """What viz.py needs beyond the run's own files is unusable (the gallery's test images, a folder
+    where a figure or the report goes); the message says why and what to do. The run's files are
+    refused by runfiles.read_run (RunFileError, RecordError)."""
 
 
 class DrawingInterrupted(BaseException):
@@ -223,254 +198,6 @@ def check_options(tsne_samples, gallery_size, seed, data_dir=None):
     return None
 
 
-def _number(v):
-    # true/false is an int to Python but not a measurement.
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _finite(v):
-    if not _number(v):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:      # an integer too large for a float: no real measurement
-        return False
-
-
-def _fraction(v):
-    return _finite(v) and 0 <= v <= 1
-
-
-def _at_least_0(v):
-    return _finite(v) and v >= 0
-
-
-def _count(v):
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _or_null(test):
-    return lambda v: v is None or test(v)
-
-
-def _table(shape, kinds, upper=None):
-    """A test for nested JSON lists: an array of `shape`, dtype kind in `kinds`, finite entries in [0, upper]."""
-    def test(value):
-        try:
-            a = np.array(value)
-        except (ValueError, OverflowError):      # ragged lists, integers too large
-            return False
-        if a.shape != shape or a.dtype.kind not in kinds or a.size == 0:
-            return a.shape == shape and a.dtype.kind in kinds
-        return bool(np.isfinite(a).all() and a.min() >= 0 and (upper is None or a.max() <= upper))
-    return test
-
-
-def _fingerprints(v):
-    return (isinstance(v, dict) and isinstance(v.get('test'), str)
-            and re.fullmatch(r'[0-9a-f]{64}', v['test']) is not None)
-
-
-def _single_view(v):
-    return (isinstance(v, dict) and _fraction(v.get('test_acc')) and _fraction(v.get('ece'))
-            and _or_null(_at_least_0)(v.get('test_loss')))
-
-
-# What the figures and the report read from each JSON file of a run, as
-# {key: (test, what it must be)}; an absent key counts as null. null means
-# unknown (runfiles.write_json writes a NaN as null) and leaves a gap; a NaN,
-# an infinity or an impossible value is refused, so the report never shows one.
-FRACTION_OR_NULL = (_or_null(_fraction), 'a fraction in [0, 1] or null')
-LOSS_OR_NULL = (_or_null(_at_least_0), 'a finite loss >= 0 or null')
-AMOUNT_OR_NULL = (_or_null(_at_least_0), 'a finite number >= 0 or null')
-CONFIG_RULES = {'seed': (_or_null(lambda v: _count(v) and v <= MAX_SEED), f'an integer in [0, {MAX_SEED}]'),
-                'data_dir': (_or_null(lambda v: isinstance(v, str)), 'a path')}
-HISTORY_RULES = {'epoch': (_count, 'an epoch number'),
-                 **dict.fromkeys(('train_loss', 'val_loss'), LOSS_OR_NULL),
-                 **dict.fromkeys(('train_acc', 'val_acc'), FRACTION_OR_NULL),
-                 **dict.fromkeys(('lr', 'epoch_time_s', 'images_per_s', 'elapsed_s'), AMOUNT_OR_NULL)}
-METRICS_RULES = {
-    # Written with every test evaluation, so never null.
-    'test_acc': (_fraction, 'a fraction in [0, 1]'),
-    'test_loss': (_at_least_0, 'a finite loss >= 0'),
-    'ece': (_fraction, 'a calibration error in [0, 1]'),
-    'best_val_acc': FRACTION_OR_NULL,
-    **dict.fromkeys(('wall_time_s', 'train_images_per_s'), AMOUNT_OR_NULL),
-    **dict.fromkeys(('best_epoch', 'epochs_done'), (_or_null(_count), 'a whole number or null')),
-    'test_images': (_or_null(lambda v: _count(v) and v > 0), 'a number of test images or null'),
-    'label_names': (_or_null(lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)),
-                    'a list of class names'),
-    'single_view': (_or_null(_single_view), 'null or test_acc, ece (fractions in [0, 1]) and test_loss'),
-    'data_fingerprint': (_or_null(_fingerprints), "null or a 'test' sha256 in hex (data_utils.fingerprint)"),
-}
-
-
-def _check_values(values, rules, path, fix, where='{!r}'):
-    """RunFolderError naming the first value of the dict `values` that fails its rule."""
-    for key, (test, what) in rules.items():
-        value = values.get(key)
-        if not test(value):
-            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + '...'
-            raise RunFolderError(f'{path} has {where.format(key)} = {shown}, which is not {what}; {fix}')
-
-
-def _present(path):
-    """True if a run file is there, False if absent; RunFileError for anything that is not a file.
-
-    A named pipe would block the read forever and a device never ends; a link
-    to nothing is named as such rather than taken for a missing file.
-    """
-    try:
-        if not os.path.lexists(path):
-            return False
-        if not os.path.exists(path):
-            raise RunFileError(f'{path} is a link to {os.readlink(path)}, which does not exist; '
-                               f'restore the file it points at, or remove the link')
-        check_regular(path)
-    except OSError as e:
-        raise RunFileError(describe_os_error(e, path, 'read')) from None
-    return True
-
-
-def load_run(run_dir):
-    """Read whatever a run folder holds, and check every value the figures and report use.
-
-    Returns a dict with keys run_dir (resolved Path), config, history, metrics
-    (dicts/lists or None when the file is absent), predictions (dict of arrays
-    probs (N, C), labels (N,), indices (N,), hidden (N, H) or None), and
-    missing (list of absent file names). Raises RunFolderError when the folder
-    has neither config.json nor history.json or a file holds what main.py
-    does not write (wrong types, NaN, impossible values), and RunFileError when
-    a file cannot be read or is not a regular file.
-    """
-    # runs/latest is a symlink: work on the real folder so relative paths resolve;
-    # '' must not quietly mean the current folder.
-    given = run_dir
-    run_dir = resolve_folder(run_dir, 'pass a run folder such as runs/latest')
-    present = {name: _present(run_dir / name)
-               for name in ('config.json', 'history.json', 'metrics.json', 'predictions.npz')}
-    if not present['config.json'] and not present['history.json']:
-        raise RunFolderError(f'{given} is not a run folder (it has no config.json or history.json); '
-                             f'pass a folder written by main.py, such as runs/latest')
-    run = {'run_dir': run_dir, 'config': None, 'history': None, 'metrics': None,
-           'predictions': None, 'missing': []}
-    path = run_dir / 'predictions.npz'
-    if present[path.name]:
-        fix = _repair(run_dir, path.name)
-        run['predictions'] = _check_predictions(read_npz(path, fix=fix), path, fix)
-    c = run['predictions']['probs'].shape[1] if run['predictions'] else NUM_CLASSES
-    rules = {'config': CONFIG_RULES, 'history': HISTORY_RULES, 'metrics': {
-        **METRICS_RULES,
-        'per_class_acc': (_or_null(_table((c,), 'iuf', upper=1)), f'a list of {c} fractions in [0, 1]'),
-        'confusion_matrix': (_or_null(_table((c, c), 'iu')), f'a {c} x {c} table of counts >= 0')}}
-    for name, kind in {'config': dict, 'history': list, 'metrics': dict}.items():
-        path = run_dir / f'{name}.json'
-        if not present[path.name]:
-            run['missing'].append(path.name)
-            continue
-        fix = _repair(run_dir, path.name)
-        values = run[name] = read_json(path, fix=fix)
-        if not isinstance(values, kind) or (kind is list and not all(isinstance(r, dict) for r in values)):
-            what = 'a list of per-epoch records' if kind is list else 'a JSON object'
-            raise RunFolderError(f'{path} is not {what}; {fix}')
-        for i, record in enumerate(values if kind is list else [values], 1):
-            _check_values(record, rules[name], path, fix,
-                          f"record {i}'s {{!r}}" if kind is list else '{!r}')
-    if run['config'] is not None:
-        _check_finite(run['config'], run_dir / 'config.json', _repair(run_dir, 'config.json'))
-    if run['predictions'] is None:
-        run['missing'].append('predictions.npz')
-    return run
-
-
-def _check_finite(value, path, fix, where=''):
-    """RunFolderError for the first NaN or infinity anywhere in a JSON value (the report shows them all)."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _check_finite(v, path, fix, f'{where}.{k}' if where else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_finite(v, path, fix, f'{where}[{i}]')
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise RunFolderError(f'{path} has {where!r} = {value}, which is not a finite number; {fix}')
-
-
-def _check_predictions(preds, path, fix):
-    """The arrays of predictions.npz, consistent with each other; indices default to 0..N-1.
-
-    probs (N, C) float, rows in [0, 1] summing to 1; labels (N,) in 0..C-1;
-    indices (N,) distinct and >= 0 (rows of the test set); hidden (N, H) finite.
-    """
-    if 'probs' not in preds or 'labels' not in preds:
-        raise RunFolderError(f"{path} lacks the arrays 'probs' and 'labels'; {fix}")
-    preds.setdefault('indices', np.arange(preds['labels'].size))
-    probs, labels, indices, hidden = (preds.get(k) for k in ('probs', 'labels', 'indices', 'hidden'))
-    n = len(labels) if labels.ndim == 1 else -1
-    consistent = (probs.ndim == 2 and len(probs) == n > 0 and 0 < probs.shape[1] <= MAX_CLASSES
-                  and indices.shape == (n,)
-                  and probs.dtype.kind == 'f' and labels.dtype.kind in 'iu' and indices.dtype.kind in 'iu'
-                  and (hidden is None or (hidden.shape[:1] == (n,) and hidden.ndim == 2
-                                          and hidden.dtype.kind in 'fiu')))
-    if not consistent:
-        arrays = ', '.join(f'{k} {v.dtype}{v.shape}' for k, v in preds.items())
-        raise RunFolderError(f'{path} has inconsistent arrays ({arrays}); expected float probs '
-                             f'(N, 10), integer labels (N,) and indices (N,), hidden (N, H); {fix}')
-    problem = _predictions_problem(probs, labels, indices, hidden)
-    if problem:
-        raise RunFolderError(f'{path} has {problem}; {fix}')
-    return preds
-
-
-def _predictions_problem(probs, labels, indices, hidden):
-    """The first impossible value among arrays of consistent shapes, in words, or None.
-
-    probs (N, C), labels (N,), indices (N,), hidden (N, H) or None.
-    """
-    if not np.isfinite(probs).all():
-        return 'non-finite probabilities (NaN or infinite)'
-    if probs.min() < 0 or probs.max() > 1:
-        return 'probabilities outside [0, 1]'
-    sums = probs.sum(axis=1, dtype=np.float64)
-    worst = np.abs(sums - 1).argmax()
-    if abs(sums[worst] - 1) > PROB_SUM_TOLERANCE:
-        return f'rows of probabilities that do not sum to 1 (e.g. {sums[worst]:.4f})'
-    if hidden is not None and not np.isfinite(hidden).all():
-        return 'non-finite hidden states'
-    if labels.min() < 0 or labels.max() >= probs.shape[1]:
-        return f'labels outside 0..{probs.shape[1] - 1}'
-    if indices.min() < 0 or len(np.unique(indices)) != len(indices):
-        return 'negative or repeated test-set indices'
-    return None
-
-
-def check_consistency(run):
-    """RunFolderError if metrics.json disagrees with itself or with predictions.npz in count.
-
-    The report shows test_acc and per_class_acc next to figures drawn from the
-    confusion matrix, so they must describe the same predictions. (compare.py
-    does its own checks against predictions.npz, with its own wording.)
-    """
-    metrics, preds = run['metrics'], run['predictions']
-    if not metrics or metrics.get('confusion_matrix') is None:
-        return
-    path, fix = run['run_dir'] / 'metrics.json', _repair(run['run_dir'], 'metrics.json')
-    cm = np.asarray(metrics['confusion_matrix'], dtype=np.int64)
-    total, n = int(cm.sum()), metrics.get('test_images')
-    problems = []
-    if n is not None and total != n:
-        problems.append(f'its confusion_matrix counts {total} test images, test_images says {n}')
-    if preds is not None and n is not None and len(preds['labels']) != n:
-        problems.append(f"test_images says {n}, predictions.npz holds {len(preds['labels'])}")
-    if total > 0 and abs(metrics['test_acc'] - np.trace(cm) / total) > 1e-6:
-        problems.append(f"test_acc {metrics['test_acc']:.4f} is not the accuracy of its "
-                        f'confusion_matrix ({np.trace(cm) / total:.4f})')
-    per_class = metrics.get('per_class_acc')
-    if per_class is not None and np.abs(np.asarray(per_class, float) - per_class_accuracy(cm)).max() > 1e-6:
-        problems.append('per_class_acc is not the per-class accuracy of its confusion_matrix')
-    if problems:
-        raise RunFolderError(f'{path} is inconsistent: {problems[0]}; {fix}')
-
-
 # --------------------------------------------------------------------------
 # The test images of the gallery
 # --------------------------------------------------------------------------
@@ -505,8 +232,8 @@ def _holds_cifar(folder):
 def _data_fix(folder):
     """What to do about a damaged data file, for viz.py (which reads the archive but never downloads it)."""
     archive = folder / ARCHIVE_NAME
-    return (f'put a good copy of {ARCHIVE_NAME} at {shell_path(archive)} (viz.py reads it as it is) '
-            f'and move {shell_path(folder / FOLDER_NAME)} aside')
+    return (f'put a good copy of {ARCHIVE_NAME} at {typed_path(archive)} (viz.py reads it as it is) '
+            f'and move {typed_path(folder / FOLDER_NAME)} aside')
 
 
 def _read_test_set(folder):
@@ -532,12 +259,12 @@ def _matching_test_set(run, folder):
     """
     X, y = _read_test_set(folder)
     other = (f'pass --data-dir the folder the run used (its config.json says '
-             f"{(run['config'] or {}).get('data_dir') or 'data'})")
-    recorded = ((run['metrics'] or {}).get('data_fingerprint') or {}).get('test')
+             f"{(run.config or {}).get('data_dir') or 'data'})")
+    recorded = ((run.metrics.data_fingerprint if run.metrics else None) or {}).get('test')
     if recorded is not None and fingerprint(X, y) != recorded:
         raise _Unusable(f'the test set in {folder} is not the one this run was tested on (its fingerprint '
                         f"differs from metrics.json's data_fingerprint); {other}")
-    indices, labels = run['predictions']['indices'], run['predictions']['labels']
+    indices, labels = run.predictions.indices, run.predictions.labels
     if indices.max() >= len(X) or not np.array_equal(y[indices], labels):
         raise _Unusable(f"the test images in {folder} do not match the run's labels; {other}")
     # The archive stores NCHW rows; imshow wants HWC.
@@ -545,14 +272,15 @@ def _matching_test_set(run, folder):
 
 
 def find_test_images(run, data_dir=None):
-    """The run's test images (N, 32, 32, 3) uint8 HWC from the first data folder that holds them, or None.
+    """The test images (N, 32, 32, 3) uint8 HWC of a run (runfiles.Run) from the first data folder
+    that holds them, or None.
 
     None when no candidate folder holds CIFAR-10 at all and --data-dir was not
     given (the gallery is then skipped). RunFolderError when the folder asked
     for holds nothing, or every folder that holds CIFAR-10 holds damaged files
     or another test set: the images are there but wrong, so the user decides.
     """
-    candidates = resolve_data_dir(run['config'], run['run_dir'], data_dir)
+    candidates = resolve_data_dir(run.config, run.folder, data_dir)
     refusal = None
     for folder in (c for c in candidates if _holds_cifar(c)):
         try:
@@ -604,11 +332,11 @@ def prepare_output(run_dir):
         # Said here because opening a folder for the lock fails as 'give the path of a file'.
         raise RunFolderError(f"{lock} is {getattr(e, 'kind', e.strerror)}, where main.py and viz.py "
                              f"keep the run folder's lock; remove it (it holds no data)") from None
-    fig_dir = run_dir / 'figures'
+    fig_dir = run_dir / FIGURES_NAME
     if os.path.lexists(fig_dir) and not fig_dir.is_dir():
         raise RunFolderError(f'{fig_dir} exists and is not a folder; move or delete it so that '
                              f'viz.py can put the figures there')
-    _check_replaceable(run_dir / 'report.md', 'the report')
+    _check_replaceable(run_dir / REPORT_NAME, 'the report')
     for stem in FIGURE_TITLES:
         _check_replaceable(fig_dir / f'{stem}.png', 'a figure')
     try:
@@ -633,15 +361,15 @@ def _new_figure(**kwargs):
 def plot_training_curves(history, best_epoch=None):
     """Loss, accuracy and learning rate per epoch, best epoch marked.
 
-    history: list of per-epoch dicts with epoch, train_loss, train_acc,
-    val_loss, val_acc (fractions), lr; missing values are drawn as gaps.
+    history: list of runfiles.EpochRecord (epoch, train_loss, train_acc,
+    val_loss, val_acc (fractions), lr); missing values are drawn as gaps.
     best_epoch: epoch to mark (1-based); default the epoch of highest val_acc.
     Returns a matplotlib Figure.
     """
     from matplotlib.ticker import MaxNLocator
 
     def column(key):
-        return np.array([np.nan if r.get(key) is None else float(r[key]) for r in history])
+        return np.array([np.nan if getattr(r, key) is None else float(getattr(r, key)) for r in history])
 
     epoch = column('epoch')
     if best_epoch is None:
@@ -667,11 +395,11 @@ def plot_training_curves(history, best_epoch=None):
         for ax in (ax_loss, ax_acc, ax_lr):
             ax.axvline(best_epoch, color='0.4', linestyle='--', linewidth=1,
                        label=f'best epoch ({best_epoch})')
-        row = [r for r in history if r.get('epoch') == best_epoch]
-        if row and row[0].get('val_acc') is not None:
-            ax_acc.plot([best_epoch], [100 * row[0]['val_acc']], marker='*', markersize=14,
+        row = [r for r in history if r.epoch == best_epoch]
+        if row and row[0].val_acc is not None:
+            ax_acc.plot([best_epoch], [100 * row[0].val_acc], marker='*', markersize=14,
                         color='tab:red', linestyle='none',
-                        label=f"best val {100 * row[0]['val_acc']:.2f}%")
+                        label=f'best val {100 * row[0].val_acc:.2f}%')
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.set_xlabel('epoch')
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -879,13 +607,13 @@ def _fmt_value(v):
 def build_report(run, figures, notes, label_names, cm):
     """The text of report.md.
 
-    run: from load_run; figures: list of (stem, caption) drawn, in order;
+    run: a runfiles.Run (read_run); figures: list of (stem, caption) drawn, in order;
     notes: lines about what is missing or skipped; label_names: C str;
     cm: (C, C) confusion counts or None. Every text that comes from a file is
     escaped (md_text), so a class name such as 'a|b' cannot break a table.
     """
-    config = run['config']
-    lines = [f"# Run report: {md_text(run['run_dir'].name)}", '',
+    config = run.config
+    lines = [f'# Run report: {md_text(run.folder.name)}', '',
              f"Generated by `viz.py` on {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}.", '']
     if config:
         # One line for the settings people look for first; the full table is at the end.
@@ -895,9 +623,9 @@ def build_report(run, figures, notes, label_names, cm):
             lines += ['Run: ' + ', '.join(summary) + ' (full configuration at the end).', '']
     if notes:
         lines += ['> ' + md_text(n) for n in notes] + ['']
-    lines += _headline_section(run['metrics'], run['history'])
+    lines += _headline_section(run.metrics, run.history)
     names = [md_text(n) for n in label_names]
-    lines += _per_class_section(run['metrics'], cm, names)
+    lines += _per_class_section(run.metrics, cm, names)
     lines += _confused_section(cm, names)
     lines += _figures_section(figures)
     if config:
@@ -908,7 +636,8 @@ def build_report(run, figures, notes, label_names, cm):
 
 
 def _headline_section(metrics, history):
-    """The headline table: metrics.json's numbers, or the history's so far; times to accuracy."""
+    """The headline table: metrics.json's numbers (a runfiles.Metrics), or the history's so far
+    (runfiles.EpochRecord); times to accuracy."""
     lines = ['## Headline metrics', '', '| metric | value |', '| --- | --- |']
     if metrics:
         lines += _metrics_rows(metrics)
@@ -918,33 +647,33 @@ def _headline_section(metrics, history):
         lines.append('| (no metrics or history yet) | |')
     for threshold in TIME_TO_VAL_ACC:
         if history:
-            seconds = time_to_accuracy(history, threshold)
+            seconds = time_to_accuracy([r.to_json() for r in history], threshold)
             shown = cli.format_duration(seconds) if seconds is not None else 'not reached'
             lines.append(f'| Validation accuracy {100 * threshold:.0f} % first reached | {shown} |')
     return lines + ['']
 
 
 def _metrics_rows(metrics):
-    """Table rows from a checked metrics.json (every number finite and in range)."""
+    """Table rows from a checked metrics.json (runfiles.Metrics: every number finite and in range)."""
     lines = []
 
     def row(name, key, fmt):
-        if metrics.get(key) is not None:
-            lines.append(f'| {name} | {fmt(metrics[key])} |')
+        if getattr(metrics, key) is not None:
+            lines.append(f'| {name} | {fmt(getattr(metrics, key))} |')
     row('Test accuracy', 'test_acc', lambda v: f'{100 * v:.2f} %')
     row('Test loss', 'test_loss', lambda v: f'{v:.4f}')
     row(f'ECE ({N_BINS} bins)', 'ece', lambda v: f'{v:.4f}')
-    single = metrics.get('single_view')
+    single = metrics.single_view
     if single is not None:
         lines.append(f"| Without the mirror view (tta_flip off) | {100 * single['test_acc']:.2f} %, "
                      f"ECE {single['ece']:.4f} |")
-    best = metrics.get('best_val_acc')
+    best = metrics.best_val_acc
     if best is not None:
-        at = f" (epoch {metrics['best_epoch']})" if metrics.get('best_epoch') is not None else ''
+        at = f' (epoch {metrics.best_epoch})' if metrics.best_epoch is not None else ''
         lines.append(f'| Best validation accuracy | {100 * best:.2f} %{at} |')
-    if metrics.get('epochs_done') is not None:
-        early = ' (stopped early)' if metrics.get('stopped_early') else ''
-        lines.append(f"| Epochs trained | {metrics['epochs_done']}{early} |")
+    if metrics.epochs_done is not None:
+        early = ' (stopped early)' if metrics.stopped_early else ''
+        lines.append(f'| Epochs trained | {metrics.epochs_done}{early} |')
     row('Wall time', 'wall_time_s', cli.format_duration)
     row('Training throughput', 'train_images_per_s', lambda v: f'{v:.0f} images/s')
     return lines
@@ -952,20 +681,20 @@ def _metrics_rows(metrics):
 
 def _history_rows(history):
     """Table rows for a run without a test evaluation yet: what the history shows so far."""
-    val = [r for r in history if r.get('val_acc') is not None]
+    val = [r for r in history if r.val_acc is not None]
     lines = [f'| Epochs done so far | {len(history)} |']
     if val:
-        best_row = max(val, key=lambda r: r['val_acc'])
-        lines.append(f"| Best validation accuracy so far | {100 * best_row['val_acc']:.2f} % "
-                     f"(epoch {best_row['epoch']}) |")
+        best_row = max(val, key=lambda r: r.val_acc)
+        lines.append(f'| Best validation accuracy so far | {100 * best_row.val_acc:.2f} % '
+                     f'(epoch {best_row.epoch}) |')
     last = history[-1]
-    for name, key in (('Last train loss', 'train_loss'), ('Last validation loss', 'val_loss')):
-        if last.get(key) is not None:
-            lines.append(f'| {name} | {last[key]:.4f} |')
-    times = [r['epoch_time_s'] for r in history if r.get('epoch_time_s') is not None]
+    for name, value in (('Last train loss', last.train_loss), ('Last validation loss', last.val_loss)):
+        if value is not None:
+            lines.append(f'| {name} | {value:.4f} |')
+    times = [r.epoch_time_s for r in history if r.epoch_time_s is not None]
     if times:
         lines.append(f'| Training time so far | {cli.format_duration(sum(times))} |')
-    ips = [r['images_per_s'] for r in history if r.get('images_per_s') is not None]
+    ips = [r.images_per_s for r in history if r.images_per_s is not None]
     if ips:
         lines.append(f'| Training throughput | {np.mean(ips):.0f} images/s |')
     return lines
@@ -974,8 +703,8 @@ def _history_rows(history):
 def _per_class_section(metrics, cm, names):
     """Accuracy per true class (metrics.json's, else from the confusion matrix); names escaped."""
     per_class = None
-    if metrics and metrics.get('per_class_acc') is not None:
-        per_class = np.asarray(metrics['per_class_acc'], dtype=float)
+    if metrics and metrics.per_class_acc is not None:
+        per_class = np.asarray(metrics.per_class_acc, dtype=float)
     elif cm is not None:
         per_class = per_class_accuracy(cm)
     if per_class is None:
@@ -1021,8 +750,9 @@ def make_report(run_dir, tsne_samples=DEFAULT_TSNE_SAMPLES, gallery_size=DEFAULT
 
     Returns the list of figure paths written. Everything that can be checked
     is checked before the first file is written: the options (ValueError),
-    the folder, every file and every value the figures use, the gallery's
-    test images (RunFolderError, RunFileError) and that figures/, every
+    the folder, every file and every value the figures use (runfiles.read_run:
+    RunFileError, RecordError), the gallery's test images (RunFolderError,
+    RunFileError) and that figures/, every
     figure and report.md can be written (RunFileError, RunFolderError).
     `log` receives one line per figure (with its timing) and one per thing
     missing or skipped. A SIGINT/SIGTERM (cli's handlers) while drawing raises
@@ -1031,24 +761,22 @@ def make_report(run_dir, tsne_samples=DEFAULT_TSNE_SAMPLES, gallery_size=DEFAULT
     problem = check_options(tsne_samples, gallery_size, seed, data_dir)
     if problem:
         raise ValueError(problem)
-    run = load_run(run_dir)
-    check_consistency(run)
+    run = read_run(run_dir)
     if seed is None:
-        seed = (run['config'] or {}).get('seed') or 0
+        seed = (run.config or {}).get('seed') or 0
     plan = plan_report(run, tsne_samples, gallery_size, data_dir, seed, log)
-    fig_dir = prepare_output(run['run_dir'])
-    lock = RunFolderLock(run['run_dir'], 'viz.py')
+    fig_dir = prepare_output(run.folder)
+    lock = RunFolderLock(run.folder, 'viz.py')
     # Busy means main.py is still writing: its files are each complete (atomic
     # writes), so draw what they hold now, but leave its temporary files alone.
     if not lock.acquire(busy_ok=True):
-        log(f"{run['run_dir']} is in use by another process (main.py still training?); "
+        log(f'{run.folder} is in use by another process (main.py still training?); '
             'drawing what its files hold now.')
     written = []
     try:
         _draw(plan, fig_dir, log, written)
-        write_text(run['run_dir'] / 'report.md', build_report(
-            run, [(stem, caption) for stem, _, caption, _ in plan['figures']], plan['notes'],
-            plan['label_names'], plan['cm']))
+        write_text(run.folder / REPORT_NAME, build_report(
+            run, [(stem, caption) for stem, _, caption, _ in plan.figures], plan.notes, plan.label_names, plan.cm))
         return written
     except cli.StartupInterrupted as e:
         raise DrawingInterrupted(str(e), written) from None
@@ -1056,79 +784,93 @@ def make_report(run_dir, tsne_samples=DEFAULT_TSNE_SAMPLES, gallery_size=DEFAULT
         lock.release()
 
 
-def plan_report(run, tsne_samples, gallery_size, data_dir, seed, log):
-    """What to draw, decided and loaded before the first file is written.
+@dataclass
+class Plan:
+    """What make_report draws, decided and loaded before the first file is written.
 
-    Returns a dict: figures, a list of (stem, draw() -> Figure, caption,
-    seconds already spent preparing it); notes, lines for the console and the
-    top of the report; label_names (C str); cm, (C, C) counts or None.
-    Raises RunFolderError when the gallery's test images are there but unusable.
+    figures: (stem, draw() -> Figure, caption, seconds already spent preparing it), in order;
+    notes: lines for the console and the top of the report; label_names: C str;
+    cm: (C, C) confusion counts or None.
     """
-    metrics, preds = run['metrics'], run['predictions']
-    plan = {'figures': [], 'notes': _missing_notes(run['missing']), 'cm': None}
-    for line in plan['notes']:
-        log(line)
+    label_names: list
+    cm: np.ndarray = None
+    figures: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
 
-    def note(line):
-        plan['notes'].append(line)
-        log(line)
 
-    n_classes = preds['probs'].shape[1] if preds is not None else NUM_CLASSES
-    names = list(metrics.get('label_names') or []) if metrics else []
+def plan_report(run, tsne_samples, gallery_size, data_dir, seed, log):
+    """The Plan of a run (runfiles.Run). Raises RunFolderError when the gallery's test images are
+    there but unusable."""
+    metrics, preds = run.metrics, run.predictions
+    n_classes = preds.n_classes if preds is not None else NUM_CLASSES
+    names = list(metrics.label_names or []) if metrics else []
     if len(names) != n_classes:
         names = CIFAR10_CLASSES if n_classes == 10 else [str(c) for c in range(n_classes)]
-    plan['label_names'], shown = names, [figure_label(n) for n in names]
-
-    if run['history']:
-        best_epoch = metrics.get('best_epoch') if metrics else None
-        plan['figures'].append(
-            ('training_curves', lambda: plot_training_curves(run['history'], best_epoch), '', 0))
-    elif run['history'] is not None:
-        note('history.json has no epochs yet: no training curves.')
     # metrics.json has the confusion matrix; predictions can rebuild it.
-    if metrics and metrics.get('confusion_matrix') is not None:
-        plan['cm'] = np.asarray(metrics['confusion_matrix'], dtype=np.int64)
+    if metrics and metrics.confusion_matrix is not None:
+        cm = np.asarray(metrics.confusion_matrix, dtype=np.int64)
     elif preds is not None:
-        plan['cm'] = confusion_matrix(preds['labels'], preds['probs'].argmax(axis=1), n_classes)
-    if plan['cm'] is not None:
-        plan['figures'].append(('confusion_matrix', lambda: plot_confusion_matrix(plan['cm'], shown), '', 0))
+        cm = confusion_matrix(preds.labels, preds.probs.argmax(axis=1), n_classes)
+    else:
+        cm = None
+    plan, shown = Plan(names, cm), [figure_label(n) for n in names]
+
+    def note(line):
+        plan.notes.append(line)
+        log(line)
+    for line in _missing_notes(run):
+        note(line)
+    if run.history:
+        best_epoch = metrics.best_epoch if metrics else None
+        plan.figures.append(('training_curves', lambda: plot_training_curves(run.history, best_epoch), '', 0))
+    elif run.history is not None:
+        note('history.json has no epochs yet: no training curves.')
+    if cm is not None:
+        plan.figures.append(('confusion_matrix', lambda: plot_confusion_matrix(cm, shown), '', 0))
     if preds is not None:
-        plan['figures'].append(_reliability_spec(preds, metrics, note))
-        plan['figures'] += _tsne_spec(preds, tsne_samples, seed, shown, note, log)
-        plan['figures'] += _gallery_spec(run, data_dir, gallery_size, shown, note, log)
+        plan.figures.append(_reliability_spec(preds, metrics, note))
+        plan.figures += _tsne_spec(preds, tsne_samples, seed, shown, note, log)
+        plan.figures += _gallery_spec(run, data_dir, gallery_size, shown, note, log)
     return plan
 
 
-def _missing_notes(missing):
-    """The line about files the run folder lacks (a partial run), as a list of 0 or 1 lines."""
-    if 'metrics.json' in missing or 'predictions.npz' in missing:
-        absent = ' and '.join(n for n in ('metrics.json', 'predictions.npz') if n in missing)
-        lacking = ', '.join(m for m in missing if m not in ('metrics.json', 'predictions.npz'))
-        return [f"Partial run: {absent} not found{' (nor ' + lacking + ')' if lacking else ''} "
-                '- the run is still training or stopped before the test evaluation; '
-                'drawing only what the files allow.']
-    return [f"Missing from the run folder: {', '.join(missing)}."] if missing else []
+def _missing_notes(run):
+    """The line about the files a run (runfiles.Run) lacks, as a list of 0 or 1 lines; for a
+    partial run, why, from its status."""
+    missing, evaluation = run.missing, (runfiles.METRICS_NAME, runfiles.PREDICTIONS_NAME)
+    if not any(name in missing for name in evaluation):
+        return [f"Missing from the run folder: {', '.join(missing)}."] if missing else []
+    absent = ' and '.join(n for n in evaluation if n in missing)
+    lacking = ', '.join(m for m in missing if m not in evaluation)
+    st = run.status
+    why = {runfiles.IN_USE: 'the run is still training',
+           runfiles.STOPPED: f"the run stopped at epoch {st.epoch} of {st.epochs} "
+                             f"({command('main.py', '--resume', run.folder)} continues it)",
+           runfiles.NEEDS_EVALUATION: 'the run stopped before its test evaluation',
+           }.get(st.state, 'the run is still training or stopped before the test evaluation')
+    return [f"Partial run: {absent} not found{' (nor ' + lacking + ')' if lacking else ''} - {why}; "
+            'drawing only what the files allow.']
 
 
 def _reliability_spec(preds, metrics, note):
     """The reliability diagram's figure spec; a note if its ECE differs from metrics.json's."""
-    probs, labels = preds['probs'], preds['labels']
+    probs, labels = preds.probs, preds.labels
     ece_plotted = expected_calibration_error(probs, labels, N_BINS)
     caption = f'ECE in the diagram: {ece_plotted:.4f}'
-    if metrics and metrics.get('ece') is not None:
-        if abs(metrics['ece'] - ece_plotted) <= 1e-6:
+    if metrics:
+        if abs(metrics.ece - ece_plotted) <= 1e-6:
             caption += ' (equal to metrics.json).'
         else:
-            caption += f" - differs from metrics.json's {metrics['ece']:.4f}."
+            caption += f" - differs from metrics.json's {metrics.ece:.4f}."
             note(f'ECE recomputed from predictions.npz ({ece_plotted:.6f}) differs from '
-                 f"metrics.json ({metrics['ece']:.6f}); the files may come from different evaluations.")
+                 f'metrics.json ({metrics.ece:.6f}); the files may come from different evaluations.')
     return 'reliability', lambda: plot_reliability(probs, labels, N_BINS), caption, 0
 
 
 def _tsne_spec(preds, tsne_samples, seed, names, note, log):
     """[] or [the t-SNE figure spec] of a seeded stratified sample of the hidden states."""
-    labels = preds['labels']
-    if 'hidden' not in preds:
+    labels = preds.labels
+    if preds.hidden is None:
         note("predictions.npz has no 'hidden' array: no t-SNE figure.")
         return []
     if tsne_samples == 0:
@@ -1141,7 +883,7 @@ def _tsne_spec(preds, tsne_samples, seed, names, note, log):
     rows = stratified_sample(labels, tsne_samples, seed)
 
     def draw():
-        emb = tsne_embedding(preds['hidden'][rows], seed)
+        emb = tsne_embedding(preds.hidden[rows], seed)
         return plot_tsne(emb, labels[rows], names, len(labels))
     return [('tsne', draw, f'{len(rows)} points, stratified by true class, seed {seed}.', 0)]
 
@@ -1152,14 +894,14 @@ def _gallery_spec(run, data_dir, gallery_size, names, note, log):
         log('  misclassified.png      skipped (--gallery-size 0)')
         return []
     start = time.perf_counter()
-    probs, labels, indices = (run['predictions'][k] for k in ('probs', 'labels', 'indices'))
+    probs, labels, indices = run.predictions.probs, run.predictions.labels, run.predictions.indices
     rows = most_confident_mistakes(probs, labels, gallery_size)
     if len(rows) == 0:
         note('No misclassified test images: no gallery.')
         return []
     images = find_test_images(run, data_dir)
     if images is None:
-        tried = ' or '.join(str(c) for c in resolve_data_dir(run['config'], run['run_dir']))
+        tried = ' or '.join(str(c) for c in resolve_data_dir(run.config, run.folder))
         note(f'Skipped misclassified.png: no CIFAR-10 test batch found in {tried}; pass --data-dir '
              f'pointing at the folder that holds {FOLDER_NAME}/ or {ARCHIVE_NAME}.')
         return []
@@ -1175,7 +917,7 @@ def _gallery_spec(run, data_dir, gallery_size, names, note, log):
 
 def _draw(plan, fig_dir, log, written):
     """Draw and write every planned figure, in order; append each path to `written` once it is complete."""
-    for stem, draw, _, prepared_s in plan['figures']:
+    for stem, draw, _, prepared_s in plan.figures:
         start = time.perf_counter() - prepared_s   # the gallery counts the loading of its images
         fig = draw()
         path = fig_dir / f'{stem}.png'

@@ -334,3 +334,181 @@ def folder_snapshot(path):
     """{file name: bytes} of a folder, to prove that nothing was touched."""
     return {name: open(os.path.join(path, name), 'rb').read() for name in sorted(os.listdir(path))
             if os.path.isfile(os.path.join(path, name))}
+
+
+# --------------------------------------------------------------------------
+# Fake run folders, written through the run-folder contract (runfiles), and the helpers
+# the viz, compare and claims tests share
+# --------------------------------------------------------------------------
+
+import json
+import time
+
+import config as configuration
+import runfiles
+from cnn_rnn_numpy import FORMAT_VERSION
+from metrics import accuracy, confusion_matrix, cross_entropy, expected_calibration_error, per_class_accuracy
+
+# The settings of presets.json's `fast` preset (the method's), the variant compare.py calls the baseline.
+FAST = configuration.load_presets()['fast'].settings()
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def loop_ece(probs, labels, n_bins=15):
+    """ECE written the slow, obvious way: a loop over bins (lo, hi]."""
+    confidence = [float(max(row)) for row in probs]
+    prediction = [int(np.argmax(row)) for row in probs]
+    n = len(labels)
+    total = 0.0
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        members = [i for i in range(n) if (lo < confidence[i] <= hi) or (b == 0 and confidence[i] == 0)]
+        if not members:
+            continue
+        acc = sum(prediction[i] == labels[i] for i in members) / len(members)
+        conf = sum(confidence[i] for i in members) / len(members)
+        total += len(members) / n * abs(acc - conf)
+    return total
+
+
+def assert_valid_png(path):
+    """PNG signature, decodes, and is not blank (varied pixels, more than one colour)."""
+    import matplotlib.image as mpimg
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, f'{path.name} is not a PNG'
+    pixels = mpimg.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+    rgb = pixels[..., :3].reshape(-1, 3)
+    assert rgb.std() > 0.05, f'{path.name} looks blank (pixel std {rgb.std():.4f})'
+    assert len(np.unique(rgb[::7], axis=0)) > 10, f'{path.name} has almost a single colour'
+
+
+def edit_json(path, **changes):
+    """Rewrite a JSON file with some keys changed; NaN and inf are written as Python's json does
+    (as older versions of main.py did): a damaged file, for the refusal tests."""
+    data = json.loads(Path(path).read_text())
+    data.update(changes)
+    Path(path).write_text(json.dumps(data))
+
+
+def wait_for_handler(proc, signum=signal.SIGTERM, timeout=60):
+    """Wait until the process catches signum (its bit in /proc/PID/status SigCgt): the tool has
+    installed cli.py's start-up handler, and is still starting (importing NumPy and the rest)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            status = Path(f'/proc/{proc.pid}/status').read_text()
+        except OSError:
+            break
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith('SigCgt:')), 16)
+        if caught >> (signum - 1) & 1:
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def write_checkpoint(folder, run_config, epoch, **arrays):
+    """A ckpt.npz as far as the run-folder contract reads it (runfiles.checkpoint_meta, status):
+    metadata of main.py's layout holding the configuration and the epoch reached, and a parameter
+    array (or the arrays given). Not resumable by main.py, which checks the whole model."""
+    meta = {'format_version': FORMAT_VERSION, 'kind': runfiles.CHECKPOINT_KIND, 'run_config': run_config,
+            'state': {'epoch': epoch}}
+    runfiles.write_checkpoint(Path(folder) / runfiles.CHECKPOINT_NAME, meta,
+                              arrays or {'param/b_o': np.zeros(10, np.float32)})
+
+
+def build_run_folder(folder, config=None, history=None, predictions=None, metrics=None, checkpoint_epoch=None,
+                     divergence=None, crash=None, log=()):
+    """THE builder of fake run folders: writes each part given, and only those, through the contract.
+
+    config: config.json's dict; history: [runfiles.EpochRecord]; predictions: runfiles.Predictions;
+    metrics: runfiles.Metrics; checkpoint_epoch: write a ckpt.npz (write_checkpoint) that has
+    reached this epoch of config's; divergence, crash: runfiles.Divergence / runfiles.Crash;
+    log: lines appended to train.log. The folder may exist (its other files are kept).
+    Returns the folder as a Path.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        runfiles.write_config(folder, config)
+    for line in log:
+        runfiles.append_line(folder / runfiles.LOG_NAME, line)
+    if checkpoint_epoch is not None:
+        write_checkpoint(folder, config, checkpoint_epoch)
+    if history is not None:
+        runfiles.write_history(folder, history)
+    for record in (predictions, metrics, divergence, crash):
+        if record is not None:
+            record.write(folder)
+    return folder
+
+
+def metrics_for(predictions, history=(), **fields):
+    """The runfiles.Metrics record main.py writes for these predictions (metrics.py's numbers),
+    the best validation epoch taken from the history; ``fields`` override any of it."""
+    probs, labels = predictions.probs, predictions.labels
+    cm = confusion_matrix(labels, probs.argmax(1))
+    best = max(history, key=lambda r: r.val_acc) if history else None
+    values = dict(test_loss=cross_entropy(probs, labels), test_acc=accuracy(probs, labels),
+                  ece=expected_calibration_error(probs, labels), per_class_acc=per_class_accuracy(cm).tolist(),
+                  confusion_matrix=cm.tolist(), best_val_acc=best.val_acc if best else None,
+                  best_epoch=best.epoch if best else None, epochs_done=len(history), epochs_planned=len(history),
+                  evaluated=f'best.npz (epoch {best.epoch})' if best else 'the current parameters',
+                  wall_time_s=300.0, train_images_per_s=900.0, test_images_per_s=2000.0,
+                  test_images=len(labels), label_names=list(LABEL_NAMES))
+    values.update(fields)
+    return runfiles.Metrics(**values)
+
+
+def predictions_with_accuracy(n_test, acc, rng):
+    """runfiles.Predictions of n_test images (labels 0..9 in turn) right on exactly
+    round(acc * n_test) of them, confidently; hidden states (n_test, 8)."""
+    labels = np.arange(n_test) % 10
+    predicted = labels.copy()
+    wrong = np.arange(n_test) >= round(acc * n_test)
+    predicted[wrong] = (labels[wrong] + rng.integers(1, 10, wrong.sum())) % 10
+    logits = rng.normal(scale=0.5, size=(n_test, 10))
+    logits[np.arange(n_test), predicted] += 4      # 8 sigma above the noise: the argmax is `predicted`
+    probs = softmax(logits).astype(np.float32)
+    return runfiles.Predictions(probs=probs, labels=labels.astype(np.int64), indices=np.arange(n_test),
+                                hidden=rng.normal(size=(n_test, 8)).astype(np.float32))
+
+
+def make_run_folder(root, name, seed=0, acc=0.4, n_test=200, epochs=3, preset='fast', stopped_early=False,
+                    wall_time_s=300.0, ckpt=False, fingerprint=None, evaluated=True, diverged=None,
+                    crashed=None, config=None, log=None, **settings):
+    """A run folder of the `fast` preset's settings (``settings`` override them) in main.py's format,
+    built by build_run_folder. Returns its Path.
+
+    By default finished: config.json, train.log, history.json (``epochs`` records), predictions.npz
+    right on exactly round(acc * n_test) test images and metrics.json of them (metrics.py's numbers).
+    ckpt: also a ckpt.npz at the configuration's last epoch (at ``epochs`` if stopped_early).
+    stopped_early: metrics.json says the time budget stopped it. evaluated=False: no metrics.json
+    nor predictions.npz (epochs=0: no history either). fingerprint: the test set's sha256 in
+    metrics.json. diverged / crashed: the message of a diverged.json / crashed.json. config:
+    config.json's dict as it is; log: train.log's lines.
+    """
+    if config is None:
+        config = dict(FAST, **settings, seed=seed, preset=preset, description='', data_dir='data', lr_changes=[])
+    rng = np.random.default_rng(seed + 1000 * len(name))
+    predictions = predictions_with_accuracy(n_test, acc, rng)
+    history = [runfiles.EpochRecord(epoch=e, train_loss=2.0 / e, train_acc=acc * e / epochs, val_loss=2.1 / e,
+                                    val_acc=acc * e / epochs + 0.01 * seed, lr=0.02, base_lr=0.02,
+                                    epoch_time_s=20.0, images_per_s=900.0, elapsed_s=20.0 * e)
+               for e in range(1, epochs + 1)]
+    metrics = metrics_for(predictions, history, stopped_early=stopped_early, wall_time_s=wall_time_s,
+                          stop_reason='time budget of 1.0 h reached' if stopped_early else None,
+                          data_fingerprint=None if fingerprint is None else {'train': '0' * 64, 'test': fingerprint})
+    return build_run_folder(
+        Path(root) / name, config, history=history if epochs else None,
+        predictions=predictions if evaluated else None, metrics=metrics if evaluated else None,
+        checkpoint_epoch=(epochs if stopped_early else config['epochs']) if ckpt else None,
+        divergence=runfiles.Divergence(message=diverged) if diverged else None,
+        crash=runfiles.Crash(crashed, during='training') if crashed else None,
+        log=[f'2024-01-01 12:00:00 run {Path(root) / name}: preset {preset}'] if log is None else log)

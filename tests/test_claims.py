@@ -26,8 +26,8 @@ import claims
 import main
 import runfiles
 from cnn_rnn_numpy import CNNRNN
-from conftest import REPO_ROOT, make_cifar_archive
-from test_compare import FAST, edit_json, make_run, write_checkpoint
+from conftest import (REPO_ROOT, build_run_folder, edit_json, make_cifar_archive, make_run_folder,
+                      wait_for_handler)
 
 
 @pytest.fixture(scope='module')
@@ -102,11 +102,9 @@ def test_a_tiny_suite_resumes_restarts_keeps_divergence_skips_and_compares(data_
     monkeypatch.setattr(CNNRNN, 'loss', diverging)
     assert main.run(claims.train_args('flat', 1, runs / 'flat-seed1', 'smoke', tokens)) == 1
     monkeypatch.undo()
-    # flat seed 0: crashed in its first epoch (files, no checkpoint, no error line).
-    crashed = runs / 'flat-seed0'
-    crashed.mkdir()
-    (crashed / 'config.json').write_text((runs / 'flat-seed1' / 'config.json').read_text())
-    (crashed / 'train.log').write_text('2024-01-01 12:00:00 run flat-seed0: preset smoke\n')
+    # flat seed 0: killed in its first epoch (config.json and train.log, no checkpoint, no record).
+    build_run_folder(runs / 'flat-seed0', runfiles.read_config(runs / 'flat-seed1'),
+                     log=['2024-01-01 12:00:00 run flat-seed0: preset smoke'])
     capfd.readouterr()
 
     args = ['--runs-dir', str(runs), '--preset', 'smoke', '--only', 'baseline', 'flat', '--seeds', '0', '1',
@@ -162,16 +160,17 @@ CLI_TIMEOUT = 120        # seconds: a hang (a named pipe read, a run retried for
 
 # A stand-in for main.py, so that the suite's handling of every exit code is tested in seconds.
 # What it does for a run folder is looked up by the folder's name in $FAKE_MAIN_PLAN (JSON;
-# 'finish' when absent): finish (a finished run folder, exit 0), crash (config.json and train.log
-# ending in cli.report_crash's line, exit 3), diverge (exit 1), kill (SIGKILL itself), refuse (exit 2).
+# 'finish' when absent): finish (a finished run folder, exit 0), crash (config.json, train.log
+# ending in cli.report_crash's lines and crashed.json, exit 3), diverge (diverged.json, exit 1),
+# kill (SIGKILL itself), refuse (exit 2). It writes through conftest's builder, as main.py writes
+# through the run-folder contract.
 # Every invocation's arguments are appended to $FAKE_MAIN_LOG as one JSON line.
 FAKE_MAIN = r'''
 import json, os, signal, sys
 from pathlib import Path
 sys.path[:0] = [os.environ['REPO_ROOT'], os.path.join(os.environ['REPO_ROOT'], 'tests')]
-import numpy as np
 import runfiles
-from metrics import expected_calibration_error
+from conftest import build_run_folder, make_run_folder
 
 args = sys.argv[1:]
 with open(os.environ['FAKE_MAIN_LOG'], 'a') as f:
@@ -183,11 +182,8 @@ behaviour = json.loads(os.environ.get('FAKE_MAIN_PLAN', '{}')).get(folder.name, 
 if behaviour == 'refuse':
     print(f'error: {folder} is refused for this test', file=sys.stderr)
     sys.exit(2)
-folder.mkdir(parents=True, exist_ok=True)
-config_path = folder / 'config.json'
-if config_path.exists():
-    config = json.loads(config_path.read_text())
-else:
+config = runfiles.read_config(folder) if folder.is_dir() else None
+if config is None:
     import config as configuration
     config = configuration.load_presets()[option('--preset', 'fast')].to_dict()
     config.update(seed=int(option('--seed', 0)), preset=option('--preset', 'fast'), description='',
@@ -200,33 +196,23 @@ else:
         if a == '--set':
             key, value = args[i + 1].split('=', 1)
             config[key] = json.loads(value) if value not in ('rows', 'flat', 'gru', 'lstm') else value
-    runfiles.write_json(config_path, config)
-runfiles.append_line(folder / 'train.log', f'2024-01-01 12:00:00 run {folder}: fake')
+runfiles.Crash.remove(folder)        # as main.py does when it takes up a crashed run again
+start = [f'2024-01-01 12:00:00 run {folder}: fake']
 if behaviour == 'crash':
-    runfiles.append_line(folder / 'train.log', 'crash: RuntimeError: boom\nTraceback (most recent call last):')
+    build_run_folder(folder, config, log=start + ['crash: RuntimeError: boom', 'Traceback (most recent call last):'],
+                     crash=runfiles.Crash('RuntimeError: boom', during='training'))
     print('error: main.py crashed (RuntimeError: boom)', file=sys.stderr)
     sys.exit(3)
 if behaviour == 'diverge':
-    runfiles.append_line(folder / 'train.log', '2024-01-01 12:00:01 error: the loss became nan at epoch 1, '
-                                               'step 1 (lr 0.02); no checkpoint was written yet')
+    build_run_folder(folder, config, log=start, divergence=runfiles.Divergence(
+        epoch=1, step=1, global_step=1, lr=0.02, loss='nan',
+        message='the loss became nan at epoch 1, step 1 (lr 0.02); no checkpoint was written yet'))
     sys.exit(1)
 if behaviour == 'kill':
+    build_run_folder(folder, config, log=start)
     os.kill(os.getpid(), signal.SIGKILL)
-n = 100
-labels = np.arange(n) % 10
-probs = np.full((n, 10), 0.05, np.float32)
-probs[np.arange(n), labels] = 0.55
-probs[: n // 2] = np.roll(probs[: n // 2], 1, axis=1)     # half of them wrong
-meta = {'kind': 'checkpoint', 'format_version': 1, 'run_config': config, 'state': {'epoch': 1}}
-runfiles.write_npz(folder / 'ckpt.npz', {'meta': np.array(json.dumps(meta)), 'param/b_o': np.zeros(10, np.float32)})
-runfiles.write_json(folder / 'history.json', [{'epoch': 1, 'train_loss': 2.0, 'train_acc': 0.3, 'val_loss': 2.1,
-                                               'val_acc': 0.3, 'lr': 0.02}])
-runfiles.write_json(folder / 'metrics.json', {
-    'test_loss': 1.5, 'test_acc': float((probs.argmax(1) == labels).mean()),
-    'ece': expected_calibration_error(probs, labels), 'best_val_acc': 0.3, 'epochs_done': 1,
-    'epochs_planned': 1, 'stopped_early': False, 'wall_time_s': 1.0, 'test_images': n})
-runfiles.write_npz(folder / 'predictions.npz', {'probs': probs, 'labels': labels, 'indices': np.arange(n)})
-runfiles.append_line(folder / 'train.log', '2024-01-01 12:00:02 test     accuracy 50.00%')
+make_run_folder(folder.parent, folder.name, config=config, n_test=100, acc=0.5, epochs=1, ckpt=True,
+                log=start + ['2024-01-01 12:00:02 test     accuracy 50.00%'])
 '''
 
 
@@ -304,8 +290,7 @@ def test_a_crash_or_a_kill_is_a_failure_not_a_divergence_and_the_rest_still_runs
 def test_a_crash_with_a_checkpoint_is_resumed_by_the_next_run_of_the_suite(tmp_path, fake_main):
     runs = tmp_path / 'claims'
     args = ['--runs-dir', runs, '--only', 'baseline', '--seeds', '0']
-    stopped_run(runs / 'baseline-seed0', 0)
-    runfiles.append_line(runs / 'baseline-seed0' / 'train.log', 'crash: MemoryError: \nTraceback ...')
+    stopped_run(runs / 'baseline-seed0', 0, crashed='MemoryError: ')
     code, out, err = claims_cli(fake_main, *args, plan={'baseline-seed0': 'crash'})
     assert code == 3 and plan_lines(out) == {('baseline', 0): 'resume'}, (out, err)
     assert invocations(fake_main)[-1][:2] == ['--resume', str(runs / 'baseline-seed0' / 'ckpt.npz')]
@@ -313,15 +298,10 @@ def test_a_crash_with_a_checkpoint_is_resumed_by_the_next_run_of_the_suite(tmp_p
     assert code == 0 and plan_lines(out) == {('baseline', 0): 'resume'}, (out, err)
 
 
-def stopped_run(folder, seed):
-    """A run folder of the baseline variant stopped early by its time budget: config.json, train.log,
-    a readable ckpt.npz, metrics.json with stopped_early; the suite would resume it."""
-    folder.mkdir(parents=True)
-    config = dict(FAST, seed=seed, preset='fast', description='', data_dir='data', lr_changes=[])
-    runfiles.write_json(folder / 'config.json', config)
-    runfiles.append_line(folder / 'train.log', '2024-01-01 12:00:00 run x: preset fast')
-    write_checkpoint(folder, config)
-    runfiles.write_json(folder / 'metrics.json', {'stopped_early': True, 'stop_reason': 'time budget'})
+def stopped_run(folder, seed, crashed=None):
+    """A run folder of the baseline variant stopped early by its time budget: a readable ckpt.npz,
+    metrics.json with stopped_early (and with crashed, a crashed.json); the suite would resume it."""
+    return make_run_folder(folder.parent, folder.name, seed, ckpt=True, stopped_early=True, crashed=crashed)
 
 
 # How each seed's run folder is damaged: the plan's action, and words its line of the results must hold.
@@ -344,7 +324,7 @@ def damage(folder, how):
     """Damage a stopped run folder in one of the ways of DAMAGES."""
     if how.startswith('finished'):         # a finished run instead, with all its files
         shutil.rmtree(folder)
-        make_run(folder.parent, folder.name, int(folder.name[-1]), ckpt=True)
+        make_run_folder(folder.parent, folder.name, int(folder.name[-1]), ckpt=True)
     if how == 'truncated checkpoint':
         (folder / 'ckpt.npz').write_bytes((folder / 'ckpt.npz').read_bytes()[:200])
     elif how == 'checkpoint with NaN weights':
@@ -405,10 +385,7 @@ def test_a_resume_that_main_py_refuses_is_a_failure_not_a_promise(tmp_path, fake
 
 def test_a_folder_without_a_checkpoint_is_moved_aside_never_answered_with_resume(tmp_path, fake_main):
     runs = tmp_path / 'claims'
-    folder = runs / 'baseline-seed0'
-    folder.mkdir(parents=True)
-    (folder / 'train.log').write_text('2024-01-01 12:00:00 run x: preset fast\n')
-    (folder / 'config.json').write_text('{}')
+    folder = build_run_folder(runs / 'baseline-seed0', {}, log=['2024-01-01 12:00:00 run x: preset fast'])
     code, out, err = claims_cli(fake_main, '--runs-dir', runs, '--only', 'baseline', '--seeds', '0', '--dry-run')
     assert code == 0 and plan_lines(out) == {('baseline', 0): 'restart'} and '--resume' not in out, out
     assert f'moves {folder} aside to baseline-seed0.failed-<timestamp>, then runs' in out
@@ -421,7 +398,6 @@ def test_a_folder_without_a_checkpoint_is_moved_aside_never_answered_with_resume
 @pytest.mark.skipif(not Path('/proc/self/status').exists(), reason='needs /proc')
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupt_while_starting_ends_with_one_line_and_exit_130(tmp_path, signum):
-    from test_compare import wait_for_handler
     proc = subprocess.Popen([sys.executable, 'claims.py', '--runs-dir', str(tmp_path / 'c'), '--dry-run'],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -441,7 +417,7 @@ def test_bad_arguments_through_the_command_line(tmp_path):
         p = subprocess.run([sys.executable, 'claims.py', '--runs-dir', '' if not args else str(tmp_path), *args],
                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=CLI_TIMEOUT)
         assert p.returncode == 2 and p.stderr.strip() == p.stderr.strip().splitlines()[0] and words in p.stderr
-    make_run(tmp_path / 'runs', 'a-run', ckpt=True)
+    make_run_folder(tmp_path / 'runs', 'a-run', ckpt=True)
     (tmp_path / 'runs' / 'latest').symlink_to('a-run')
     for runs_dir, words in (('a-file', '--runs-dir a-file is not a folder'),
                             ('runs/latest', '--runs-dir runs/latest is a run folder'),

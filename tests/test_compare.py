@@ -1,6 +1,6 @@
 """Tests of compare.py: grouping runs into variants, the numbers, the verdicts,
-runs left out, refusals, the figures; on run folders written by hand and on
-real smoke runs of main.py. The hostile cases of issue 18 (named pipes, crashes,
+runs left out, refusals, the figures; on run folders made by conftest's builder (through the
+run-folder contract) and on real smoke runs of main.py. The hostile cases of issue 18 (named pipes, crashes,
 numbers that are not numbers, an edited config.json, --out that is not ours)
 run compare.py as a subprocess, the way users run it, with a timeout so that a
 hang fails."""
@@ -17,74 +17,13 @@ import numpy as np
 import pytest
 
 import compare
-import config
 import main
 import runfiles
 from cnn_rnn_numpy import CNNRNN
-from conftest import LABEL_NAMES, REPO_ROOT, make_cifar_archive
-from metrics import confusion_matrix, expected_calibration_error, per_class_accuracy
-from test_viz import assert_valid_png
+from conftest import (FAST, REPO_ROOT, assert_valid_png, edit_json, make_cifar_archive, make_run_folder,
+                      metrics_for, predictions_with_accuracy, wait_for_handler)
 
-FAST = config.load_presets()['fast'].settings()
 FIGURES = ('val_accuracy.png', 'test_accuracy.png')
-
-
-# --------------------------------------------------------------------------
-# Run folders written by hand, in main.py's format
-# --------------------------------------------------------------------------
-
-def make_run(root, name, seed=0, acc=0.4, n_test=200, epochs=3, preset='fast', stopped_early=False,
-             wall_time_s=300.0, ckpt=False, fingerprint=None, **settings):
-    """A finished run folder: config.json, history.json, metrics.json, predictions.npz, train.log,
-    and with ckpt=True a ckpt.npz whose metadata holds the same configuration.
-
-    The test predictions are right on exactly round(acc * n_test) images, and
-    metrics.json holds their accuracy and ECE (metrics.py), like main.py's.
-    settings override the `fast` preset's keys; fingerprint, if given, is the
-    test set's data fingerprint in metrics.json. Returns the folder's Path.
-    """
-    run = Path(root) / name
-    run.mkdir(parents=True)
-    config = dict(FAST, **settings, seed=seed, preset=preset, description='', data_dir='data', lr_changes=[])
-    rng = np.random.default_rng(seed + 1000 * len(name))
-    labels = np.arange(n_test) % 10
-    predicted = labels.copy()
-    wrong = np.arange(n_test) >= round(acc * n_test)
-    predicted[wrong] = (labels[wrong] + rng.integers(1, 10, wrong.sum())) % 10
-    logits = rng.normal(scale=0.5, size=(n_test, 10))
-    logits[np.arange(n_test), predicted] += 4      # 8 sigma above the noise: the argmax is `predicted`
-    probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
-    cm = confusion_matrix(labels, probs.argmax(1))
-    history = [{'epoch': e, 'train_loss': 2.0 / e, 'train_acc': acc * e / epochs, 'val_loss': 2.1 / e,
-                'val_acc': acc * e / epochs + 0.01 * seed, 'lr': 0.02, 'epoch_time_s': 20.0,
-                'images_per_s': 900.0} for e in range(1, epochs + 1)]
-    metrics = {'test_loss': 1.5, 'test_acc': float((probs.argmax(1) == labels).mean()),
-               'ece': expected_calibration_error(probs, labels), 'per_class_acc': per_class_accuracy(cm),
-               'confusion_matrix': cm, 'best_val_acc': history[-1]['val_acc'], 'best_epoch': epochs,
-               'epochs_done': epochs, 'epochs_planned': epochs, 'stopped_early': stopped_early,
-               'stop_reason': 'time budget of 1.0 h reached' if stopped_early else None,
-               'wall_time_s': wall_time_s, 'train_images_per_s': 900.0, 'test_images': n_test,
-               'label_names': LABEL_NAMES}
-    if fingerprint is not None:
-        metrics['data_fingerprint'] = {'train': '0' * 64, 'test': fingerprint}
-    runfiles.write_json(run / 'config.json', config)
-    if ckpt:
-        write_checkpoint(run, config)
-    runfiles.write_json(run / 'history.json', history)
-    runfiles.write_json(run / 'metrics.json', metrics)
-    runfiles.write_npz(run / 'predictions.npz', {
-        'probs': probs, 'labels': labels.astype(np.int64), 'indices': np.arange(n_test),
-        'hidden': rng.normal(size=(n_test, 8)).astype(np.float32)})
-    runfiles.append_line(run / 'train.log', f'2024-01-01 12:00:00 run {run}: preset {preset}')
-    return run
-
-
-def write_checkpoint(run, run_config, **arrays):
-    """A ckpt.npz in main.py's layout as far as compare.py and claims.py read it: a JSON `meta`
-    holding kind and run_config, and a parameter array (or the arrays given)."""
-    meta = {'format_version': 1, 'kind': 'checkpoint', 'run_config': run_config, 'state': {'epoch': 1}}
-    arrays = arrays or {'param/b_o': np.zeros(10, np.float32)}
-    runfiles.write_npz(Path(run) / 'ckpt.npz', {'meta': np.array(json.dumps(meta)), **arrays})
 
 
 def snapshot(folder):
@@ -120,12 +59,12 @@ def claims_like(tmp_path_factory):
     root = tmp_path_factory.mktemp('compare') / 'runs'
     for seed, acc in enumerate((0.40, 0.42, 0.44)):
         # One baseline run from another preset name: the same settings are the same variant.
-        make_run(root, f'baseline-seed{seed}', seed, acc, preset='fast' if seed else 'mine')
+        make_run_folder(root, f'baseline-seed{seed}', seed, acc, preset='fast' if seed else 'mine')
     for seed, acc in enumerate((0.30, 0.31, 0.32)):
-        make_run(root, f'no-wd-seed{seed}', seed, acc, weight_decay=0)
+        make_run_folder(root, f'no-wd-seed{seed}', seed, acc, weight_decay=0)
     for seed, acc in enumerate((0.41, 0.44)):
-        make_run(root, f'flat-seed{seed}', seed, acc, seq_layout='flat', wall_time_s=120.0)
-    make_run(root, 'both-seed0', 0, 0.35, clip=0, decay=1)
+        make_run_folder(root, f'flat-seed{seed}', seed, acc, seq_layout='flat', wall_time_s=120.0)
+    make_run_folder(root, 'both-seed0', 0, 0.35, clip=0, decay=1)
     return root
 
 
@@ -192,9 +131,9 @@ def test_the_t_table_is_students():
 def test_the_baseline_is_the_given_run_or_else_the_largest_group(tmp_path, capsys):
     root = tmp_path / 'runs'
     for seed in range(3):
-        make_run(root, f'lr-seed{seed}', seed, 0.3 + 0.01 * seed, lr=0.01)
+        make_run_folder(root, f'lr-seed{seed}', seed, 0.3 + 0.01 * seed, lr=0.01)
     for seed in range(2):
-        make_run(root, f'rows-seed{seed}', seed, 0.5, lr=0.01, seq_layout='rows')
+        make_run_folder(root, f'rows-seed{seed}', seed, 0.5, lr=0.01, seq_layout='rows')
     code, _, _ = run_compare(capsys, root)          # default --out: comparison/ beside the runs
     record = json.loads((root / 'comparison' / 'comparison.json').read_text())
     assert code == 0 and record['baseline']['chosen_as'] == 'the variant with the most runs'
@@ -208,7 +147,7 @@ def test_the_baseline_is_the_given_run_or_else_the_largest_group(tmp_path, capsy
 def test_links_are_resolved_and_a_run_counts_once(tmp_path, capsys):
     root = tmp_path / 'runs'
     for seed in range(2):
-        make_run(root, f'a-seed{seed}', seed, 0.4)
+        make_run_folder(root, f'a-seed{seed}', seed, 0.4)
     (root / 'latest').symlink_to('a-seed1')
     code, _, _ = run_compare(capsys, root, root / 'latest', root / 'a-seed0', '--out', tmp_path / 'o')
     record = json.loads((tmp_path / 'o' / 'comparison.json').read_text())
@@ -222,42 +161,39 @@ def test_links_are_resolved_and_a_run_counts_once(tmp_path, capsys):
 def test_runs_that_cannot_be_compared_are_named_and_left_out(tmp_path, capsys):
     root = tmp_path / 'runs'
     for seed in range(2):
-        make_run(root, f'good-seed{seed}', seed, 0.4)
-    training = make_run(root, 'training', 5)
-    (training / 'metrics.json').unlink()
-    interrupted = make_run(root, 'interrupted', 6, ckpt=True)
-    (interrupted / 'metrics.json').unlink()
-    crashed = root / 'crashed'
-    crashed.mkdir()
-    runfiles.write_json(crashed / 'config.json', dict(FAST, seed=7))
-    make_run(root, 'stopped', 8, stopped_early=True)
-    make_run(root, 'small-test-set', 9, n_test=100)
-    damaged = make_run(root, 'bad-json', 10)
+        make_run_folder(root, f'good-seed{seed}', seed, 0.4)
+    training = make_run_folder(root, 'training', 5, evaluated=False)
+    make_run_folder(root, 'interrupted', 6, ckpt=True, evaluated=False)
+    make_run_folder(root, 'crashed', 7, epochs=0, evaluated=False, config=dict(FAST, seed=7), log=())
+    make_run_folder(root, 'stopped', 8, stopped_early=True)
+    make_run_folder(root, 'small-test-set', 9, n_test=100)
+    damaged = make_run_folder(root, 'bad-json', 10)
     (damaged / 'metrics.json').write_text((damaged / 'metrics.json').read_text()[:50])
-    wrong_type = make_run(root, 'wrong-type', 11)
+    wrong_type = make_run_folder(root, 'wrong-type', 11)
     m = json.loads((wrong_type / 'metrics.json').read_text())
     runfiles.write_json(wrong_type / 'metrics.json', dict(m, test_acc='high'))
-    flipped = make_run(root, 'bit-flip', 12)
+    flipped = make_run_folder(root, 'bit-flip', 12)
     data = bytearray((flipped / 'predictions.npz').read_bytes())
     data[len(data) // 3] ^= 0x40
     (flipped / 'predictions.npz').write_bytes(bytes(data))
-    truncated = make_run(root, 'truncated', 13)
+    truncated = make_run_folder(root, 'truncated', 13)
     (truncated / 'predictions.npz').write_bytes((truncated / 'predictions.npz').read_bytes()[:3000])
-    inconsistent = make_run(root, 'inconsistent', 14)
+    inconsistent = make_run_folder(root, 'inconsistent', 14)
     runfiles.write_json(inconsistent / 'metrics.json', dict(m, test_acc=0.9))
-    no_config = make_run(root, 'no-config', 15)
+    # A metrics.json of other predictions (consistent in itself): compare.py checks it against its own.
+    other = metrics_for(predictions_with_accuracy(200, 0.5, np.random.default_rng(0)))
+    other.write(make_run_folder(root, 'other-evaluation', 17))
+    no_config = make_run_folder(root, 'no-config', 15)
     (no_config / 'config.json').unlink()
-    diverged = make_run(root, 'diverged', 16)
-    for name in ('metrics.json', 'predictions.npz'):
-        (diverged / name).unlink()
-    runfiles.append_line(diverged / 'train.log', '2024-01-01 12:01:00 error: the loss became nan at epoch 2, '
-                                                 'step 3 (lr 0.02); the last checkpoint is intact: ...')
+    make_run_folder(root, 'diverged', 16, evaluated=False,
+                    diverged='the loss became nan at epoch 2, step 3 (lr 0.02); the last checkpoint is intact: ...')
     expected = {'training': 'in use by another process', 'interrupted': 'stopped before its test evaluation',
                 'crashed': 'neither metrics.json nor a checkpoint', 'stopped': 'stopped early (time budget',
                 'small-test-set': 'evaluated on 100 test images, the other runs on 200',
                 'bad-json': 'not valid JSON', 'wrong-type': "'test_acc'", 'bit-flip': 'corrupt or truncated',
-                'truncated': 'corrupt or truncated', 'inconsistent': 'does not match predictions.npz',
-                'no-config': 'no config.json'}
+                'truncated': 'corrupt or truncated',
+                'inconsistent': 'test_acc 0.9000 is not the accuracy of its confusion_matrix',
+                'other-evaluation': 'does not match predictions.npz', 'no-config': 'no config.json'}
     with runfiles.RunFolderLock(training, 'main.py'):
         before = snapshot(root)
         code, _, err = run_compare(capsys, root, '--out', tmp_path / 'out')
@@ -280,10 +216,8 @@ def test_runs_that_cannot_be_compared_are_named_and_left_out(tmp_path, capsys):
 
 def test_nothing_comparable_or_bad_arguments_exit_2_with_one_sentence(tmp_path, capsys):
     root = tmp_path / 'runs'
-    good = make_run(root, 'good', 0)
-    broken = tmp_path / 'broken' / 'only'
-    broken.mkdir(parents=True)
-    runfiles.write_json(broken / 'config.json', FAST)
+    good = make_run_folder(root, 'good', 0)
+    make_run_folder(tmp_path / 'broken', 'only', epochs=0, evaluated=False, config=FAST, log=())
     (tmp_path / 'empty').mkdir()
     (tmp_path / 'a-file').write_text('x')
     code, _, err = run_compare(capsys, tmp_path / 'broken')
@@ -371,13 +305,6 @@ def strict_json(path):
     return json.loads(Path(path).read_text(), parse_constant=refuse)
 
 
-def edit_json(path, **changes):
-    """Rewrite a JSON file with some keys changed; NaN and inf are written as Python's json does."""
-    data = json.loads(Path(path).read_text())
-    data.update(changes)
-    Path(path).write_text(json.dumps(data))
-
-
 def suggested_commands(text):
     """Every `python main.py ...` command a message suggests, as argument lists."""
     commands = []
@@ -392,69 +319,64 @@ def hostile_runs(root):
     """Two good runs, and beside them one run folder per hostile case: {name: words its reason must hold}."""
     base = dict(ckpt=True, fingerprint='a' * 64)
     for seed in (0, 1):
-        make_run(root, f'good-seed{seed}', seed, 0.4, **base)
-    make_run(root, 'old-no-fingerprint', 2, 0.4)           # an older run: kept, compared by size
+        make_run_folder(root, f'good-seed{seed}', seed, 0.4, **base)
+    make_run_folder(root, 'old-no-fingerprint', 2, 0.4)           # an older run: kept, compared by size
     cases = {}
     # Class 1: named pipes and folders where a file should be never block and are named.
     for name, file, kind in (('fifo-log', 'train.log', 'fifo'), ('fifo-metrics', 'metrics.json', 'fifo'),
                              ('fifo-config', 'config.json', 'fifo'), ('fifo-lock', '.lock', 'fifo'),
                              ('fifo-ckpt', 'ckpt.npz', 'fifo'), ('dir-predictions', 'predictions.npz', 'dir'),
                              ('fifo-history', 'history.json', 'fifo'), ('fifo-diverged', 'diverged.json', 'fifo')):
-        run = make_run(root, name, 3, **base)
+        run = make_run_folder(root, name, 3, **base)
         (run / file).unlink(missing_ok=True)
         os.mkfifo(run / file) if kind == 'fifo' else (run / file).mkdir()
         cases[name] = ['named pipe (FIFO)' if kind == 'fifo' else 'a folder', file]
-    # Class 2: a crash is a crash, not a divergence, with or without a checkpoint.
+    # Class 2: a crash (crashed.json) is a crash, not a divergence, with or without a checkpoint.
     for name, ckpt in (('crashed', True), ('crashed-early', False)):
-        run = make_run(root, name, 4, ckpt=ckpt)
-        for f in ('metrics.json', 'predictions.npz'):
-            (run / f).unlink()
-        runfiles.append_line(run / 'train.log', 'crash: ValueError: boom\nTraceback (most recent call last):\n'
-                                                '  File "main.py", line 1\nValueError: boom')
+        make_run_folder(root, name, 4, ckpt=ckpt, evaluated=False, crashed='ValueError: boom')
         cases[name] = ['crashed (ValueError: boom)', 'traceback is in']
-    diverged_then_crashed = make_run(root, 'diverged-then-crashed', 5, ckpt=True)
-    runfiles.append_line(diverged_then_crashed / 'train.log', '2024-01-01 12:01:00 error: the loss became nan at '
-                                                            'epoch 2, step 3 (lr 0.02); the last checkpoint ...')
-    runfiles.append_line(diverged_then_crashed / 'train.log', '2024-01-01 12:02:00 resuming x at epoch 2, step 0')
-    runfiles.append_line(diverged_then_crashed / 'train.log', 'crash: KeyError: k')
+    # A run that diverged, was resumed (which removes diverged.json) and then crashed.
+    make_run_folder(root, 'diverged-then-crashed', 5, ckpt=True, crashed='KeyError: k',
+                    log=['2024-01-01 12:01:00 error: the loss became nan at epoch 2, step 3 (lr 0.02); ...',
+                         '2024-01-01 12:02:00 resuming x at epoch 2, step 0'])
     cases['diverged-then-crashed'] = ['crashed (KeyError: k)']
     # Class 5: numbers that are not numbers, or impossible ones.
     for name, (key, value) in (('nan-accuracy', ('test_acc', float('nan'))), ('accuracy-above-1', ('test_acc', 1.5)),
                                ('infinite-loss', ('test_loss', float('inf'))), ('nan-ece', ('ece', float('nan'))),
                                ('best-val-above-1', ('best_val_acc', 2.0))):
-        run = make_run(root, name, 6, ckpt=True)
+        run = make_run_folder(root, name, 6, ckpt=True)
         edit_json(run / 'metrics.json', **{key: value})
         cases[name] = ['inconsistent', 'metrics.json', key, f' = {value}']
-    run = make_run(root, 'history-nan', 6, ckpt=True)
+    run = make_run_folder(root, 'history-nan', 6, ckpt=True)
     history = json.loads((run / 'history.json').read_text())
     history[1]['val_loss'] = float('nan')
     (run / 'history.json').write_text(json.dumps(history))
     cases['history-nan'] = ['inconsistent', 'history.json', 'record 2', 'val_loss', ' = nan']
     for name, scale in (('probabilities-sum-to-half', 0.5), ('probabilities-nan', float('nan'))):
-        run = make_run(root, name, 7, ckpt=True)
+        run = make_run_folder(root, name, 7, ckpt=True)
         preds = runfiles.read_npz(run / 'predictions.npz')
         runfiles.write_npz(run / 'predictions.npz', dict(preds, probs=preds['probs'] * np.float32(scale)))
         cases[name] = ['inconsistent', 'predictions.npz', 'sum to 1' if scale == 0.5 else 'finite']
     # Class 4: config.json edited after the run started disagrees with its checkpoint.
-    run = make_run(root, 'edited-config', 8, ckpt=True)
+    run = make_run_folder(root, 'edited-config', 8, ckpt=True)
     edit_json(run / 'config.json', weight_decay=0, seed=80)
     cases['edited-config'] = ['inconsistent', 'config.json was changed', 'seed: 80 in config.json, 8 in ckpt.npz',
                               'weight_decay: 0 in config.json, 0.0005 in ckpt.npz']
-    run = make_run(root, 'damaged-ckpt', 9)
+    run = make_run_folder(root, 'damaged-ckpt', 9)
     (run / 'ckpt.npz').write_bytes(b'PK\x03\x04 not really a zip archive')
     cases['damaged-ckpt'] = ['damaged', 'ckpt.npz', 'mv ']
-    run = make_run(root, 'ckpt-a-npy', 9)
+    run = make_run_folder(root, 'ckpt-a-npy', 9)
     with open(run / 'ckpt.npz', 'wb') as f:
         np.save(f, np.zeros(3))
     cases['ckpt-a-npy'] = ['damaged', 'not an .npz archive']
-    run = make_run(root, 'ckpt-meta-a-list', 9)
+    run = make_run_folder(root, 'ckpt-meta-a-list', 9)
     runfiles.write_npz(run / 'ckpt.npz', {'meta': np.array('[1, 2]')})
     cases['ckpt-meta-a-list'] = ['damaged', 'no run configuration']
     # Another test set: the same size, another data fingerprint.
-    make_run(root, 'other-test-set', 10, ckpt=True, fingerprint='b' * 64)
+    make_run_folder(root, 'other-test-set', 10, ckpt=True, fingerprint='b' * 64)
     cases['other-test-set'] = ['another test set', 'bbbbbbbbbbbb']
     # Class 7: no checkpoint, so no --resume advice.
-    run = make_run(root, 'no-predictions-no-ckpt', 11)
+    run = make_run_folder(root, 'no-predictions-no-ckpt', 11)
     (run / 'predictions.npz').unlink()
     cases['no-predictions-no-ckpt'] = ['no checkpoint to evaluate again from', 'train it again in a new folder']
     return cases
@@ -465,19 +387,14 @@ def test_cli_leaves_out_pipes_crashes_non_numbers_and_edited_configs_with_the_re
     cases = hostile_runs(root)
     # A diverged run resumed with a lower --lr and diverged again before its next checkpoint:
     # config.json's new lr is not an edit, and the run counts as diverged, not as inconsistent.
-    lowered = make_run(root, 'lowered-lr', 12, ckpt=True)
-    (lowered / 'metrics.json').unlink()
-    (lowered / 'predictions.npz').unlink()
+    lowered = make_run_folder(root, 'lowered-lr', 12, ckpt=True, evaluated=False,
+                              diverged='the loss became inf at epoch 2, step 4 (lr 0.01); ...')
     change = {'global_step': 30, 'epoch': 2, 'step': 0, 'from': 0.02, 'to': 0.01}
     edit_json(lowered / 'config.json', lr=0.01, lr_changes=[change])
-    runfiles.append_line(lowered / 'train.log', '2024-01-01 12:05:00 error: the loss became inf at epoch 2, '
-                                                'step 4 (lr 0.01); ...')
-    # A run diverged as main.py now records it: diverged.json, whatever train.log says.
-    recorded = make_run(root, 'diverged-json', 13, ckpt=True)
-    (recorded / 'metrics.json').unlink()
-    (recorded / 'predictions.npz').unlink()
-    runfiles.write_json(recorded / 'diverged.json', {'epoch': 2, 'step': 7, 'lr': 0.02, 'loss': 'nan',
-                                                     'message': 'the loss became nan at epoch 2, step 7; ...'})
+    # A run diverged as main.py records it: diverged.json, whatever train.log says (here: nothing).
+    recorded = make_run_folder(root, 'diverged-json', 13, ckpt=True, evaluated=False)
+    runfiles.Divergence(epoch=2, step=7, global_step=37, lr=0.02, loss='nan',
+                        message='the loss became nan at epoch 2, step 7; ...').write(recorded)
     before = snapshot(root)
     start = time.monotonic()
     code, out, err = compare_cli(root, '--out', tmp_path / 'out')
@@ -512,11 +429,11 @@ def test_cli_a_nan_accuracy_with_one_or_three_seeds_never_reaches_the_statistics
     for seeds in (1, 3):
         root = tmp_path / f'runs{seeds}'
         for seed in range(3):
-            make_run(root, f'base-seed{seed}', seed, 0.4 + 0.01 * seed)
+            make_run_folder(root, f'base-seed{seed}', seed, 0.4 + 0.01 * seed)
         for seed in range(seeds):
-            run = make_run(root, f'wd-seed{seed}', seed, 0.3, weight_decay=0)
+            run = make_run_folder(root, f'wd-seed{seed}', seed, 0.3, weight_decay=0)
             edit_json(run / 'metrics.json', test_acc=float('nan'))
-        make_run(root, 'wd-seed9', 9, 0.3, weight_decay=0)
+        make_run_folder(root, 'wd-seed9', 9, 0.3, weight_decay=0)
         code, out, err = compare_cli(root)
         assert code == 0 and 'Traceback' not in err, err
         record = strict_json(root / 'comparison' / 'comparison.json')
@@ -540,8 +457,8 @@ def test_cli_a_nan_accuracy_with_one_or_three_seeds_never_reaches_the_statistics
 def test_cli_refuses_an_output_that_is_not_ours_with_one_sentence(tmp_path, case, words):
     work = tmp_path / 'work'                       # the current folder: '' must not mean it
     runs = work / 'runs'
-    make_run(runs, 'a-seed0', 0, 0.4)
-    other = make_run(tmp_path / 'elsewhere', 'other-run', 1, 0.5)
+    make_run_folder(runs, 'a-seed0', 0, 0.4)
+    other = make_run_folder(tmp_path / 'elsewhere', 'other-run', 1, 0.5)
     (runs / 'latest').symlink_to('a-seed0')
     (work / 'cmp').mkdir()
     out = {'empty': '', 'another run folder': other, 'runs/latest': 'runs/latest',
@@ -574,9 +491,9 @@ def test_cli_relative_paths_and_runs_latest_work(tmp_path):
     work = tmp_path / 'work'
     runs = work / 'runs'
     for seed in range(2):
-        make_run(runs, f'a-seed{seed}', seed, 0.4)
+        make_run_folder(runs, f'a-seed{seed}', seed, 0.4)
     (runs / 'latest').symlink_to('a-seed1')
-    stopped = make_run(runs, 'stopped seed', 3, 0.4, ckpt=True, stopped_early=True)     # a space in its name
+    stopped = make_run_folder(runs, 'stopped seed', 3, 0.4, ckpt=True, stopped_early=True)     # a space in its name
     code, out, err = compare_cli('runs/latest', 'runs/a-seed0', stopped, '--out', 'cmp', '--baseline', 'runs/latest',
                                  cwd=work)
     assert code == 0, err
@@ -589,28 +506,12 @@ def test_cli_relative_paths_and_runs_latest_work(tmp_path):
     assert words[2] == '--resume' and (work / words[3]).is_file() and words[3].endswith('ckpt.npz'), reason
 
 
-def wait_for_handler(proc, signum=signal.SIGTERM, timeout=CLI_TIMEOUT):
-    """Wait until the process catches signum (its bit in /proc/PID/status SigCgt): the tool has
-    installed cli.py's start-up handler, and is still starting (importing NumPy and the rest)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            status = Path(f'/proc/{proc.pid}/status').read_text()
-        except OSError:
-            break
-        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith('SigCgt:')), 16)
-        if caught >> (signum - 1) & 1:
-            return True
-        time.sleep(0.001)
-    return False
-
-
 @pytest.mark.skipif(not Path('/proc/self/status').exists(), reason='needs /proc')
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_cli_an_interrupt_while_starting_ends_with_one_line_and_exit_130(tmp_path, signum):
     runs = tmp_path / 'runs'
     for seed in range(3):
-        make_run(runs, f'a-seed{seed}', seed, 0.4)
+        make_run_folder(runs, f'a-seed{seed}', seed, 0.4)
     proc = subprocess.Popen([sys.executable, str(REPO_ROOT / 'compare.py'), str(runs)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -626,7 +527,7 @@ def test_cli_an_interrupt_while_starting_ends_with_one_line_and_exit_130(tmp_pat
 
 
 def test_an_unexpected_error_is_a_crash_with_exit_3_and_one_line(tmp_path, capsys, monkeypatch):
-    make_run(tmp_path / 'runs', 'a-seed0', 0, 0.4)
+    make_run_folder(tmp_path / 'runs', 'a-seed0', 0, 0.4)
 
     def broken(run_dir):
         raise ZeroDivisionError('a bug')
@@ -635,35 +536,33 @@ def test_an_unexpected_error_is_a_crash_with_exit_3_and_one_line(tmp_path, capsy
     assert code == 3 and len(err.strip().splitlines()) == 1 and 'compare.py crashed (ZeroDivisionError: a bug)' in err
 
 
-def test_compare_checks_the_figures_itself_whatever_viz_checks(tmp_path, monkeypatch):
-    """compare.py does not rely on viz.load_run to refuse NaN, impossible figures or probabilities
-    that do not sum to 1: with a loader that checks nothing, each run is still left out."""
-    def unchecked(run_dir):
-        run_dir = Path(run_dir)
-        return {'config': json.loads((run_dir / 'config.json').read_text()),
-                'history': json.loads((run_dir / 'history.json').read_text()),
-                'metrics': json.loads((run_dir / 'metrics.json').read_text()),
-                'predictions': dict(np.load(run_dir / 'predictions.npz'))}
-    monkeypatch.setattr(compare.viz, 'load_run', unchecked)
+def test_compare_learns_what_a_run_holds_from_the_contract(tmp_path, monkeypatch):
+    """compare.py reads every run folder through runfiles.read_run (the checks viz.py and every
+    other reader share): NaN, impossible figures or probabilities that do not sum to 1 leave a run
+    out as inconsistent, with the file and the value named."""
+    read = []
+    real = runfiles.read_run
+    monkeypatch.setattr(runfiles, 'read_run', lambda folder, *args: read.append(folder) or real(folder, *args))
     root = tmp_path / 'runs'
     cases = {}
     for name, key, value in (('nan-acc', 'test_acc', float('nan')), ('acc-1.5', 'test_acc', 1.5),
                              ('inf-loss', 'test_loss', float('inf')), ('ece-nan', 'ece', float('nan')),
                              ('best-val-2', 'best_val_acc', 2.0), ('fingerprint-a-list', 'data_fingerprint', [1])):
-        edit_json(make_run(root, name) / 'metrics.json', **{key: value})
-        cases[name] = key
-    run = make_run(root, 'history-inf')
+        edit_json(make_run_folder(root, name) / 'metrics.json', **{key: value})
+        cases[name] = f"metrics.json has '{key}' = "
+    run = make_run_folder(root, 'history-inf')
     history = json.loads((run / 'history.json').read_text())
     history[0]['train_loss'] = float('inf')
     (run / 'history.json').write_text(json.dumps(history))
-    cases['history-inf'] = 'train_loss'
+    cases['history-inf'] = "history.json has record 1's 'train_loss' = inf"
     for name, scale in (('probs-half', 0.5), ('probs-nan', float('nan'))):
-        run = make_run(root, name)
+        run = make_run_folder(root, name)
         preds = runfiles.read_npz(run / 'predictions.npz')
         runfiles.write_npz(run / 'predictions.npz', dict(preds, probs=preds['probs'] * np.float32(scale)))
-        cases[name] = 'sum to 1' if scale == 0.5 else 'not finite'
+        cases[name] = 'do not sum to 1' if scale == 0.5 else 'non-finite probabilities'
     for name, words in cases.items():
         run = compare.read_run(root / name)
-        assert run['status'] == 'left out' and run['reason'].startswith('inconsistent: '), (name, run['reason'])
-        assert words in run['reason'], (name, run['reason'])
-    assert compare.read_run(make_run(root, 'good'))['status'] == 'finished'
+        assert run.status == 'left out' and run.reason.startswith('inconsistent: '), (name, run.reason)
+        assert words in run.reason, (name, run.reason)
+    assert compare.read_run(make_run_folder(root, 'good')).status == 'finished'
+    assert [Path(p).name for p in read] == list(cases) + ['good']

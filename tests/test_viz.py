@@ -1,9 +1,10 @@
 """Tests for viz.py on a synthetic run folder (no training, no real CIFAR-10).
 
-`make_fake_run` lays out repo/runs/<run>/ and repo/data/cifar-10-batches-py/
-the way main.py and data_utils.py do, with predictions whose accuracy,
-calibration and hidden-state clusters look like a half-trained model's.
-The calibration math itself is tested in test_metrics.py.
+`make_fake_run` lays out repo/runs/<run>/ (through conftest's builder of run
+folders, which writes through the run-folder contract) and
+repo/data/cifar-10-batches-py/ the way main.py and data_utils.py do, with
+predictions whose accuracy, calibration and hidden-state clusters look like a
+half-trained model's. The calibration math itself is tested in test_metrics.py.
 """
 
 import ast
@@ -26,15 +27,14 @@ import pytest
 import metrics
 import runfiles
 import viz
-from test_metrics import loop_ece, softmax
+from conftest import assert_valid_png, build_run_folder, loop_ece, metrics_for, softmax
 
 REPO = Path(__file__).resolve().parent.parent
-PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 ALL_FIGURES = ['training_curves', 'confusion_matrix', 'reliability', 'tsne', 'misclassified']
 # Small t-SNE sample in tests: the default 2,000 is timed by hand, not in CI.
 TSNE_SAMPLES = '300'
 # Options that skip the two slow figures, for tests about something else.
-FAST = ['--tsne-samples', '0', '--gallery-size', '0']
+QUICK_FIGURES = ['--tsne-samples', '0', '--gallery-size', '0']
 
 
 # --------------------------------------------------------------------------
@@ -83,56 +83,35 @@ def write_test_batch(data_dir, labels_by_index):
 
 
 def fake_history(epochs=6):
-    history = []
-    for e in range(1, epochs + 1):
-        history.append({
-            'epoch': e, 'train_loss': 2.2 / e ** 0.5, 'train_acc': 0.2 + 0.08 * e,
-            'val_loss': 2.0 / e ** 0.4 + 0.02 * max(0, e - 4),
-            'val_acc': 0.25 + 0.06 * min(e, 4) - 0.01 * max(0, e - 4),
-            'lr': 0.05 * 0.5 * (1 + np.cos(np.pi * (e - 1) / epochs)),
-            'epoch_time_s': 30.0 + e, 'images_per_s': 1500.0 + e,
-        })
-    return history
+    """[runfiles.EpochRecord]: losses falling, validation accuracy peaking at epoch 4, cosine rate."""
+    return [runfiles.EpochRecord(
+        epoch=e, train_loss=2.2 / e ** 0.5, train_acc=0.2 + 0.08 * e,
+        val_loss=2.0 / e ** 0.4 + 0.02 * max(0, e - 4), val_acc=0.25 + 0.06 * min(e, 4) - 0.01 * max(0, e - 4),
+        lr=0.05 * 0.5 * (1 + np.cos(np.pi * (e - 1) / epochs)), epoch_time_s=30.0 + e, images_per_s=1500.0 + e)
+        for e in range(1, epochs + 1)]
 
 
 def make_fake_run(root, n=2000, hidden_size=128, with_metrics=True, with_predictions=True,
                   with_data=True, name='20240101-120000-fast'):
     """Write repo-like folders under root; return the run folder Path.
 
-    root/runs/<name>/{config,history,metrics}.json, predictions.npz,
+    root/runs/<name>/{config,history,metrics}.json, predictions.npz (conftest.build_run_folder),
     root/runs/latest -> <name>, and root/data/cifar-10-batches-py/test_batch.
     metrics.json's ECE is computed by a loop independent of metrics.py.
     """
     root = Path(root)
-    run = root / 'runs' / name
-    run.mkdir(parents=True)
-    (root / 'runs' / 'latest').symlink_to(name)
     config = {'preset': 'fast', 'epochs': 6, 'batch_size': 64, 'lr': 0.05, 'seed': 3,
               'seq_layout': 'pixels', 'subset': 0.1, 'data_dir': 'data', 'schedule': 'cosine',
               'warmup_epochs': 1, 'weight_decay': 5e-4, 'clip': 5.0, 'momentum': 0.9, 'hidden': hidden_size}
-    (run / 'config.json').write_text(json.dumps(config, indent=2))
     history = fake_history(6)
-    (run / 'history.json').write_text(json.dumps(history, indent=2))
     probs, labels, indices, hidden = fake_predictions(n, hidden_size)
-    if with_predictions:
-        np.savez(run / 'predictions.npz', probs=probs, labels=labels, indices=indices, hidden=hidden)
-    if with_metrics:
-        pred = probs.argmax(axis=1)
-        cm = np.zeros((10, 10), dtype=int)
-        for t, p in zip(labels, pred):
-            cm[t, p] += 1
-        best = max(history, key=lambda r: r['val_acc'])
-        metrics_json = {
-            'test_loss': float(-np.mean(np.log(probs[np.arange(n), labels]))),
-            'test_acc': float((pred == labels).mean()),
-            'ece': loop_ece(probs, labels),
-            'per_class_acc': (np.diag(cm) / cm.sum(axis=1)).tolist(),
-            'confusion_matrix': cm.tolist(),
-            'best_val_acc': best['val_acc'], 'best_epoch': best['epoch'],
-            'epochs_done': 6, 'stopped_early': False, 'wall_time_s': 215.3,
-            'train_images_per_s': 1503.2, 'label_names': viz.CIFAR10_CLASSES,
-        }
-        (run / 'metrics.json').write_text(json.dumps(metrics_json, indent=2))
+    predictions = runfiles.Predictions(probs, labels, indices, hidden)
+    metrics_record = metrics_for(predictions, history, ece=loop_ece(probs, labels), wall_time_s=215.3,
+                                 train_images_per_s=1503.2, label_names=viz.CIFAR10_CLASSES)
+    run = build_run_folder(root / 'runs' / name, config, history=history,
+                           predictions=predictions if with_predictions else None,
+                           metrics=metrics_record if with_metrics else None)
+    (root / 'runs' / 'latest').symlink_to(name)
     if with_data:
         # Test image i has label labels[row] where indices[row] == i.
         by_index = np.empty(n, dtype=np.int64)
@@ -170,18 +149,6 @@ def _outside_the_repository(tmp_path, monkeypatch):
     # viz looks for data/ under the current folder first: the repository's own
     # data/ (maybe the real CIFAR-10) must not stand in for a test's images.
     monkeypatch.chdir(tmp_path)
-
-
-def assert_valid_png(path):
-    """PNG signature, decodes, and is not blank (varied pixels, more than one colour)."""
-    import matplotlib.image as mpimg
-
-    assert path.read_bytes()[:8] == PNG_SIGNATURE, f'{path.name} is not a PNG'
-    pixels = mpimg.imread(path)
-    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
-    rgb = pixels[..., :3].reshape(-1, 3)
-    assert rgb.std() > 0.05, f'{path.name} looks blank (pixel std {rgb.std():.4f})'
-    assert len(np.unique(rgb[::7], axis=0)) > 10, f'{path.name} has almost a single colour'
 
 
 def assert_refused(capsys, *words):
@@ -542,7 +509,7 @@ def test_damaged_files_get_one_sentence_exit_2_and_nothing_written(tmp_path, cap
         values = json.loads((run / name).read_text())
         damage = _write_json({**values, **damage})
     damage(run / name)
-    assert viz.main([str(run), *FAST]) == 2
+    assert viz.main([str(run), *QUICK_FIGURES]) == 2
     assert_refused(capsys, named)
     assert_nothing_drawn(run)
 
@@ -568,7 +535,7 @@ def test_options_argparse_refuses_are_one_line_too(tmp_path, capsys):
 def test_figures_being_a_file_is_refused_before_drawing(tmp_path, capsys):
     run = make_fake_run(tmp_path, with_data=False)
     (run / 'figures').write_text('my notes')
-    assert viz.main([str(run), *FAST]) == 2
+    assert viz.main([str(run), *QUICK_FIGURES]) == 2
     assert_refused(capsys, str(run / 'figures'), 'not a folder')
     assert (run / 'figures').read_text() == 'my notes' and not (run / 'report.md').exists()
 
@@ -579,7 +546,7 @@ def test_read_only_run_folder_is_refused_before_drawing(tmp_path, capsys):
     run = make_fake_run(tmp_path, with_data=False)
     run.chmod(0o555)
     try:
-        assert viz.main([str(run), *FAST]) == 2
+        assert viz.main([str(run), *QUICK_FIGURES]) == 2
         assert_refused(capsys, str(run), 'permission denied')
         assert_nothing_drawn(run)
     finally:
@@ -596,7 +563,7 @@ def test_unwritable_run_folder_simulated(tmp_path, capsys, monkeypatch, failing,
     def refuse(*args, **kwargs):
         raise OSError(code, os.strerror(code))
     monkeypatch.setattr(tempfile if failing == 'mkstemp' else os, failing, refuse)
-    assert viz.main([str(run), *FAST]) == 2
+    assert viz.main([str(run), *QUICK_FIGURES]) == 2
     monkeypatch.undo()
     assert_refused(capsys, str(run))
     assert not (run / 'report.md').exists()
@@ -663,7 +630,7 @@ def test_relative_paths_and_the_latest_link(tmp_path, monkeypatch):
 def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, monkeypatch, capsys):
     run = make_fake_run(tmp_path, with_data=False)
     monkeypatch.chdir(run)          # a run folder: '' must not quietly mean this one
-    assert viz.main(['', *FAST]) == 2
+    assert viz.main(['', *QUICK_FIGURES]) == 2
     assert_refused(capsys, 'empty')
     assert_nothing_drawn(run)
 
@@ -738,7 +705,7 @@ def test_a_named_pipe_for_train_log_does_not_block_viz(tmp_path):
     # viz.py never reads train.log; a pipe there must not make it wait.
     run = make_fake_run(tmp_path, n=300, with_data=False)
     os.mkfifo(run / 'train.log')
-    result = run_cli([str(run), *FAST], cwd=tmp_path, timeout=QUICK)
+    result = run_cli([str(run), *QUICK_FIGURES], cwd=tmp_path, timeout=QUICK)
     assert result.returncode == 0, result.stderr
 
 
@@ -815,7 +782,7 @@ def test_an_unexpected_error_exits_3_with_one_line_not_a_traceback(tmp_path):
             f'runpy.run_path({str(REPO / "viz.py")!r}, run_name="__main__")\n')
     env = {k: v for k, v in os.environ.items() if k != 'CNNRNN_TRACEBACK'}
     env['PYTHONPATH'] = str(REPO)
-    result = subprocess.run([sys.executable, '-c', code, str(run), *FAST], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, '-c', code, str(run), *QUICK_FIGURES], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=QUICK)
     assert result.returncode == 3, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -843,7 +810,7 @@ def test_numbers_that_are_not_numbers_are_refused_through_the_cli(tmp_path, case
     run = make_fake_run(tmp_path, n=300, with_data=False)
     name, change, named = NOT_NUMBERS[case]
     (run / name).write_text(json.dumps(change(json.loads((run / name).read_text()))))
-    line = cli_refusal(run_cli([str(run), *FAST], cwd=tmp_path, timeout=QUICK), str(run / name), named)
+    line = cli_refusal(run_cli([str(run), *QUICK_FIGURES], cwd=tmp_path, timeout=QUICK), str(run / name), named)
     assert 'nan %' not in line and 'inf %' not in line
     assert_nothing_drawn(run)
 
@@ -854,7 +821,7 @@ def test_probabilities_that_do_not_sum_to_1_are_refused_through_the_cli(tmp_path
         arrays = dict(z)
     arrays['probs'][7] *= 0.5
     np.savez(run / 'predictions.npz', **arrays)
-    cli_refusal(run_cli([str(run), *FAST], cwd=tmp_path, timeout=QUICK),
+    cli_refusal(run_cli([str(run), *QUICK_FIGURES], cwd=tmp_path, timeout=QUICK),
                 'predictions.npz', 'do not sum to 1 (e.g. 0.5000)')
     assert_nothing_drawn(run)
 
@@ -877,9 +844,9 @@ def test_null_history_values_are_gaps_and_the_report_shows_no_nan(tmp_path):
 # --------------------------------------------------------------------------
 
 def _drawn_once(tmp_path, **kwargs):
-    """A fake run with its figures and report already drawn (FAST), and a snapshot of it."""
+    """A fake run with its figures and report already drawn (QUICK_FIGURES), and a snapshot of it."""
     run = make_fake_run(tmp_path, **kwargs)
-    assert viz.main([str(run), *FAST]) == 0
+    assert viz.main([str(run), *QUICK_FIGURES]) == 0
     return run, snapshot(run)
 
 
@@ -888,7 +855,8 @@ def test_report_md_being_a_folder_is_found_before_any_figure(tmp_path):
     (run / 'report.md').unlink()
     (run / 'report.md').mkdir()
     before = snapshot(run)
-    cli_refusal(run_cli([str(run), *FAST], cwd=tmp_path, timeout=QUICK), str(run / 'report.md'), 'is a folder')
+    cli_refusal(run_cli([str(run), *QUICK_FIGURES], cwd=tmp_path, timeout=QUICK), str(run / 'report.md'),
+                'is a folder')
     assert snapshot(run) == before
 
 
@@ -898,7 +866,7 @@ def test_a_figure_path_being_a_folder_is_found_before_any_figure(tmp_path):
     target.unlink()
     target.mkdir()
     before = snapshot(run)
-    cli_refusal(run_cli([str(run), *FAST], cwd=tmp_path, timeout=QUICK), str(target), 'is a folder')
+    cli_refusal(run_cli([str(run), *QUICK_FIGURES], cwd=tmp_path, timeout=QUICK), str(target), 'is a folder')
     assert snapshot(run) == before
 
 
@@ -907,7 +875,7 @@ def test_a_lock_that_is_a_folder_is_found_before_any_figure(tmp_path):
     (run / runfiles.LOCK_NAME).unlink()
     (run / runfiles.LOCK_NAME).mkdir()
     before = snapshot(run)
-    cli_refusal(run_cli([str(run), *FAST], cwd=tmp_path, timeout=QUICK), runfiles.LOCK_NAME, 'a folder',
+    cli_refusal(run_cli([str(run), *QUICK_FIGURES], cwd=tmp_path, timeout=QUICK), runfiles.LOCK_NAME, 'a folder',
                 'remove it')
     assert snapshot(run) == before
 
@@ -1003,7 +971,7 @@ def test_a_data_dir_that_holds_nothing_is_refused_not_skipped(tmp_path):
         cli_refusal(result, '--data-dir', named)
     assert_nothing_drawn(run)
     # An empty run folder (an unset shell variable) is not the current folder either.
-    cli_refusal(run_cli(['', *FAST], cwd=run, timeout=QUICK), 'empty path')
+    cli_refusal(run_cli(['', *QUICK_FIGURES], cwd=run, timeout=QUICK), 'empty path')
     # Typed as a relative path, and given as the extracted folder itself, it is found.
     result = run_cli([str(run), '--tsne-samples', '0', '--gallery-size', '4',
                       '--data-dir', 'data/cifar-10-batches-py'], cwd=tmp_path, timeout=QUICK)
@@ -1018,7 +986,7 @@ def test_damaged_metrics_name_a_re_evaluation_of_a_run_that_exists(tmp_path):
     run = make_fake_run(tmp_path, n=300, with_data=False)
     (run / 'ckpt.npz').write_bytes(b'stands for a checkpoint')
     (run / 'metrics.json').write_text('{"test_acc": NaN}')
-    line = cli_refusal(run_cli(['runs/latest', *FAST], cwd=tmp_path, timeout=QUICK), "'test_acc' = nan")
+    line = cli_refusal(run_cli(['runs/latest', *QUICK_FIGURES], cwd=tmp_path, timeout=QUICK), "'test_acc' = nan")
     words = shlex.split(line[line.index('python '):])
     assert words[:3] == ['python', str(REPO / 'main.py'), '--resume'] and words[4:] == ['--evaluate']
     assert words[3] == f'runs/{run.name}'            # the run itself, not the link that may move on
@@ -1030,7 +998,7 @@ def test_damaged_metrics_name_a_re_evaluation_of_a_run_that_exists(tmp_path):
 def test_without_a_checkpoint_no_resume_is_suggested(tmp_path):
     run = make_fake_run(tmp_path, n=300, with_data=False)
     (run / 'metrics.json').write_text('{"test_acc": NaN}')
-    line = cli_refusal(run_cli([str(run), *FAST], cwd=tmp_path, timeout=QUICK), 'no ckpt.npz')
+    line = cli_refusal(run_cli([str(run), *QUICK_FIGURES], cwd=tmp_path, timeout=QUICK), 'no ckpt.npz')
     assert '--resume' not in line
 
 
@@ -1073,7 +1041,7 @@ def test_a_users_files_with_tmp_in_their_names_are_kept(tmp_path):
     kept = [run / 'notes.tmp-keep', run / 'figures' / 'draft.tmp-1', run / 'history.json.tmp-mine']
     for path in kept:
         path.write_text('mine')
-    result = run_cli([str(run), *FAST], cwd=tmp_path, timeout=QUICK)
+    result = run_cli([str(run), *QUICK_FIGURES], cwd=tmp_path, timeout=QUICK)
     assert result.returncode == 0, result.stderr
     assert all(p.read_text() == 'mine' for p in kept)
 
@@ -1097,7 +1065,7 @@ def test_label_names_and_config_values_are_escaped_in_report_md(tmp_path):
     config = json.loads((run / 'config.json').read_text())
     config.update(description='a | b <i>', lr_changes=[{'note': 'x|`y`'}])
     (run / 'config.json').write_text(json.dumps(config))
-    result = run_cli([str(run), *FAST], cwd=tmp_path, timeout=QUICK)
+    result = run_cli([str(run), *QUICK_FIGURES], cwd=tmp_path, timeout=QUICK)
     assert result.returncode == 0, result.stderr
     report = (run / 'report.md').read_text()
     assert report.startswith('# Run report: run \\*1\\*\n')
