@@ -8,8 +8,9 @@ runs/latest are resolved and a run given twice counts once.
 
 Runs are grouped into variants by their config.json, except the keys that
 do not change what is trained: the seed, the data folder, the preset's name
-and description (two presets with the same settings train the same thing) and
-the record of learning-rate changes on resume. A variant is labelled by the
+and description (two presets with the same settings train the same thing),
+the record of learning-rate changes on resume, and calibrated_predictions
+(which only adds the calibrated probabilities to predictions.npz). A variant is labelled by the
 keys in which it differs from the baseline variant (e.g. 'weight_decay=0',
 'seq_layout=flat'). The baseline is the variant of --baseline RUN; without it,
 the variant whose settings are those of presets.json's `fast` preset; without
@@ -22,9 +23,16 @@ folder that holds them; runs/claims/comparison for `compare.py runs/claims`):
                        seeds as a line, the min-max band over seeds around it
     test_accuracy.png  test accuracy per variant: mean, +- std whiskers, every seed's point
     comparison.md      the table (variant, seeds, test accuracy and ECE mean +- std,
-                       wall time, what differs from the baseline), each variant
-                       against the baseline with Welch's t-test, every run, the runs left out
+                       wall time, what differs from the baseline), raw and calibrated
+                       NLL and ECE, each variant against the baseline (Welch's t-test
+                       with Holm's correction), every run, the runs left out
     comparison.json    the same numbers, machine-readable (strict JSON: no NaN)
+
+Each variant's mean test accuracy is tested against the baseline's by Welch's t-test (exact
+degrees of freedom and two-sided p from scipy.stats, metrics.welch_test); the p-values of the
+variants tested against the one baseline are adjusted together by Holm's method
+(metrics.holm_adjust), and a difference is *better* or *worse* when its adjusted p is below 5%,
+else *within noise* (*too few runs* below 2 finished runs a side).
 
 --out must not be a run folder or lie inside one, and is never the current
 folder by accident (an empty --out is refused).
@@ -73,7 +81,7 @@ import viz
 import config
 import runfiles
 from config import Config
-from metrics import accuracy, expected_calibration_error
+from metrics import accuracy, expected_calibration_error, holm_adjust, welch_test
 from runfiles import (NotRegularFile, RecordError, RunFileError, check_regular, describe_os_error, file_kind,
                       resolve_folder, write_atomic, write_json, write_text)
 
@@ -83,7 +91,7 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_ABORTED = (cli.EXIT_OK, cli.EXIT_BAD
 REPO = Path(__file__).resolve().parent
 BASELINE_PRESET = 'fast'
 # Configuration keys that do not define a variant (see the module docstring).
-NOT_SETTINGS = ('seed', 'data_dir', 'description', 'preset', 'lr_changes')
+NOT_SETTINGS = ('seed', 'data_dir', 'description', 'preset', 'lr_changes', 'calibrated_predictions')
 # Keys in which config.json may differ from the copy saved in ckpt.npz without an edit:
 # the data folder may move (main.py --resume --data-dir), names do not change what is trained,
 # and lr_changes is checked on its own (a resume with --lr rewrites config.json first).
@@ -92,11 +100,8 @@ NOT_CHECKED_AGAINST_CHECKPOINT = ('data_dir', 'description', 'preset', 'lr_chang
 KEY_DEFAULTS = Config.defaults()
 # What compare.py writes into --out.
 OUT_FILES = ('val_accuracy.png', 'test_accuracy.png', 'comparison.md', 'comparison.json')
-# Two-sided 5% critical values of Student's t for 1..30 degrees of freedom;
-# above 30 the value for 30 is used, which errs on the side of "noise".
-T_CRIT_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-             2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-             2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+# The family-wise error rate of the verdicts: Holm-adjusted p below it is a difference.
+ALPHA = 0.05
 
 
 class CompareError(Exception):
@@ -113,9 +118,10 @@ class RunResult:
 
     status: 'finished', 'diverged' (counted in its variant) or 'left out' (reason says why and
     what to do; for a diverged run, where it diverged). config, seed and settings (what defines
-    its variant) for a usable run; for a finished one test_acc, ece, wall_time_s, epochs_done,
-    test_images, test_fingerprint (sha256 hex of its test set, None in older runs) and val_acc
-    (per-epoch fractions, None for a missing value).
+    its variant) for a usable run; for a finished one test_acc, ece, nll (the raw test loss),
+    wall_time_s, epochs_done, test_images, test_fingerprint (sha256 hex of its test set, None in
+    older runs), val_acc (per-epoch fractions, None for a missing value), and temperature,
+    ece_calibrated and nll_calibrated (metrics.json's temperature scaling; None in older runs).
     """
     name: str
     path: Path
@@ -131,14 +137,20 @@ class RunResult:
     test_images: int = None
     test_fingerprint: str = None
     val_acc: list = None
+    nll: float = None
+    temperature: float = None
+    ece_calibrated: float = None
+    nll_calibrated: float = None
 
 
 @dataclass
 class Variant:
     """The runs of one setting: label (what differs from the baseline, or 'baseline'),
     is_baseline, settings, differs [(key, baseline value, this value)], runs (RunResult; the
-    finished and the diverged), and over the finished ones test_acc, ece and wall_time_s
-    ({'mean', 'std', 'values'}), val_curve, and vs_baseline (welch(), None for the baseline)."""
+    finished and the diverged), and over the finished ones test_acc, ece, nll and wall_time_s
+    ({'mean', 'std', 'values'}; over those that have them, temperature, ece_calibrated and
+    nll_calibrated), val_curve, and vs_baseline (welch() with Holm's adjustment and the verdict,
+    None for the baseline)."""
     label: str
     is_baseline: bool
     settings: dict
@@ -146,7 +158,11 @@ class Variant:
     runs: list
     test_acc: dict = None
     ece: dict = None
+    nll: dict = None
     wall_time_s: dict = None
+    temperature: dict = None
+    ece_calibrated: dict = None
+    nll_calibrated: dict = None
     val_curve: dict = None
     vs_baseline: dict = None
 
@@ -336,8 +352,9 @@ def crashed_reason(run_dir, what):
 
 
 def finished_figures(files):
-    """The figures of a finished run (a runfiles.Run, its records checked): test_acc, ece,
-    wall_time_s, epochs_done, test_images, test_fingerprint, val_acc. LeftOut if it is unfinished
+    """The figures of a finished run (a runfiles.Run, its records checked): test_acc, ece, nll,
+    wall_time_s, epochs_done, test_images, test_fingerprint, val_acc, and temperature,
+    ece_calibrated and nll_calibrated (None without a temperature). LeftOut if it is unfinished
     or its metrics.json is not that of its predictions.npz."""
     run_dir, state, metrics, preds = files.folder, files.status, files.metrics, files.predictions
     unfinished = unfinished_reason(files)
@@ -358,10 +375,13 @@ def finished_figures(files):
                       f'does not match predictions.npz ({test_acc:.4f}, {ece:.4f}); '
                       f'{resume_advice(run_dir, evaluate=True)}')
     fingerprint = metrics.data_fingerprint
-    return dict(test_acc=float(metrics.test_acc), ece=float(metrics.ece), wall_time_s=metrics.wall_time_s,
-                epochs_done=metrics.epochs_done, test_images=len(preds.labels),
+    calibrated = (metrics.calibration or {}).get('calibrated') or {}
+    return dict(test_acc=float(metrics.test_acc), ece=float(metrics.ece), nll=float(metrics.test_loss),
+                wall_time_s=metrics.wall_time_s, epochs_done=metrics.epochs_done, test_images=len(preds.labels),
                 test_fingerprint=fingerprint['test'] if fingerprint else None,
-                val_acc=[r.val_acc for r in sorted(files.history, key=lambda r: r.epoch)])
+                val_acc=[r.val_acc for r in sorted(files.history, key=lambda r: r.epoch)],
+                temperature=metrics.temperature, ece_calibrated=calibrated.get('ece'),
+                nll_calibrated=calibrated.get('nll'))
 
 
 def unfinished_reason(files):
@@ -525,40 +545,49 @@ def summarise(finished):
         curve['mean'].append(float(np.mean(values)) if values else None)
         curve['min'].append(min(values) if values else None)
         curve['max'].append(max(values) if values else None)
-    return {'test_acc': mean_std([r.test_acc for r in finished]),
-            'ece': mean_std([r.ece for r in finished]),
-            'wall_time_s': mean_std([r.wall_time_s for r in finished]),
-            'val_curve': curve}
+    stats = {key: mean_std([getattr(r, key) for r in finished])
+             for key in ('test_acc', 'ece', 'nll', 'wall_time_s', 'temperature', 'ece_calibrated', 'nll_calibrated')}
+    return dict(stats, val_curve=curve)
 
 
 def welch(variant, baseline):
-    """The variant's test accuracy against the baseline's, in percentage points.
+    """The variant's test accuracy against the baseline's, in percentage points (metrics.welch_test).
 
-    diff = mean_v - mean_b; se = sqrt(s_v^2/n_v + s_b^2/n_b) (s the sample std
-    over seeds); t = diff / se with Welch's degrees of freedom. The difference
-    is 'better' or 'worse' when |t| exceeds Student's two-sided 5% critical
-    value at those degrees of freedom (rounded down), else 'within noise';
-    'too few runs' when either side has fewer than 2 finished runs.
+    Returns {'n': [n_variant, n_baseline], 'diff': mean_v - mean_b, 'ci95': [lo, hi] of the
+    difference, 'se' (sqrt(s_v^2/n_v + s_b^2/n_b), s the sample std over seeds), 't', 'df'
+    (Welch-Satterthwaite, not rounded), 'p' (two-sided), 'p_holm' and 'verdict'}; the last two are
+    set by holm_verdicts, across the variants. Fewer than 2 finished runs on a side: p None
+    ('too few runs'). Every seed equal on both sides: no spread to test against, p = 0 for a
+    difference (1 for none), t and df None.
     """
     a, b = variant.test_acc['values'], baseline.test_acc['values']
-    out = {'diff': None, 'se': None, 't': None, 'df': None, 't_crit': None, 'verdict': 'too few runs'}
+    out = {'n': [len(a), len(b)], 'diff': None, 'ci95': None, 'se': None, 't': None, 'df': None, 'p': None,
+           'p_holm': None, 'verdict': 'too few runs'}
     if not a or not b:
         return out
-    out['diff'] = 100 * (np.mean(a) - np.mean(b))
+    a, b = 100 * np.asarray(a, dtype=np.float64), 100 * np.asarray(b, dtype=np.float64)
+    out['diff'] = float(a.mean() - b.mean())
     if len(a) < 2 or len(b) < 2:
         return out
-    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
-    se = math.sqrt(va + vb)
-    out['se'] = 100 * se
-    if se == 0:     # every seed gave the same accuracy on both sides
-        out['verdict'] = 'within noise' if out['diff'] == 0 else ('better' if out['diff'] > 0 else 'worse')
+    out['se'] = float(math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+    if out['se'] == 0:
+        out.update(ci95=[out['diff'], out['diff']], p=0.0 if out['diff'] != 0 else 1.0)
         return out
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    t_crit = T_CRIT_95[min(max(int(df), 1), len(T_CRIT_95)) - 1]
-    t = out['diff'] / out['se']
-    out.update(t=t, df=df, t_crit=t_crit,
-               verdict='within noise' if abs(t) <= t_crit else ('better' if t > 0 else 'worse'))
+    test = welch_test(a, b)
+    out.update(ci95=test['ci'], t=test['t'], df=test['df'], p=test['p'])
     return out
+
+
+def holm_verdicts(tests, alpha=ALPHA):
+    """Holm's adjustment across the tests against one baseline (welch() records, None skipped),
+    and each verdict from its adjusted p: 'better' or 'worse' below alpha, else 'within noise'.
+    Returns the size of the family (the tests with a p-value)."""
+    tested = [w for w in tests if w is not None and w['p'] is not None]
+    if tested:
+        for w, adjusted in zip(tested, holm_adjust([w['p'] for w in tested])):
+            w['p_holm'] = adjusted
+            w['verdict'] = ('better' if w['diff'] > 0 else 'worse') if adjusted < alpha else 'within noise'
+    return len(tested)
 
 
 # --------------------------------------------------------------------------
@@ -674,13 +703,29 @@ def _signed(x, digits=2):
     return '-' if x is None else f'{x:+.{digits}f}'
 
 
-RULE = ("The rule: the difference of the mean test accuracies (variant minus baseline) is divided by its "
-        "standard error, sqrt(s_v²/n_v + s_b²/n_b), where s is the standard deviation over seeds and n the "
-        "number of finished runs (Welch's t-test). The difference is called *better* or *worse* when |t| "
-        "is above Student's two-sided 5% critical value for Welch's degrees of freedom (rounded down; "
-        "2.78 for 3 seeds against 3 with equal spread), and *within noise* otherwise: a difference of "
-        "that size can come from the seeds alone. With 3 seeds only large differences pass; more seeds "
-        "resolve smaller ones. *Too few runs*: a side has fewer than 2 finished runs.")
+def _p(p):
+    """A p-value as the tables show it: three decimals, below 0.001 in powers of ten."""
+    if p is None:
+        return '-'
+    if p in (0, 1):
+        return f'{p:g}'
+    return f'{p:.1e}' if p < 0.001 else f'{p:.3f}'
+
+
+def _ci(w):
+    return '-' if w['ci95'] is None else f"{w['ci95'][0]:+.2f} to {w['ci95'][1]:+.2f}"
+
+
+RULE = ("The rule: Welch's t-test of the mean test accuracies (variant minus baseline), with the exact "
+        "(not rounded) Welch-Satterthwaite degrees of freedom and the two-sided p-value from scipy.stats; the "
+        "95% confidence interval is that of the difference. Testing several variants against one baseline "
+        "at 5% each would call some difference real by chance alone, so the p-values of all the variants "
+        "tested against the baseline are adjusted together by Holm's method (the k-th smallest of m "
+        "multiplied by m - k + 1, kept increasing, capped at 1), which keeps the chance of any false "
+        "*better* or *worse* at 5%. A variant is *better* or *worse* when its adjusted p is below 0.05, "
+        "and *within noise* otherwise: a difference of that size can come from the seeds alone. With 3 "
+        "seeds only large differences pass; more seeds resolve smaller ones. *Too few runs*: a side has "
+        "fewer than 2 finished runs.")
 
 
 def build_markdown(variants, left_out, why, sources):
@@ -707,36 +752,24 @@ def build_markdown(variants, left_out, why, sources):
                      f'{differs} |')
     lines += ['', ('*seeds*: the finished runs of the variant. Mean ± sample standard deviation (n - 1) '
                    'over them. A diverged run (non-finite loss, main.py exit code 1) has no test accuracy '
-                   'and counts only in the *diverged* column.'), '']
+                   'and counts only in the *diverged* column. The ECE is that of the raw predictions '
+                   '(the method\'s); calibrated figures are in the next table.'), '']
+    lines += calibration_table(variants)
 
-    base = next((v for v in variants if v.is_baseline), None)
-    others = [v for v in variants if not v.is_baseline]
-    if others:
-        lines += ['## Against the baseline', '']
-        if base is None or not base.finished:
-            lines += ['No finished run of the baseline variant: no differences to report.', '']
-        else:
-            lines += [('| variant | test accuracy difference (points) | standard error | Welch t (df) '
-                       '| verdict | diverged (baseline) |'),
-                      '| --- | ---: | ---: | ---: | --- | ---: |']
-            for v in others:
-                w = v.vs_baseline
-                t = '-' if w['t'] is None else f"{w['t']:+.2f} ({w['df']:.1f})"
-                se = '-' if w['se'] is None else f"{w['se']:.2f}"
-                lines.append(f"| {v.label} | {_signed(w['diff'])} | {se} | {t} | {w['verdict']} | "
-                             f"{len(v.diverged)} of {len(v.runs)} ({len(base.diverged)} of "
-                             f"{len(base.runs)}) |")
-            lines += ['', RULE, '']
+    lines += against_baseline_table(variants)
 
-    lines += ['## Runs', '', '| run | variant | seed | test accuracy (%) | ECE | epochs | wall time (min) |',
-              '| --- | --- | ---: | ---: | ---: | ---: | ---: |']
+    lines += ['## Runs', '', ('| run | variant | seed | test accuracy (%) | ECE | T | ECE calibrated | epochs '
+                              '| wall time (min) |'),
+              '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
     for v in variants:
         for r in v.runs:
             if r.status == 'diverged':
-                lines.append(f"| {r.name} | {v.label} | {r.seed} | diverged: {r.reason} | | | |")
+                lines.append(f"| {r.name} | {v.label} | {r.seed} | diverged: {r.reason} | | | | | |")
             else:
+                t = '-' if r.temperature is None else f'{r.temperature:.3f}'
+                cal = '-' if r.ece_calibrated is None else f'{r.ece_calibrated:.4f}'
                 lines.append(f"| {r.name} | {v.label} | {r.seed} | {100 * r.test_acc:.2f} | "
-                             f"{r.ece:.4f} | {r.epochs_done} | {_minutes(r.wall_time_s)} |")
+                             f"{r.ece:.4f} | {t} | {cal} | {r.epochs_done} | {_minutes(r.wall_time_s)} |")
     lines.append('')
     if left_out:
         lines += ['## Left out', '']
@@ -745,9 +778,54 @@ def build_markdown(variants, left_out, why, sources):
     return '\n'.join(lines)
 
 
-def build_json(variants, baseline_settings, left_out, why, sources):
+def against_baseline_table(variants):
+    """The '## Against the baseline' section of comparison.md (Welch, Holm, verdicts), as lines."""
+    lines = []
+    base = next((v for v in variants if v.is_baseline), None)
+    others = [v for v in variants if not v.is_baseline]
+    if others:
+        lines += ['## Against the baseline', '']
+        if base is None or not base.finished:
+            lines += ['No finished run of the baseline variant: no differences to report.', '']
+        else:
+            lines += [f"The baseline: {_pm(base.test_acc, 100, 2)} % test accuracy over {len(base.finished)} "
+                      f"finished runs ({len(base.diverged)} of {len(base.runs)} diverged).", '',
+                      ('| variant | test accuracy (%) | difference (points) | 95% CI of the difference '
+                       '| Welch t (df) | p | Holm-adjusted p | verdict | diverged |'),
+                      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |']
+            for v in others:
+                w = v.vs_baseline
+                t = '-' if w['t'] is None else f"{w['t']:+.2f} ({w['df']:.1f})"
+                lines.append(f"| {v.label} | {_pm(v.test_acc, 100, 2)} | {_signed(w['diff'])} | {_ci(w)} | {t} | "
+                             f"{_p(w['p'])} | {_p(w['p_holm'])} | {w['verdict']} | "
+                             f"{len(v.diverged)} of {len(v.runs)} |")
+            lines += ['', RULE, '']
+    return lines
+
+
+def calibration_table(variants):
+    """comparison.md's table of raw and calibrated test NLL and ECE per variant (mean ± std over
+    seeds), with the temperature; a line instead when no run records a temperature."""
+    lines = ['## Calibration', '']
+    if not any(v.temperature['values'] for v in variants):
+        return lines + ['No run records a temperature (runs of an earlier version): '
+                        '`main.py --resume RUN --evaluate` fits it.', '']
+    lines += ['| variant | runs with T | T | NLL raw | NLL calibrated | ECE raw | ECE calibrated |',
+              '| --- | ---: | ---: | ---: | ---: | ---: | ---: |']
+    for v in variants:
+        lines.append(f"| {v.label} | {len(v.temperature['values'])} of {len(v.finished)} | "
+                     f"{_pm(v.temperature, 1, 3)} | {_pm(v.nll, 1, 4)} | {_pm(v.nll_calibrated, 1, 4)} | "
+                     f"{_pm(v.ece, 1, 4)} | {_pm(v.ece_calibrated, 1, 4)} |")
+    return lines + ['', ('Raw: the test predictions as the model gives them (the method\'s figures). Calibrated: '
+                         'the same predictions with their log-probabilities divided by the temperature T, fitted '
+                         'on the validation set of each run (main.py); the accuracy is unchanged. The calibrated '
+                         'columns are over the runs with T; the raw ones over every finished run.'), '']
+
+
+def build_json(variants, baseline_settings, left_out, why, sources, family=0):
     def run_record(r):
-        keys = ('name', 'seed', 'status', 'test_acc', 'ece', 'wall_time_s', 'epochs_done', 'test_images')
+        keys = ('name', 'seed', 'status', 'test_acc', 'ece', 'nll', 'temperature', 'ece_calibrated',
+                'nll_calibrated', 'wall_time_s', 'epochs_done', 'test_images')
         record = {k: getattr(r, k) for k in keys}
         record['path'] = str(r.path)
         if r.status == 'diverged':
@@ -759,14 +837,19 @@ def build_json(variants, baseline_settings, left_out, why, sources):
         'sources': [str(s) for s in sources],
         'baseline': {'chosen_as': why, 'settings': baseline_settings},
         'not_settings': list(NOT_SETTINGS),
-        'rule': "Welch's t-test of test accuracy against the baseline, two-sided 5%",
+        'rule': (f"Welch's t-test of test accuracy against the baseline (exact df, two-sided p, scipy.stats); "
+                 f"Holm's adjustment across the {family} variant(s) tested; better or worse when the "
+                 f"adjusted p is below {ALPHA}"),
+        'alpha': ALPHA,
+        'holm_family': family,
         'variants': [{
             'label': v.label, 'is_baseline': v.is_baseline,
             'differs': [{'key': k, 'baseline': b, 'value': x} for k, b, x in v.differs],
             'settings': v.settings,
             'finished': len(v.finished), 'diverged': len(v.diverged),
             'seeds': [r.seed for r in v.finished],
-            'test_acc': v.test_acc, 'ece': v.ece, 'wall_time_s': v.wall_time_s,
+            'test_acc': v.test_acc, 'ece': v.ece, 'nll': v.nll, 'wall_time_s': v.wall_time_s,
+            'temperature': v.temperature, 'ece_calibrated': v.ece_calibrated, 'nll_calibrated': v.nll_calibrated,
             'val_acc_curve': v.val_curve,
             'vs_baseline': v.vs_baseline,
             'runs': [run_record(r) for r in v.runs],
@@ -881,7 +964,8 @@ def compare(paths, out=None, baseline=None, log=print, warn=None):
     for v in variants:
         if not v.is_baseline:
             v.vs_baseline = welch(v, base) if base is not None else None
-    record = build_json(variants, baseline_settings, left_out, why, paths)
+    family = holm_verdicts([v.vs_baseline for v in variants])
+    record = build_json(variants, baseline_settings, left_out, why, paths, family)
     with interrupts_while_writing():
         write_outputs(out, variants, left_out, why, paths, record, log)
     return out, record
@@ -950,7 +1034,9 @@ def print_summary(out, record, seconds):
         acc = v['test_acc']
         shown = '-' if acc['mean'] is None else f"{100 * acc['mean']:.2f}%" + (
             '' if acc['std'] is None else f" ± {100 * acc['std']:.2f}")
-        verdict = f"  {v['vs_baseline']['verdict']}" if v['vs_baseline'] else ''
+        w = v['vs_baseline']
+        verdict = (f"  {w['verdict']}" + (f" (p {_p(w['p'])}, Holm {_p(w['p_holm'])})" if w['p'] is not None else '')
+                   if w else '')
         print(f"{v['label']:<32s} {v['finished']} finished  {shown}{verdict}"
               + (f"  ({v['diverged']} diverged)" if v['diverged'] else ''))
     print(f'Wrote comparison.md, comparison.json and 2 figures to {out} in {seconds:.1f} s.')

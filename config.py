@@ -90,6 +90,9 @@ class Config:
     ema: float = setting(0.0, lambda v: 0 <= v < 1, 'a number in [0, 1): the decay of the weight '
                          'average (0 is off, e.g. 0.999)', since_first_runs=False)
     tta_flip: bool = setting(False, lambda v: True, 'true or false', since_first_runs=False)
+    # Not a lever: what the test evaluation writes. The temperature is always fitted and reported;
+    # this only adds the calibrated probabilities to predictions.npz (probs_calibrated).
+    calibrated_predictions: bool = setting(False, lambda v: True, 'true or false', since_first_runs=False)
     # Not settings: what the preset says of itself, where the run came from, what changed on resume.
     description: str = ''
     preset: str = ''

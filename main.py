@@ -42,8 +42,9 @@ from config import (Config, ConfigError, add_override_flags, flag_name, load_pre
 from cnn_rnn_numpy import CNNRNN, FORMAT_VERSION, ModelFileError, array_problem, load_npz, read_meta
 from data_utils import BatchIterator, DataError, channel_mean_std, load_cifar10
 from fast_layers import ThreadSettingError, prepare_process_for_training
-from metrics import (N_BINS, TIME_TO_VAL_ACC, accuracy, confusion_matrix, cross_entropy,
-                     expected_calibration_error, per_class_accuracy, time_to_accuracy)
+from metrics import (N_BINS, TEMPERATURE_RANGE, TIME_TO_VAL_ACC, accuracy, apply_temperature, calibration_report,
+                     confusion_matrix, cross_entropy, expected_calibration_error, fit_temperature,
+                     per_class_accuracy, time_to_accuracy)
 from optim import SGD, WeightAverage, clip_grad_norm, learning_rate
 from runfiles import RunFileError
 
@@ -380,7 +381,9 @@ class Trainer:
                                       augment=cfg.augment, crop=cfg.crop, seed=cfg.seed, mean=mean, std=std)
         self.val_it = BatchIterator(data['X_val'], data['y_val'], cfg.eval_batch_size, mean=mean, std=std)
         self.steps_per_epoch = len(self.train_it)
-        self.n_eval = len(data['y_val']) + len(data['y_test'])
+        # Images still to evaluate after a stop: a validation pass, then the final evaluation's
+        # validation pass (for the temperature) and the test set.
+        self.n_eval = 2 * len(data['y_val']) + len(data['y_test'])
         self.t_start = time.monotonic()
         self.elapsed_before = state.elapsed_s
         if state.eval_images_per_s:    # measured in an earlier call: reserve evaluation time now
@@ -469,7 +472,7 @@ class Trainer:
         t_val = time.monotonic()
         val_loss, val_acc, _, _ = evaluate(self.eval_model, self.val_it, cfg.tta_flip)
         s.eval_images_per_s = len(self.val_it.y) / max(1e-9, time.monotonic() - t_val)
-        # Leave room for a validation pass and the test evaluation in the time budget.
+        # Leave room for a validation pass and the final evaluation in the time budget.
         self.stopper.reserve_s = self.n_eval / s.eval_images_per_s
         speed = s.epoch_timed_images / s.epoch_train_s if s.epoch_train_s > 0 else None
         epoch_time = s.epoch_wall_s
@@ -573,31 +576,58 @@ def final_evaluation(cfg, run, model, state, data, announce=None):
 
     The epoch and validation accuracy reported come from best.npz's own
     metadata, so they always describe the parameters evaluated. ``announce`` is
-    logged once best.npz has been read and checked.
+    logged once best.npz has been read and checked. The temperature of
+    temperature scaling is fitted on the validation outputs of the same
+    parameters, computed as the test outputs are (flip-averaged with tta_flip),
+    and applied to the test outputs: metrics.json reports both (calibrate).
+    Nothing here draws from a random generator of the training.
     """
     model, best = load_best(cfg, run, model)
     if announce:
         run.log(announce)
     mean, std = state.normalization()
+    t_start = time.monotonic()
+    val_it = BatchIterator(data['X_val'], data['y_val'], cfg.eval_batch_size, mean=mean, std=std)
+    _, _, val_probs, _ = evaluate(model, val_it, cfg.tta_flip)
     test_it = BatchIterator(data['X_test'], data['y_test'], cfg.eval_batch_size, mean=mean, std=std)
     t0 = time.monotonic()
     single = {}
     test_loss, test_acc, probs, hidden = evaluate(model, test_it, cfg.tta_flip, single_view=single)
     eval_s = time.monotonic() - t0
     labels = data['y_test']
-    if not (math.isfinite(test_loss) and np.isfinite(probs).all()):   # never with finite weights
+    if not (math.isfinite(test_loss) and np.isfinite(probs).all() and np.isfinite(val_probs).all()):
         raise RuntimeError('the test evaluation gave non-finite probabilities; metrics.json was not written')
+    probs = probs.astype(np.float32)         # as predictions.npz holds them: every figure is of those
     metrics = test_metrics(cfg, state, best, probs, labels, eval_s, data['label_names'])
     if cfg.tta_flip:     # the same parameters without the mirrored view: what the flip adds
         metrics.single_view = {'test_acc': accuracy(single['probs'], labels),
                                'test_loss': cross_entropy(single['probs'], labels),
                                'ece': expected_calibration_error(single['probs'], labels, n_bins=N_BINS)}
+    calibrated = calibrate(metrics, val_probs, data['y_val'], probs, labels)
+    # The whole final evaluation (the validation pass and the calibration too) counts in the wall time.
+    metrics.wall_time_s = state.elapsed_s + time.monotonic() - t_start
     metrics.write(run.path)
-    runfiles.Predictions(probs=probs.astype(np.float32), labels=labels.astype(np.int64),
-                         indices=np.arange(len(labels), dtype=np.int64),
-                         hidden=hidden.astype(np.float32)).write(run.path)
+    runfiles.Predictions(probs=probs, labels=labels.astype(np.int64),
+                         indices=np.arange(len(labels), dtype=np.int64), hidden=hidden.astype(np.float32),
+                         probs_calibrated=calibrated if cfg.calibrated_predictions else None).write(run.path)
     run.log(summary(cfg, run.path, metrics, data['label_names']))
     return metrics
+
+
+def calibrate(metrics, val_probs, val_labels, probs, labels):
+    """Temperature scaling (Guo et al. 2017): fit T on the validation outputs (val_probs (M, C),
+    val_labels (M,)), apply it to the test outputs (probs (N, C), labels (N,)); record T and the
+    raw and calibrated calibration reports in ``metrics`` (a runfiles.Metrics). Returns the
+    calibrated test probabilities, (N, C) float64 (their argmax is probs')."""
+    temperature = fit_temperature(val_probs, val_labels)
+    calibrated = apply_temperature(probs, temperature)
+    metrics.temperature = temperature
+    metrics.calibration = {
+        'raw': calibration_report(probs, labels, n_bins=N_BINS),
+        'calibrated': calibration_report(calibrated, labels, n_bins=N_BINS),
+        'validation': {'images': int(len(val_labels)), 'nll': cross_entropy(val_probs, val_labels),
+                       'nll_calibrated': cross_entropy(apply_temperature(val_probs, temperature), val_labels)}}
+    return calibrated
 
 
 def load_best(cfg, run, model):
@@ -669,6 +699,7 @@ def summary(cfg, run_dir, m, names):
              f'  ({m.test_images} images, {m.evaluated}'
              + (f", with the flip; {100 * m.single_view['test_acc']:.2f}% without)"
                 if m.single_view is not None else ')'),
+             *calibration_lines(m),
              f'val      best accuracy {100 * m.best_val_acc:.2f}% at epoch {m.best_epoch}'
              if m.best_val_acc is not None else 'val      no epoch finished',
              f'time     {m.wall_time_s / 60:.1f} min'
@@ -681,12 +712,34 @@ def summary(cfg, run_dir, m, names):
     return '\n'.join(lines)
 
 
+def calibration_lines(m):
+    """The summary's lines on calibration (m: runfiles.Metrics): raw and calibrated NLL and ECE, T,
+    and whether each ECE is above what a perfectly calibrated model with those confidences scores."""
+    if m.calibration is None:
+        return []
+    fit = m.calibration.get('validation') or {}
+
+    def line(head, r):
+        noise = r['ece_if_calibrated']
+        return (f"{head:<32}NLL {r['nll']:.4f}  ECE {r['ece']:.4f}  ("
+                f"{'distinguishable from' if r['distinguishable'] else 'within the noise of'} a calibrated "
+                f"model: {noise['mean']:.4f}, 95% under {noise['p95']:.4f})")
+    lo, hi = TEMPERATURE_RANGE
+    bound = (f' T is at an end of its search range ({lo:g} to {hi:g}): the validation outputs do not pin it '
+             f'down, as when every validation image is right.'
+             if min(abs(math.log(m.temperature / lo)), abs(math.log(m.temperature / hi))) < 1e-3 else '')
+    return [line('calib    raw', m.calibration['raw']),
+            line(f'         calibrated, T = {m.temperature:.3f}', m.calibration['calibrated']),
+            f"         (T fitted on {fit.get('images') or 'the'} validation images; the predictions, "
+            f"hence the accuracy, are unchanged.{bound})"]
+
+
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
 
 # Preset keys a resume may change with --set: they change how the run is evaluated, not what it learns.
-RESUME_SETTABLE = ('eval_batch_size',)
+RESUME_SETTABLE = ('eval_batch_size', 'calibrated_predictions')
 
 
 def build_parser():
@@ -1022,7 +1075,7 @@ def check_position(state, cfg, data, ckpt):
 
 
 def apply_resume_changes(args, cfg, state, data, new_lr, data_dir_given):
-    """Apply what a resume may change (--lr, --data-dir of the same data, --set eval_batch_size);
+    """Apply what a resume may change (--lr, --data-dir of the same data, --set of RESUME_SETTABLE);
     return one phrase per change, for the log."""
     changes = []
     if new_lr is not None:

@@ -7,6 +7,8 @@ diagram and in report.md is the same computation:
   expected calibration error (ECE);
 - the confusion matrix and the per-class accuracy read off it.
 """
+import warnings
+
 import numpy as np
 
 from data_utils import NUM_CLASSES
@@ -311,7 +313,11 @@ def welch_test(variant, baseline, level=0.95):
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     diff, se = a.mean() - b.mean(), np.sqrt(va + vb)
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    result = stats.ttest_ind(a, b, equal_var=False)
+    with warnings.catch_warnings():
+        # scipy warns of precision loss when one side's values are all equal (a variance of 0): the
+        # test itself is exact then, the other side's variance carries it.
+        warnings.simplefilter('ignore', RuntimeWarning)
+        result = stats.ttest_ind(a, b, equal_var=False)
     half = stats.t.ppf(0.5 + level / 2, df) * se
     return {'diff': float(diff), 't': float(result.statistic), 'df': float(df), 'p': float(result.pvalue),
             'ci': [float(diff - half), float(diff + half)]}

@@ -633,6 +633,31 @@ def _times(v):
     return isinstance(v, dict) and all(isinstance(k, str) and _or_null(_at_least_0)(x) for k, x in v.items())
 
 
+def _temperature(v):
+    return _finite(v) and v > 0
+
+
+def _calibration_report(v):
+    """One report of metrics.calibration_report: the ECE and its noise, NLL, mean confidence."""
+    if not isinstance(v, dict):
+        return False
+    interval, simulated = v.get('ece_ci95'), v.get('ece_if_calibrated')
+    return (all(_fraction(v.get(k)) for k in ('ece', 'ece_equal_mass', 'mean_confidence'))
+            and _at_least_0(v.get('nll')) and _finite(v.get('ece_debiased')) and abs(v['ece_debiased']) <= 1
+            and isinstance(interval, list) and len(interval) == 2 and all(_fraction(x) for x in interval)
+            and interval[0] <= interval[1]
+            and isinstance(simulated, dict) and all(_fraction(simulated.get(k)) for k in ('mean', 'p95'))
+            and isinstance(v.get('distinguishable'), bool) and _or_null(_fraction)(v.get('accuracy')))
+
+
+def _calibration(v):
+    """metrics.json's calibration block: the raw and the calibrated report, and the validation fit."""
+    fit = v.get('validation') if isinstance(v, dict) else None
+    return (isinstance(v, dict) and _calibration_report(v.get('raw')) and _calibration_report(v.get('calibrated'))
+            and (fit is None or (isinstance(fit, dict) and _or_null(lambda n: _count(n) and n > 0)(fit.get('images'))
+                                 and all(_or_null(_at_least_0)(fit.get(k)) for k in ('nll', 'nll_calibrated')))))
+
+
 # {key: (test, what it must be)}; an absent key counts as null. null means unknown
 # (write_json writes a NaN as null) and leaves a gap; a NaN, an infinity or an
 # impossible value is refused, so no report ever shows one.
@@ -731,7 +756,12 @@ class Metrics:
     over epochs) and test_images_per_s; test_images (N); label_names (C); time_to_val_acc
     {'0.70': seconds or null, ...}; data_fingerprint {'train': sha256, 'test': sha256}
     (data_utils.fingerprint); single_view, with tta_flip, the same figures without the mirror view.
-    time_to_val_acc and data_fingerprint are absent (None) in runs of earlier versions.
+    temperature: T of temperature scaling, fitted on the validation set's outputs of the parameters
+    evaluated (metrics.fit_temperature); calibration {'raw': report, 'calibrated': report,
+    'validation': {'images', 'nll', 'nll_calibrated'}}, each report metrics.calibration_report of the
+    test predictions before and after dividing their log-probabilities by T. test_loss and ece stay
+    the raw figures (the method's). time_to_val_acc, data_fingerprint, temperature and calibration
+    are absent (None) in runs of earlier versions.
     """
     test_loss: float
     test_acc: float
@@ -753,6 +783,8 @@ class Metrics:
     time_to_val_acc: dict = None
     data_fingerprint: dict = None
     single_view: dict = None
+    temperature: float = None
+    calibration: dict = None
 
     @staticmethod
     def rules(n_classes):
@@ -774,6 +806,9 @@ class Metrics:
             'time_to_val_acc': (_or_null(_times), 'null or {accuracy: seconds or null}'),
             'single_view': (_or_null(_single_view), 'null or test_acc, ece (fractions in [0, 1]) and test_loss'),
             'data_fingerprint': (_or_null(_fingerprints), "null or a 'test' sha256 in hex (data_utils.fingerprint)"),
+            'temperature': (_or_null(_temperature), 'a finite temperature above 0 (or null)'),
+            'calibration': (_or_null(_calibration), 'null or the raw and calibrated reports of '
+                                                    'metrics.calibration_report'),
             'per_class_acc': (_or_null(_table((c,), 'iuf', upper=1)), f'a list of {c} fractions in [0, 1]'),
             'confusion_matrix': (_or_null(_table((c, c), 'iu')), f'a {c} x {c} table of counts >= 0'),
         }
@@ -791,9 +826,11 @@ class Metrics:
 
     def problem(self):
         """How the record disagrees with itself, in a few words, or None: the report shows
-        test_acc and per_class_acc next to figures drawn from the confusion matrix."""
-        if self.confusion_matrix is None:
-            return None
+        test_acc and per_class_acc next to figures drawn from the confusion matrix, and the raw and
+        calibrated figures side by side."""
+        calibration = self.calibration_problem()
+        if calibration or self.confusion_matrix is None:
+            return calibration
         cm = np.asarray(self.confusion_matrix, dtype=np.int64)
         total, n = int(cm.sum()), self.test_images
         if n is not None and total != n:
@@ -806,10 +843,27 @@ class Metrics:
             return 'per_class_acc is not the per-class accuracy of its confusion_matrix'
         return None
 
+    def calibration_problem(self):
+        """How the temperature and the calibration reports disagree with the rest, or None."""
+        if (self.temperature is None) != (self.calibration is None):
+            return 'temperature and calibration are written together, but it has only one of them'
+        if self.calibration is None:
+            return None
+        raw = self.calibration['raw']
+        if abs(raw['ece'] - self.ece) > 1e-6:
+            return f"calibration.raw.ece {raw['ece']:.6f} is not its ece ({self.ece:.6f})"
+        for name in ('raw', 'calibrated'):
+            acc = self.calibration[name].get('accuracy')
+            if acc is not None and abs(acc - self.test_acc) > 1e-9:
+                return (f'calibration.{name}.accuracy {acc:.4f} is not its test_acc ({self.test_acc:.4f}), '
+                        f'which temperature scaling never changes')
+        return None
+
     def to_json(self):
         record = asdict(self)
-        if self.single_view is None:      # written only with tta_flip
-            del record['single_view']
+        for key in ('single_view', 'temperature', 'calibration'):   # only with tta_flip; absent in older runs
+            if record[key] is None:
+                del record[key]
         return record
 
     def write(self, folder):
@@ -828,12 +882,15 @@ class Predictions:
 
     probs (N, C) float32, rows in [0, 1] summing to 1; labels (N,) int64 in 0..C-1; indices
     (N,) int64, distinct rows of the test set (0..N-1 when a file lacks them); hidden (N, H)
-    float32, the final RNN states (None when absent).
+    float32, the final RNN states (None when absent); probs_calibrated (N, C) float64, probs
+    tempered by metrics.json's temperature (written with the preset key calibrated_predictions,
+    else None).
     """
     probs: np.ndarray
     labels: np.ndarray
     indices: np.ndarray
     hidden: np.ndarray = None
+    probs_calibrated: np.ndarray = None
 
     @property
     def n_classes(self):
@@ -846,18 +903,21 @@ class Predictions:
             raise RecordError(f"{path} lacks the arrays 'probs' and 'labels'; {fix}", path)
         arrays = dict(arrays)
         arrays.setdefault('indices', np.arange(arrays['labels'].size))
-        probs, labels, indices, hidden = (arrays.get(k) for k in ('probs', 'labels', 'indices', 'hidden'))
+        probs, labels, indices, hidden, calibrated = (
+            arrays.get(k) for k in ('probs', 'labels', 'indices', 'hidden', 'probs_calibrated'))
         n = len(labels) if labels.ndim == 1 else -1
         consistent = (probs.ndim == 2 and len(probs) == n > 0 and 0 < probs.shape[1] <= MAX_CLASSES
                       and indices.shape == (n,)
                       and probs.dtype.kind == 'f' and labels.dtype.kind in 'iu' and indices.dtype.kind in 'iu'
                       and (hidden is None or (hidden.shape[:1] == (n,) and hidden.ndim == 2
-                                              and hidden.dtype.kind in 'fiu')))
+                                              and hidden.dtype.kind in 'fiu'))
+                      and (calibrated is None or (calibrated.shape == probs.shape and calibrated.dtype.kind == 'f')))
         if not consistent:
             shown = ', '.join(f'{k} {v.dtype}{v.shape}' for k, v in arrays.items())
             raise RecordError(f'{path} has inconsistent arrays ({shown}); expected float probs '
-                              f'(N, 10), integer labels (N,) and indices (N,), hidden (N, H); {fix}', path)
-        record = cls(probs, labels, indices, hidden)
+                              f'(N, 10), integer labels (N,) and indices (N,), hidden (N, H), '
+                              f'probs_calibrated like probs; {fix}', path)
+        record = cls(probs, labels, indices, hidden, calibrated)
         problem = record.problem()
         if problem:
             raise RecordError(f'{path} has {problem}; {fix}', path)
@@ -866,14 +926,20 @@ class Predictions:
     def problem(self):
         """The first impossible value among arrays of consistent shapes, in words, or None."""
         probs, labels, indices, hidden = self.probs, self.labels, self.indices, self.hidden
-        if not np.isfinite(probs).all():
-            return 'non-finite probabilities (NaN or infinite)'
-        if probs.min() < 0 or probs.max() > 1:
-            return 'probabilities outside [0, 1]'
-        sums = probs.sum(axis=1, dtype=np.float64)
-        worst = np.abs(sums - 1).argmax()
-        if abs(sums[worst] - 1) > PROB_SUM_TOLERANCE:
-            return f'rows of probabilities that do not sum to 1 (e.g. {sums[worst]:.4f})'
+        for name, p in (('', probs), ('calibrated ', self.probs_calibrated)):
+            if p is None:
+                continue
+            if not np.isfinite(p).all():
+                return f'non-finite {name}probabilities (NaN or infinite)'
+            if p.min() < 0 or p.max() > 1:
+                return f'{name}probabilities outside [0, 1]'
+            sums = p.sum(axis=1, dtype=np.float64)
+            worst = np.abs(sums - 1).argmax()
+            if abs(sums[worst] - 1) > PROB_SUM_TOLERANCE:
+                return f'rows of {name}probabilities that do not sum to 1 (e.g. {sums[worst]:.4f})'
+        if self.probs_calibrated is not None and (self.probs_calibrated.argmax(1) != probs.argmax(1)).any():
+            return ('calibrated probabilities whose most probable class differs from probs (temperature '
+                    'scaling never changes it)')
         if hidden is not None and not np.isfinite(hidden).all():
             return 'non-finite hidden states'
         if labels.min() < 0 or labels.max() >= probs.shape[1]:
@@ -886,6 +952,8 @@ class Predictions:
         arrays = {'probs': self.probs, 'labels': self.labels, 'indices': self.indices}
         if self.hidden is not None:
             arrays['hidden'] = self.hidden
+        if self.probs_calibrated is not None:
+            arrays['probs_calibrated'] = self.probs_calibrated
         return arrays
 
     def write(self, folder):

@@ -8,7 +8,8 @@ reads what it finds there and writes, atomically, into the same folder:
 
     figures/training_curves.png   loss, accuracy and learning rate per epoch  (history.json)
     figures/confusion_matrix.png  counts and row-normalised rates   (metrics.json or predictions.npz)
-    figures/reliability.png       reliability diagram + confidence histogram  (predictions.npz)
+    figures/reliability.png       reliability diagram + confidence histogram, raw and calibrated by
+                                  metrics.json's temperature           (predictions.npz + metrics.json)
     figures/tsne.png              t-SNE of the final RNN hidden states        (predictions.npz)
     figures/misclassified.png     most confidently wrong test images   (predictions.npz + test images)
     report.md                     configuration, headline metrics, tables, every figure embedded
@@ -57,8 +58,8 @@ import numpy as np
 import data_utils
 import runfiles
 from data_utils import ARCHIVE_NAME, FOLDER_NAME, NUM_CLASSES, DataError, apportion, fingerprint, load_test_set
-from metrics import (N_BINS, TIME_TO_VAL_ACC, confusion_matrix, expected_calibration_error,
-                     per_class_accuracy, reliability_stats, time_to_accuracy)
+from metrics import (N_BINS, TIME_TO_VAL_ACC, apply_temperature, calibration_report, confusion_matrix,
+                     expected_calibration_error, per_class_accuracy, reliability_stats, time_to_accuracy)
 from runfiles import (FIGURES_NAME, LOCK_NAME, MAX_SEED, REPORT_NAME, TEMP_MARK, RunFileError, RunFolderLock,
                       check_regular, describe_os_error, read_run, typed_path, write_atomic, write_text)
 
@@ -440,43 +441,44 @@ def plot_confusion_matrix(cm, label_names):
     return fig
 
 
-def plot_reliability(probs, labels, n_bins=N_BINS):
-    """Reliability diagram with the per-bin gap, and a confidence histogram beneath.
+def plot_reliability(probs, labels, n_bins=N_BINS, calibrated=None, temperature=None):
+    """Reliability diagram of the raw predictions and, if given, of the calibrated ones; a
+    confidence histogram of each beneath.
 
-    probs: (N, C) probabilities; labels: (N,) int. Bars are the accuracy of the
-    predictions whose confidence falls in each bin (`confidence_bins`); the
-    hatched bars span the gap to the bin's mean confidence. The title carries
-    `expected_calibration_error` of the same inputs. Returns a matplotlib Figure.
+    probs: (N, C) probabilities; labels: (N,) int; calibrated: (N, C) the same predictions after
+    temperature scaling (metrics.apply_temperature with ``temperature``), or None to draw the raw
+    ones alone. Each curve joins the bins' (mean confidence, accuracy) points (`confidence_bins`);
+    on the diagonal a model is perfectly calibrated. The title carries `expected_calibration_error`
+    of each. Returns a matplotlib Figure.
     """
-    stats = reliability_stats(probs, labels, n_bins)
-    ece = expected_calibration_error(probs, labels, n_bins)
-    edges = stats['edges']
-    centers = (edges[:-1] + edges[1:]) / 2
-    width = edges[1] - edges[0]
-    filled = stats['count'] > 0
-
+    curves = [('raw', probs, 'tab:red', 'o')]
+    if calibrated is not None:
+        curves.append(('calibrated' + ('' if temperature is None else f', T = {temperature:.3f}'),
+                       calibrated, 'tab:blue', 's'))
     fig = _new_figure(figsize=(7, 8.5))
     ax, ax_hist = fig.subplots(2, 1, sharex=True, gridspec_kw={'height_ratios': [3, 1]})
-    ax.bar(centers[filled], stats['accuracy'][filled], width=width, color='tab:blue',
-           edgecolor='black', linewidth=0.6, label='accuracy')
-    gap = stats['confidence'][filled] - stats['accuracy'][filled]
-    ax.bar(centers[filled], gap, bottom=stats['accuracy'][filled], width=width,
-           color='tab:red', alpha=0.3, edgecolor='tab:red', hatch='//', linewidth=0.6,
-           label='gap to mean confidence')
     ax.plot([0, 1], [0, 1], linestyle='--', color='0.3', label='perfect calibration')
+    eces = []
+    for name, p, color, marker in curves:
+        stats = reliability_stats(p, labels, n_bins)
+        ece = expected_calibration_error(p, labels, n_bins)
+        eces.append(ece)
+        filled = stats['count'] > 0
+        ax.plot(stats['confidence'][filled], stats['accuracy'][filled], color=color, marker=marker,
+                markersize=6, linewidth=1.8, label=f'{name}: ECE {ece:.4f}')
+        confidence = np.asarray(p).max(axis=1)
+        ax_hist.hist(confidence, bins=stats['edges'], histtype='step', color=color, linewidth=1.6,
+                     label=f"{name.split(',')[0]}: mean confidence {100 * confidence.mean():.1f}%")
+    ax_hist.axvline(stats['overall_accuracy'], color='0.2', linestyle='-', linewidth=1,
+                    label=f"accuracy {100 * stats['overall_accuracy']:.1f}%")
+    which = (f'ECE = {eces[0]:.4f} raw, {eces[1]:.4f} calibrated' if len(eces) > 1
+             else f'ECE = {eces[0]:.4f} (raw only: no temperature)')
     ax.set(xlim=(0, 1), ylim=(0, 1), ylabel='accuracy in bin',
-           title=f'Reliability diagram: ECE = {ece:.4f}\n({n_bins} equal-width bins, '
-                 f"{stats['n']} test predictions)")
+           title=f'Reliability diagram: {which}\n({n_bins} equal-width bins, {len(labels)} test predictions)')
     ax.legend(loc='upper left')
     ax.grid(alpha=0.3)
-
-    ax_hist.bar(centers, stats['count'], width=width, color='0.6', edgecolor='black', linewidth=0.6)
-    ax_hist.axvline(stats['overall_accuracy'], color='tab:blue', linestyle='-',
-                    label=f"accuracy {100 * stats['overall_accuracy']:.1f}%")
-    ax_hist.axvline(stats['overall_confidence'], color='tab:red', linestyle='--',
-                    label=f"mean confidence {100 * stats['overall_confidence']:.1f}%")
     ax_hist.set(xlabel='confidence (max class probability)', ylabel='predictions')
-    ax_hist.legend(loc='upper left', fontsize=8)
+    ax_hist.legend(loc='upper right', fontsize=8)
     ax_hist.grid(alpha=0.3)
     return fig
 
@@ -604,13 +606,13 @@ def _fmt_value(v):
     return md_text(v)
 
 
-def build_report(run, figures, notes, label_names, cm):
+def build_report(run, figures, notes, label_names, cm, calibration=None):
     """The text of report.md.
 
     run: a runfiles.Run (read_run); figures: list of (stem, caption) drawn, in order;
     notes: lines about what is missing or skipped; label_names: C str;
-    cm: (C, C) confusion counts or None. Every text that comes from a file is
-    escaped (md_text), so a class name such as 'a|b' cannot break a table.
+    cm: (C, C) confusion counts or None; calibration: calibration_of(run) or None. Every text
+    that comes from a file is escaped (md_text), so a class name such as 'a|b' cannot break a table.
     """
     config = run.config
     lines = [f'# Run report: {md_text(run.folder.name)}', '',
@@ -624,6 +626,7 @@ def build_report(run, figures, notes, label_names, cm):
     if notes:
         lines += ['> ' + md_text(n) for n in notes] + ['']
     lines += _headline_section(run.metrics, run.history)
+    lines += _calibration_section(calibration)
     names = [md_text(n) for n in label_names]
     lines += _per_class_section(run.metrics, cm, names)
     lines += _confused_section(cm, names)
@@ -661,8 +664,14 @@ def _metrics_rows(metrics):
         if getattr(metrics, key) is not None:
             lines.append(f'| {name} | {fmt(getattr(metrics, key))} |')
     row('Test accuracy', 'test_acc', lambda v: f'{100 * v:.2f} %')
-    row('Test loss', 'test_loss', lambda v: f'{v:.4f}')
-    row(f'ECE ({N_BINS} bins)', 'ece', lambda v: f'{v:.4f}')
+    if metrics.calibration is not None:      # the raw figures are the method's; the calibrated ones labelled
+        cal = metrics.calibration['calibrated']
+        lines.append(f"| Test loss (NLL) | {metrics.test_loss:.4f} raw, {cal['nll']:.4f} calibrated "
+                     f"(T = {metrics.temperature:.3f}) |")
+        lines.append(f"| ECE ({N_BINS} bins) | {metrics.ece:.4f} raw, {cal['ece']:.4f} calibrated |")
+    else:
+        row('Test loss', 'test_loss', lambda v: f'{v:.4f}')
+        row(f'ECE ({N_BINS} bins)', 'ece', lambda v: f'{v:.4f}')
     single = metrics.single_view
     if single is not None:
         lines.append(f"| Without the mirror view (tta_flip off) | {100 * single['test_acc']:.2f} %, "
@@ -677,6 +686,56 @@ def _metrics_rows(metrics):
     row('Wall time', 'wall_time_s', cli.format_duration)
     row('Training throughput', 'train_images_per_s', lambda v: f'{v:.0f} images/s')
     return lines
+
+
+def _calibration_section(calibration):
+    """The calibration table: raw and calibrated NLL and ECE, the ECE's noise, and one sentence on
+    whether the model can be told apart from a perfectly calibrated one. [] without predictions."""
+    if calibration is None:
+        return []
+    raw, cal, t = calibration['raw'], calibration['calibrated'], calibration['temperature']
+    reports = [raw] + ([cal] if cal is not None else [])
+    header = '| | raw |' + (f' calibrated (T = {t:.3f}) |' if cal is not None else '')
+    lines = ['## Calibration', '', header, '| --- |' + ' ---: |' * len(reports)]
+
+    def row(name, cell):
+        lines.append(f'| {name} | ' + ' | '.join(cell(r) for r in reports) + ' |')
+    row('Test loss (NLL)', lambda r: f"{r['nll']:.4f}")
+    row(f'ECE, {N_BINS} equal-width bins (the method\'s)', lambda r: f"{r['ece']:.4f}")
+    row(f'ECE, {N_BINS} equal-mass bins', lambda r: f"{r['ece_equal_mass']:.4f}")
+    row('ECE, debiased (Kumar et al. 2019)', lambda r: f"{r['ece_debiased']:.4f}")
+    row('ECE, bootstrap 95% interval', lambda r: f"{r['ece_ci95'][0]:.4f} to {r['ece_ci95'][1]:.4f}")
+    row('ECE of a perfectly calibrated model with these confidences: mean (95th percentile)',
+        lambda r: f"{r['ece_if_calibrated']['mean']:.4f} ({r['ece_if_calibrated']['p95']:.4f})")
+    row('Mean confidence', lambda r: f"{100 * r['mean_confidence']:.2f} %")
+    if all(r.get('accuracy') is not None for r in reports):
+        row('Accuracy', lambda r: f"{100 * r['accuracy']:.2f} %")
+    lines += ['', distinguishable_sentence(raw, cal), '']
+    fit = calibration.get('validation') or {}
+    if cal is None:
+        lines += ['No temperature is recorded for this run (a run of an earlier version), so only the raw '
+                  f"predictions are shown; {md_code(calibration['how_to_fit'])} fits it.", '']
+    elif fit.get('images'):
+        nll = (f" (validation NLL {fit['nll']:.4f} raw, {fit['nll_calibrated']:.4f} calibrated)"
+               if fit.get('nll') is not None and fit.get('nll_calibrated') is not None else '')
+        lines += [f"T was fitted on the {fit['images']} validation images{nll}, on the same outputs as the test "
+                  "figures; dividing the log-probabilities by T changes no prediction, so the accuracy is "
+                  "the raw one.", '']
+    return lines
+
+
+def distinguishable_sentence(raw, calibrated=None):
+    """ONE sentence: whether the raw (and the calibrated) predictions' ECE is above the 95th
+    percentile of the ECE that a perfectly calibrated model with the same confidences scores."""
+    def figures(r):
+        return (f"ECE {r['ece']:.4f}, {'above' if r['distinguishable'] else 'not above'} "
+                f"{r['ece_if_calibrated']['p95']:.4f}")
+    text = (f"The raw predictions are {'' if raw['distinguishable'] else 'not '}distinguishable from a perfectly "
+            f"calibrated model ({figures(raw)}, the 95th percentile of the ECE of one with the same confidences)")
+    if calibrated is not None:
+        text += (f"; after temperature scaling they are {'' if calibrated['distinguishable'] else 'not '}"
+                 f"({figures(calibrated)})")
+    return text + '.'
 
 
 def _history_rows(history):
@@ -776,7 +835,8 @@ def make_report(run_dir, tsne_samples=DEFAULT_TSNE_SAMPLES, gallery_size=DEFAULT
     try:
         _draw(plan, fig_dir, log, written)
         write_text(run.folder / REPORT_NAME, build_report(
-            run, [(stem, caption) for stem, _, caption, _ in plan.figures], plan.notes, plan.label_names, plan.cm))
+            run, [(stem, caption) for stem, _, caption, _ in plan.figures], plan.notes, plan.label_names, plan.cm,
+            plan.calibration))
         return written
     except cli.StartupInterrupted as e:
         raise DrawingInterrupted(str(e), written) from None
@@ -790,12 +850,14 @@ class Plan:
 
     figures: (stem, draw() -> Figure, caption, seconds already spent preparing it), in order;
     notes: lines for the console and the top of the report; label_names: C str;
-    cm: (C, C) confusion counts or None.
+    cm: (C, C) confusion counts or None; calibration: the report's calibration figures
+    (calibration_of) or None.
     """
     label_names: list
     cm: np.ndarray = None
     figures: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    calibration: dict = None
 
 
 def plan_report(run, tsne_samples, gallery_size, data_dir, seed, log):
@@ -827,8 +889,9 @@ def plan_report(run, tsne_samples, gallery_size, data_dir, seed, log):
         note('history.json has no epochs yet: no training curves.')
     if cm is not None:
         plan.figures.append(('confusion_matrix', lambda: plot_confusion_matrix(cm, shown), '', 0))
+    plan.calibration = calibration_of(run)
     if preds is not None:
-        plan.figures.append(_reliability_spec(preds, metrics, note))
+        plan.figures.append(_reliability_spec(run, note))
         plan.figures += _tsne_spec(preds, tsne_samples, seed, shown, note, log)
         plan.figures += _gallery_spec(run, data_dir, gallery_size, shown, note, log)
     return plan
@@ -852,19 +915,59 @@ def _missing_notes(run):
             'drawing only what the files allow.']
 
 
-def _reliability_spec(preds, metrics, note):
-    """The reliability diagram's figure spec; a note if its ECE differs from metrics.json's."""
+def calibration_of(run):
+    """What the report says of calibration (a runfiles.Run), or None without predictions or metrics:
+    {'temperature', 'raw', 'calibrated', 'validation'} from metrics.json (reports of
+    metrics.calibration_report), or for a run without a temperature (an earlier version) the raw
+    report computed from predictions.npz, with temperature and calibrated None and how_to_fit the
+    command that fits the temperature."""
+    metrics, preds = run.metrics, run.predictions
+    if metrics is not None and metrics.calibration is not None:
+        return dict(metrics.calibration, temperature=metrics.temperature)
+    if preds is None:
+        return None
+    return {'temperature': None, 'raw': calibration_report(preds.probs, preds.labels, N_BINS),
+            'calibrated': None, 'validation': None,
+            'how_to_fit': command('main.py', '--resume', run.folder, '--evaluate')}
+
+
+def calibrated_probabilities(preds, metrics):
+    """(N, C) the calibrated test probabilities of a run: predictions.npz's probs_calibrated, else its
+    probs tempered by metrics.json's temperature; None when the run records no temperature."""
+    if preds.probs_calibrated is not None:
+        return preds.probs_calibrated
+    if metrics is not None and metrics.temperature is not None:
+        return apply_temperature(preds.probs, metrics.temperature)
+    return None
+
+
+def _reliability_spec(run, note):
+    """The reliability diagram's figure spec, raw and calibrated; a note if its ECE differs from
+    metrics.json's, or if the run has no temperature (then the raw predictions are drawn alone)."""
+    preds, metrics = run.predictions, run.metrics
     probs, labels = preds.probs, preds.labels
+    temperature = metrics.temperature if metrics else None
+    calibrated = calibrated_probabilities(preds, metrics)
     ece_plotted = expected_calibration_error(probs, labels, N_BINS)
     caption = f'ECE in the diagram: {ece_plotted:.4f}'
     if metrics:
         if abs(metrics.ece - ece_plotted) <= 1e-6:
-            caption += ' (equal to metrics.json).'
+            caption += ' (equal to metrics.json)'
         else:
-            caption += f" - differs from metrics.json's {metrics.ece:.4f}."
+            caption += f" (differs from metrics.json's {metrics.ece:.4f})"
             note(f'ECE recomputed from predictions.npz ({ece_plotted:.6f}) differs from '
                  f'metrics.json ({metrics.ece:.6f}); the files may come from different evaluations.')
-    return 'reliability', lambda: plot_reliability(probs, labels, N_BINS), caption, 0
+    if calibrated is not None:
+        with_t = '' if temperature is None else f' with T = {temperature:.3f} fitted on the validation set'
+        caption += (f' for the raw predictions, {expected_calibration_error(calibrated, labels, N_BINS):.4f} '
+                    f'after temperature scaling{with_t}.')
+    else:
+        caption += ' for the raw predictions; no temperature was fitted, so the calibrated ones are not drawn.'
+        if metrics:
+            note(f"metrics.json holds no temperature (a run of an earlier version): the reliability diagram "
+                 f"and the report show the raw predictions only; "
+                 f"{command('main.py', '--resume', run.folder, '--evaluate')} fits it.")
+    return ('reliability', lambda: plot_reliability(probs, labels, N_BINS, calibrated, temperature), caption, 0)
 
 
 def _tsne_spec(preds, tsne_samples, seed, names, note, log):

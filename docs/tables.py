@@ -49,7 +49,9 @@ from config import Config, flag_name  # noqa: E402
 
 PYTHON = '.venv/bin/python'
 FULL_TRAIN = 50_000                  # training images of CIFAR-10 before the 9:1 train/validation split
-NOT_COMPARED = ('seed', 'eval_batch_size')     # settings in which two runs of one preset may differ
+# Settings in which two runs of one preset may differ: they change neither what is trained nor what is
+# measured (calibrated_predictions only adds the calibrated probabilities to predictions.npz).
+NOT_COMPARED = ('seed', 'eval_batch_size', 'calibrated_predictions')
 HEADLINE_COMMANDS = {'fast': 'main.py --preset fast --subset 0.4 --max-hours 1',
                      'best': 'main.py --preset best --max-hours 1'}
 # The claims suite's variants whose claim predicts a direction: removing what the method
@@ -375,12 +377,25 @@ def read_comparison(path):
     return data
 
 
+def p_value(p):
+    """A p-value as the pages show it (compare.py's form): three decimals, below 0.001 in powers of ten."""
+    if p in (0, 1):
+        return f'{p:g}'
+    return f'{p:.1e}' if p < 0.001 else f'{p:.3f}'
+
+
 def against(v):
-    """'+3.06 points, better (t = +10.85, df 2.3)' from a variant's vs_baseline record."""
+    """'+3.06 points (95% CI +1.20 to +4.92), better (p = 0.004, Holm-adjusted 0.012)' from a variant's
+    vs_baseline record; a comparison.json of an earlier compare.py (no p-value) gives
+    '+3.06 points, better (t = +10.85, df 2.3)'."""
     w = v.get('vs_baseline') or {}
     if w.get('diff') is None:
         return '-'
     text = f"{w['diff']:+.2f} points"
+    if w.get('p') is not None:
+        ci = f" (95% CI {w['ci95'][0]:+.2f} to {w['ci95'][1]:+.2f})" if w.get('ci95') else ''
+        holm = f", Holm-adjusted {p_value(w['p_holm'])}" if w.get('p_holm') is not None else ''
+        return text + f"{ci}, {w['verdict']} (p = {p_value(w['p'])}{holm})"
     if w.get('t') is None:
         return text + f" ({len(v['test_acc']['values'])} seed{'s' if len(v['test_acc']['values']) != 1 else ''})"
     return text + f", {w['verdict']} (t = {w['t']:+.2f}, df {w['df']:.1f})"

@@ -347,7 +347,8 @@ import time
 import config as configuration
 import runfiles
 from cnn_rnn_numpy import FORMAT_VERSION
-from metrics import accuracy, confusion_matrix, cross_entropy, expected_calibration_error, per_class_accuracy
+from metrics import (accuracy, apply_temperature, calibration_report, confusion_matrix, cross_entropy,
+                     expected_calibration_error, per_class_accuracy)
 
 # The settings of presets.json's `fast` preset (the method's), the variant compare.py calls the baseline.
 FAST = configuration.load_presets()['fast'].settings()
@@ -449,9 +450,12 @@ def build_run_folder(folder, config=None, history=None, predictions=None, metric
     return folder
 
 
-def metrics_for(predictions, history=(), **fields):
+def metrics_for(predictions, history=(), temperature=None, **fields):
     """The runfiles.Metrics record main.py writes for these predictions (metrics.py's numbers),
-    the best validation epoch taken from the history; ``fields`` override any of it."""
+    the best validation epoch taken from the history; ``fields`` override any of it.
+    temperature: also the temperature and the raw and calibrated calibration reports main.py
+    writes (as if T had been fitted on 50 validation images); None leaves them out, as in runs
+    of earlier versions."""
     probs, labels = predictions.probs, predictions.labels
     cm = confusion_matrix(labels, probs.argmax(1))
     best = max(history, key=lambda r: r.val_acc) if history else None
@@ -462,6 +466,11 @@ def metrics_for(predictions, history=(), **fields):
                   evaluated=f'best.npz (epoch {best.epoch})' if best else 'the current parameters',
                   wall_time_s=300.0, train_images_per_s=900.0, test_images_per_s=2000.0,
                   test_images=len(labels), label_names=list(LABEL_NAMES))
+    if temperature is not None:
+        values.update(temperature=temperature, calibration={
+            'raw': calibration_report(probs, labels, samples=200),
+            'calibrated': calibration_report(apply_temperature(probs, temperature), labels, samples=200),
+            'validation': {'images': 50, 'nll': 1.0, 'nll_calibrated': 0.9}})
     values.update(fields)
     return runfiles.Metrics(**values)
 
@@ -482,7 +491,7 @@ def predictions_with_accuracy(n_test, acc, rng):
 
 def make_run_folder(root, name, seed=0, acc=0.4, n_test=200, epochs=3, preset='fast', stopped_early=False,
                     wall_time_s=300.0, ckpt=False, fingerprint=None, evaluated=True, diverged=None,
-                    crashed=None, config=None, log=None, **settings):
+                    crashed=None, config=None, log=None, temperature=None, **settings):
     """A run folder of the `fast` preset's settings (``settings`` override them) in main.py's format,
     built by build_run_folder. Returns its Path.
 
@@ -492,7 +501,8 @@ def make_run_folder(root, name, seed=0, acc=0.4, n_test=200, epochs=3, preset='f
     stopped_early: metrics.json says the time budget stopped it. evaluated=False: no metrics.json
     nor predictions.npz (epochs=0: no history either). fingerprint: the test set's sha256 in
     metrics.json. diverged / crashed: the message of a diverged.json / crashed.json. config:
-    config.json's dict as it is; log: train.log's lines.
+    config.json's dict as it is; log: train.log's lines. temperature: metrics.json also holds it
+    and the calibration reports (metrics_for).
     """
     if config is None:
         config = dict(FAST, **settings, seed=seed, preset=preset, description='', data_dir='data', lr_changes=[])
@@ -502,7 +512,7 @@ def make_run_folder(root, name, seed=0, acc=0.4, n_test=200, epochs=3, preset='f
                                     val_acc=acc * e / epochs + 0.01 * seed, lr=0.02, base_lr=0.02,
                                     epoch_time_s=20.0, images_per_s=900.0, elapsed_s=20.0 * e)
                for e in range(1, epochs + 1)]
-    metrics = metrics_for(predictions, history, stopped_early=stopped_early, wall_time_s=wall_time_s,
+    metrics = metrics_for(predictions, history, temperature, stopped_early=stopped_early, wall_time_s=wall_time_s,
                           stop_reason='time budget of 1.0 h reached' if stopped_early else None,
                           data_fingerprint=None if fingerprint is None else {'train': '0' * 64, 'test': fingerprint})
     return build_run_folder(

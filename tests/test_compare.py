@@ -100,15 +100,24 @@ def test_means_stds_and_the_verdict_against_the_baseline(compared):
     assert base['ece']['mean'] == pytest.approx(np.mean(eces)) and base['ece']['std'] == pytest.approx(
         np.std(eces, ddof=1))
     assert '| baseline | 3 | 0 of 3 | 42.00 ± 2.00 |' in md and '| 5.0 | (the baseline) |' in md
-    # Welch: diff -11 points, se = sqrt(2^2/3 + 1^2/3) = 1.29, t = -8.5, df = 2.9 -> 2 -> t_crit 4.303.
+    # Welch by hand: diff -11 points, se = sqrt(2^2/3 + 1^2/3) = 1.29, t = -8.52,
+    # df = (4/3 + 1/3)^2 / ((4/3)^2/2 + (1/3)^2/2) = 50/17 = 2.94 (exact, not rounded down).
+    stats = pytest.importorskip('scipy.stats')
     w = wd['vs_baseline']
     assert w['diff'] == pytest.approx(-11.0) and w['se'] == pytest.approx(np.sqrt(5 / 3))
-    assert w['t'] == pytest.approx(-11 / np.sqrt(5 / 3)) and w['t_crit'] == 4.303
-    assert w['verdict'] == 'worse'
-    assert by_label['seq_layout=flat']['vs_baseline']['verdict'] == 'within noise'
-    assert by_label['decay=1, clip=0']['vs_baseline']['verdict'] == 'too few runs'
-    assert '| weight_decay=0 | -11.00 | 1.29 | -8.52 (2.9) | worse |' in md
-    assert "Welch's t-test" in md
+    assert w['t'] == pytest.approx(-11 / np.sqrt(5 / 3)) and w['df'] == pytest.approx(50 / 17)
+    assert w['p'] == pytest.approx(stats.ttest_ind([30, 31, 32], [40, 42, 44], equal_var=False).pvalue)
+    half = stats.t.ppf(0.975, 50 / 17) * np.sqrt(5 / 3)
+    assert w['ci95'] == pytest.approx([-11 - half, -11 + half])
+    # Holm over the two variants with a p-value (flat's p = 0.81): the smaller p doubled.
+    flat = by_label['seq_layout=flat']['vs_baseline']
+    assert record['holm_family'] == 2 and w['p_holm'] == pytest.approx(2 * w['p']) and flat['p_holm'] == flat['p']
+    assert w['verdict'] == 'worse' and flat['verdict'] == 'within noise'
+    few = by_label['decay=1, clip=0']['vs_baseline']
+    assert few['verdict'] == 'too few runs' and few['p'] is None and few['p_holm'] is None
+    assert (f"| weight_decay=0 | 31.00 ± 1.00 | -11.00 | {-11 - half:+.2f} to {-11 + half:+.2f} | -8.52 (2.9) "
+            f"| 0.004 | 0.007 | worse | 0 of 3 |") in md
+    assert "Welch's t-test" in md and 'Holm' in md
     # The baseline's validation curve: mean, min and max over the seeds per epoch.
     curve = base['val_acc_curve']
     assert curve['epoch'] == [1, 2, 3]
@@ -122,10 +131,71 @@ def test_the_figures_are_valid_pngs(compared):
         assert f'({name})' in md
 
 
-def test_the_t_table_is_students():
+def test_verdicts_follow_the_holm_adjusted_p_not_the_raw_one(tmp_path, capsys):
+    """Three variants each 5 points above the baseline (3 seeds a side, std 2 points): each p = 0.038,
+    below 5% alone, but Holm over the three makes every one 0.113: within noise. A fourth variant
+    far above stays better after the adjustment (its p times 4)."""
     stats = pytest.importorskip('scipy.stats')
-    for df, value in enumerate(compare.T_CRIT_95, 1):
-        assert value == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4)
+    root = tmp_path / 'runs'
+    for seed, acc in enumerate((0.40, 0.42, 0.44)):
+        make_run_folder(root, f'base-seed{seed}', seed, acc)
+    variants = {'lr': 0.01, 'weight_decay': 0, 'momentum': 0.5}
+    for key, value in variants.items():
+        for seed, acc in enumerate((0.45, 0.47, 0.49)):
+            make_run_folder(root, f'{key}-seed{seed}', seed, acc, **{key: value})
+    for seed, acc in enumerate((0.80, 0.81, 0.82)):
+        make_run_folder(root, f'far-seed{seed}', seed, acc, seq_layout='rows')
+    code, out, err = run_compare(capsys, root, '--out', tmp_path / 'cmp')
+    assert code == 0, err
+    record = json.loads((tmp_path / 'cmp' / 'comparison.json').read_text())
+    by_label = {v['label']: v['vs_baseline'] for v in record['variants'] if not v['is_baseline']}
+    p = stats.ttest_ind([45, 47, 49], [40, 42, 44], equal_var=False).pvalue
+    assert p == pytest.approx(0.0376, abs=1e-4) and record['holm_family'] == 4
+    for key, value in variants.items():
+        w = by_label[f'{key}={compare.show(value)}']
+        assert w['p'] == pytest.approx(p) and w['p'] < 0.05          # each alone would be 'better'
+        assert w['p_holm'] == pytest.approx(3 * p) and w['p_holm'] > 0.05
+        assert w['verdict'] == 'within noise'
+    far = by_label['seq_layout=rows']
+    assert far['p_holm'] == pytest.approx(4 * far['p']) and far['verdict'] == 'better'
+    md = (tmp_path / 'cmp' / 'comparison.md').read_text()
+    assert '| lr=0.01 | 47.00 ± 2.00 | +5.00 |' in md and '| 0.038 | 0.113 | within noise |' in md
+    assert 'within noise (p 0.038, Holm 0.113)' in out
+    # The JSON is strict: no NaN or Infinity anywhere.
+    json.loads((tmp_path / 'cmp' / 'comparison.json').read_text(),
+               parse_constant=lambda c: pytest.fail(f'comparison.json holds {c}'))
+
+
+def test_raw_and_calibrated_nll_and_ece_are_shown_where_runs_have_them(tmp_path, capsys):
+    root = tmp_path / 'runs'
+    for seed, t in enumerate((0.7, 0.9)):
+        make_run_folder(root, f'base-seed{seed}', seed, 0.4 + 0.02 * seed, temperature=t)
+    make_run_folder(root, 'base-seed2', 2, 0.44)                 # an earlier version's: no temperature
+    for seed in range(2):
+        make_run_folder(root, f'wd-seed{seed}', seed, 0.3, weight_decay=0)
+    code, _, err = run_compare(capsys, root, '--out', tmp_path / 'cmp')
+    assert code == 0, err
+    record = json.loads((tmp_path / 'cmp' / 'comparison.json').read_text())
+    base, wd = record['variants']
+    runs = {r['name']: r for r in base['runs']}
+    m = {name: json.loads((root / name / 'metrics.json').read_text()) for name in runs}
+    for name, r in runs.items():
+        cal = (m[name].get('calibration') or {}).get('calibrated') or {}
+        assert r['temperature'] == m[name].get('temperature') and r['nll'] == m[name]['test_loss']
+        assert r['ece_calibrated'] == cal.get('ece') and r['nll_calibrated'] == cal.get('nll')
+    assert base['temperature']['values'] == [0.7, 0.9] and len(base['nll']['values']) == 3
+    assert base['ece_calibrated']['mean'] == pytest.approx(np.mean([runs[f'base-seed{s}']['ece_calibrated']
+                                                                    for s in (0, 1)]))
+    assert wd['temperature'] == {'mean': None, 'std': None, 'values': []}
+    md = (tmp_path / 'cmp' / 'comparison.md').read_text()
+    table = md.split('## Calibration')[1].split('\n## ')[0]
+    assert '| variant | runs with T | T | NLL raw | NLL calibrated | ECE raw | ECE calibrated |' in table
+    assert (f"| baseline | 2 of 3 | 0.800 ± 0.141 | {base['nll']['mean']:.4f} ± {base['nll']['std']:.4f} | "
+            f"{base['nll_calibrated']['mean']:.4f} ± {base['nll_calibrated']['std']:.4f} | ") in table
+    assert '| weight_decay=0 | 0 of 2 | - | ' in table and table.rstrip().endswith('every finished run.')
+    assert f"| base-seed0 | baseline | 0 | 40.00 | {runs['base-seed0']['ece']:.4f} | 0.700 | " \
+           f"{runs['base-seed0']['ece_calibrated']:.4f} |" in md
+    assert '| base-seed2 | baseline | 2 | 44.00 | ' in md and ' | - | - | 3 | 5.0 |' in md
 
 
 def test_the_baseline_is_the_given_run_or_else_the_largest_group(tmp_path, capsys):

@@ -428,13 +428,16 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
     assert claims_table.startswith("Baseline (the method's `fast` protocol, unchanged): 45.50% ± 0.71 over 2 "
                                    'seeds. Measured at abc1234, by `make claims`; generated from `')
     assert '251fa83' not in claims_table
+    # Welch with df 2 and Holm over the three variants (p 0.0022, 0.0017, 0.553): compare.py's numbers.
     assert ('| L2 weight decay: about +3% validation accuracy | `--set weight_decay=0` | 30.50% ± 0.71 (2 seeds), '
-            '-15.00 points, worse (t = -21.21, df 2.0) | holds |') in claims_table
-    assert '| `--seq-layout flat` | 62.50% ± 0.71 (2 seeds), +17.00 points, better' in claims_table
+            '-15.00 points (95% CI -18.04 to -11.96), worse (p = 0.002, Holm-adjusted 0.005) | holds |') in claims_table
+    assert ('| `--seq-layout flat` | 62.50% ± 0.71 (2 seeds), +17.00 points (95% CI +13.96 to +20.04), better '
+            '(p = 0.002, Holm-adjusted 0.005)') in claims_table
     assert 'does not hold: reversed (better)' in claims_table
     assert '| gradient clipping: no NaN divergence | `--set clip=0` | not run | - |' in claims_table
     cells = tables.read_block(claims, 'cells', 'docs/claims.md')
-    assert '| `gru` | 2 | 45.00% ± 0.71 | 45.50, 44.50 | -0.50 points, within noise' in cells
+    assert ('| `gru` | 2 | 45.00% ± 0.71 | 45.50, 44.50 | -0.50 points (95% CI -3.54 to +2.54), within noise '
+            '(p = 0.553, Holm-adjusted 0.553) |') in cells
     assert '`lstm`' not in cells
 
     levers = tables.read_block(results, 'levers', 'docs/results.md')

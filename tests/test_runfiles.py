@@ -343,6 +343,10 @@ def test_every_record_reads_back_what_it_wrote(tmp_path):
     ({'test_images': 199}, 'is inconsistent: its confusion_matrix counts 200 test images, test_images says 199'),
     ({'per_class_acc': [0.0] * 10}, 'per_class_acc is not the per-class accuracy of its confusion_matrix'),
     ({'confusion_matrix': [[1, 2], [3, 4]]}, "'confusion_matrix' = [[1, 2], [3, 4]], which is not a 10 x 10"),
+    ({'temperature': 0}, "'temperature' = 0, which is not a finite temperature above 0"),
+    ({'temperature': -1.5}, "'temperature' = -1.5, which is not a finite temperature above 0"),
+    ({'temperature': 'warm'}, "'temperature' = 'warm', which is not a finite temperature above 0"),
+    ({'calibration': {'raw': {'ece': 0.1}}}, "'calibration'"),
 ])
 def test_a_metrics_record_main_py_cannot_have_written_is_refused_in_one_sentence(tmp_path, change, words):
     run = make_run_folder(tmp_path, 'run', ckpt=True)
@@ -356,11 +360,49 @@ def test_a_metrics_record_main_py_cannot_have_written_is_refused_in_one_sentence
     assert 'main.py --resume' in text and '--evaluate' in text     # a fix that works when typed
 
 
+@pytest.mark.parametrize('text, words', [
+    ('NaN', "'temperature' = nan, which is not a finite temperature above 0"),
+    ('Infinity', "'temperature' = inf, which is not a finite temperature above 0"),
+    ('-Infinity', "'temperature' = -inf, which is not a finite temperature above 0"),
+])
+def test_a_temperature_that_is_not_finite_is_refused_in_one_sentence(tmp_path, text, words):
+    """Python's json writes NaN and Infinity (runfiles.write_json never does): a damaged file."""
+    run = make_run_folder(tmp_path, 'run', ckpt=True, temperature=1.5)
+    values = json.loads((run / runfiles.METRICS_NAME).read_text())
+    assert runfiles.read_run(run).metrics.temperature == 1.5
+    text_of = json.dumps({k: v for k, v in values.items() if k != 'temperature'})
+    (run / runfiles.METRICS_NAME).write_text(text_of[:-1] + f', "temperature": {text}}}')
+    with pytest.raises(RecordError) as refused:
+        runfiles.read_run(run)
+    assert words in str(refused.value) and '\n' not in str(refused.value)
+    assert str(refused.value).count('; ') == 1 and str(run / runfiles.METRICS_NAME) in str(refused.value)
+
+
+@pytest.mark.parametrize('change, words', [
+    (lambda m: dict(m, temperature=None), 'temperature and calibration are written together'),
+    (lambda m: {k: v for k, v in m.items() if k != 'calibration'}, 'temperature and calibration are written together'),
+    (lambda m: dict(m, calibration=dict(m['calibration'], calibrated=dict(m['calibration']['calibrated'],
+                                                                         accuracy=0.01))),
+     r'calibration.calibrated.accuracy 0.0100 is not its test_acc \(0.4000\), which temperature scaling never'),
+    (lambda m: dict(m, calibration=dict(m['calibration'], raw=dict(m['calibration']['raw'], ece=0.5))),
+     'calibration.raw.ece 0.500000 is not its ece'),
+])
+def test_calibration_figures_that_disagree_with_the_rest_are_refused(tmp_path, change, words):
+    run = make_run_folder(tmp_path, 'run', ckpt=True, temperature=0.8)
+    values = json.loads((run / runfiles.METRICS_NAME).read_text())
+    runfiles.write_json(run / runfiles.METRICS_NAME, change(values))
+    with pytest.raises(RecordError, match='is inconsistent: ' + words):
+        runfiles.read_run(run)
+
+
 @pytest.mark.parametrize('arrays_of, words', [
     (lambda a: dict(a, probs=a['probs'] * 0.5), 'rows of probabilities that do not sum to 1'),
     (lambda a: dict(a, labels=a['labels'][:5]), 'inconsistent arrays'),
     (lambda a: dict(a, hidden=np.full_like(a['hidden'], np.inf)), 'non-finite hidden states'),
     (lambda a: {k: v for k, v in a.items() if k != 'probs'}, "lacks the arrays 'probs' and 'labels'"),
+    (lambda a: dict(a, probs_calibrated=a['probs'][:, :5]), 'probs_calibrated like probs'),
+    (lambda a: dict(a, probs_calibrated=a['probs'] * 0.5), 'rows of calibrated probabilities that do not sum to 1'),
+    (lambda a: dict(a, probs_calibrated=a['probs'][:, ::-1].copy()), 'most probable class differs from probs'),
 ])
 def test_predictions_main_py_cannot_have_written_are_refused(tmp_path, arrays_of, words):
     run = make_run_folder(tmp_path, 'run')
@@ -436,12 +478,13 @@ def test_a_crash_is_recorded_and_cleared_when_the_run_is_taken_up_again(tmp_path
 # data_fingerprint and the checkpoint's state no data_fingerprint, epoch_wall_s, epoch_train_s,
 # epoch_timed_images (d1d54a8); config.json and the checkpoint's run_config had none of the lever
 # keys crop, label_smoothing, ema, tta_flip (9d8ef24); there was no diverged.json (ad71d7d) nor
-# crashed.json. (metrics.json has held epochs_planned since main.py's first version, and
-# single_view only ever with tta_flip.)
+# crashed.json; nor temperature scaling (metrics.json's temperature and calibration, the config key
+# calibrated_predictions: issue 21). (metrics.json has held epochs_planned since main.py's first
+# version, and single_view only ever with tta_flip.)
 OLD_HISTORY_KEYS = ('elapsed_s',)
-OLD_METRICS_KEYS = ('time_to_val_acc', 'data_fingerprint')
+OLD_METRICS_KEYS = ('time_to_val_acc', 'data_fingerprint', 'temperature', 'calibration')
 OLD_STATE_KEYS = ('data_fingerprint', 'epoch_wall_s', 'epoch_train_s', 'epoch_timed_images')
-OLD_CONFIG_KEYS = ('crop', 'label_smoothing', 'ema', 'tta_flip')
+OLD_CONFIG_KEYS = ('crop', 'label_smoothing', 'ema', 'tta_flip', 'calibrated_predictions')
 
 
 def to_old_format(folder):
@@ -472,6 +515,7 @@ def test_a_run_folder_of_an_earlier_version_is_drawn_compared_and_re_evaluated(t
     got = runfiles.read_run(run)
     assert got.status.state == runfiles.FINISHED and got.metrics.data_fingerprint is None
     assert got.metrics.time_to_val_acc is None and all(r.elapsed_s is None for r in got.history)
+    assert got.metrics.temperature is None and got.metrics.calibration is None
     assert 'crop' not in got.config and runfiles.checkpoint_meta(run / runfiles.CHECKPOINT_NAME)['state'].get(
         'epoch_wall_s') is None
 
@@ -480,6 +524,7 @@ def test_a_run_folder_of_an_earlier_version_is_drawn_compared_and_re_evaluated(t
     for stem in ('training_curves', 'confusion_matrix', 'reliability', 'misclassified'):
         assert_valid_png(run / runfiles.FIGURES_NAME / f'{stem}.png')
     assert 'Validation accuracy' in (run / runfiles.REPORT_NAME).read_text()
+    assert 'No temperature is recorded for this run' in (run / runfiles.REPORT_NAME).read_text()
 
     # compare.py compares it, beside a run of this version on the same data.
     new = tmp_path / 'runs' / 'new'
@@ -499,5 +544,7 @@ def test_a_run_folder_of_an_earlier_version_is_drawn_compared_and_re_evaluated(t
     again = runfiles.read_run(run)
     assert again.metrics.test_acc == old_metrics['test_acc'] and again.metrics.ece == old_metrics['ece']
     assert again.metrics.data_fingerprint is not None and again.config['crop'] == 'paste'
+    assert again.metrics.temperature > 0 and again.metrics.calibration['raw']['ece'] == old_metrics['ece']
+    assert again.config['calibrated_predictions'] is False and again.predictions.probs_calibrated is None
     after = arrays(run / runfiles.CHECKPOINT_NAME)
     assert set(after) == set(before) and all(np.array_equal(after[k], before[k]) for k in before)
