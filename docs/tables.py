@@ -352,6 +352,42 @@ BEST_RUNS_HEADER = ['seed', 'test accuracy (flip averaged)', 'single view', 'ECE
 
 
 # --------------------------------------------------------------------------
+# Calibration: docs/results.md, from the runs under runs/calib
+# --------------------------------------------------------------------------
+
+CALIBRATION_HEADER = ['command', 'seeds', 'test accuracy', 'T', 'ECE raw', 'ECE calibrated',
+                      'NLL raw', 'NLL calibrated', 'ECE of a calibrated model (95th pct.)',
+                      'distinguishable raw / calibrated', 'measured at']
+
+
+def spread(values, digits):
+    """'0.0123 ± 0.0004' (mean ± sample std), or the one value."""
+    return f'{mean(values):.{digits}f} ± {std(values):.{digits}f}' if len(values) > 1 else f'{values[0]:.{digits}f}'
+
+
+def calibration_rows(runs, presets):
+    """One row per setting (seeds pooled) of the runs that recorded a temperature."""
+    groups = {}
+    for r in runs:
+        if r['metrics'].get('temperature') is not None:
+            groups.setdefault(command_for(r['config'].settings(), presets), []).append(r)
+    rows = []
+    for command, mine in sorted(groups.items()):
+        mine.sort(key=lambda r: r['config'].seed)
+        raw = [r['metrics']['calibration']['raw'] for r in mine]
+        cal = [r['metrics']['calibration']['calibrated'] for r in mine]
+        rows.append([f'`{command}`', seeds_text([r['config'].seed for r in mine]),
+                     mean_pm([r['metrics']['test_acc'] for r in mine]),
+                     spread([r['metrics']['temperature'] for r in mine], 3),
+                     spread([c['ece'] for c in raw], 4), spread([c['ece'] for c in cal], 4),
+                     spread([c['nll'] for c in raw], 4), spread([c['nll'] for c in cal], 4),
+                     spread([c['ece_if_calibrated']['p95'] for c in cal], 4),
+                     f"{sum(c['distinguishable'] for c in raw)} / {sum(c['distinguishable'] for c in cal)} "
+                     f'of {len(mine)}', commits_text(mine)])
+    return rows
+
+
+# --------------------------------------------------------------------------
 # Comparisons (compare.py's comparison.json)
 # --------------------------------------------------------------------------
 
@@ -548,6 +584,14 @@ def plan(runs_dir, commit, root=REPO):
     out.append(('docs/results.md', 'best-runs', head + '\n\n' + table(BEST_RUNS_HEADER, best) if best else None,
                 f'rewritten from the `best` runs under {shown(runs_dir)}' if best
                 else f'kept: no finished `best` run under {shown(runs_dir)}'))
+
+    calib_dir = runs_dir / 'calib'
+    calibration = calibration_rows(finished_runs(calib_dir, commit), presets) if calib_dir.is_dir() else []
+    out.append(('docs/results.md', 'calibration',
+                f'Generated from the runs under `{shown(calib_dir)}`.\n\n' + table(CALIBRATION_HEADER, calibration)
+                if calibration else None,
+                f'rewritten from the runs under {shown(calib_dir)}' if calibration
+                else f'kept: no run with a temperature under {shown(calib_dir)}'))
 
     for source, blocks, figures in (
             (runs_dir / 'claims' / 'comparison' / 'comparison.json',

@@ -21,7 +21,8 @@ import pytest
 import config
 import runfiles
 from conftest import LABEL_NAMES, REPO_ROOT
-from metrics import confusion_matrix, expected_calibration_error, per_class_accuracy
+from metrics import (apply_temperature, calibration_report, confusion_matrix, expected_calibration_error,
+                     per_class_accuracy)
 
 README = REPO_ROOT / 'README.md'
 DOCS = REPO_ROOT / 'docs'
@@ -318,11 +319,11 @@ def test_the_pages_are_up_to_date_and_kept_without_run_folders(tmp_path, capsys)
     assert tables.main(['--runs', str(tmp_path / 'no-runs'), '--check']) == 0
     out = capsys.readouterr().out
     assert 'README.md presets: rewritten from presets.json' in out
-    assert out.count(': kept') == 5
+    assert out.count(': kept') == 6
 
 
 def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, single_view=None,
-                 n_test=200, **settings):
+                 n_test=200, temperature=None, **settings):
     """A finished run folder as main.py writes it (config, history, metrics, predictions, log,
     a checkpoint at the last epoch), its test predictions right on round(acc * n_test) images."""
     run = Path(root) / name
@@ -350,6 +351,11 @@ def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, 
                'label_names': LABEL_NAMES, 'time_to_val_acc': {'0.70': None, '0.75': None}}
     if single_view is not None:
         metrics['single_view'] = single_view
+    if temperature is not None:      # as main.py's calibration writes them
+        calibrated = apply_temperature(probs, temperature)
+        metrics['temperature'] = temperature
+        metrics['calibration'] = {'raw': calibration_report(probs, labels, samples=50),
+                                  'calibrated': calibration_report(calibrated, labels, samples=50)}
     runfiles.write_json(run / 'config.json', cfg)
     meta = {'format_version': 1, 'kind': 'checkpoint', 'run_config': cfg, 'state': {'epoch': epochs}}
     runfiles.write_npz(run / 'ckpt.npz', {'meta': np.array(json.dumps(meta)), 'param/b_o': np.zeros(10, np.float32)})
@@ -380,6 +386,9 @@ def fake_runs(tmp_path_factory):
         finished_run(levers, f'base-s{seed}', seed, 0.72 + 0.005 * seed, preset='best', epochs=10,
                      single_view=sv, wall_time_s=360.0)
     finished_run(levers, 'gru-s0', 0, 0.76, preset='best', epochs=10, cell='gru', single_view=sv)
+    for seed in (0, 1):
+        finished_run(runs / 'calib', f'gru-s{seed}', seed, 0.75, preset='best', epochs=10, cell='gru',
+                     single_view=sv, temperature=0.9)
     for seed in (0, 1):
         finished_run(runs, f'2026-best-seed{seed}', seed, 0.80 + 0.01 * seed, preset='best',
                      single_view={'test_acc': 0.795, 'test_loss': 0.7, 'ece': 0.03}, wall_time_s=2500.0)
@@ -416,6 +425,10 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
                          flags=re.S)
         assert outside == re.sub(r'<!-- docs/tables.py: begin (\S+) -->.*?<!-- docs/tables.py: end \1 -->',
                                  '', before[page], flags=re.S)
+
+    calibration = tables.read_block(results, 'calibration', 'docs/results.md')
+    assert '`.venv/bin/python main.py --preset best --epochs 10 --cell gru --seed S` | 2 (0, 1)' in calibration
+    assert '| 0.900 ± 0.000 |' in calibration
 
     headline = tables.read_block(readme, 'headline', 'README.md')
     assert "| reference (the method's report) |" in headline and '37.01%' in headline
