@@ -14,8 +14,10 @@ start-up interrupt handler before its slow imports (NumPy, matplotlib).
 """
 import argparse
 import os
+import shlex
 import signal
 import sys
+from pathlib import Path
 
 EXIT_OK = 0
 EXIT_DIVERGED = 1
@@ -126,3 +128,21 @@ def format_duration(seconds):
     h, rest = divmod(int(round(seconds)), 3600)
     m, s = divmod(rest, 60)
     return f'{seconds:.0f} s ({h} h {m:02d} min {s:02d} s)' if h else f'{seconds:.0f} s ({m} min {s:02d} s)'
+
+
+def typed_path(path):
+    """A path as it can be typed in the current folder: relative when it lies below it, else
+    absolute; shell-quoted if it holds spaces or the like. For commands in messages."""
+    path = Path(path)
+    try:
+        rel = os.path.relpath(path)
+    except (ValueError, OSError):    # another drive, or the current folder has vanished
+        rel = str(path)
+    return shlex.quote(rel if not rel.startswith('..') else str(path.absolute()))
+
+
+def python_command(script, *args, interpreter='python'):
+    """'python <script> ARGS' as it works when typed in the current folder: Paths (the script
+    and any argument that is a Path) made typeable by typed_path, other arguments shell-quoted."""
+    words = [typed_path(a) if isinstance(a, Path) else shlex.quote(str(a)) for a in args]
+    return ' '.join([interpreter, typed_path(script), *words])

@@ -68,7 +68,6 @@ import datetime
 import json
 import math
 import os
-import shlex
 import signal
 import sys
 import time
@@ -175,22 +174,8 @@ class Variant:
         return [r for r in self.runs if r.status == 'diverged']
 
 
-def quoted(path):
-    """A path as it can be typed in the current folder: relative when below it, else absolute;
-    shell-quoted if it holds spaces or the like."""
-    path = Path(path)
-    try:
-        rel = os.path.relpath(path)
-    except (ValueError, OSError):    # another drive, or the current folder has vanished
-        rel = str(path)
-    return shlex.quote(rel if not rel.startswith('..') else str(path.absolute()))
-
-
-def main_command(*args):
-    """'python main.py ARGS' as it works when typed in the current folder: main.py's own path,
-    Paths made typeable by quoted(), other arguments shell-quoted."""
-    words = [quoted(a) if isinstance(a, Path) else shlex.quote(str(a)) for a in args]
-    return ' '.join(['python', quoted(REPO / 'main.py'), *words])
+quoted = cli.typed_path
+main_command = runfiles.main_command
 
 
 # --------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import datetime
 import json
 import math
 import os
-import shlex
 import signal
 import sys
 import time
@@ -673,19 +672,12 @@ def test_metrics(cfg, state, best, probs, labels, eval_s, label_names):
         data_fingerprint=state.data_fingerprint)
 
 
-def typed_path(path):
-    """``path`` as a user types it from the current folder: relative when it lies below it, quoted if needed."""
-    path = os.path.abspath(path)
-    rel = os.path.relpath(path)
-    return shlex.quote(rel if not rel.startswith('..') else path)
-
-
 def viz_command(run_dir):
     """The command that draws this run's figures, as it works when typed in the current folder:
     the interpreter that runs this process (e.g. .venv/bin/python after make train) and viz.py
     beside this file."""
-    return (f'{typed_path(sys.executable)} {typed_path(Path(__file__).resolve().parent / "viz.py")} '
-            f'{typed_path(run_dir)}')
+    return cli.python_command(Path(__file__).resolve().parent / 'viz.py', Path(run_dir),
+                              interpreter=cli.typed_path(sys.executable))
 
 
 def summary(cfg, run_dir, m, names):
@@ -977,27 +969,26 @@ def resume_run(args, stopper):
 def forget_divergence(run):
     """A resume of a diverged run (with a lower learning rate) continues it: the run is no longer
     diverged, so its diverged.json goes (train.log keeps the story)."""
-    try:
-        record = runfiles.read_divergence(run.path)
-        what = None if record is None else record.message[:200]
-    except RunFileError:
-        what = '(unreadable)'
-    if what is not None:
-        run.log(f'continuing after the divergence recorded in {runfiles.DIVERGED_NAME}: {what}')
-        runfiles.Divergence.remove(run.path)
+    forget_record(run, runfiles.read_divergence, runfiles.Divergence, runfiles.DIVERGED_NAME,
+                  'continuing after the divergence')
 
 
 def forget_crash(run):
     """A resume of a crashed run continues (or re-evaluates) it: the crash no longer describes the
     run, so its crashed.json goes (train.log keeps the traceback)."""
+    forget_record(run, runfiles.read_crash, runfiles.Crash, runfiles.CRASHED_NAME, 'trying again after the crash')
+
+
+def forget_record(run, read, record_class, name, words):
+    """Log and remove the record ``name`` (diverged.json or crashed.json) of ``run``, if it has one."""
     try:
-        record = runfiles.read_crash(run.path)
+        record = read(run.path)
         what = None if record is None else record.message[:200]
     except RunFileError:
         what = '(unreadable)'
     if what is not None:
-        run.log(f'trying again after the crash recorded in {runfiles.CRASHED_NAME}: {what}')
-        runfiles.Crash.remove(run.path)
+        run.log(f'{words} recorded in {name}: {what}')
+        record_class.remove(run.path)
 
 
 def optimizer_from(ck, model, cfg):

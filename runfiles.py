@@ -46,7 +46,6 @@ import json
 import math
 import os
 import re
-import shlex
 import stat
 import tempfile
 import zipfile
@@ -55,6 +54,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+
+import cli
 
 REPO = Path(__file__).resolve().parent
 
@@ -536,21 +537,12 @@ def point_latest_at(run_dir, warn=print):
 # Advice that works when typed
 # --------------------------------------------------------------------------
 
-def typed_path(path):
-    """A path as it can be typed in the current folder: relative when below it, else absolute
-    (links resolved); shell-quoted if it holds spaces or the like."""
-    path = Path(path)
-    try:
-        rel = os.path.relpath(path)
-    except (ValueError, OSError):    # another drive (Windows), or the current folder has vanished
-        rel = str(path)
-    return shlex.quote(rel if not rel.startswith('..') else str(path.resolve()))
+typed_path = cli.typed_path
 
 
 def main_command(*args):
     """'python <main.py> ARGS' as it works when typed in the current folder (Paths made typeable)."""
-    words = [typed_path(a) if isinstance(a, Path) else shlex.quote(str(a)) for a in args]
-    return ' '.join(['python', typed_path(REPO / 'main.py'), *words])
+    return cli.python_command(REPO / 'main.py', *args)
 
 
 def repair_advice(folder, name):

@@ -2,7 +2,6 @@
 not files, interrupts while starting, crashes, checkpoints that lie, resumes on other data or
 with an edited config.json, advice that must work when typed, clean-up of only our own files,
 conflicting settings and the timing of an epoch split by a resume."""
-import contextlib
 import json
 import os
 import shlex
@@ -18,7 +17,7 @@ import pytest
 
 import main
 from cnn_rnn_numpy import CNNRNN
-from conftest import REPO_ROOT, make_cifar_archive, replace_archive_member
+from conftest import REPO_ROOT, interrupted_after, make_cifar_archive, replace_archive_member
 
 SMOKE = ['--preset', 'smoke', '--subset', '1']
 TIMEOUT = 120        # a hang fails the test instead of blocking the suite
@@ -61,28 +60,11 @@ def finished(data_dir, tmp_path_factory):
     return out
 
 
-@contextlib.contextmanager
-def ctrl_c_at_step(n):
-    """Send this process SIGINT during training step ``n`` (1-based), as a user's Ctrl-C would."""
-    real_loss, calls = CNNRNN.loss, {'n': 0}
-
-    def loss(self, *args, **kwargs):
-        calls['n'] += 1
-        if calls['n'] == n:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(self, *args, **kwargs)
-    CNNRNN.loss = loss
-    try:
-        yield
-    finally:
-        CNNRNN.loss = real_loss
-
-
 @pytest.fixture(scope='module')
 def stopped(data_dir, tmp_path_factory):
     """A 3-epoch smoke run stopped by Ctrl-C at step 3 of epoch 2: resumable, with a best.npz."""
     out = tmp_path_factory.mktemp('runs') / 'stopped'
-    with ctrl_c_at_step(8 + 3):
+    with interrupted_after(8 + 3):
         assert main.run(SMOKE + ['--epochs', '3', '--data-dir', data_dir, '--out', str(out)]) == 0
     return out
 
@@ -305,7 +287,7 @@ def other_data_dir(tmp_path_factory):
 def test_a_resume_on_other_images_is_refused(stopped, finished, data_dir, other_data_dir, tmp_path, which):
     if which == 'mid-epoch':
         run = tmp_path / 'mid'
-        with ctrl_c_at_step(3):
+        with interrupted_after(3):
             assert main.run(SMOKE + ['--epochs', '2', '--data-dir', data_dir, '--out', str(run)]) == 0
     else:
         run = copy_run(stopped if which == 'stopped' else finished, tmp_path / 'run')
@@ -477,7 +459,7 @@ def test_an_epoch_split_by_a_resume_reports_the_time_and_speed_of_both_parts(dat
     argv = SMOKE + ['--epochs', '1', '--data-dir', data_dir]
     assert main.run(argv + ['--out', str(whole)]) == 0
 
-    with ctrl_c_at_step(3):
+    with interrupted_after(3):
         assert main.run(argv + ['--out', str(split)]) == 0
     state = main.load_checkpoint(split / 'ckpt.npz').state
     assert state.step == 3 and state.epoch_timed_images == state.seen == 96 and state.epoch_train_s > 0

@@ -8,29 +8,7 @@ import numpy as np
 import pytest
 
 import metrics
-
-
-def softmax(z):
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def loop_ece(probs, labels, n_bins=15):
-    """ECE written the slow, obvious way: a loop over bins (lo, hi]."""
-    confidence = [float(max(row)) for row in probs]
-    prediction = [int(np.argmax(row)) for row in probs]
-    n = len(labels)
-    total = 0.0
-    for b in range(n_bins):
-        lo, hi = b / n_bins, (b + 1) / n_bins
-        members = [i for i in range(n) if (lo < confidence[i] <= hi) or (b == 0 and confidence[i] == 0)]
-        if not members:
-            continue
-        acc = sum(prediction[i] == labels[i] for i in members) / len(members)
-        conf = sum(confidence[i] for i in members) / len(members)
-        total += len(members) / n * abs(acc - conf)
-    return total
+from conftest import loop_ece, softmax
 
 
 # --------------------------------------------------------------------------
