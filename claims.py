@@ -314,6 +314,8 @@ class Signals:
         self.previous = {}
 
     def __enter__(self):
+        cli.raise_if_interrupted_while_starting()    # one whose exception was discarded on the way
+
         def handler(signum, frame):
             self.reason = signal.Signals(signum).name
             if signum == signal.SIGTERM and self.child is not None and self.child.poll() is None:
@@ -581,6 +583,7 @@ def compare_all(runs_dir, results):
 def main(argv=None):
     """CLI entry point; returns the exit code (see the module docstring)."""
     try:
+        cli.raise_if_interrupted_while_starting()
         return run_suite(parse_args(argv))
     except SystemExit as e:       # --help, or a usage error already printed as one sentence
         return e.code

@@ -35,8 +35,24 @@ class StartupInterrupted(BaseException):
     """
 
 
+# The signal that arrived while starting. The handler raises StartupInterrupted at once, but Python
+# discards an exception raised while it runs some of its own callbacks (e.g. the import system's
+# weakref callbacks: "Exception ignored in ..."), so the signal is also kept here, and every tool
+# calls raise_if_interrupted_while_starting() where its start-up ends.
+_interrupted_by = None
+
+
 def _interrupted_while_starting(signum, frame):
-    raise StartupInterrupted(signal.Signals(signum).name)
+    global _interrupted_by
+    _interrupted_by = signal.Signals(signum).name
+    raise StartupInterrupted(_interrupted_by)
+
+
+def raise_if_interrupted_while_starting():
+    """Raise StartupInterrupted if SIGINT or SIGTERM arrived while starting, even if the
+    exception the handler raised then was discarded."""
+    if _interrupted_by is not None:
+        raise StartupInterrupted(_interrupted_by)
 
 
 def exit_cleanly_on_interrupt_while_starting():

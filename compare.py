@@ -983,6 +983,7 @@ def interrupts_while_writing():
     """
     def handler(signum, frame):
         raise KeyboardInterrupt
+    cli.raise_if_interrupted_while_starting()    # one whose exception was discarded on the way
     try:
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:           # not the main thread
@@ -1032,6 +1033,7 @@ def main(argv=None):
     3 crashed, 130 interrupted)."""
     start = time.perf_counter()
     try:
+        cli.raise_if_interrupted_while_starting()
         args = parse_args(argv)
         out, record = compare(args.runs, args.out, args.baseline)
     except SystemExit as e:       # --help, or a usage error already printed as one sentence

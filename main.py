@@ -327,7 +327,8 @@ class Stopper:
         self.max_hours = max_hours
         self.t_start = time.monotonic()
         self.reserve_s = 0.0
-        self.during = 'starting'      # then 'training', then 'evaluation'
+        self.during = 'starting'      # then 'training', then 'evaluation' (begin)
+        self.interrupted_while_starting = None
         self.ckpt = None          # the run's ckpt.npz, for the message when aborted
         self.log = print          # the run's log, once its folder exists
         self.process_settings = None   # what prepare_process set (threads, allocator), for the log
@@ -346,7 +347,10 @@ class Stopper:
     def install(self):
         def handler(signum, frame):
             if self.during == 'starting':
-                raise cli.StartupInterrupted(signal.Signals(signum).name)
+                # Kept as well as raised: Python may discard an exception raised inside one of
+                # its own callbacks; begin() raises it again where the start-up ends.
+                self.interrupted_while_starting = signal.Signals(signum).name
+                raise cli.StartupInterrupted(self.interrupted_while_starting)
             if self.reason is not None and self.reason.startswith('interrupted'):
                 raise KeyboardInterrupt
             self.request('interrupted by ' + signal.Signals(signum).name)
@@ -355,6 +359,15 @@ class Stopper:
             print(flush=True)
             self.log(f'{self.reason}: {then} (Ctrl-C again to abort)')
         self.previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def begin(self, phase):
+        """Enter 'training' or 'evaluation'. An interrupt that arrived while starting ends the
+        process here if its exception was discarded on the way."""
+        if self.during == 'starting':
+            cli.raise_if_interrupted_while_starting()
+            if self.interrupted_while_starting:
+                raise cli.StartupInterrupted(self.interrupted_while_starting)
+        self.during = phase
 
     def uninstall(self):
         for s, h in self.previous.items():
@@ -805,6 +818,7 @@ def run(argv=None):
     stopper = Stopper()
     stopper.install()
     try:
+        cli.raise_if_interrupted_while_starting()     # one that arrived during the imports
         args = build_parser().parse_args(argv)
         stopper.max_hours = args.max_hours
         if args.list_presets:
@@ -907,7 +921,7 @@ def new_run(args, overrides, stopper):
     mean, std = channel_mean_std(data['X_train']) if cfg.standardize else (None, None)
     state = TrainState(mean=mean, std=std, data_fingerprint=data['fingerprint'])
     # From here on a signal stops the run at its next step, with a resumable checkpoint.
-    stopper.during = 'training'
+    stopper.begin('training')
     run = new_run_folder(args.out, cfg.preset)
     run.lock.acquire()
     stopper.ckpt, stopper.log = run.file(runfiles.CHECKPOINT_NAME), run.log
@@ -945,7 +959,7 @@ def resume_run(args, stopper):
         average = (WeightAverage(model.params, cfg.ema, averaged=ck.average, updates=state.global_step)
                    if cfg.ema else None)
         opt = optimizer_from(ck, model, cfg)
-        stopper.during = 'training'
+        stopper.begin('training')
         changes = apply_resume_changes(args, cfg, state, data, new_lr, data_dir_given)
         if changes or adopted:
             # The checkpoint first, then config.json: both say the same before anything else runs.
@@ -954,7 +968,7 @@ def resume_run(args, stopper):
             run.log(f"resume changes: {'; '.join(changes + (['data fingerprint recorded'] if adopted else []))}")
         forget_crash(run)
         if state.epoch >= cfg.epochs:
-            stopper.during = 'evaluation'
+            stopper.begin('evaluation')
             final_evaluation(cfg, run, averaged_model(model, average), state, data,
                              announce=f're-evaluating {run.path} (training finished at epoch {state.epoch})')
             return EXIT_OK
@@ -1086,7 +1100,7 @@ def apply_resume_changes(args, cfg, state, data, new_lr, data_dir_given):
 
 
 def train_and_evaluate(cfg, run, model, opt, state, data, stopper, average=None):
-    stopper.during = 'training'
+    stopper.begin('training')
     runfiles.point_latest_at(run.path, warn=run.log)
     run.log('config ' + json.dumps(cfg.to_dict()))
     if stopper.process_settings is not None:
@@ -1098,7 +1112,7 @@ def train_and_evaluate(cfg, run, model, opt, state, data, stopper, average=None)
         dataclasses.replace(e.record, message=str(e)).write(run.path)
         run.log(f'error: {e}', stream=sys.stderr)
         return EXIT_DIVERGED
-    stopper.during = 'evaluation'
+    stopper.begin('evaluation')
     final_evaluation(cfg, run, trainer.eval_model, state, data)
     return EXIT_OK
 

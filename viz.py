@@ -833,6 +833,7 @@ def make_report(run_dir, tsne_samples=DEFAULT_TSNE_SAMPLES, gallery_size=DEFAULT
             'drawing what its files hold now.')
     written = []
     try:
+        cli.raise_if_interrupted_while_starting()     # one whose exception was discarded on the way
         _draw(plan, fig_dir, log, written)
         write_text(run.folder / REPORT_NAME, build_report(
             run, [(stem, caption) for stem, _, caption, _ in plan.figures], plan.notes, plan.label_names, plan.cm,
@@ -1061,6 +1062,7 @@ def main(argv=None):
     """CLI entry point; returns the exit code: 0 done, 2 refused with one sentence on stderr,
     3 crashed (a bug; one line), 130 interrupted by SIGINT/SIGTERM (one line)."""
     try:
+        cli.raise_if_interrupted_while_starting()
         return _run(parse_args(argv))
     except cli.StartupInterrupted as e:        # cli's handlers are installed only under __main__
         print(cli.interrupted_message('viz.py', e), file=sys.stderr)

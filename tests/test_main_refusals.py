@@ -492,3 +492,31 @@ def test_a_missing_package_is_one_sentence_not_a_traceback(tmp_path):
     proc = cli('--help', env=env)
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr
     assert "needs the Python package 'tqdm'" in proc.stderr and 'requirements' in proc.stderr
+
+
+def test_an_interrupt_whose_exception_python_discarded_still_ends_the_start_up(data_dir, tmp_path, monkeypatch):
+    """Python discards an exception raised while it runs some of its own callbacks ("Exception
+    ignored in <function _get_module_lock.<locals>.cb>"): the interrupt must still end the start-up."""
+    import cli
+    monkeypatch.setattr(cli, '_interrupted_by', None)
+    try:
+        cli._interrupted_while_starting(signal.SIGINT, None)     # during the imports...
+    except cli.StartupInterrupted:
+        pass                                                      # ...and discarded
+    out = tmp_path / 'run'
+    assert main.run(SMOKE + ['--data-dir', data_dir, '--out', str(out)]) == 130
+    assert not out.exists()
+
+    monkeypatch.setattr(cli, '_interrupted_by', None)
+    real_load = main.load_data
+
+    def load_then_discarded_interrupt(cfg):
+        data = real_load(cfg)
+        try:                                                      # main.py's own handler, while loading
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        except cli.StartupInterrupted:
+            pass
+        return data
+    monkeypatch.setattr(main, 'load_data', load_then_discarded_interrupt)
+    assert main.run(SMOKE + ['--data-dir', data_dir, '--out', str(out)]) == 130
+    assert not out.exists()
