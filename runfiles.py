@@ -952,8 +952,27 @@ class Predictions:
         write_npz(Path(folder) / PREDICTIONS_NAME, self.to_arrays())
 
 
+class EventRecord:
+    """What Divergence and Crash share: a small JSON file of their own (NAME) in a run folder,
+    written when the event happens and removed when a resume moves past it."""
+
+    @classmethod
+    def from_json(cls, values, path, fix):
+        return _from_json(cls, values, path, fix, cls.RULES)
+
+    def to_json(self):
+        return asdict(self)
+
+    def write(self, folder):
+        write_json(Path(folder) / self.NAME, self.to_json())
+
+    @classmethod
+    def remove(cls, folder):
+        (Path(folder) / cls.NAME).unlink(missing_ok=True)
+
+
 @dataclass
-class Divergence:
+class Divergence(EventRecord):
     """diverged.json: where the loss (or a weight) became NaN or infinite, as data.
 
     main.py writes it when that happens (exit code 1) and removes it when a resume continues the
@@ -979,23 +998,13 @@ class Divergence:
 
     @classmethod
     def from_json(cls, values, path, fix):
-        record = _from_json(cls, values, path, fix, cls.RULES)
+        record = super().from_json(values, path, fix)
         record.message = record.message or ''
         return record
 
-    def to_json(self):
-        return asdict(self)
-
-    def write(self, folder):
-        write_json(Path(folder) / self.NAME, self.to_json())
-
-    @classmethod
-    def remove(cls, folder):
-        (Path(folder) / cls.NAME).unlink(missing_ok=True)
-
 
 @dataclass
-class Crash:
+class Crash(EventRecord):
     """crashed.json: main.py stopped on an unexpected error, a bug (exit code 3).
 
     main.py writes it with the one-line report (the traceback goes to train.log) and removes it
@@ -1009,20 +1018,6 @@ class Crash:
 
     RULES = {'message': (_text, 'a text'), 'during': TEXT_OR_NULL, 'time': TEXT_OR_NULL}
     NAME = CRASHED_NAME
-
-    @classmethod
-    def from_json(cls, values, path, fix):
-        return _from_json(cls, values, path, fix, cls.RULES)
-
-    def to_json(self):
-        return asdict(self)
-
-    def write(self, folder):
-        write_json(Path(folder) / self.NAME, self.to_json())
-
-    @classmethod
-    def remove(cls, folder):
-        (Path(folder) / cls.NAME).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------
