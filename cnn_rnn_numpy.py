@@ -150,6 +150,110 @@ def maxpool2x2_backward(dout, cache):
 
 
 # --------------------------------------------------------------------------
+# Spatial BatchNorm, NHWC (torch.nn.BatchNorm2d's forms)
+# --------------------------------------------------------------------------
+# Channels last, as the conv stack produces them: every per-channel statistic
+# is a reduction over the leading axes of the (N*H*W, C) view of the map, and
+# broadcasting a (C,) vector needs no reshaping. Per-channel sums accumulate
+# in float64 whatever the map's dtype: NumPy adds the N*H*W rows of a column
+# reduction one after the other (no pairwise summation across rows), which in
+# float32 loses ~1e-5 relative over a 32k-row batch; the accumulators are C
+# numbers, so this costs little and leaves the map itself in its own dtype.
+
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, train, momentum=0.1, eps=1e-5):
+    """Spatial batch normalisation of an NHWC map, per channel over (N, H, W).
+
+    y = gamma * (x - mu) / sqrt(var + eps) + beta, with mu, var the batch mean and
+    biased variance (train) or the running statistics (eval); in train mode
+    running <- (1 - momentum) * running + momentum * batch, var unbiased (n / (n - 1)).
+
+    Inputs:
+    - x: (N, H, W, C), channels last like the conv stack's maps (any (..., C) works)
+    - gamma, beta: (C,) scale and shift
+    - running_mean, running_var: (C,) running statistics; never modified
+    - train: True normalises with the batch statistics and updates the running
+      ones; False (eval) normalises with the running statistics
+    - momentum, eps: as torch.nn.BatchNorm2d (n = N*H*W must be > 1 in train mode)
+
+    Returns a tuple of:
+    - out: same shape and dtype as x
+    - cache: for ``batchnorm_backward``
+    - new_mean, new_var: (C,) the updated running statistics, new arrays in the
+      dtype of running_mean/running_var (train), or the inputs themselves (eval).
+      Returned, not written in place, so a caller holding the old arrays (a
+      checkpoint being written, a gradient check) never sees them change.
+    """
+    C = x.shape[-1]
+    # A view for a contiguous map (the conv blocks' outputs are); a copy otherwise.
+    x2 = x.reshape(-1, C)
+    if not train:
+        inv_std = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+        scale = (gamma * inv_std).astype(x.dtype)
+        shift = (beta - running_mean * gamma * inv_std).astype(x.dtype)
+        out = x2 * scale
+        out += shift
+        # x itself, not x-hat: inference needs no second map, and the eval
+        # backward (rare: gradient checks, frozen statistics) rebuilds x-hat.
+        cache = (False, x2, gamma, running_mean, inv_std)
+        return out.reshape(x.shape), cache, running_mean, running_var
+
+    n = x2.shape[0]
+    if n < 2:
+        raise ValueError(f'batchnorm_forward in train mode needs more than one value per channel, got '
+                         f'input shape {x.shape}; use a larger batch or eval mode.')
+    mean = x2.mean(axis=0, dtype=np.float64)
+    # The one map-sized array the layer keeps: centred here, scaled in place
+    # below into x-hat, which both the output and the backward pass need.
+    xhat = x2 - mean.astype(x.dtype)
+    var = np.einsum('ij,ij->j', xhat, xhat, dtype=np.float64) / n      # biased; no squared temporary
+    inv_std = 1.0 / np.sqrt(var + eps)
+    xhat *= inv_std.astype(x.dtype)
+    out = xhat * gamma.astype(x.dtype)
+    out += beta.astype(x.dtype)
+    new_mean = ((1 - momentum) * running_mean + momentum * mean).astype(running_mean.dtype)
+    new_var = ((1 - momentum) * running_var + momentum * var * (n / (n - 1))).astype(running_var.dtype)
+    cache = (True, xhat, gamma, None, inv_std)
+    return out.reshape(x.shape), cache, new_mean, new_var
+
+
+def batchnorm_backward(dout, cache):
+    """Backward pass of ``batchnorm_forward``.
+
+    Train mode (mu and var depend on x), with g = gamma / sqrt(var + eps) and means over (N, H, W):
+    dx = g * (dout - mean(dout) - x_hat * mean(dout * x_hat)); eval mode (statistics constant): dx = g * dout.
+    Both: dgamma = sum(dout * x_hat), dbeta = sum(dout).
+
+    Inputs:
+    - dout: (N, H, W, C) upstream gradient (the shape of x)
+
+    Returns a tuple of:
+    - dx: the shape and dtype of dout
+    - dgamma, dbeta: (C,), dtype of dout
+    """
+    train, x2, gamma, running_mean, inv_std = cache
+    C = x2.shape[-1]
+    dout2 = dout.reshape(-1, C)
+    dtype = dout.dtype
+    dbeta = dout2.sum(axis=0, dtype=np.float64)
+    g = (gamma * inv_std).astype(dtype)
+    if not train:
+        # x_hat is rebuilt here (a temporary) rather than kept by the eval forward.
+        xhat = (x2 - running_mean.astype(x2.dtype)) * inv_std.astype(x2.dtype)
+        dgamma = np.einsum('ij,ij->j', dout2, xhat, dtype=np.float64)
+        return (dout2 * g).reshape(dout.shape), dgamma.astype(dtype), dbeta.astype(dtype)
+
+    xhat = x2
+    n = xhat.shape[0]
+    dgamma = np.einsum('ij,ij->j', dout2, xhat, dtype=np.float64)
+    # dx built in one new array: start from the x_hat term, then add and scale in place.
+    dx = xhat * (-dgamma / n).astype(dtype)
+    dx += dout2
+    dx -= (dbeta / n).astype(dtype)
+    dx *= g
+    return dx.reshape(dout.shape), dgamma.astype(dtype), dbeta.astype(dtype)
+
+
+# --------------------------------------------------------------------------
 # Feature map <-> sequence
 # --------------------------------------------------------------------------
 
