@@ -108,6 +108,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -231,8 +232,8 @@ def _not_a_number(name):
 def load_sweep(path):
     """Read and check a sweep file -> Sweep. Every problem is a UsageError of one sentence
     naming the file, the place and a good value; nothing has run yet."""
+    data = read_sweep_file(path)     # before Path(): Path('') is '.', and '' must be refused as empty
     path = Path(path)
-    data = read_sweep_file(path)
     where = f'the sweep file {path}'
     unknown = [k for k in data if k not in SWEEP_KEYS]
     if unknown:
@@ -241,7 +242,7 @@ def load_sweep(path):
     if missing:
         raise UsageError(f'{where} lacks {missing[0]!r}; a sweep names its preset, seeds and variants '
                          f'(see sweeps/claims.json)')
-    for key in ('description', 'runs_dir', 'baseline'):
+    for key in ('preset', 'description', 'runs_dir', 'baseline'):
         if not isinstance(data.get(key, ''), str):
             raise UsageError(f'{where}: {key!r} must be a string')
     sweep = Sweep(path=path, preset=data['preset'], seeds=check_seeds(data['seeds'], f'{where}: "seeds"'),
@@ -702,6 +703,7 @@ class Signals:
     def __init__(self):
         self.reason = None
         self.children = set()
+        self.terminated = set()     # the children the handler passed a SIGTERM on to
         self.previous = {}
 
     def __enter__(self):
@@ -713,6 +715,7 @@ class Signals:
                 for child in list(self.children):
                     if child.poll() is None:
                         child.send_signal(signal.SIGTERM)
+                        self.terminated.add(child)
         self.previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -722,16 +725,22 @@ class Signals:
 
 
 class Progress:
-    """One bar for the sweep (done / running / failed, elapsed, time left) and a line per run."""
+    """One bar for the sweep (done / running / failed, elapsed, time left) and a line per run.
 
-    def __init__(self, total):
+    started_word: 'started' for runs on this machine; 'submitted' on Ray, where a task may wait
+    in Ray's queue for a free CPU (the bar then counts runs in flight, queued or running).
+    """
+
+    def __init__(self, total, started_word='started'):
         self.total, self.done, self.running, self.failed = total, 0, 0, 0
+        self.started_word = started_word
+        self.in_flight = 'running' if started_word == 'started' else 'in flight'
         self.bar = tqdm(total=total, unit='run', desc='sweep', dynamic_ncols=True, disable=None,
                         bar_format='{desc}: {n}/{total} runs |{bar}| {elapsed} elapsed, {remaining} left{postfix}')
         self._show()
 
     def _show(self):
-        self.bar.set_postfix_str(f'{self.running} running, {self.failed} failed', refresh=True)
+        self.bar.set_postfix_str(f'{self.running} {self.in_flight}, {self.failed} failed', refresh=True)
 
     def say(self, line):
         self.bar.write(line, file=sys.stdout)
@@ -739,11 +748,12 @@ class Progress:
 
     def started(self, k, job, args):
         self.running += 1
-        self.say(f"[{k}/{self.total}] {job['variant']} seed {job['seed']} started: {shown(args)}")
+        self.say(f"[{k}/{self.total}] {job['variant']} seed {job['seed']} {self.started_word}: {shown(args)}")
         self._show()
 
-    def ended(self, k, job, result, kind, seconds):
-        self.running -= 1
+    def ended(self, k, job, result, kind, seconds, started=True):
+        """A run's end; started=False for one that failed before it could start."""
+        self.running -= started
         self.done += 1
         self.failed += kind in (CRASHED, REFUSED)
         self.say(f"[{k}/{self.total}] {job['variant']} seed {job['seed']}: {result} "
@@ -788,7 +798,7 @@ def run_locally(todo, sweep, preset, extra, jobs, threads, signals, progress):
             failed = prepare_folder(job)
             if failed:
                 results.append((job, *failed, 0.0))
-                progress.ended(k, job, *failed, 0.0)
+                progress.ended(k, job, *failed, 0.0, started=False)
                 continue
             args = command_of(job, sweep, preset, extra)
             try:
@@ -797,12 +807,14 @@ def run_locally(todo, sweep, preset, extra, jobs, threads, signals, progress):
                 failed = (f"cannot write its console log ({describe_os_error(e, log_path(job['folder']))}); "
                           f"choose a writable --runs-dir", REFUSED)
                 results.append((job, *failed, 0.0))
-                progress.ended(k, job, *failed, 0.0)
+                progress.ended(k, job, *failed, 0.0, started=False)
                 continue
             with log:
                 child = subprocess.Popen([sys.executable, str(MAIN), *args], stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT, env=env)
             signals.children.add(child)
+            if signals.reason == 'SIGTERM' and child not in signals.terminated:
+                child.send_signal(signal.SIGTERM)       # it came while Popen was starting this one
             running[child] = (k, job, time.monotonic())
             progress.started(k, job, args)
         if signals.reason and queue:
@@ -894,7 +906,8 @@ def remove_abandoned_work_folders(min_age=60.0):
         try:
             if not work.is_dir() or work.is_symlink() or time.time() - work.stat().st_mtime < min_age:
                 continue
-            fd = os.open(work / '.lock', os.O_RDWR | os.O_CLOEXEC)
+            # O_CREAT: a task killed between making its folder and its lock left no lock file.
+            fd = os.open(work / '.lock', os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError:
             continue
         try:
@@ -965,11 +978,28 @@ def archive_to_ship(extra):
             data_dir = token.split('=', 1)[1] if '=' in token else (tokens[i + 1] if i + 1 < len(tokens) else '')
     archive = Path(data_dir) / 'cifar-10-python.tar.gz'
     try:
-        runfiles.check_regular(archive)
+        with runfiles.open_regular(archive):     # missing, unreadable or not a file: refused before Ray starts
+            pass
     except OSError as e:
         raise UsageError(f"--ray ships the data archive to the workers, and {describe_os_error(e, archive, 'read')}; "
                          f'put cifar-10-python.tar.gz in {data_dir} (or give --extra="--data-dir DIR")') from None
     return archive
+
+
+def check_listening(address, timeout=10.0):
+    """UsageError at once when nothing accepts a connection at a HOST:PORT address: ray.init would
+    retry there for many minutes (20 tries of about 40 s in Ray 2.60), deaf to Ctrl-C. Other
+    forms (ray://..., auto) are left to Ray."""
+    host, _, port = address.rpartition(':')
+    if '://' in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip('[]'), int(port)), timeout=timeout).close()
+    except OSError as e:
+        why = e.strerror or str(e) or type(e).__name__
+        raise UsageError(f'nothing answers at the Ray address {address} ({why}); start Ray there '
+                         f'(ray start --head --port={port}) or give the address of a running cluster\'s '
+                         f'head, e.g. --ray 10.0.0.1:6379') from None
 
 
 def start_ray(address, cpus):
@@ -981,12 +1011,20 @@ def start_ray(address, cpus):
         raise UsageError('--ray needs Ray, which is not installed; install it with '
                          'pip install -r requirements-ray.txt (or run without --ray)') from None
     import logging
+    if address:
+        check_listening(address)
     runtime_env = {'working_dir': str(REPO), 'excludes': RAY_EXCLUDES}
     try:
-        ray.init(address=address, num_cpus=None if address else cpus, include_dashboard=False,
+        # 'local': a new instance even when RAY_ADDRESS is set or `ray start` left a cluster here
+        # (ray.init(address=None) would join that one, and refuse num_cpus).
+        ray.init(address=address or 'local', num_cpus=None if address else cpus, include_dashboard=False,
                  log_to_driver=False, logging_level=logging.ERROR, runtime_env=runtime_env)
     except (ConnectionError, ValueError, RuntimeError) as e:
-        raise UsageError(f'cannot reach a Ray cluster at {address} ({e}); start one (ray start --head) '
+        why = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        if not address:
+            raise UsageError(f'cannot start a local Ray instance ({why}); fix what it names, or give the '
+                             f'address of a running cluster, e.g. --ray 10.0.0.1:6379') from None
+        raise UsageError(f'cannot reach a Ray cluster at {address} ({why}); start one (ray start --head) '
                          f'or give its address, e.g. --ray 10.0.0.1:6379') from None
     return ray
 
@@ -1010,15 +1048,16 @@ def run_on_ray(todo, sweep, preset, extra, address, threads, signals, progress):
             failed = prepare_folder(job)
             if failed:
                 results.append((job, *failed, 0.0))
-                progress.ended(k, job, *failed, 0.0)
+                progress.ended(k, job, *failed, 0.0, started=False)
                 continue
             args = command_of(dict(job, folder=Path('run')), sweep, preset, worker_extra)
             folder_tar = pack_folder(job['folder']) if job['action'] == 'resume' else None
             ref = task.options(num_cpus=threads, max_retries=RAY_RETRIES, retry_exceptions=False,
                                name=f"{job['variant']}-seed{job['seed']}").remote(
                 args, archive_refs, sha256, threads, folder_tar)
-            pending[ref] = (k, job, time.monotonic(), args)
-            progress.started(k, job, command_of(job, sweep, preset, extra))
+            shown_args = command_of(job, sweep, preset, extra)    # what the run is, in the user's folders
+            pending[ref] = (k, job, time.monotonic(), shown_args)
+            progress.started(k, job, shown_args)
         while pending and not signals.reason:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS * 5)
             for ref in ready:
@@ -1036,10 +1075,16 @@ def run_on_ray(todo, sweep, preset, extra, address, threads, signals, progress):
 
 
 def collect(ray, ref, job, args):
-    """(result, kind) of a finished Ray task: its run folder placed, its output logged."""
+    """(result, kind) of a finished Ray task: its run folder placed, its output logged under a
+    header naming ``args`` (main.py's arguments in this machine's folders)."""
     folder = job['folder']
     try:
         answer = ray.get(ref)
+    except ray.exceptions.RayTaskError as e:      # train_on_worker raised: not retried (retry_exceptions=False)
+        cause = e.cause if getattr(e, 'cause', None) is not None else e
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ''
+        return (f'crashed on its Ray worker ({type(cause).__name__}: {first}); the next run of the sweep '
+                f'tries it again'), CRASHED
     except ray.exceptions.RayError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return (f'crashed on Ray after {RAY_RETRIES + 1} tries ({type(e).__name__}: {first}); the next run '
@@ -1176,7 +1221,9 @@ def run_sweep(args):
             jobs, threads, where = choose_jobs(args.jobs, args.threads, usable_cpus(), available_memory())
             where = f'on this machine: {where}'
         else:
-            threads = args.threads or 1
+            threads = 1 if args.threads is None else args.threads
+            if threads < 1:
+                raise UsageError(f'--threads {threads} is not a positive integer; give e.g. --threads 1')
             jobs, where = None, (f"on Ray ({'a local instance' if not args.ray else args.ray}): each run a "
                                  f'task of {_threads(threads)} (--threads)')
             if args.ray == '' and threads > usable_cpus():
@@ -1201,7 +1248,7 @@ def run_sweep(args):
     skipped = [(job, *skipped_result(job), 0.0) for job in plan if job['action'] not in RUNNING]
     todo = [job for job in plan if job['action'] in RUNNING]
     with Signals() as signals:
-        progress = Progress(len(todo))
+        progress = Progress(len(todo), 'started' if args.ray is None else 'submitted')
         try:
             if args.ray is None:
                 ran = run_locally(todo, sweep, preset, extra, jobs, threads, signals, progress)

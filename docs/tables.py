@@ -15,8 +15,8 @@ and only the text between them is rewritten. The sources:
     best-runs  docs/results.md    the finished runs of the `best` preset under --runs, one row each
     claims     docs/claims.md     <runs>/claims/comparison/comparison.json   (make claims writes it)
     cells      docs/claims.md     the same file: the `pixels` RNN against the GRU and the LSTM
-    levers     docs/results.md    <runs>/levers13/comparison/comparison.json
-                                  (python compare.py runs/levers13 --baseline runs/levers13/base-s0)
+    levers     docs/results.md    <runs>/levers/comparison/comparison.json
+                                  (make sweep SWEEP=sweeps/levers.json writes it)
 
 compare.py's figures of those comparisons are copied over the ones in docs/
 (claims_test_accuracy.png, claims_val_accuracy.png, levers_test_accuracy.png).
@@ -48,6 +48,7 @@ import runfiles                     # noqa: E402
 from config import Config, flag_name  # noqa: E402
 
 PYTHON = '.venv/bin/python'
+CLAIMS_SWEEP = REPO / 'sweeps' / 'claims.json'     # the claims suite: variants and the claim each tests
 FULL_TRAIN = 50_000                  # training images of CIFAR-10 before the 9:1 train/validation split
 # Settings in which two runs of one preset may differ: they change neither what is trained nor what is
 # measured (calibrated_predictions only adds the calibrated probabilities to predictions.npz).
@@ -466,13 +467,6 @@ def claim_verdict(name, v):
     return f'does not hold: reversed ({verdict})'
 
 
-def claims_variant_settings(options):
-    """The overrides {key: value} that a claims.py variant's main.py options make."""
-    parser = argparse.ArgumentParser(add_help=False)
-    config.add_override_flags(parser)
-    return config.overrides_from_args(parser.parse_args(options))
-
-
 def find_variant(variants, overrides):
     for v in variants:
         if {d['key']: d['value'] for d in v['differs']}.keys() == overrides.keys() and all(
@@ -482,19 +476,21 @@ def find_variant(variants, overrides):
 
 
 def render_claims(data, commit, source):
-    import claims        # the suite's variants and the claim each tests
+    import sweep        # the suite's variants and the claim each tests: sweeps/claims.json
+    suite = sweep.load_sweep(CLAIMS_SWEEP)
     variants = data['variants']
     base = next(v for v in variants if v['is_baseline'])
     rows = []
-    for name, (options, claim) in claims.VARIANTS.items():
-        if name == 'baseline':
+    for name, overrides in suite.variants.items():
+        if name == suite.baseline:
             continue
-        v = find_variant(variants, claims_variant_settings(options))
+        options, claim = ' '.join(sweep.option_args(overrides)), suite.about.get(name, name)
+        v = find_variant(variants, overrides)
         if v is None:
-            rows.append([claim, f"`{' '.join(options)}`", 'not run', '-'])
+            rows.append([claim, f"`{options}`", 'not run', '-'])
             continue
         div = f", {v['diverged']} of {len(v['runs'])} diverged" if v['diverged'] else ''
-        rows.append([claim, f"`{' '.join(options)}`",
+        rows.append([claim, f"`{options}`",
                      f"{mean_pm(v['test_acc']['values'])} ({len(v['seeds'])} seeds{div}), {against(v)}",
                      claim_verdict(name, v)])
     head = (f"Baseline (the method's `fast` protocol, unchanged): {mean_pm(base['test_acc']['values'])} over "
@@ -598,7 +594,7 @@ def plan(runs_dir, commit, root=REPO):
              [('docs/claims.md', 'claims', render_claims), ('docs/claims.md', 'cells', render_cells)],
              [('test_accuracy.png', 'docs/claims_test_accuracy.png'),
               ('val_accuracy.png', 'docs/claims_val_accuracy.png')]),
-            (runs_dir / 'levers13' / 'comparison' / 'comparison.json',
+            (runs_dir / 'levers' / 'comparison' / 'comparison.json',
              [('docs/results.md', 'levers', lambda d, c, s: render_levers(d, c, s, presets))],
              [('test_accuracy.png', 'docs/levers_test_accuracy.png')])):
         data = read_comparison(source) if source.is_file() else None

@@ -1,4 +1,5 @@
-"""Tests of claims.py, the suite runner: the plan, refusals, and a tiny suite
+"""Tests of claims.py, the claims suite (sweep.py with sweeps/claims.json, so these also test
+sweep.py's run-folder handling): the plan, refusals, and a tiny suite
 (2 variants x 2 seeds of the smoke preset on a synthetic archive) that
 resumes an interrupted run, restarts a crashed one, keeps a diverged one,
 skips everything on a second pass, stops cleanly on SIGTERM, and ends with
@@ -25,9 +26,15 @@ import pytest
 import claims
 import main
 import runfiles
+import sweep
 from cnn_rnn_numpy import CNNRNN
 from conftest import (REPO_ROOT, build_run_folder, edit_json, make_cifar_archive, make_run_folder,
                       wait_for_handler)
+
+
+# The claims suite as sweep.py reads it: its variants, in the file's order.
+CLAIMS = sweep.load_sweep(claims.CLAIMS_SWEEP)
+VARIANTS = list(CLAIMS.variants)
 
 
 @pytest.fixture(scope='module')
@@ -44,7 +51,7 @@ def plan_lines(out):
     plan = {}
     for line in out.splitlines():
         words = line.split()
-        if len(words) >= 4 and words[0] in claims.VARIANTS and words[1] == 'seed':
+        if len(words) >= 4 and words[0] in VARIANTS and words[1] == 'seed':
             plan.setdefault((words[0], int(words[2])), words[3])
     return plan
 
@@ -53,7 +60,7 @@ def test_the_dry_run_prints_the_plan_and_every_command_and_runs_nothing(tmp_path
     runs = tmp_path / 'claims'
     assert claims.main(['--runs-dir', str(runs), '--dry-run']) == 0
     out = capsys.readouterr().out
-    assert plan_lines(out) == {(v, s): 'run' for v in claims.VARIANTS for s in (0, 1, 2)}
+    assert plan_lines(out) == {(v, s): 'run' for v in VARIANTS for s in (0, 1, 2)}
     command = 'python main.py --preset fast --subset 0.4 --set weight_decay=0 --seed 1 --out'
     assert f"{command} {runs / 'no-weight-decay-seed1'}" in out
     for options in ('--set clip=0', '--set warmup_epochs=0', '--set decay=1', '--set augment=false',
@@ -64,7 +71,7 @@ def test_the_dry_run_prints_the_plan_and_every_command_and_runs_nothing(tmp_path
 
 @pytest.mark.parametrize('args, words', [
     (['--only', 'baseline', 'no-dropout'], 'unknown variant no-dropout'),
-    (['--seeds', '-1'], '--seeds -1'),
+    (['--seeds', '-1'], '--seeds holds -1'),
     (['--seeds', '0', '0'], 'repeats a seed'),
     (['--extra', '--seed 3'], '--extra cannot contain --seed'),
     (['--extra', '--data-dir "x'], 'quotes'),
@@ -80,9 +87,9 @@ def test_bad_arguments_exit_2_with_one_sentence(tmp_path, capsys, args, words):
 
 def test_a_resumed_run_keeps_only_the_options_main_py_allows_on_resume(tmp_path):
     extra = shlex.split('--data-dir /d --epochs 1 --max-hours=0.5 --subset 1')
-    assert claims.resume_args(tmp_path / 'r', extra) == [
+    assert sweep.resume_args(tmp_path / 'r', extra) == [
         '--resume', str(tmp_path / 'r' / 'ckpt.npz'), '--data-dir', '/d', '--max-hours=0.5']
-    assert claims.resume_args(tmp_path / 'r', [], evaluate=True)[-1] == '--evaluate'
+    assert sweep.resume_args(tmp_path / 'r', [], evaluate=True)[-1] == '--evaluate'
 
 
 def test_a_tiny_suite_resumes_restarts_keeps_divergence_skips_and_compares(data_dir, tmp_path, capfd,
@@ -91,7 +98,7 @@ def test_a_tiny_suite_resumes_restarts_keeps_divergence_skips_and_compares(data_
     extra = smoke_extra(data_dir)
     tokens = shlex.split(extra)
     # baseline seed 0: interrupted by its time budget in its first step (a checkpoint, stopped early).
-    assert main.run(claims.train_args('baseline', 0, runs / 'baseline-seed0', 'smoke', tokens)
+    assert main.run(sweep.train_args(CLAIMS, 'baseline', 0, runs / 'baseline-seed0', 'smoke', tokens)
                     + ['--max-hours', '1e-9']) == 0
     # flat seed 1: diverged at its first step (no checkpoint, the error in train.log).
     real_loss = CNNRNN.loss
@@ -100,7 +107,7 @@ def test_a_tiny_suite_resumes_restarts_keeps_divergence_skips_and_compares(data_
         _, grads, details = real_loss(self, X, y, **kw)
         return float('nan'), grads, details
     monkeypatch.setattr(CNNRNN, 'loss', diverging)
-    assert main.run(claims.train_args('flat', 1, runs / 'flat-seed1', 'smoke', tokens)) == 1
+    assert main.run(sweep.train_args(CLAIMS, 'flat', 1, runs / 'flat-seed1', 'smoke', tokens)) == 1
     monkeypatch.undo()
     # flat seed 0: killed in its first epoch (config.json and train.log, no checkpoint, no record).
     build_run_folder(runs / 'flat-seed0', runfiles.read_config(runs / 'flat-seed1'),
@@ -137,7 +144,8 @@ def test_a_tiny_suite_resumes_restarts_keeps_divergence_skips_and_compares(data_
 def test_sigterm_stops_the_running_main_py_cleanly_and_then_the_suite(data_dir, tmp_path):
     runs = tmp_path / 'claims'
     proc = subprocess.Popen([sys.executable, 'claims.py', '--runs-dir', str(runs), '--preset', 'smoke',
-                             '--only', 'baseline', '--seeds', '0', '1', '--extra', f'--data-dir {data_dir} --subset 1'],
+                             '--only', 'baseline', '--seeds', '0', '1', '--jobs', '1', '--extra',
+                             f'--data-dir {data_dir} --subset 1'],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # main.py writes config.json after installing its signal handlers, just before training.
     deadline = time.time() + 60
@@ -145,11 +153,11 @@ def test_sigterm_stops_the_running_main_py_cleanly_and_then_the_suite(data_dir, 
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == claims.EXIT_INTERRUPTED, output
+    assert proc.returncode == sweep.EXIT_INTERRUPTED, output
     metrics = json.loads((runs / 'baseline-seed0' / 'metrics.json').read_text())
     assert metrics['stopped_early'] is True and 'SIGTERM' in metrics['stop_reason']
     assert not (runs / 'baseline-seed1').exists() and 'run the same command again' in output
-    assert claims.plan_run(runs / 'baseline-seed0') == {'action': 'resume', 'detail': '', 'evaluate': False}
+    assert sweep.plan_run(runs / 'baseline-seed0') == {'action': 'resume', 'detail': '', 'evaluate': False}
 
 
 # --------------------------------------------------------------------------
@@ -228,11 +236,12 @@ def fake_main(tmp_path):
 def claims_cli(fake, *args, plan=None, cwd=REPO_ROOT):
     """Run the claims suite in a process of its own, with main.py replaced by the fake one.
 
-    claims.py's own code runs unchanged (its main(), the subprocesses, the exit code); only the
-    path of the script it runs for each run is the fake's. Returns (exit code, stdout, stderr).
+    claims.py's and sweep.py's own code runs unchanged (main(), the subprocesses, the exit code);
+    only the path of the script sweep.py runs for each run (sweep.MAIN) is the fake's.
+    Returns (exit code, stdout, stderr).
     """
     path, log = fake
-    runner = ('import sys, claims; claims.MAIN = sys.argv.pop(1); sys.argv[0] = "claims.py"; '
+    runner = ('import sys, claims, sweep; sweep.MAIN = sys.argv.pop(1); sys.argv[0] = "claims.py"; '
               'sys.exit(claims.main(sys.argv[1:]))')
     env = dict(os.environ, FAKE_MAIN_LOG=str(log), FAKE_MAIN_PLAN=json.dumps(plan or {}), REPO_ROOT=str(REPO_ROOT),
                PYTHONPATH=str(REPO_ROOT))
@@ -248,11 +257,11 @@ def invocations(fake):
 
 def result_lines(out):
     """{(variant, seed): its line of the results at the end} from claims.py's output."""
-    results = out[out.index('Claims suite results:'):]
+    results = out[out.index('Sweep results:'):]
     lines = {}
     for line in results.splitlines():
         words = line.split()
-        if len(words) >= 3 and words[0] in claims.VARIANTS and words[1] == 'seed':
+        if len(words) >= 3 and words[0] in VARIANTS and words[1] == 'seed':
             lines[(words[0], int(words[2]))] = line
     return lines
 
@@ -366,7 +375,7 @@ def test_a_damaged_run_is_set_aside_never_resumed_and_the_fix_it_names_works(tmp
     # next run of the suite starts it afresh.
     for seed, how in enumerate(list(DAMAGES)[:4]):
         line = lines[('baseline', seed)]
-        move = shlex.split(line[line.index('mv '):].split(' and run the suite again')[0])
+        move = shlex.split(line[line.index('mv '):].split(' and run the sweep again')[0])
         assert subprocess.run(move, timeout=CLI_TIMEOUT).returncode == 0, line
     code, out, err = claims_cli(fake_main, *args[:-len(DAMAGES)], 0, 1, 2, 3)
     assert code == 0 and set(plan_lines(out).values()) == {'run'}, (out, err)
@@ -381,6 +390,9 @@ def test_a_resume_that_main_py_refuses_is_a_failure_not_a_promise(tmp_path, fake
     assert code == 2, (out, err)
     line = result_lines(out)[('baseline', 0)]
     assert 'refused by main.py (exit 2' in line and 'resume it' not in line
+    # main.py's output went to the run's .out file; its last line, the reason, is quoted.
+    assert f"refused by main.py (exit 2: error: {runs / 'baseline-seed0'} is refused for this test)" in line
+    assert 'is refused for this test' in (runs / 'baseline-seed0.out').read_text()
 
 
 def test_a_folder_without_a_checkpoint_is_moved_aside_never_answered_with_resume(tmp_path, fake_main):
@@ -431,7 +443,7 @@ def test_bad_arguments_through_the_command_line(tmp_path):
 def test_an_unexpected_error_is_a_crash_with_exit_3_and_one_line(tmp_path, capsys, monkeypatch):
     def broken(*args):
         raise ZeroDivisionError('a bug')
-    monkeypatch.setattr(claims, 'make_plan', broken)
+    monkeypatch.setattr(sweep, 'make_plan', broken)
     assert claims.main(['--runs-dir', str(tmp_path / 'c'), '--dry-run']) == 3
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and 'claims.py crashed (ZeroDivisionError: a bug)' in err

@@ -183,7 +183,7 @@ def unknown_options(cmds, options):
 
 def test_every_python_command_names_a_script_and_options_that_exist(script_options):
     cmds = python_commands(PAGES)
-    assert len(cmds) > 40 and {'main.py', 'viz.py', 'compare.py', 'claims.py'} <= {c[1] for c in cmds}
+    assert len(cmds) > 40 and {'main.py', 'viz.py', 'compare.py', 'claims.py', 'sweep.py'} <= {c[1] for c in cmds}
     assert unknown_options(cmds, script_options) == []
 
 
@@ -228,7 +228,7 @@ def test_the_makefile_lists_every_target_in_phony_and_in_its_header(script_optio
     assert problems == []
     # make bench runs every benchmark a user should run.
     bench = re.search(r'^bench:(.*)$', MAKEFILE.read_text(encoding='utf-8'), flags=re.M).group(1).split()
-    assert set(bench) == {'bench-speed', 'bench-faults', 'bench-loop', 'bench-data'}
+    assert set(bench) == {'bench-speed', 'bench-faults', 'bench-loop', 'bench-data', 'bench-sweep'}
 
 
 @pytest.mark.skipif(shutil.which('make') is None, reason='make is not installed')
@@ -380,7 +380,7 @@ def fake_runs(tmp_path_factory):
         finished_run(claims_dir, f'no-weight-decay-seed{seed}', seed, 0.30 + 0.01 * seed, weight_decay=0)
         finished_run(claims_dir, f'flat-seed{seed}', seed, 0.62 + 0.01 * seed, seq_layout='flat')
         finished_run(claims_dir, f'gru-seed{seed}', seed, 0.455 - 0.01 * seed, cell='gru')
-    levers = runs / 'levers13'
+    levers = runs / 'levers'
     sv = {'test_acc': 0.7, 'test_loss': 1.0, 'ece': 0.012}
     for seed in (0, 1, 2):
         finished_run(levers, f'base-s{seed}', seed, 0.72 + 0.005 * seed, preset='best', epochs=10,
@@ -412,7 +412,7 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
     changed = tables.apply(tables.plan(fake_runs, 'abc1234', root=root), root=root, log=print)
     figures = {'docs/claims_test_accuracy.png': 'claims/comparison/test_accuracy.png',
                'docs/claims_val_accuracy.png': 'claims/comparison/val_accuracy.png',
-               'docs/levers_test_accuracy.png': 'levers13/comparison/test_accuracy.png'}
+               'docs/levers_test_accuracy.png': 'levers/comparison/test_accuracy.png'}
     assert sorted(changed) == sorted(['README.md', 'docs/claims.md', 'docs/results.md', *figures])
     assert ': kept' not in capsys.readouterr().out
     for page, source in figures.items():      # compare.py's figures of the same runs, copied
