@@ -11,6 +11,11 @@ Architecture (one image of shape (3, 32, 32)):
     a tanh RNN (or GRU, LSTM), H=128 units, h_0 = 0    h_T (128,)
     affine H->10, softmax cross-entropy
 
+That is the method, and the default. Other backbones are preset keys (``CNNRNN``'s widths,
+convs_per_block, batchnorm): blocks of 3x3 convolutions, a 2x2 max-pool after the first of each
+block, each convolution followed by [BatchNorm and] ReLU (``backbone_layers``, ``backbone_forward``);
+the layouts read the last map, whatever its size.
+
 Every layer is a pair of functions in the CS231n style: ``*_forward`` returns
 ``(out, cache)`` and ``*_backward`` takes the upstream gradient and the cache
 and returns the gradients. ``CNNRNN.loss`` chains them. The recurrent cells
@@ -47,10 +52,12 @@ from typing import Callable
 
 import numpy as np
 
-from data_utils import NUM_CLASSES
-from fast_layers import (batch_slices, col2im_3x3, conv_stack_backward, conv_stack_forward, conv_weight_grad,
+import fast_layers
+from data_utils import IMAGE_SHAPE, NUM_CLASSES
+from fast_layers import (ConvLayer, batch_slices, col2im_3x3, conv_layer_backward, conv_layer_forward,
+                         conv_layer_weights, conv_stack_backward, conv_stack_forward, conv_weight_grad,
                          conv_weight_matrix, im2col_3x3, input_grad_taps, map_on_threads, pool_blocks_backward,
-                         pool_blocks_forward, sum_in_order, thread_count)
+                         pool_blocks_forward, sum_in_order, thread_count, winograd_kernel_transform_backward)
 from runfiles import RunFileError, read_npz, write_npz
 
 FORMAT_VERSION = 1
@@ -61,8 +68,25 @@ SEQ_LAYOUTS = ('pixels', 'rows', 'flat')
 MODEL_DTYPES = ('float32', 'float64')   # float32 to train, float64 for gradient checks
 RNN_INITS = ('xavier', 'orthogonal')
 # The recurrent cells (CELL_TABLE, CELLS, CELL_GATES) are registered after their functions, below.
-# Parameters that carry L2 weight decay (biases are not decayed).
+# The parameters of the method's model that carry L2 weight decay (biases are not decayed);
+# CNNRNN.decayed_names() gives them for any backbone: every convK_W, then these three.
 DECAYED_PARAMS = ('conv1_W', 'conv2_W', 'W_xh', 'W_hh', 'W_ho')
+RECURRENT_DECAYED = ('W_xh', 'W_hh', 'W_ho')
+# The backbone. Each block halves the map with a 2x2 max-pool, so at most MAX_BLOCKS blocks
+# leave a pixel of the 32x32 image. The method's is two blocks of one 64-channel convolution
+# without BatchNorm; files written before the backbone was configurable hold that one.
+IMAGE_SIDE = IMAGE_SHAPE[1]
+MAX_BLOCKS = IMAGE_SIDE.bit_length() - 1
+METHOD_BACKBONE = {'widths': [64, 64], 'convs_per_block': 1, 'batchnorm': False,
+                   'bn_momentum': 0.1, 'bn_eps': 1e-5}
+# BatchNorm's running statistics bnK_mean, bnK_var: kept in params (so files, checkpoints and the
+# weight average carry them), but measured by the forward pass in train mode, not trained.
+RUNNING_STATISTICS = ('_mean', '_var')
+
+
+def is_running_statistic(name):
+    """True for BatchNorm's running statistics (bnK_mean, bnK_var): parameters that are not trained."""
+    return name.startswith('bn') and name.endswith(RUNNING_STATISTICS)
 
 
 class ModelFileError(RunFileError):
@@ -251,6 +275,143 @@ def batchnorm_backward(dout, cache):
     dx -= (dbeta / n).astype(dtype)
     dx *= g
     return dx.reshape(dout.shape), dgamma.astype(dtype), dbeta.astype(dtype)
+
+
+# --------------------------------------------------------------------------
+# A configurable backbone: blocks of convolutions, with or without BatchNorm
+# --------------------------------------------------------------------------
+# The method's two blocks run on fast_layers.conv_stack_forward. Any other
+# backbone (CNNRNN's widths, convs_per_block, batchnorm) runs here, its
+# convolutions by fast_layers.conv_layer_forward in micro-batches of CONV_CHUNK
+# images on the worker threads, as the method's. A BatchNorm in train mode
+# normalises with the statistics of the whole batch, so it is a sync point:
+# the micro-batches of the convolutions before it are joined into one map, the
+# BatchNorm and the ReLU after it run on that map, and the next convolutions
+# are cut into micro-batches again. Without BatchNorm (or in eval mode, where
+# it is per image) nothing needs the whole batch and all convolutions of the
+# backbone run in one pass per micro-batch. Sums over micro-batches go left to
+# right (sum_in_order) and BatchNorm's statistics are reductions over one map,
+# so the result does not depend on which thread finished first.
+
+def backbone_layers(widths, convs_per_block, batchnorm):
+    """The convolutions of a backbone, in order, as fast_layers.ConvLayer.
+
+    Block i (widths[i] channels): conv -> pool -> [BN] -> ReLU, then convs_per_block - 1
+    times conv -> [BN] -> ReLU on the pooled map. (Pooling right after the first
+    convolution, as the method's fused block does: with ReLU, conv -> ReLU -> pool is the
+    same as conv -> pool -> ReLU; with BN, airbench's order puts BN on the 4x smaller map.)
+    Every convolution but the first (whose input is the image: 3 channels, too few for
+    Winograd's transforms to pay) is computed by Winograd where its map's sides are even.
+    """
+    layers, k, side = [], 0, IMAGE_SIDE
+    for _ in widths:
+        for j in range(convs_per_block):
+            k += 1
+            layers.append(ConvLayer(k=k, pool=(j == 0), bn=bool(batchnorm), winograd=k > 1 and side % 2 == 0))
+            if j == 0:
+                side //= 2
+    return layers
+
+
+def backbone_stages(layers, train):
+    """The layers cut at the sync points: a stage ends after a BatchNorm in train mode."""
+    stages, current = [], []
+    for layer in layers:
+        current.append(layer)
+        if layer.bn and train:
+            stages.append(current)
+            current = []
+    return stages + ([current] if current else [])
+
+
+def backbone_forward(x, p, layers, train, momentum=0.1, eps=1e-5, chunk=None):
+    """The convolutional backbone over a batch, in micro-batches of ``chunk`` images on the workers.
+
+    Inputs:
+    - x: (N, S, S, 3) NHWC images (S = 32 for CIFAR-10; any S divisible by 2**blocks)
+    - p: the model's params (convK_W, convK_b, and bnK_* for layers with bn)
+    - layers: ``backbone_layers(...)``
+    - train: BatchNorm with the batch's statistics (and new running ones), else the running ones
+    - momentum, eps: BatchNorm's, as torch.nn.BatchNorm2d
+    - chunk: images per micro-batch (default fast_layers.CONV_CHUNK)
+
+    Returns a tuple of:
+    - fmap: (N, R, R, C) the last map, R = S / 2**blocks, C = the last width
+    - cache: for ``backbone_backward``
+    - running: {bnK_mean: (C_K,), bnK_var: (C_K,)} the updated running statistics (train mode
+      with BatchNorm; else empty), new arrays: the caller decides when they replace p's
+    """
+    chunk = chunk or fast_layers.CONV_CHUNK
+    weights = {layer.k: conv_layer_weights(p[f'conv{layer.k}_W'], layer.winograd) for layer in layers}
+    h, caches, running = x, [], {}
+    for stage in backbone_stages(layers, train):
+        def micro_batch(start, h=h, stage=stage):
+            out, layer_caches = h[start:start + chunk], []
+            for layer in stage:
+                k = layer.k
+                out, conv_cache = conv_layer_forward(out, p[f'conv{k}_W'], weights[k], p[f'conv{k}_b'], layer,
+                                                     relu=not layer.bn)
+                bn_cache = None
+                if layer.bn and not train:     # eval mode: per image, so inside the micro-batch
+                    out, bn_cache, _, _ = batchnorm_forward(out, p[f'bn{k}_gamma'], p[f'bn{k}_beta'],
+                                                            p[f'bn{k}_mean'], p[f'bn{k}_var'], False, momentum, eps)
+                    np.maximum(out, 0, out=out)
+                layer_caches.append((conv_cache, bn_cache, out if bn_cache is not None else None))
+            return out, layer_caches
+        results = map_on_threads(micro_batch, range(0, h.shape[0], chunk))
+        h = np.concatenate([out for out, _ in results])
+        synced = None
+        last = stage[-1]
+        if last.bn and train:                # the sync point: the statistics of the whole batch
+            k = last.k
+            h, bn_cache, running[f'bn{k}_mean'], running[f'bn{k}_var'] = batchnorm_forward(
+                h, p[f'bn{k}_gamma'], p[f'bn{k}_beta'], p[f'bn{k}_mean'], p[f'bn{k}_var'], True, momentum, eps)
+            np.maximum(h, 0, out=h)           # BN's output is new; its cache holds x-hat, not this
+            synced = (bn_cache, h)
+        caches.append((stage, [c for _, c in results], synced))
+    return h, (caches, chunk, layers[0].k), running
+
+
+def backbone_backward(dmap, cache, input_grad=False):
+    """Backward through ``backbone_forward``, stage by stage from the last.
+
+    At a sync point the ReLU's and BatchNorm's gradients are taken over the whole map
+    (dgamma, dbeta and the mean terms of dx need every image) before dx is cut into the
+    micro-batches of the convolutions before it.
+
+    Inputs:
+    - dmap: (N, R, R, C) gradient of the last map
+    - cache: from ``backbone_forward``
+    - input_grad: also compute the gradient with respect to the input
+
+    Returns a tuple of:
+    - grads: {convK_W, convK_b, bnK_gamma, bnK_beta} summed over micro-batches
+    - dx: (N, S, S, 3), or None without input_grad
+    """
+    caches, chunk, first = cache
+    grads, d = {}, dmap
+    for stage, chunk_caches, synced in reversed(caches):
+        if synced is not None:
+            bn_cache, relu_out = synced
+            k = stage[-1].k
+            d, grads[f'bn{k}_gamma'], grads[f'bn{k}_beta'] = batchnorm_backward(d * (relu_out > 0), bn_cache)
+
+        def micro_batch(i, d=d, stage=stage):
+            dout, g = d[i * chunk:(i + 1) * chunk], {}
+            for layer, (conv_cache, bn_cache, relu_out) in reversed(list(zip(stage, chunk_caches[i]))):
+                k = layer.k
+                if bn_cache is not None:      # eval-mode BatchNorm inside the micro-batch
+                    dout, g[f'bn{k}_gamma'], g[f'bn{k}_beta'] = batchnorm_backward(dout * (relu_out > 0), bn_cache)
+                dout, g[f'conv{k}_U' if layer.winograd else f'conv{k}_W'], g[f'conv{k}_b'] = conv_layer_backward(
+                    dout, conv_cache, need_dx=input_grad or k != first)
+            return dout, g
+        results = map_on_threads(micro_batch, range(len(chunk_caches)))
+        grads.update({name: sum_in_order([g[name] for _, g in results]) for name in results[0][1]})
+        d = np.concatenate([dx for dx, _ in results]) if results[0][0] is not None else None
+    for name in [n for n in grads if n.endswith('_U')]:
+        # The kernel transform is linear: transform the summed dU back once.
+        grads[name[:-1] + 'W'] = winograd_kernel_transform_backward(grads.pop(name))
+    return grads, d
 
 
 # --------------------------------------------------------------------------
@@ -767,20 +928,61 @@ def softmax_loss(logits, y, smoothing=0.0):
 # The model
 # --------------------------------------------------------------------------
 
-class CNNRNN:
-    """Two conv blocks, a recurrent cell over the feature map, a softmax head.
+def backbone_problem(widths, convs_per_block, batchnorm, bn_momentum, bn_eps):
+    """Why these backbone settings cannot build a model, in a few words; None if they can."""
+    def integer(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+    if (not isinstance(widths, (list, tuple)) or not 1 <= len(widths) <= MAX_BLOCKS
+            or not all(integer(w) and w > 0 for w in widths)):
+        return (f'widths = {widths!r} is not a list of 1 to {MAX_BLOCKS} positive integers (each block '
+                f'halves the {IMAGE_SIDE}x{IMAGE_SIDE} map, so more would leave no pixel)')
+    if not integer(convs_per_block) or convs_per_block < 1:
+        return f'convs_per_block = {convs_per_block!r} is not an integer >= 1'
+    if not isinstance(batchnorm, (bool, np.bool_)):
+        return f'batchnorm = {batchnorm!r} is not true or false'
+    number = (int, float, np.integer, np.floating)
+    if not isinstance(bn_momentum, number) or isinstance(bn_momentum, bool) or not 0 < bn_momentum <= 1:
+        return f'bn_momentum = {bn_momentum!r} is not a number in (0, 1]'
+    if not isinstance(bn_eps, number) or isinstance(bn_eps, bool) or not 0 < bn_eps < float('inf'):
+        return f'bn_eps = {bn_eps!r} is not a finite number > 0'
+    return None
 
-    Parameters (``self.params``), H = hidden, D = 64 ('pixels'), 512 ('rows') or 4096 ('flat'),
-    G = the cell's gate blocks (``CELL_TABLE``: 1 'rnn', 3 'gru', 4 'lstm'):
-      conv1_W (64, 3, 3, 3), conv1_b (64,), conv2_W (64, 64, 3, 3), conv2_b (64,),
+
+class CNNRNN:
+    """Conv blocks, a recurrent cell over the last feature map, a softmax head.
+
+    The backbone: len(widths) blocks (``backbone_layers``); block i has convs_per_block 3x3
+    convolutions of widths[i] channels, a 2x2 max-pool after the first, each convolution
+    followed by [BatchNorm and] ReLU. The default, two blocks of one 64-channel convolution
+    without BatchNorm, is the method's and runs on its fused kernels (conv_stack_forward).
+    The last map is (R, R, C), R = 32 / 2**len(widths), C = widths[-1].
+
+    Parameters (``self.params``; ``param_shapes()`` gives them in this order, the order of
+    files, while a new model's dict holds them in the order they are drawn at initialisation,
+    which the gradients and the optimizer follow); convolutions numbered K = 1, 2, ... through
+    all blocks, O_K their widths, I_K their inputs (3 for the first); H = hidden; D = C
+    ('pixels'), R*C ('rows') or R*R*C ('flat'); G = the cell's gate blocks (``CELL_TABLE``:
+    1 'rnn', 3 'gru', 4 'lstm'):
+      convK_W (O_K, I_K, 3, 3), convK_b (O_K,), and with batchnorm bnK_gamma, bnK_beta,
+      bnK_mean, bnK_var (O_K,), for each K in turn;
       W_xh (D, G*H), W_hh (H, G*H), b_h (G*H,), W_ho (H, 10), b_o (10,),
-      then the cell's extra parameters (b_hn (H,) for 'gru')
+      then the cell's extra parameters (b_hn (H,) for 'gru').
+    The method's: conv1_W (64, 3, 3, 3), conv1_b (64,), conv2_W (64, 64, 3, 3), conv2_b (64,),
+    then the recurrent ones with D = 64 ('pixels'), 512 ('rows') or 4096 ('flat').
+
+    BatchNorm's running statistics bnK_mean and bnK_var are in ``params`` (files, checkpoints
+    and weight averages carry them) but never in the gradients: ``loss`` (train mode)
+    normalises with the batch's statistics and then writes the updated running statistics
+    into ``params``; ``forward``, ``features`` and ``predict_proba`` (eval mode) use them.
+    ``trained_names()`` lists the parameters an optimizer updates. A convolution followed by
+    BatchNorm keeps its bias convK_b (the public names are the same for every convolution);
+    added before the BatchNorm, which subtracts the batch mean, it gets a zero gradient in
+    train mode (up to rounding) and stays at its initial 0, BatchNorm's beta doing its job.
     """
 
-    channels = 64
-
     def __init__(self, seq_layout='pixels', hidden=128, reg=5e-4, seed=0,
-                 dtype=np.float32, rnn_init='orthogonal', cell='rnn'):
+                 dtype=np.float32, rnn_init='orthogonal', cell='rnn', widths=(64, 64), convs_per_block=1,
+                 batchnorm=False, bn_momentum=0.1, bn_eps=1e-5):
         if seq_layout not in SEQ_LAYOUTS:
             raise ValueError(f'unknown sequence layout {seq_layout!r}; use one of {SEQ_LAYOUTS}')
         if cell not in CELLS:
@@ -793,6 +995,9 @@ class CNNRNN:
             raise ValueError(f'reg must be >= 0, got {reg}')
         if np.dtype(dtype).name not in MODEL_DTYPES:
             raise ValueError(f'dtype must be one of {MODEL_DTYPES}, got {np.dtype(dtype).name}')
+        problem = backbone_problem(widths, convs_per_block, batchnorm, bn_momentum, bn_eps)
+        if problem:
+            raise ValueError(problem)
         self.seq_layout = seq_layout
         self.hidden = int(hidden)
         self.reg = float(reg)
@@ -800,6 +1005,15 @@ class CNNRNN:
         self.dtype = np.dtype(dtype)
         self.rnn_init = rnn_init
         self.cell = cell
+        self.widths = tuple(int(w) for w in widths)
+        self.convs_per_block = int(convs_per_block)
+        self.batchnorm = bool(batchnorm)
+        self.bn_momentum = float(bn_momentum)
+        self.bn_eps = float(bn_eps)
+        self.layers = backbone_layers(self.widths, self.convs_per_block, self.batchnorm)
+        # The method's backbone keeps its own fused path (conv_stack_forward), bit for bit.
+        self.method_backbone = (list(self.widths) == METHOD_BACKBONE['widths']
+                                and self.convs_per_block == 1 and not self.batchnorm)
         self.params = self._init_params(np.random.default_rng(self.seed))
 
     # ---- configuration -------------------------------------------------
@@ -807,20 +1021,46 @@ class CNNRNN:
         """The constructor arguments, JSON-serialisable."""
         return {'seq_layout': self.seq_layout, 'hidden': self.hidden, 'reg': self.reg,
                 'seed': self.seed, 'dtype': self.dtype.name, 'rnn_init': self.rnn_init,
-                'cell': self.cell}
+                'cell': self.cell, 'widths': list(self.widths), 'convs_per_block': self.convs_per_block,
+                'batchnorm': self.batchnorm, 'bn_momentum': self.bn_momentum, 'bn_eps': self.bn_eps}
+
+    @property
+    def channels(self):
+        """C, the channels of the last map (the last width)."""
+        return self.widths[-1]
+
+    @property
+    def map_side(self):
+        """R, the rows (and columns) of the last map of a 32x32 image."""
+        return IMAGE_SIDE >> len(self.widths)
 
     def param_shapes(self):
         """Expected shape of every parameter, keyed like ``params``, in their fixed order."""
-        C, H = self.channels, self.hidden
-        _, D = sequence_length_and_size(self.seq_layout, 8, 8, C)
+        C, H, R = self.channels, self.hidden, self.map_side
+        _, D = sequence_length_and_size(self.seq_layout, R, R, C)
         recurrent = CELL_TABLE[self.cell].shapes(D, H)
-        shapes = {'conv1_W': (C, 3, 3, 3), 'conv1_b': (C,),
-                  'conv2_W': (C, C, 3, 3), 'conv2_b': (C,),
-                  **{name: recurrent.pop(name) for name in ('W_xh', 'W_hh', 'b_h')},
-                  'W_ho': (H, NUM_CLASSES), 'b_o': (NUM_CLASSES,)}
+        shapes, inputs = {}, IMAGE_SHAPE[0]
+        for layer in self.layers:
+            k, O = layer.k, self.widths[(layer.k - 1) // self.convs_per_block]
+            shapes[f'conv{k}_W'], shapes[f'conv{k}_b'] = (O, inputs, 3, 3), (O,)
+            if layer.bn:
+                shapes.update({f'bn{k}_{part}': (O,) for part in ('gamma', 'beta', 'mean', 'var')})
+            inputs = O
+        shapes.update({**{name: recurrent.pop(name) for name in ('W_xh', 'W_hh', 'b_h')},
+                       'W_ho': (H, NUM_CLASSES), 'b_o': (NUM_CLASSES,)})
         # The cell's extra parameters come last. The order matters beyond files:
         # gradient norms are summed in it, so it is part of bit-identical training.
         return {**shapes, **recurrent}
+
+    def trained_names(self):
+        """The names of the parameters an optimizer updates (all but BatchNorm's running
+        statistics), in the order of ``params``: the keys of ``loss``'s gradients, in their order."""
+        return [name for name in self.params if not is_running_statistic(name)]
+
+    def decayed_names(self):
+        """The parameters the L2 term covers, in the order it sums them: every convK_W, then
+        W_xh, W_hh and W_ho (never biases or BatchNorm's parameters)."""
+        return [f'conv{layer.k}_W' for layer in self.layers] + list(RECURRENT_DECAYED)
 
     def _init_params(self, rng):
         """He for the convolutions, Xavier for W_xh (per gate block) and W_ho,
@@ -831,7 +1071,7 @@ class CNNRNN:
         H, G = self.hidden, cell.gates
         p = {}
         # He initialisation for the ReLU convolutions: std = sqrt(2 / fan_in).
-        for name in ('conv1_W', 'conv2_W'):
+        for name in (f'conv{layer.k}_W' for layer in self.layers):
             O, I, kh, kw = shapes[name]
             p[name] = rng.standard_normal(shapes[name]) * np.sqrt(2.0 / (I * kh * kw))
         # Xavier (Glorot) for the tanh/sigmoid and linear layers: std = sqrt(2 / (fan_in + fan_out)),
@@ -852,25 +1092,35 @@ class CNNRNN:
         p['W_hh'] = np.concatenate(blocks, axis=1)
         for name in shapes:
             if name not in p:
-                p[name] = np.zeros(shapes[name])
+                # BatchNorm starts as the identity on a standardised map: gamma 1, beta 0; running
+                # statistics those of a standard normal, as torch's (mean 0, var 1).
+                p[name] = (np.ones if name.endswith(('_gamma', '_var')) else np.zeros)(shapes[name])
         if cell.gate_bias is not None:
             p['b_h'][:] = np.repeat(cell.gate_bias, H)
         # The draws above are in a fixed order (and so is this dict): a seed gives the same model.
         return {k: np.ascontiguousarray(v, dtype=self.dtype) for k, v in p.items()}
 
     # ---- forward / backward --------------------------------------------
-    def _forward(self, X):
+    def _forward(self, X, train=False):
         """Forward pass up to the logits, keeping the caches for backward.
 
-        X: (N, 3, 32, 32) images. Returns logits (N, 10), h_T (N, H), caches.
+        X: (N, 3, 32, 32) images (with the 'pixels' layout any (N, 3, S, S) whose S is divisible
+        by 2**len(widths): D does not depend on the map's size). train: BatchNorm with the
+        batch's statistics (no effect without BatchNorm). Returns logits (N, 10), h_T (N, H),
+        caches, and {bnK_mean, bnK_var: updated running statistics} (train mode; else empty).
         """
         p = self.params
         x = np.asarray(X, dtype=self.dtype).transpose(0, 2, 3, 1)       # NCHW -> NHWC view
-        fmap, c_conv = conv_stack_forward(x, p)                          # (N,8,8,64)
+        if self.method_backbone:
+            fmap, c_conv = conv_stack_forward(x, p)                      # (N,8,8,64)
+            running = {}
+        else:
+            fmap, c_conv, running = backbone_forward(x, p, self.layers, train, self.bn_momentum,
+                                                     self.bn_eps)        # (N,R,R,C)
         seq = map_to_sequence(fmap, self.seq_layout)                     # (N,T,D)
         h_T, c_rnn = recurrent_forward(seq, p, self.cell)                # (N,H)
         logits, c_out = affine_forward(h_T, p['W_ho'], p['b_o'])         # (N,10)
-        return logits, h_T, (c_conv, fmap.shape, c_rnn, c_out)
+        return logits, h_T, (c_conv, fmap.shape, c_rnn, c_out), running
 
     def loss(self, X, y, input_grad=False, details=False, label_smoothing=0.0):
         """Loss and gradients on a batch.
@@ -886,27 +1136,36 @@ class CNNRNN:
           (cross-entropy without the L2 term), so a training loop can report
           both without a second pass
 
+        Train mode: BatchNorm normalises with the batch's statistics, and the updated running
+        statistics replace (in place) bnK_mean and bnK_var of ``params`` after the forward pass.
+
         Returns a tuple of:
         - loss: mean (smoothed) cross-entropy + reg/2 * sum of squared decayed weights
-        - grads: dict keyed like ``params``
+        - grads: dict keyed like ``trained_names()`` (all of ``params`` but the running statistics)
         - details: {'logits', 'data_loss'}, only when details is True
         """
         p = self.params
-        logits, _, (c_conv, map_shape, c_rnn, c_out) = self._forward(X)
+        logits, _, (c_conv, map_shape, c_rnn, c_out), running = self._forward(X, train=True)
+        for name, value in running.items():
+            # In place: whoever holds the arrays (the optimizer's dict, a test) sees the new values.
+            np.copyto(p[name], value)
         data_loss, dlogits = softmax_loss(logits, np.asarray(y), smoothing=label_smoothing)
         dh, dW_ho, db_o = affine_backward(dlogits, c_out)
         rnn_grads, dseq = recurrent_backward(dh, c_rnn, self.cell)
-        conv_grads, dx = conv_stack_backward(sequence_to_map(dseq, self.seq_layout, map_shape), c_conv,
-                                             input_grad=input_grad)
+        dmap = sequence_to_map(dseq, self.seq_layout, map_shape)
+        if self.method_backbone:
+            conv_grads, dx = conv_stack_backward(dmap, c_conv, input_grad=input_grad)
+        else:
+            conv_grads, dx = backbone_backward(dmap, c_conv, input_grad=input_grad)
         grads = {**conv_grads, **rnn_grads, 'W_ho': dW_ho, 'b_o': db_o}
 
         reg_loss = 0.0
-        for name in DECAYED_PARAMS:
+        for name in self.decayed_names():
             W = p[name]
             reg_loss += float(np.vdot(W, W))
             grads[name] += self.dtype.type(self.reg) * W
         loss = data_loss + 0.5 * self.reg * reg_loss
-        grads = {k: grads[k].astype(self.dtype, copy=False) for k in p}
+        grads = {k: grads[k].astype(self.dtype, copy=False) for k in self.trained_names()}
         if input_grad:
             grads['X'] = np.ascontiguousarray(dx.transpose(0, 3, 1, 2))   # NHWC -> NCHW
         if details:
@@ -932,7 +1191,7 @@ class CNNRNN:
         """
         probs, feats = [], []
         for s in range(0, len(X), batch_size):
-            logits, h_T, _ = self._forward(X[s:s + batch_size])
+            logits, h_T, _, _ = self._forward(X[s:s + batch_size])
             probs.append(softmax(logits))
             feats.append(h_T)
         probs = np.concatenate(probs) if probs else np.zeros((0, NUM_CLASSES), self.dtype)
@@ -988,6 +1247,7 @@ class CNNRNN:
         """The model held by the arrays of a file already read (``load_npz``); see ``load``."""
         meta = read_meta(arrays, path)
         for key, want in expected.items():
+            want = list(want) if isinstance(want, tuple) else want      # widths: JSON has lists
             if want is not None and meta.get(key) != want:
                 raise ModelFileError(
                     f'{path} holds a model with {key}={meta.get(key)!r}, not {want!r}; '
@@ -998,7 +1258,8 @@ class CNNRNN:
                                  f'damaged or was not written by this project: use another file')
         model = cls(seq_layout=meta['seq_layout'], hidden=meta['hidden'], reg=meta['reg'],
                     seed=meta['seed'], dtype=expected.get('dtype') or meta['dtype'],
-                    rnn_init=meta['rnn_init'], cell=meta['cell'])
+                    rnn_init=meta['rnn_init'], cell=meta['cell'],
+                    **{key: meta[key] for key in METHOD_BACKBONE})
         try:
             model.set_params({k[len('param/'):]: v for k, v in arrays.items() if k.startswith('param/')})
         except ModelFileError as e:
@@ -1052,6 +1313,20 @@ def model_config_problem(meta, arrays):
     reg = meta['reg']
     if not isinstance(reg, (int, float)) or isinstance(reg, bool) or not (0 <= reg < float('inf')):
         return f'reg = {reg!r} is not a finite number >= 0'
+    problem = backbone_problem(**{key: meta.get(key) for key in METHOD_BACKBONE})
+    if problem:
+        return problem
+    # The widths must be those of the file's own convolutions (as hidden must be W_hh's), so that
+    # damaged ones cannot make the constructor allocate more than the file holds.
+    widths, per_block = meta['widths'], meta['convs_per_block']
+    n_convs = sum(1 for name in arrays if name.startswith('param/conv') and name.endswith('_W'))
+    if len(widths) * per_block != n_convs:
+        return (f'widths = {widths} and convs_per_block = {per_block} make {len(widths) * per_block} '
+                f'convolutions, but the file holds {n_convs}')
+    for k in range(1, n_convs + 1):
+        W = arrays.get(f'param/conv{k}_W')
+        if W is None or W.ndim != 4 or W.shape[0] != widths[(k - 1) // per_block]:
+            return (f'widths = {widths} but conv{k}_W has shape {None if W is None else W.shape}')
     W_hh = arrays.get('param/W_hh')
     if W_hh is not None and (W_hh.ndim != 2 or W_hh.shape[0] != meta['hidden']):
         return f"hidden = {meta['hidden']} but W_hh has shape {W_hh.shape}"
@@ -1070,6 +1345,8 @@ def read_meta(arrays, path):
         raise ModelFileError(f'{path} has metadata that is a JSON {type(meta).__name__}, not an '
                              f'object; it is damaged or was not written by this project: use another file')
     meta.setdefault('cell', 'rnn')     # files written before the gated cells existed
+    for key, value in METHOD_BACKBONE.items():     # ... and before the backbone was configurable
+        meta.setdefault(key, list(value) if isinstance(value, list) else value)
     version = meta.get('format_version')
     if version != FORMAT_VERSION:
         raise ModelFileError(f'{path} has format version {version!r}, this code reads version '

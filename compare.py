@@ -450,7 +450,7 @@ def show(value):
         return 'unset'
     if isinstance(value, str):
         return value
-    return json.dumps(value)
+    return json.dumps(value, separators=(',', ':'))     # a list (widths) as one word: [64,256]
 
 
 def differences(settings, base):

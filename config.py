@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import runfiles
-from cnn_rnn_numpy import CELLS, RNN_INITS, SEQ_LAYOUTS
+from cnn_rnn_numpy import CELLS, IMAGE_SIDE, MAX_BLOCKS, RNN_INITS, SEQ_LAYOUTS
 from data_utils import CROPS
 from runfiles import MAX_SEED, RunFileError
 
@@ -39,12 +39,26 @@ def setting(default, check, good, flag=None, since_first_runs=True):
     since_first_runs: False for keys added later (the levers): older run folders lack them
     and trained with the default, which compare.py fills in.
     """
-    return field(default=default, metadata={'check': check, 'good': good, 'flag': flag,
-                                            'since_first_runs': since_first_runs})
+    metadata = {'check': check, 'good': good, 'flag': flag, 'since_first_runs': since_first_runs,
+                'default': default}
+    if isinstance(default, list):     # a dataclass refuses a shared mutable default: each Config gets a copy
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def default_of(f):
+    """The default of a setting's field (a fresh copy for a list, which Config's callers may change)."""
+    default = f.metadata['default']
+    return list(default) if isinstance(default, list) else default
 
 
 def _finite(v):
     return math.isfinite(v)
+
+
+def _widths_ok(v):
+    return (1 <= len(v) <= MAX_BLOCKS
+            and all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in v))
 
 
 @dataclass
@@ -90,6 +104,19 @@ class Config:
     ema: float = setting(0.0, lambda v: 0 <= v < 1, 'a number in [0, 1): the decay of the weight '
                          'average (0 is off, e.g. 0.999)', since_first_runs=False)
     tta_flip: bool = setting(False, lambda v: True, 'true or false', since_first_runs=False)
+    # The convolutional backbone (levers beyond the method too): the method's two blocks of one
+    # 3x3 convolution of 64 channels, ReLU and 2x2 max-pool, without BatchNorm, by default.
+    widths: list = setting([64, 64], _widths_ok,
+                           f'a list of 1 to {MAX_BLOCKS} positive integers, the channels of each block '
+                           f'(each block halves the {IMAGE_SIDE}x{IMAGE_SIDE} map, so at most {MAX_BLOCKS}), '
+                           f'e.g. [64, 256, 256]',
+                           since_first_runs=False)
+    convs_per_block: int = setting(1, lambda v: v >= 1, 'an integer >= 1 (3x3 convolutions per block)',
+                                   since_first_runs=False)
+    batchnorm: bool = setting(False, lambda v: True, 'true or false', since_first_runs=False)
+    bn_momentum: float = setting(0.1, lambda v: 0 < v <= 1, "a number in (0, 1] (torch's BatchNorm momentum)",
+                                 since_first_runs=False)
+    bn_eps: float = setting(1e-5, lambda v: 0 < v and _finite(v), 'a finite number > 0', since_first_runs=False)
     # Not a lever: what the test evaluation writes. The temperature is always fitted and reported;
     # this only adds the calibrated probabilities to predictions.npz (probs_calibrated).
     calibrated_predictions: bool = setting(False, lambda v: True, 'true or false', since_first_runs=False)
@@ -108,13 +135,13 @@ class Config:
     @classmethod
     def method_defaults(cls):
         """{key: the method's value} of every setting: what a preset that omits a key gets."""
-        return {f.name: f.default for f in dataclasses.fields(cls) if 'check' in f.metadata}
+        return {f.name: default_of(f) for f in dataclasses.fields(cls) if 'check' in f.metadata}
 
     @classmethod
     def defaults(cls):
         """{key: default} of the keys added after the first runs, with the value that older
         runs, whose config.json lacks them, trained with (compare.py fills them in)."""
-        return {f.name: f.default for f in dataclasses.fields(cls)
+        return {f.name: default_of(f) for f in dataclasses.fields(cls)
                 if 'check' in f.metadata and not f.metadata['since_first_runs']}
 
     @classmethod
@@ -211,7 +238,7 @@ def add_override_flags(parser):
             parser.add_argument('--' + f.name.replace('_', '-'), type=parse, dest=f.name,
                                 metavar=f.name.upper(),
                                 help=f"{f.metadata['flag']} (default: the preset's; the method's is "
-                                     f"{f.default})")
+                                     f"{default_of(f)})")
     parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                         help='override any preset key, e.g. --set standardize=false --set decay=0.95 '
                              '(VALUE is read as JSON; repeatable)')

@@ -13,6 +13,8 @@ layers.py:
 * The fused conv -> ReLU -> 2x2 max-pool block (``conv_relu_pool_*``): im2col
   rows in pooling order, bias and ReLU after pooling, on a 4x smaller map.
 * conv2 by Winograd's F(2x2, 3x3) (``winograd_*``): 2.25x fewer multiply-adds.
+* One convolution of a configurable backbone (``ConvLayer``, ``conv_layer_*``): the same
+  kernels, with or without the pool, with or without the ReLU (a BatchNorm may come between).
 * Worker threads: the conv blocks run in micro-batches and the recurrence in
   slices of the batch on a pool of threads (``conv_stack_*``,
   ``map_on_threads``). Their number comes from the CPUs this process may use
@@ -470,6 +472,118 @@ def winograd_relu_pool_backward(dout, cache, need_dx=True):
     dV, dU = winograd_products_backward(dM, V, U, need_dV=need_dx)
     dx = winograd_input_transform_backward(dV, x_shape) if need_dx else None
     return dx, dU, db
+
+
+# --------------------------------------------------------------------------
+# One convolution of a configurable backbone, on one micro-batch
+# --------------------------------------------------------------------------
+#
+# The method's two blocks have the fused kernels above. A configurable backbone
+# (cnn_rnn_numpy.CNNRNN with other widths, more convolutions per block, or
+# BatchNorm) chains convolutions described by ConvLayer, each computed by
+# ``conv_layer_forward``: the same kernels (im2col in pool order, Winograd, and
+# the pooling of four contiguous blocks), so a pooled convolution followed by a
+# ReLU computes exactly what conv_relu_pool_forward / winograd_relu_pool_forward
+# compute. What differs is what may follow the convolution: no pool (the
+# further convolutions of a block run on the pooled map), and no ReLU when a
+# BatchNorm comes first (the BatchNorm needs the statistics of the whole batch,
+# so it runs outside the micro-batches: cnn_rnn_numpy.backbone_forward).
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """One 3x3 convolution (padding 1) of a backbone and what follows it, for ``conv_layer_forward``.
+
+    - k: its number; its parameters are convK_W (O, C, 3, 3), convK_b (O,) and, with bn,
+      bnK_gamma, bnK_beta, bnK_mean, bnK_var (O,)
+    - pool: a 2x2 max-pool follows the convolution (the first convolution of each block)
+    - bn: a BatchNorm follows (after the pool), then the ReLU; without it the ReLU follows at once
+    - winograd: computed by Winograd's F(2x2, 3x3) rather than im2col (the map's sides must be even)
+    """
+    k: int
+    pool: bool
+    bn: bool
+    winograd: bool
+
+
+def conv_layer_weights(w, winograd):
+    """The form of the weights w (O, C, 3, 3) the kernel multiplies by, made once per step for all
+    micro-batches: Winograd's transformed kernels U (4, 4, C, O), or the im2col matrix (9C, O)."""
+    return winograd_kernel_transform(w) if winograd else conv_weight_matrix(w)
+
+
+def conv_layer_forward(x, w, wt, b, layer, relu):
+    """conv3x3 -> [2x2 max-pool] -> + bias -> [ReLU] on one micro-batch.
+
+    The bias is added after the pool (the same for the four members of a window, so it commutes
+    with the maximum) and ReLU commutes with max-pooling: with pool and relu this is
+    conv -> ReLU -> pool, the ops of ``conv_relu_pool_forward`` (im2col) or
+    ``winograd_relu_pool_forward`` (Winograd) in the same order, hence the same bits.
+
+    Inputs:
+    - x: (n, H, W, C) NHWC; H and W even for a pool or Winograd
+    - w: (O, C, 3, 3) the weights; wt: ``conv_layer_weights(w, layer.winograd)``
+    - b: (O,)
+    - layer: a ConvLayer (uses pool and winograd)
+    - relu: apply the ReLU (False when a BatchNorm follows)
+
+    Returns a tuple of:
+    - out: (n, H/2, W/2, O) with a pool, else (n, H, W, O)
+    - cache: for ``conv_layer_backward``
+    """
+    n, H, W, C = x.shape
+    O = w.shape[0]
+    if (layer.pool or layer.winograd) and (H % 2 or W % 2):
+        raise ValueError(f'conv{layer.k} needs a map with even sides (for its pool or Winograd), got {H}x{W}; '
+                         f'give images whose side is 32 or 32 / 2**j')
+    if layer.winograd:
+        core = winograd_input_transform(x)                                  # V (4, 4, n, H/2, W/2, C)
+        z = winograd_output_transform(winograd_products(core, wt))          # (2, 2, n, H/2, W/2, O)
+        if not layer.pool:     # the four members of every 2x2 output tile back to their pixels
+            z = z.transpose(2, 3, 0, 4, 1, 5).reshape(n, H, W, O)
+    else:
+        core = im2col_3x3(x, pool_order=layer.pool)                         # cols (n*H*W, 9C)
+        z = (core @ wt).reshape((2, 2, n, H // 2, W // 2, O) if layer.pool else (n, H, W, O))
+    winner = None
+    if layer.pool:
+        z, winner = pool_blocks_forward(z)
+    z += b
+    if relu:
+        np.maximum(z, 0, out=z)
+    return z, (core, winner, z if relu else None, w, wt, x.shape, layer)
+
+
+def conv_layer_backward(dout, cache, need_dx=True):
+    """Backward pass of ``conv_layer_forward``.
+
+    Inputs:
+    - dout: the shape of its out
+    - need_dx: False skips the input gradient (the image's, which nobody uses)
+
+    Returns a tuple of:
+    - dx: (n, H, W, C), or None when need_dx is False
+    - dweights: dU (4, 4, C, O) for Winograd (summed over micro-batches,
+      ``winograd_kernel_transform_backward`` turns it into dw once), else dw (O, C, 3, 3)
+    - db: (O,)
+    """
+    core, winner, relu_out, w, wt, x_shape, layer = cache
+    n, H, W, C = x_shape
+    O = w.shape[0]
+    dz = dout * (relu_out > 0) if relu_out is not None else dout
+    db = dz.reshape(-1, O).sum(axis=0)
+    if layer.pool:
+        dz = pool_blocks_backward(dz, winner)                               # (2, 2, n, H/2, W/2, O)
+    if layer.winograd:
+        if not layer.pool:
+            dz = dz.reshape(n, H // 2, 2, W // 2, 2, O).transpose(2, 4, 0, 1, 3, 5)
+        dV, dU = winograd_products_backward(winograd_output_transform_backward(dz), core, wt, need_dV=need_dx)
+        return (winograd_input_transform_backward(dV, x_shape) if need_dx else None), dU, db
+    dw = conv_weight_grad(core, dz.reshape(-1, O), w.shape)                 # rows in the order of cols
+    dx = None
+    if need_dx:
+        if layer.pool:     # back to plain (n, y, x) order for col2im, as conv_relu_pool_backward does
+            dz = dz.transpose(2, 3, 0, 4, 1, 5)
+        dx = col2im_3x3(input_grad_taps(dz.reshape(n * H * W, O), w), x_shape)
+    return dx, dw, db
 
 
 # --------------------------------------------------------------------------

@@ -209,12 +209,12 @@ def load_checkpoint(path):
         state = TrainState.from_dict(meta.get('state'), cfg)
     except (TypeError, UsageError, ConfigError) as e:
         raise ModelFileError(f'{path} is not a valid checkpoint ({e}); {damaged}') from None
-    model = CNNRNN.from_arrays(arrays, path, seq_layout=cfg.seq_layout, hidden=cfg.hidden, cell=cfg.cell)
+    model = CNNRNN.from_arrays(arrays, path, **model_settings(cfg))
 
-    def arrays_like_params(prefix):
-        """{name: array} of the arrays stored as '<prefix>/<name>', checked against the model's."""
+    def arrays_like_params(prefix, names):
+        """{name: array} of the arrays stored as '<prefix>/<name>', checked against the model's ``names``."""
         group = {k[len(prefix) + 1:]: v for k, v in arrays.items() if k.startswith(prefix + '/')}
-        if set(group) != set(model.params) or any(group[k].shape != model.params[k].shape for k in group):
+        if set(group) != set(names) or any(group[k].shape != model.params[k].shape for k in group):
             raise ModelFileError(f'{path} has optimizer state ({prefix}) that does not match its '
                                  f'model; {damaged}')
         for name, a in group.items():
@@ -222,8 +222,18 @@ def load_checkpoint(path):
             if problem:
                 raise ModelFileError(f'{path}: {prefix} of {name} {problem}; {damaged}')
         return group
-    average = arrays_like_params('average') if cfg.ema else None
-    return Checkpoint(model, arrays_like_params('velocity'), average, state, cfg)
+    # The optimizer has a velocity for the trained parameters (all but BatchNorm's running
+    # statistics); the weight average averages every parameter.
+    average = arrays_like_params('average', model.params) if cfg.ema else None
+    return Checkpoint(model, arrays_like_params('velocity', model.trained_names()), average, state, cfg)
+
+
+def model_settings(cfg):
+    """The settings of the model a run's configuration builds, as CNNRNN's arguments (those a
+    model file records, checked against the run's when one is loaded)."""
+    return dict(seq_layout=cfg.seq_layout, hidden=cfg.hidden, cell=cfg.cell, widths=cfg.widths,
+                convs_per_block=cfg.convs_per_block, batchnorm=cfg.batchnorm, bn_momentum=cfg.bn_momentum,
+                bn_eps=cfg.bn_eps)
 
 
 # --------------------------------------------------------------------------
@@ -543,7 +553,8 @@ def restart_command(cfg, lr):
     if changed.get('min_lr', base['min_lr']) > lr:
         changed['min_lr'] = lr
     words = [f'python main.py --preset {name} --lr {lr:g}'] + [
-        f"--set {k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sorted(changed.items())]
+        f"--set {k}={json.dumps(v, separators=(',', ':')) if not isinstance(v, str) else v}"
+        for k, v in sorted(changed.items())]
     if cfg.data_dir != 'data':
         words.append(f'--data-dir {cfg.data_dir}')
     return ' '.join(words)
@@ -652,8 +663,7 @@ def load_best(cfg, run, model):
     if not best_path.is_file():
         return model, {'epoch': None, 'val_acc': None,
                        'evaluated': 'the current parameters (no epoch finished, so no best.npz yet)'}
-    model, meta = CNNRNN.load(best_path, return_meta=True, seq_layout=cfg.seq_layout,
-                              hidden=cfg.hidden, cell=cfg.cell)
+    model, meta = CNNRNN.load(best_path, return_meta=True, **model_settings(cfg))
     epoch, val_acc = meta.get('epoch'), meta.get('val_acc')
     # (best.npz may be an epoch ahead of the checkpoint: a stop between the two writes.)
     if not (isinstance(epoch, int) and 1 <= epoch <= cfg.epochs
@@ -911,12 +921,11 @@ def new_run(args, overrides, stopper):
     # Data and model come first, so bad data or an absurd size leaves no empty run folder behind.
     data = load_data(cfg)
     try:
-        model = CNNRNN(seq_layout=cfg.seq_layout, hidden=cfg.hidden, reg=cfg.weight_decay,
-                       seed=cfg.seed, rnn_init=cfg.rnn_init, cell=cfg.cell)
+        model = CNNRNN(reg=cfg.weight_decay, seed=cfg.seed, rnn_init=cfg.rnn_init, **model_settings(cfg))
     except MemoryError:
         raise UsageError(f'a model with hidden={cfg.hidden} needs more memory than this machine has; '
                          f'choose a smaller --set hidden (the method uses 128)') from None
-    opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov, names=model.trained_names())
     average = WeightAverage(model.params, cfg.ema) if cfg.ema else None
     mean, std = channel_mean_std(data['X_train']) if cfg.standardize else (None, None)
     state = TrainState(mean=mean, std=std, data_fingerprint=data['fingerprint'])
@@ -1007,7 +1016,7 @@ def forget_record(run, read, record_class, name, words):
 
 def optimizer_from(ck, model, cfg):
     """The SGD optimizer of a checkpoint, velocities restored."""
-    opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov, names=model.trained_names())
     opt.velocity = {k: np.array(v, dtype=model.dtype) for k, v in ck.velocity.items()}
     return opt
 

@@ -20,19 +20,23 @@ class SGD:
     - params: dict name -> array, updated in place by ``step``
     - momentum: float in [0, 1)
     - nesterov: bool
+    - names: the parameters to update (default: all of params), e.g. ``model.trained_names()``,
+      which leaves out BatchNorm's running statistics: the model measures them, they have no
+      gradient and no velocity
     """
 
-    def __init__(self, params, momentum=0.9, nesterov=False):
+    def __init__(self, params, momentum=0.9, nesterov=False, names=None):
         self.params = params
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
-        self.velocity = {k: np.zeros_like(v) for k, v in params.items()}
+        names = list(params) if names is None else list(names)
+        self.velocity = {k: np.zeros_like(params[k]) for k in names}
 
     def step(self, grads, lr):
-        """One update. grads: dict keyed like params; lr: float."""
-        for name, p in self.params.items():
+        """One update of the parameters that have a velocity. grads: dict with (at least) their names; lr: float."""
+        for name, v in self.velocity.items():
+            p = self.params[name]
             g = grads[name]
-            v = self.velocity[name]
             v *= p.dtype.type(self.momentum)
             v -= p.dtype.type(lr) * g
             if self.nesterov:
@@ -49,6 +53,11 @@ class WeightAverage:
     smooths out the noise of the last steps of SGD, so it is often a better
     model than the weights of any one step; the ramp-up of d lets the average
     forget the random initialisation quickly at the start.
+
+    Every array of params is averaged, BatchNorm's running statistics (bnK_mean, bnK_var) as
+    well, as timm's ModelEmaV2 averages a model's buffers with its weights: the averaged model
+    then normalises with the average of the statistics its recent weights measured, which a
+    plain copy of the last step's statistics would not match.
 
     Inputs:
     - params: dict name -> array (the model's, read by ``update``, never written)

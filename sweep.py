@@ -326,7 +326,7 @@ def option_args(overrides):
     --cell gru), else --set KEY=VALUE (VALUE as JSON, a word as itself)."""
     args = []
     for key, value in overrides.items():
-        text = value if isinstance(value, str) else json.dumps(value)
+        text = value if isinstance(value, str) else json.dumps(value, separators=(',', ':'))
         if key in Config.flag_keys():
             args += [configuration.flag_name(key), text]
         else:

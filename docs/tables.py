@@ -103,6 +103,8 @@ def show(value):
         return 'true' if value else 'false'
     if isinstance(value, float):
         return f'{value:g}'
+    if isinstance(value, list):        # widths: JSON without spaces, one word on a command line
+        return json.dumps(value, separators=(',', ':'))
     return str(value)
 
 
@@ -201,7 +203,20 @@ def describe_augmentation(s):
     return f'{crop}, flip'
 
 
+def describe_backbone(s):
+    """'64-64' (the method's), '64-256-256, 2 convs, BN' (BatchNorm's momentum and eps if not torch's)."""
+    text = '-'.join(str(w) for w in s['widths'])
+    if s['convs_per_block'] != 1:
+        text += f", {s['convs_per_block']} convs"
+    if s['batchnorm']:
+        defaults = Config.method_defaults()
+        text += ', BN' + ''.join(f" {k} {show(s[k])}" for k in ('bn_momentum', 'bn_eps')
+                                 if not same(s[k], defaults[k]))
+    return text
+
+
 PRESET_COLUMNS = [
+    ('backbone', ('widths', 'convs_per_block', 'batchnorm', 'bn_momentum', 'bn_eps'), describe_backbone),
     ('layout', ('seq_layout',), lambda s: f"`{s['seq_layout']}`"),
     ('cell', ('cell',), lambda s: f"`{s['cell']}`"),
     (f'of the {FULL_TRAIN:,} training images', ('subset',), lambda s: f"{100 * s['subset']:g}%"),

@@ -58,7 +58,7 @@ def test_the_bit_identity_check_compares_a_separate_copy_and_sees_a_change(monke
     assert copy.fast_layers_module.THREADS == 2
     report = ab_identical.compare(M, copy, ['gru'], ['rows'], threads=[2], batch=6)
     assert report == {(2, 'rows', 'gru'): []}
-    monkeypatch.setattr(copy, 'DECAYED_PARAMS', ('conv1_W',))   # less weight decay in the copy
+    monkeypatch.setattr(copy, 'RECURRENT_DECAYED', ('W_xh', 'W_hh'))   # less weight decay in the copy: none on W_ho
     problems = ab_identical.compare(M, copy, ['rnn'], ['flat'], threads=[2], batch=6)[2, 'flat', 'rnn']
     assert any(p.startswith('step 0 loss') for p in problems)
     assert any('grads[W_ho]' in p for p in problems)
