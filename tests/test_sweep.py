@@ -335,9 +335,10 @@ def test_two_runs_at_a_time_give_exactly_the_results_of_one_at_a_time(parallel, 
     # The runs did run two at a time (and one at a time in the other sweep): by the sweep's lines...
     assert most_running(progress_events(parallel.out)) == 2, parallel.out
     assert most_running(progress_events(out)) == 1, out
-    # ... and by the runs' own logs: each of the first two started before the other ended.
+    # ... and by the runs' own logs: neither of the first two started after the other ended
+    # (train.log's times have whole seconds, and a smoke run on an idle machine lasts about one).
     (start0, end0), (start1, end1) = (log_times(parallel.runs / name) for name in RUN_NAMES[:2])
-    assert start1 < end0 and start0 < end1, 'the first two runs did not overlap in time'
+    assert start1 <= end0 and start0 <= end1, 'the first two runs did not overlap in time'
     (start0, end0), (start1, end1) = (log_times(runs / name) for name in RUN_NAMES[:2])
     assert start1 >= end0, 'the reference runs were not made one at a time'
 
