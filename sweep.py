@@ -900,23 +900,28 @@ def held_lock(path):
 
 
 def remove_abandoned_work_folders(min_age=60.0):
-    """Remove the work folders of tasks whose worker was killed (nobody holds their lock any more,
-    and they are older than ``min_age`` seconds: a brand-new one may not be locked yet)."""
+    """Remove the work folders of tasks whose worker was killed (see remove_if_abandoned)."""
     for work in Path(tempfile.gettempdir()).glob(WORK_PREFIX + '*'):
-        try:
-            if not work.is_dir() or work.is_symlink() or time.time() - work.stat().st_mtime < min_age:
-                continue
-            # O_CREAT: a task killed between making its folder and its lock left no lock file.
-            fd = os.open(work / '.lock', os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(work, ignore_errors=True)
-        except OSError:          # still in use
-            pass
-        finally:
-            os.close(fd)
+        remove_if_abandoned(work, min_age)
+
+
+def remove_if_abandoned(work, min_age=60.0):
+    """Remove one work folder if nobody holds its lock any more and it is older than ``min_age``
+    seconds (a brand-new one may not be locked yet)."""
+    try:
+        if not work.is_dir() or work.is_symlink() or time.time() - work.stat().st_mtime < min_age:
+            return
+        # O_CREAT: a task killed between making its folder and its lock left no lock file.
+        fd = os.open(work / '.lock', os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        shutil.rmtree(work, ignore_errors=True)
+    except OSError:          # still in use
+        pass
+    finally:
+        os.close(fd)
 
 
 def train_on_worker(args, archive_refs, sha256, threads, folder_tar):

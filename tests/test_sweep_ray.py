@@ -16,12 +16,10 @@ once the sweep has ended.
 
 Ray's local start costs seconds, so each test starts as few sweeps as it can.
 """
-import fcntl
 import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -107,24 +105,6 @@ def work_folders():
     return set(Path(tempfile.gettempdir()).glob(sweep.WORK_PREFIX + '*'))
 
 
-def remove_if_abandoned(folder, min_age=5.0):
-    """Remove a work folder nobody holds the lock of (its task was killed), as sweep.py's
-    remove_abandoned_work_folders does (which waits 60 s: a task locks its folder at once)."""
-    try:
-        if time.time() - folder.stat().st_mtime < min_age:
-            return
-        fd = os.open(folder / '.lock', os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        shutil.rmtree(folder, ignore_errors=True)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @pytest.fixture
 def env(tmp_path):
     """The environment of a test's sweeps: the test's tag, and a data cache of its own. Afterwards:
@@ -143,7 +123,7 @@ def env(tmp_path):
         except OSError:
             pass
     for folder in work_folders() - before:
-        remove_if_abandoned(folder)
+        sweep.remove_if_abandoned(folder, min_age=5.0)   # 60 s in sweep.py: a task locks its folder at once
     assert not left, f'processes left running after the sweep ended: {[" ".join(p[1])[:120] for p in left.values()]}'
 
 
