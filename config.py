@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import runfiles
-from cnn_rnn_numpy import CELLS, IMAGE_SIDE, MAX_BLOCKS, RNN_INITS, SEQ_LAYOUTS
+from cnn_rnn_numpy import CELLS, IMAGE_SIDE, MAX_BLOCKS, RNN_INITS, SEQ_LAYOUTS, WHITEN_SIZES
 from data_utils import CROPS
 from runfiles import MAX_SEED, RunFileError
 
 PRESETS_PATH = Path(__file__).resolve().parent / 'presets.json'
+SCHEDULES = ('exponential', 'cosine', 'triangular')     # optim.learning_rate's
 
 
 class ConfigError(Exception):
@@ -69,8 +70,11 @@ class Config:
     batch_size: int = setting(256, lambda v: v > 0, 'a positive integer', flag='batch size')
     lr: float = setting(0.02, lambda v: 0 < v and _finite(v), 'a positive finite number',
                         flag='peak learning rate (with --resume: the new base rate from the resumed step on)')
-    schedule: str = setting('exponential', lambda v: v in ('exponential', 'cosine'),
-                            "'exponential' or 'cosine'", flag="learning-rate schedule: 'exponential' or 'cosine'")
+    schedule: str = setting('exponential', lambda v: v in SCHEDULES,
+                            "'exponential', 'cosine' or 'triangular'",
+                            flag="learning-rate schedule after the warm-up: 'exponential' (x decay per epoch), "
+                                 "'cosine' or 'triangular' (per step down to min_lr at the end of the last epoch, "
+                                 "on a half cosine or a straight line)")
     warmup_epochs: int = setting(1, lambda v: v >= 0, 'an integer >= 0')
     decay: float = setting(0.9, lambda v: 0 < v <= 1, 'a number in (0, 1]')
     min_lr: float = setting(0.0, lambda v: 0 <= v and _finite(v), 'a finite number >= 0')
@@ -99,11 +103,17 @@ class Config:
     # Levers beyond the method, each off by default (a preset without them trains as the method does).
     crop: str = setting('paste', lambda v: v in CROPS, f"one of {list(CROPS)} ('paste' is the method's "
                         f"28x28 crop re-pasted, 'pad' pads by 4 and crops 32x32)", since_first_runs=False)
+    # airbench's alternating flip: epoch 0 flips at random, later epochs flip each image the other
+    # way from the epoch before (data_utils.BatchIterator), so every pair of epochs shows both.
+    alternate_flip: bool = setting(False, lambda v: True, 'true or false (with augment: each image flipped '
+                                   'the other way from one epoch to the next)', since_first_runs=False)
     label_smoothing: float = setting(0.0, lambda v: 0 <= v < 1, 'a number in [0, 1) (0 is off)',
                                      since_first_runs=False)
     ema: float = setting(0.0, lambda v: 0 <= v < 1, 'a number in [0, 1): the decay of the weight '
                          'average (0 is off, e.g. 0.999)', since_first_runs=False)
     tta_flip: bool = setting(False, lambda v: True, 'true or false', since_first_runs=False)
+    # airbench's TTA level 2: the flip's two views and both one-pixel shifts of each (implies the flip).
+    tta_translate: bool = setting(False, lambda v: True, 'true or false', since_first_runs=False)
     # The convolutional backbone (levers beyond the method too): the method's two blocks of one
     # 3x3 convolution of 64 channels, ReLU and 2x2 max-pool, without BatchNorm, by default.
     widths: list = setting([64, 64], _widths_ok,
@@ -117,6 +127,10 @@ class Config:
     bn_momentum: float = setting(0.1, lambda v: 0 < v <= 1, "a number in (0, 1] (torch's BatchNorm momentum)",
                                  since_first_runs=False)
     bn_eps: float = setting(1e-5, lambda v: 0 < v and _finite(v), 'a finite number > 0', since_first_runs=False)
+    whiten: int = setting(0, lambda v: v in WHITEN_SIZES,
+                          f"one of {', '.join(map(str, WHITEN_SIZES))}: the patch size of the frozen "
+                          f"patch-whitening first layer, 0 off", since_first_runs=False)
+    identity_init: bool = setting(False, lambda v: True, 'true or false', since_first_runs=False)
     # Not a lever: what the test evaluation writes. The temperature is always fitted and reported;
     # this only adds the calibrated probabilities to predictions.npz (probs_calibrated).
     calibrated_predictions: bool = setting(False, lambda v: True, 'true or false', since_first_runs=False)
@@ -184,6 +198,16 @@ class Config:
         if self.min_lr > self.lr:
             raise ConfigError(f'{where}: min_lr = {self.min_lr} is above lr = {self.lr}; '
                               f'make min_lr at most the learning rate')
+        if self.alternate_flip and not self.augment:
+            raise ConfigError(f'{where}: alternate_flip = true alternates the flips of augment, which is '
+                              f'false; turn augment on or leave alternate_flip false')
+
+    def tta_mode(self):
+        """The test-time augmentation of validation and test: 'none', 'flip' (tta_flip) or
+        'flip+translate' (tta_translate, which implies the flip); data_utils.TTA_MODES."""
+        if self.tta_translate:
+            return 'flip+translate'
+        return 'flip' if self.tta_flip else 'none'
 
     def settings(self):
         """{key: value} of the preset keys alone."""

@@ -977,6 +977,66 @@ def pad_crop_batch(X, offset_rc, flip):
     return windows[np.arange(len(X)), :, row0, col0 + slot * flip]
 
 
+def translate_batch(X, dr, dc):
+    """Shift a batch by one pixel, airbench's translate_batch: reflect-pad by 1, cut 32x32.
+
+    The output pixel (r, c) is the input's (r - dr, c - dc); the row or column that comes in at
+    the border is the reflection of the one beside it (numpy's and torch's 'reflect', which does
+    not repeat the edge pixel), so no black frame appears.
+
+    Inputs:
+    - X: (B, C, H, W) images, any dtype (test-time views shift normalized float32 images)
+    - dr, dc: -1, 0 or 1; (1, 1) moves the picture one pixel down and right, (-1, -1) up and left
+
+    Returns:
+    - out: (B, C, H, W), a new array of X's dtype
+    """
+    if dr not in (-1, 0, 1) or dc not in (-1, 0, 1):
+        raise ValueError(f'translate_batch shifts by one pixel at most, got ({dr}, {dc})')
+    H, W = X.shape[-2:]
+    padded = np.pad(X, ((0, 0), (0, 0), (1, 1), (1, 1)), mode='reflect')
+    return padded[:, :, 1 - dr:1 - dr + H, 1 - dc:1 - dc + W]
+
+
+# Test-time augmentation (main.evaluate): the views of each image and their weights in the mean
+# of the probabilities. 'flip' is the image and its mirror; 'flip+translate' is airbench's TTA
+# level 2: those two (half the weight) and the image moved one pixel down-right and one up-left,
+# each with its mirror (a quarter each).
+TTA_MODES = ('none', 'flip', 'flip+translate')
+_TTA_VIEWS = {'none': ((1.0, 0, 0, False),),
+              'flip': ((0.5, 0, 0, False), (0.5, 0, 0, True)),
+              'flip+translate': ((0.25, 0, 0, False), (0.25, 0, 0, True),
+                                 (0.125, 1, 1, False), (0.125, 1, 1, True),
+                                 (0.125, -1, -1, False), (0.125, -1, -1, True))}
+
+
+def tta_weights(mode):
+    """(V,) float64 weights of the views of TTA ``mode`` (one of TTA_MODES), in tta_views' order; they sum to 1."""
+    if mode not in TTA_MODES:
+        raise ValueError(f'test-time augmentation must be one of {TTA_MODES}, got {mode!r}')
+    return np.array([view[0] for view in _TTA_VIEWS[mode]])
+
+
+def tta_views(X, mode):
+    """Generator of (weight, view) for test-time augmentation ``mode``, one whole batch per view.
+
+    The first view is X itself; a mirrored view is flipped left-right after its shift, as
+    airbench's ``net(inputs.flip(-1))`` of the translated inputs.
+
+    Inputs:
+    - X: (B, 3, H, W) float32 normalized images
+    - mode: one of TTA_MODES
+
+    Yields (weight float, view (B, 3, H, W) C-contiguous, X itself for the first).
+    """
+    tta_weights(mode)           # checks the mode
+    for weight, dr, dc, mirror in _TTA_VIEWS[mode]:
+        view = translate_batch(X, dr, dc) if (dr, dc) != (0, 0) else X
+        if mirror:
+            view = view[..., ::-1]
+        yield weight, np.ascontiguousarray(view)
+
+
 def _is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -988,6 +1048,8 @@ class BatchIterator:
     drawn up front from numpy.random.default_rng([seed, e]). So iterating an
     epoch twice gives identical batches, and epoch(e, start=k) gives exactly
     batches k, k+1, ... of epoch e (the training loop resumes mid-epoch so).
+    With alternate_flip the flips of epoch e > 0 depend on epoch 0's too, which
+    are re-drawn from (seed, 0) whenever needed: still nothing but (seed, e).
     Without shuffle every sample is visited once, in order; the last batch may
     be smaller than batch_size; len() is the number of batches per epoch.
 
@@ -1003,12 +1065,16 @@ class BatchIterator:
     - crop: 'paste' (the method's: a random 28x28 crop re-pasted on a 32x32
       black canvas, augment_batch) or 'pad' (pad by 4, random 32x32 crop,
       pad_crop_batch)
+    - alternate_flip: airbench's alternating flip (needs augment). Epoch 0 flips
+      each image at random, exactly as without it; in epoch e > 0 image i is
+      flipped iff its epoch-0 flip XOR e is odd, so every image is seen both ways
+      in every pair of epochs. Shifts stay random per epoch, as without it.
     - seed: non-negative int; with the epoch number it fixes all randomness
     - mean, std: optional (3,) per-channel standardization in [0, 1] units
     """
 
     def __init__(self, X, y, batch_size, shuffle=False, augment=False, seed=0,
-                 mean=None, std=None, crop='paste'):
+                 mean=None, std=None, crop='paste', alternate_flip=False):
         X, y = np.asarray(X), np.asarray(y)
         if X.dtype != np.uint8 or X.ndim != 4 or X.shape[1] != 3:
             raise ValueError(f'BatchIterator expects uint8 images of shape (N, 3, H, W), '
@@ -1023,11 +1089,15 @@ class BatchIterator:
             raise ValueError(f'seed must be a non-negative int, got {seed!r}')
         if crop not in CROPS:
             raise ValueError(f'crop must be one of {CROPS}, got {crop!r}')
+        if alternate_flip and not augment:
+            raise ValueError('alternate_flip alternates the flips of the augmentation; use it with augment=True')
         self.X = np.ascontiguousarray(X)  # no copy for arrays from load_cifar10
         self.y = y
         self.batch_size = int(batch_size)
         self.shuffle, self.augment, self.seed = bool(shuffle), bool(augment), int(seed)
         self.crop = crop
+        self.alternate_flip = bool(alternate_flip)
+        self._first_flips = None       # alternate_flip: epoch 0's flip of each image, by image index
         self._scale, self._shift = _norm_coeffs(mean, std)
 
     def __len__(self):
@@ -1058,8 +1128,25 @@ class BatchIterator:
         else:
             crop_rc = rng.integers(0, _PAD + 1, size=(n, 2))
             paste_rc = rng.integers(0, _PAD + 1, size=(n, 2))
-        flip = rng.random(n) < 0.5
+        flip = rng.random(n) < 0.5         # drawn last: alternate_flip leaves order and shifts as they are
+        if self.alternate_flip and e > 0:
+            flip = self.first_flips()[order] ^ bool(e % 2)
         return order, crop_rc, paste_rc, flip
+
+    def first_flips(self):
+        """(N,) bool: whether epoch 0 flips sample i (indexed by sample, not by epoch order).
+
+        Re-derived from the seed alone (epoch 0's plan, drawn again), so any epoch of a resumed
+        run or of another iterator over the same samples alternates from the same start.
+        """
+        if not self.augment:
+            raise ValueError('an iterator without augment flips no image')
+        if self._first_flips is None:
+            order, _, _, flip = self.plan(0)
+            first = np.empty(len(self.X), bool)
+            first[order] = flip
+            self._first_flips = first
+        return self._first_flips
 
     def epoch(self, e, start=0):
         """Generator of (X_batch (B, 3, H, W) float32, y_batch (B,)) for batches

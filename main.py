@@ -39,7 +39,8 @@ import runfiles
 from config import (Config, ConfigError, add_override_flags, flag_name, load_presets, overrides_from_args,
                     parse_set_options)
 from cnn_rnn_numpy import CNNRNN, FORMAT_VERSION, ModelFileError, array_problem, load_npz, read_meta
-from data_utils import BatchIterator, DataError, channel_mean_std, load_cifar10
+from data_utils import (BatchIterator, DataError, channel_mean_std, load_cifar10, normalize, tta_views,
+                        tta_weights)
 from fast_layers import ThreadSettingError, prepare_process_for_training
 from metrics import (N_BINS, TEMPERATURE_RANGE, TIME_TO_VAL_ACC, accuracy, apply_temperature, calibration_report,
                      confusion_matrix, cross_entropy, expected_calibration_error, fit_temperature,
@@ -230,10 +231,32 @@ def load_checkpoint(path):
 
 def model_settings(cfg):
     """The settings of the model a run's configuration builds, as CNNRNN's arguments (those a
-    model file records, checked against the run's when one is loaded)."""
-    return dict(seq_layout=cfg.seq_layout, hidden=cfg.hidden, cell=cfg.cell, widths=cfg.widths,
-                convs_per_block=cfg.convs_per_block, batchnorm=cfg.batchnorm, bn_momentum=cfg.bn_momentum,
-                bn_eps=cfg.bn_eps)
+    model file records, checked against the run's when one is loaded).
+
+    whiten and identity_init are passed only when they are on: a model built without them, and
+    every file written before they existed (which does not record them), is built and checked
+    exactly as before."""
+    settings = dict(seq_layout=cfg.seq_layout, hidden=cfg.hidden, cell=cfg.cell, widths=cfg.widths,
+                    convs_per_block=cfg.convs_per_block, batchnorm=cfg.batchnorm, bn_momentum=cfg.bn_momentum,
+                    bn_eps=cfg.bn_eps)
+    if cfg.whiten:
+        settings['whiten'] = cfg.whiten
+    if cfg.identity_init:
+        settings['identity_init'] = cfg.identity_init
+    return settings
+
+
+# The training images a fresh run fits the patch-whitening layer on (airbench uses 5000 too).
+WHITENING_IMAGES = 5000
+
+
+def fit_whitening(model, cfg, data, mean, std):
+    """Fit the frozen patch-whitening first layer (cfg.whiten) of a fresh model on the first
+    WHITENING_IMAGES training images, normalized as the training iterator feeds them (NCHW
+    float32 (n, 3, 32, 32), before augmentation). Nothing without whiten; a resumed run keeps the
+    whitening its checkpoint holds."""
+    if cfg.whiten:
+        model.fit_whitening(normalize(data['X_train'][:WHITENING_IMAGES], mean, std))
 
 
 # --------------------------------------------------------------------------
@@ -400,7 +423,8 @@ class Trainer:
         self.eval_model = averaged_model(model, average)
         mean, std = state.normalization()
         self.train_it = BatchIterator(data['X_train'], data['y_train'], cfg.batch_size, shuffle=True,
-                                      augment=cfg.augment, crop=cfg.crop, seed=cfg.seed, mean=mean, std=std)
+                                      augment=cfg.augment, crop=cfg.crop, seed=cfg.seed, mean=mean, std=std,
+                                      alternate_flip=cfg.alternate_flip)
         self.val_it = BatchIterator(data['X_val'], data['y_val'], cfg.eval_batch_size, mean=mean, std=std)
         self.steps_per_epoch = len(self.train_it)
         # Images still to evaluate after a stop: a validation pass, then the final evaluation's
@@ -492,7 +516,7 @@ class Trainer:
         s, cfg = self.state, self.cfg
         lr = learning_rate(cfg, s.global_step - 1, self.steps_per_epoch)
         t_val = time.monotonic()
-        val_loss, val_acc, _, _ = evaluate(self.eval_model, self.val_it, cfg.tta_flip)
+        val_loss, val_acc, _, _ = evaluate(self.eval_model, self.val_it, cfg.tta_mode())
         s.eval_images_per_s = len(self.val_it.y) / max(1e-9, time.monotonic() - t_val)
         # Leave room for a validation pass and the final evaluation in the time budget.
         self.stopper.reserve_s = self.n_eval / s.eval_images_per_s
@@ -503,7 +527,7 @@ class Trainer:
             val_loss=val_loss, val_acc=val_acc, lr=lr, base_lr=cfg.lr,
             epoch_time_s=epoch_time + time.monotonic() - t_val, images_per_s=speed)
         if self.average is not None:      # what the average gains over the last step's weights
-            record.val_acc_raw = evaluate(self.model, self.val_it, cfg.tta_flip)[1]
+            record.val_acc_raw = evaluate(self.model, self.val_it, cfg.tta_mode())[1]
         improved = val_acc > s.best_val_acc
         if improved:
             s.best_val_acc, s.best_epoch = val_acc, s.epoch + 1
@@ -569,22 +593,31 @@ def averaged_model(model, average):
     return twin
 
 
-def evaluate(model, iterator, flip_average=False, single_view=None):
+def evaluate(model, iterator, tta='none', single_view=None):
     """Loss, accuracy, probabilities (N, 10) and final hidden states (N, H) over an iterator.
 
-    flip_average: test-time augmentation, the mean of the probabilities of each
-    image and of its left-right mirror (twice the cost); the hidden states are
-    those of the image as given. single_view: an optional dict that receives
-    the probabilities of the images as given ('probs'), to measure what the
-    flip adds.
+    tta: test-time augmentation, one of data_utils.TTA_MODES (Config.tta_mode): 'none'; 'flip',
+    the mean of the probabilities of each image and of its left-right mirror (twice the cost);
+    'flip+translate', the weighted mean over those two and the image shifted one pixel down-right
+    and up-left, each with its mirror (six times the cost; data_utils.tta_views). The hidden
+    states are those of the image as given. single_view: an optional dict that receives the
+    probabilities of the images as given ('probs'), to measure what the augmentation adds.
     """
+    # Summed in multiples of the smallest weight, scaled once at the end: 'flip' is then
+    # 0.5 * (p + p_mirror) exactly as before there were other augmentations.
+    unit = float(tta_weights(tta).min())
     probs, plain, hidden, labels = [], [], [], []
     for X, y in iterator.epoch(0):
-        p, h = model.predict_proba(X, batch_size=len(X), return_features=True)
-        plain.append(p)
-        if flip_average:
-            p = 0.5 * (p + model.predict_proba(np.ascontiguousarray(X[..., ::-1]), batch_size=len(X)))
-        probs.append(p)
+        total = None
+        for k, (weight, view) in enumerate(tta_views(X, tta)):
+            if k == 0:                        # the image as given: its hidden states too
+                p, h = model.predict_proba(view, batch_size=len(X), return_features=True)
+                plain.append(p)
+            else:
+                p = model.predict_proba(view, batch_size=len(X))
+            term = p if weight == unit else (weight / unit) * p
+            total = term if total is None else total + term
+        probs.append(total if unit == 1 else total * unit)
         hidden.append(h)
         labels.append(y)
     probs = np.concatenate(probs)
@@ -601,8 +634,11 @@ def final_evaluation(cfg, run, model, state, data, announce=None):
     metadata, so they always describe the parameters evaluated. ``announce`` is
     logged once best.npz has been read and checked. The temperature of
     temperature scaling is fitted on the validation outputs of the same
-    parameters, computed as the test outputs are (flip-averaged with tta_flip),
-    and applied to the test outputs: metrics.json reports both (calibrate).
+    parameters, computed as the test outputs are (with the run's test-time
+    augmentation, Config.tta_mode), and applied to the test outputs: metrics.json
+    reports both (calibrate). With a test-time augmentation, metrics.json's
+    single_view holds the figures of the images as given; its key tta names the
+    augmentation ('none', 'flip' or 'flip+translate').
     Nothing here draws from a random generator of the training.
     """
     model, best = load_best(cfg, run, model)
@@ -611,25 +647,28 @@ def final_evaluation(cfg, run, model, state, data, announce=None):
     mean, std = state.normalization()
     t_start = time.monotonic()
     val_it = BatchIterator(data['X_val'], data['y_val'], cfg.eval_batch_size, mean=mean, std=std)
-    _, _, val_probs, _ = evaluate(model, val_it, cfg.tta_flip)
+    tta = cfg.tta_mode()
+    _, _, val_probs, _ = evaluate(model, val_it, tta)
     test_it = BatchIterator(data['X_test'], data['y_test'], cfg.eval_batch_size, mean=mean, std=std)
     t0 = time.monotonic()
     single = {}
-    test_loss, test_acc, probs, hidden = evaluate(model, test_it, cfg.tta_flip, single_view=single)
+    test_loss, test_acc, probs, hidden = evaluate(model, test_it, tta, single_view=single)
     eval_s = time.monotonic() - t0
     labels = data['y_test']
     if not (math.isfinite(test_loss) and np.isfinite(probs).all() and np.isfinite(val_probs).all()):
         raise RuntimeError('the test evaluation gave non-finite probabilities; metrics.json was not written')
     probs = probs.astype(np.float32)         # as predictions.npz holds them: every figure is of those
     metrics = test_metrics(cfg, state, best, probs, labels, eval_s, data['label_names'])
-    if cfg.tta_flip:     # the same parameters without the mirrored view: what the flip adds
+    if tta != 'none':     # the same parameters on the images as given: what the augmentation adds
         metrics.single_view = {'test_acc': accuracy(single['probs'], labels),
                                'test_loss': cross_entropy(single['probs'], labels),
                                'ece': expected_calibration_error(single['probs'], labels, n_bins=N_BINS)}
     calibrated = calibrate(metrics, val_probs, data['y_val'], probs, labels)
     # The whole final evaluation (the validation pass and the calibration too) counts in the wall time.
     metrics.wall_time_s = state.elapsed_s + time.monotonic() - t_start
-    metrics.write(run.path)
+    # runfiles.Metrics has no field for the augmentation: written beside its own (readers leave
+    # out the keys they do not know, so every reader of metrics.json reads it as before).
+    runfiles.write_json(run.file(runfiles.METRICS_NAME), {**metrics.to_json(), 'tta': tta})
     runfiles.Predictions(probs=probs, labels=labels.astype(np.int64),
                          indices=np.arange(len(labels), dtype=np.int64), hidden=hidden.astype(np.float32),
                          probs_calibrated=calibrated if cfg.calibrated_predictions else None).write(run.path)
@@ -706,14 +745,15 @@ def viz_command(run_dir):
 def summary(cfg, run_dir, m, names):
     """The one-screen summary printed at the end of a run (m: its runfiles.Metrics)."""
     early = f'  (stopped early: {m.stop_reason})' if m.stopped_early else ''
+    tta = {'flip': 'with the flip', 'flip+translate': 'with the flip and the one-pixel shifts'}.get(cfg.tta_mode())
     lines = ['', '=' * 64,
              f'run      {run_dir}',
              f'preset   {cfg.preset}  cell {cfg.cell}  layout {cfg.seq_layout}  epochs {m.epochs_done}/{cfg.epochs}'
              f'  subset {cfg.subset}{early}',
              f'test     accuracy {100 * m.test_acc:.2f}%  loss {m.test_loss:.4f}  ECE {m.ece:.4f}'
              f'  ({m.test_images} images, {m.evaluated}'
-             + (f", with the flip; {100 * m.single_view['test_acc']:.2f}% without)"
-                if m.single_view is not None else ')'),
+             + (f", {tta}; {100 * m.single_view['test_acc']:.2f}% without)"
+                if m.single_view is not None and tta else ')'),
              *calibration_lines(m),
              f'val      best accuracy {100 * m.best_val_acc:.2f}% at epoch {m.best_epoch}'
              if m.best_val_acc is not None else 'val      no epoch finished',
@@ -920,14 +960,16 @@ def new_run(args, overrides, stopper):
     cfg = resolve_config(args, overrides)
     # Data and model come first, so bad data or an absurd size leaves no empty run folder behind.
     data = load_data(cfg)
+    mean, std = channel_mean_std(data['X_train']) if cfg.standardize else (None, None)
     try:
         model = CNNRNN(reg=cfg.weight_decay, seed=cfg.seed, rnn_init=cfg.rnn_init, **model_settings(cfg))
     except MemoryError:
         raise UsageError(f'a model with hidden={cfg.hidden} needs more memory than this machine has; '
                          f'choose a smaller --set hidden (the method uses 128)') from None
+    # Before the optimizer and the weight average copy the parameters: both start from the fitted layer.
+    fit_whitening(model, cfg, data, mean, std)
     opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov, names=model.trained_names())
     average = WeightAverage(model.params, cfg.ema) if cfg.ema else None
-    mean, std = channel_mean_std(data['X_train']) if cfg.standardize else (None, None)
     state = TrainState(mean=mean, std=std, data_fingerprint=data['fingerprint'])
     # From here on a signal stops the run at its next step, with a resumable checkpoint.
     stopper.begin('training')

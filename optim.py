@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 
+from cnn_rnn_numpy import FROZEN_PARAMS
+
 
 class SGD:
     """SGD with momentum (optionally Nesterov), updating parameters in place.
@@ -54,7 +56,8 @@ class WeightAverage:
     model than the weights of any one step; the ramp-up of d lets the average
     forget the random initialisation quickly at the start.
 
-    Every array of params is averaged, BatchNorm's running statistics (bnK_mean, bnK_var) as
+    Every trained array of params is averaged (a frozen, fitted one, ``FROZEN_PARAMS``, is
+    copied), BatchNorm's running statistics (bnK_mean, bnK_var) as
     well, as timm's ModelEmaV2 averages a model's buffers with its weights: the averaged model
     then normalises with the average of the statistics its recent weights measured, which a
     plain copy of the last step's statistics would not match.
@@ -75,6 +78,11 @@ class WeightAverage:
         """Move the average toward the current parameters (after an optimizer step)."""
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for name, avg in self.params.items():
+            if name in FROZEN_PARAMS:
+                # A fitted, never-trained array (whiten_W): d*w + (1-d)*w rounds away from w in
+                # float32, so the average keeps the fit itself.
+                np.copyto(avg, params[name])
+                continue
             avg *= avg.dtype.type(d)
             avg += avg.dtype.type(1 - d) * params[name]
         self.updates += 1
@@ -102,7 +110,11 @@ def learning_rate(cfg, step, steps_per_epoch):
 
     Linear warm-up per step over ``cfg.warmup_epochs`` from lr/W to lr, then
     - 'exponential': lr * decay**k in the k-th epoch after the warm-up (constant within an epoch);
-    - 'cosine': per step from lr down to min_lr at the end of the last epoch.
+    - 'cosine': per step from lr down to min_lr at the end of the last epoch;
+    - 'triangular': per step linearly from lr down to min_lr at the end of the last epoch
+      (airbench's short triangular schedule; with warmup_epochs = 0 a pure linear decay from lr).
+    Cosine and triangular reach min_lr at step epochs * steps_per_epoch, one past the last step,
+    so the last step still learns a little when min_lr is 0.
 
     cfg: any object with the attributes lr, schedule, warmup_epochs, decay,
     epochs and min_lr (main.Config is one).
@@ -116,4 +128,6 @@ def learning_rate(cfg, step, steps_per_epoch):
         return base * cfg.decay ** k
     total = cfg.epochs * steps_per_epoch
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if cfg.schedule == 'triangular':
+        return base + (cfg.min_lr - base) * progress
     return cfg.min_lr + 0.5 * (base - cfg.min_lr) * (1 + math.cos(math.pi * progress))

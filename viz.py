@@ -674,7 +674,7 @@ def _metrics_rows(metrics):
         row(f'ECE ({N_BINS} bins)', 'ece', lambda v: f'{v:.4f}')
     single = metrics.single_view
     if single is not None:
-        lines.append(f"| Without the mirror view (tta_flip off) | {100 * single['test_acc']:.2f} %, "
+        lines.append(f"| One view (no test-time augmentation) | {100 * single['test_acc']:.2f} %, "
                      f"ECE {single['ece']:.4f} |")
     best = metrics.best_val_acc
     if best is not None:

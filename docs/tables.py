@@ -189,8 +189,8 @@ def command_for(settings, presets, seed_placeholder=True):
 
 def describe_lr(s):
     text = f"{show(s['lr'])}, {s['warmup_epochs']} warm-up epoch{'s' if s['warmup_epochs'] != 1 else ''}, then "
-    if s['schedule'] == 'cosine':
-        text += f"cosine to {show(s['min_lr'])}"
+    if s['schedule'] in ('cosine', 'triangular'):
+        text += f"{'cosine' if s['schedule'] == 'cosine' else 'linear'} to {show(s['min_lr'])}"
     else:
         text += f"x{show(s['decay'])} per epoch" if s['decay'] != 1 else 'constant'
     return text + (', Nesterov' if s['nesterov'] else '')
@@ -200,7 +200,7 @@ def describe_augmentation(s):
     if not s['augment']:
         return 'none'
     crop = {'paste': '28x28 crop pasted on black', 'pad': 'pad 4, crop 32x32'}.get(s['crop'], s['crop'])
-    return f'{crop}, flip'
+    return f"{crop}, {'alternating' if s['alternate_flip'] else ''} flip".replace(',  ', ', ')
 
 
 def describe_backbone(s):
@@ -212,20 +212,26 @@ def describe_backbone(s):
         defaults = Config.method_defaults()
         text += ', BN' + ''.join(f" {k} {show(s[k])}" for k in ('bn_momentum', 'bn_eps')
                                  if not same(s[k], defaults[k]))
+    if s['whiten']:
+        text += f", {s['whiten']}x{s['whiten']} whitening"
+    if s['identity_init']:
+        text += ', identity init'
     return text
 
 
 PRESET_COLUMNS = [
-    ('backbone', ('widths', 'convs_per_block', 'batchnorm', 'bn_momentum', 'bn_eps'), describe_backbone),
+    ('backbone', ('widths', 'convs_per_block', 'batchnorm', 'bn_momentum', 'bn_eps', 'whiten', 'identity_init'),
+     describe_backbone),
     ('layout', ('seq_layout',), lambda s: f"`{s['seq_layout']}`"),
-    ('cell', ('cell',), lambda s: f"`{s['cell']}`"),
+    ('cell', ('cell', 'hidden'), lambda s: f"`{s['cell']}` {s['hidden']}"),
     (f'of the {FULL_TRAIN:,} training images', ('subset',), lambda s: f"{100 * s['subset']:g}%"),
     ('epochs', ('epochs',), lambda s: str(s['epochs'])),
     ('batch', ('batch_size',), lambda s: str(s['batch_size'])),
     ('learning rate', ('lr', 'warmup_epochs', 'schedule', 'decay', 'min_lr', 'nesterov'), describe_lr),
-    ('augmentation', ('augment', 'crop'), describe_augmentation),
+    ('augmentation', ('augment', 'crop', 'alternate_flip'), describe_augmentation),
     ('inputs', ('standardize',), lambda s: 'standardised' if s['standardize'] else 'scaled to [0, 1]'),
-    ('test-time flip', ('tta_flip',), lambda s: 'yes' if s['tta_flip'] else 'no'),
+    ('test-time views', ('tta_flip', 'tta_translate'),
+     lambda s: 'flip, shifts' if s['tta_translate'] else 'flip' if s['tta_flip'] else 'one'),
 ]
 
 

@@ -4,6 +4,7 @@ silently break them."""
 import importlib.util
 import json
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,75 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     assert (tuned['tuned'], untuned['tuned']) == (True, False)
     assert tuned['faults'] < 500 < untuned['faults']
     assert tuned['faults'] < untuned['faults'] / 10
+
+
+def test_deep_step_counts_the_flops_of_the_method_and_of_a_deep_backbone():
+    deep_step, speed = load('deep_step'), load('speed')
+    for layout in ('pixels', 'rows'):
+        for cell in M.CELLS:
+            method = M.CNNRNN(seq_layout=layout, cell=cell, rnn_init='xavier')   # no QR: shapes are enough
+            assert deep_step.step_flops(method)['total'] == speed.flops_per_image(layout, cell)
+    # By hand for widths 8,16, two convolutions per block, 'rows' (the last map 8x8x16: T=8, D=128).
+    model = M.CNNRNN(seq_layout='rows', widths=(8, 16), convs_per_block=2, batchnorm=True, rnn_init='xavier')
+    convs = [2 * 32 * 32 * 8 * 3 * 9, 2 * 16 * 16 * 8 * 8 * 9, 2 * 16 * 16 * 16 * 8 * 9, 2 * 8 * 8 * 16 * 16 * 9]
+    rnn, head = 2 * 8 * (128 * 128 + 128 * 128), 2 * 128 * 10
+    f = deep_step.step_flops(model)
+    assert f['forward'] == sum(convs) + rnn + head
+    assert f['total'] == 3 * (sum(convs) + rnn + head) - convs[0]        # no input gradient for conv1
+    assert np.isclose(f['executed'], f['total'] - sum(3 * c for c in convs[1:]) * (1 - 1 / 2.25))
+
+
+DEEP_STEP_NUMBER = r'([0-9]+\.[0-9]+)'
+DEEP_STEP_LINES = {   # a line each run prints -> the numbers on it, all positive
+    'GEMM peak': rf'GEMM peak: {DEEP_STEP_NUMBER} GFLOP/s \(size (\d+), (\d+) threads?\)',
+    'FLOPs': rf'FLOPs per image: {DEEP_STEP_NUMBER} MFLOP per training step',
+    'step': rf'numpy train step: {DEEP_STEP_NUMBER} ms \(min-max {DEEP_STEP_NUMBER}-{DEEP_STEP_NUMBER}\), '
+            rf'{DEEP_STEP_NUMBER} img/s',
+    'inference': rf'numpy inference: {DEEP_STEP_NUMBER} ms \(min-max {DEEP_STEP_NUMBER}-{DEEP_STEP_NUMBER}\)',
+    'achieved': rf'achieved: {DEEP_STEP_NUMBER} GFLOP/s effective .* = {DEEP_STEP_NUMBER}x the GEMM peak',
+    'executed': rf'executed products: {DEEP_STEP_NUMBER} MFLOP per image, {DEEP_STEP_NUMBER} GFLOP/s',
+    'parts': rf'sum of the parts: {DEEP_STEP_NUMBER} ms; the step: {DEEP_STEP_NUMBER} ms',
+    'memory': rf'peak RSS: {DEEP_STEP_NUMBER} GB absolute, (-?[0-9.]+) GB above the {DEEP_STEP_NUMBER} GB '
+              r'after the imports; target under 8 GB: met',
+}
+
+
+def deep_step_numbers(out, pattern):
+    match = re.search(pattern, out)
+    assert match, f'no line matching {pattern!r} in:\n{out}'
+    return [float(v) for v in match.groups()]
+
+
+@pytest.mark.parametrize('torch_too', [False, True], ids=['no-torch', 'torch'])
+def test_deep_step_runs_on_a_tiny_backbone_and_prints_positive_figures(torch_too):
+    if torch_too and importlib.util.find_spec('torch') is None:
+        pytest.skip('PyTorch is not importable')
+    # One thread with PyTorch: OpenMP's spinning threads are slow on a machine busy with other work.
+    cmd = [sys.executable, str(BENCHMARKS / 'deep_step.py'), '--widths', '8,16', '--convs-per-block', '2',
+           '--batch', '8', '--repeats', '1', '--warmup', '0', '--gemm-sizes', '64,128',
+           *(['--threads', '1'] if torch_too else ['--no-torch'])]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=BENCHMARKS.parent).stdout
+    for name, pattern in DEEP_STEP_LINES.items():
+        numbers = deep_step_numbers(out, pattern)
+        if name == 'memory':    # the step's own growth may round to nothing at this size
+            absolute, above, baseline = numbers
+            assert absolute >= baseline > 0 and above >= 0, out
+        else:
+            assert all(v > 0 for v in numbers), (name, out)
+    # The profile: one forward and one backward row per convolution and BatchNorm, the RNN's, the head's.
+    rows = re.findall(rf'^    (conv\d|bn\d|RNN|head)\b.* {DEEP_STEP_NUMBER} ms \(min-max', out, re.M)
+    assert sorted(name for name, _ in rows) == sorted(['conv1', 'conv2', 'conv3', 'conv4'] * 2
+                                                      + ['bn1', 'bn2', 'bn3', 'bn4'] * 2 + ['RNN'] * 2 + ['head'])
+    assert all(float(t) > 0 for _, t in rows)
+    if not torch_too:
+        assert 'PyTorch skipped: --no-torch' in out
+        assert 'torch 2' not in out and 'numpy/torch' not in out
+        return
+    for label in ("torch's defaults", "the NumPy model's process settings"):
+        numbers = deep_step_numbers(out, rf'train step, {re.escape(label)}: {DEEP_STEP_NUMBER} ms .* inference '
+                                         rf'{DEEP_STEP_NUMBER} ms .* peak RSS {DEEP_STEP_NUMBER} GB')
+        assert all(v > 0 for v in numbers), out
+    for label in ("torch's defaults", 'same process settings'):
+        numbers = deep_step_numbers(out, rf'step time numpy/torch \({re.escape(label)}\): train {DEEP_STEP_NUMBER}x, '
+                                         rf'inference {DEEP_STEP_NUMBER}x')
+        assert all(v > 0 for v in numbers), out

@@ -94,7 +94,39 @@ def test_each_bad_value_gets_one_message_whatever_its_source(argv, words):
 
 
 def test_keys_added_after_the_first_runs_are_the_levers_the_cell_the_backbone_and_what_the_evaluation_writes():
-    assert Config.defaults() == {'cell': 'rnn', 'crop': 'paste', 'label_smoothing': 0.0, 'ema': 0.0,
-                                 'tta_flip': False, 'widths': [64, 64], 'convs_per_block': 1,
-                                 'batchnorm': False, 'bn_momentum': 0.1, 'bn_eps': 1e-5,
-                                 'calibrated_predictions': False}
+    assert Config.defaults() == {'cell': 'rnn', 'crop': 'paste', 'alternate_flip': False, 'label_smoothing': 0.0,
+                                 'ema': 0.0, 'tta_flip': False, 'tta_translate': False, 'widths': [64, 64],
+                                 'convs_per_block': 1, 'batchnorm': False, 'bn_momentum': 0.1, 'bn_eps': 1e-5,
+                                 'whiten': 0, 'identity_init': False, 'calibrated_predictions': False}
+
+
+def test_the_airbench_keys_are_checked_and_off_by_default():
+    assert parse('--set', 'schedule=triangular', '--set', 'alternate_flip=true', '--set', 'tta_translate=true',
+                 '--set', 'whiten=2', '--set', 'identity_init=true') == \
+        {'schedule': 'triangular', 'alternate_flip': True, 'tta_translate': True, 'whiten': 2, 'identity_init': True}
+    assert parse('--schedule', 'triangular') == {'schedule': 'triangular'}
+    fast = config.load_presets()['fast']
+    assert (fast.alternate_flip, fast.tta_translate, fast.whiten, fast.identity_init) == (False, False, 0, False)
+    for bad, words in (('whiten=1', 'whiten = 1 is invalid; it must be one of 0, 2, 3'),
+                       ('whiten=true', 'whiten = True is invalid'), ('whiten=2.0', 'whiten = 2.0 is invalid'),
+                       ('alternate_flip=1', 'alternate_flip = 1 is invalid'),
+                       ('tta_translate=yes', "tta_translate = 'yes' is invalid"),
+                       ('identity_init=0', 'identity_init = 0 is invalid'),
+                       ('schedule=triangle', "schedule = 'triangle' is invalid; it must be 'exponential', "
+                                             "'cosine' or 'triangular'")):
+        with pytest.raises(ConfigError) as e:
+            parse('--set', bad)
+        assert words in str(e.value) and '\n' not in str(e.value), str(e.value)
+    # Alternating the flips of no augmentation is refused, naming both keys.
+    with pytest.raises(ConfigError, match='alternate_flip = true .* augment, which is false') as e:
+        config.with_overrides(fast, {'alternate_flip': True, 'augment': False}, 'the configuration')
+    assert '\n' not in str(e.value)
+
+
+def test_tta_mode_names_the_test_time_augmentation():
+    fast = config.load_presets()['fast']
+    assert fast.tta_mode() == 'none'
+    assert config.with_overrides(fast, {'tta_flip': True}, 'x').tta_mode() == 'flip'
+    for flip in (False, True):        # the shifts imply the flip
+        assert config.with_overrides(fast, {'tta_flip': flip, 'tta_translate': True}, 'x').tta_mode() == \
+            'flip+translate'

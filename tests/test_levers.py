@@ -152,7 +152,7 @@ def test_flip_averaging_is_the_mean_of_both_views(data_dir, tmp_path):
     import viz
     assert viz.main([str(out), '--tsne-samples', '0', '--gallery-size', '0']) in (0, None)
     report = (out / 'report.md').read_text()
-    assert (f"| Without the mirror view (tta_flip off) | {100 * m['single_view']['test_acc']:.2f} %, "
+    assert (f"| One view (no test-time augmentation) | {100 * m['single_view']['test_acc']:.2f} %, "
             f"ECE {m['single_view']['ece']:.4f} |") in report
     # A mirrored image is a different input: the two views do not give the same probabilities.
     assert not np.allclose(single, expected)

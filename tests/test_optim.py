@@ -49,3 +49,30 @@ def test_clip_grad_norm():
     total = np.sqrt(sum(np.sum(v ** 2) for v in g.values()))
     assert total == pytest.approx(1.0, rel=1e-6)
     np.testing.assert_allclose(g['a'], [0.6, 0.0], rtol=1e-6)
+
+
+def test_triangular_schedule_warms_up_then_falls_on_a_straight_line_to_min_lr():
+    cfg = SimpleNamespace(lr=0.2, warmup_epochs=2, schedule='triangular', decay=0.9, epochs=12, min_lr=0.02)
+    S = 10
+    lrs = [learning_rate(cfg, step, S) for step in range(cfg.epochs * S)]
+    # The warm-up is the other schedules' (per step, lr/W to lr).
+    assert lrs[0] == pytest.approx(0.2 / 20) and lrs[19] == pytest.approx(0.2)
+    assert lrs[:20] == [learning_rate(SimpleNamespace(**{**vars(cfg), 'schedule': 'cosine'}), s, S)
+                        for s in range(20)]
+    assert lrs[20] == pytest.approx(0.2)                        # the peak: the first step after the warm-up
+    assert lrs[70] == pytest.approx(0.2 - 0.5 * 0.18)           # half way down, 50 of 100 steps
+    assert lrs[-1] == pytest.approx(0.02 + 0.18 / 100)          # one step short of min_lr at the end
+    assert learning_rate(cfg, cfg.epochs * S, S) == pytest.approx(0.02)   # the end of the last epoch
+    assert learning_rate(cfg, cfg.epochs * S + 50, S) == pytest.approx(0.02)   # never below min_lr
+    down = np.diff(lrs[20:])
+    assert np.all(down < 0) and np.allclose(down, -0.18 / 100)  # monotonic, a straight line
+    assert np.all(np.diff(lrs[19:]) <= 0)                       # the last warm-up step is the peak too
+    assert np.all(np.diff(lrs[:20]) > 0) and min(lrs) >= 0.0
+    assert min(lrs[20:]) > cfg.min_lr
+
+
+def test_triangular_without_warm_up_is_a_pure_linear_decay_from_lr():
+    cfg = SimpleNamespace(lr=0.1, warmup_epochs=0, schedule='triangular', decay=0.9, epochs=5, min_lr=0.0)
+    S = 4
+    np.testing.assert_allclose([learning_rate(cfg, s, S) for s in range(20)], 0.1 * (1 - np.arange(20) / 20))
+    assert learning_rate(cfg, 20, S) == 0.0

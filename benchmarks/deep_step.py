@@ -1,0 +1,511 @@
+"""A deep backbone's training step against the machine's matrix-product peak, its memory, and PyTorch.
+
+For one backbone given on the command line (default: widths 64,256,256, two
+convolutions per block, BatchNorm, the 'rows' layout, a tanh RNN of 128 units,
+batch 256, float32) it prints, all measured in this one invocation:
+
+1. The machine's float32 matrix-product peak: NumPy ``A @ B`` of a few square
+   sizes on the worker-thread count (BLAS limited to it, as in training); the
+   best size's median GFLOP/s is the peak the step is compared with.
+2. The NumPy training step, ``model.loss(X, y)`` (forward and backward, train
+   mode: no clipping or optimizer update) on random data, and inference
+   (``model.forward``, eval mode) on the same batch. The step's FLOPs are
+   counted from the network: each convolution 2*H*W*O*I*9 per image at its
+   output resolution (before its pool), times 3 for forward and backward
+   (times 2 for the first, whose input gradient nobody needs); the RNN's
+   x_t @ W_xh and h @ W_hh for every step and the output layer, times 3;
+   elementwise work (BatchNorm, ReLU, pooling, the Winograd transforms) is not
+   counted. The achieved rate divides these direct-convolution-equivalent
+   FLOPs by the step's time. Convolutions on even maps (all but the first) run
+   by Winograd's F(2x2, 3x3), which multiplies 2.25x less than the direct
+   convolution, so this *effective* rate may exceed the GEMM peak; the
+   products Winograd actually executes are counted on a line of their own.
+   Then a profile by phase: every convolution's forward and backward, every
+   BatchNorm's, the RNN's and the head's, each timed on its own by calling the
+   layer functions a step calls (``backbone_forward`` / ``backbone_backward``
+   on a one-convolution backbone, ``batchnorm_forward`` / ``_backward``,
+   ``recurrent_forward`` / ``_backward``) with the shapes of the step, on the
+   same worker threads. The model has no hooks and cProfile sees only the
+   main thread (the layers run on worker threads), so this is the honest
+   split; its parts are timed apart (warm caches, a concatenation after every
+   convolution), so their sum is compared with the step and the difference
+   printed as 'rest'. A convolution's row includes its bias and ReLU (with
+   BatchNorm the model applies the ReLU after the BatchNorm instead: the same
+   work).
+3. The peak memory of a training step: a fresh process (with the training
+   process settings) builds the model and runs --warmup + 1 steps; its peak
+   resident set (VmHWM, or ru_maxrss) above its level after the imports, and
+   the absolute peak, in GB, against the target of 8 GB.
+4. PyTorch CPU on the same network (skipped, with the reason, without torch or
+   with --no-torch): per block conv3x3 -> max-pool -> BatchNorm -> ReLU, then
+   conv3x3 -> BatchNorm -> ReLU; the last map read in the same layout (NHWC
+   order), ``nn.RNN`` (or GRU/LSTM), Linear to 10, cross-entropy; the step is
+   zero_grad + forward + backward, inference the forward under no_grad in eval
+   mode. Timed in fresh processes, twice: with PyTorch's defaults
+   (``torch.set_num_threads`` the same thread count), and with the process
+   settings the NumPy model trains with (``fast_layers.prepare_process_for_training``:
+   glibc's malloc told to keep freed memory, by ``mallopt`` before torch is
+   imported; the project sets no MALLOC_* environment variables). The
+   step-time ratio NumPy/PyTorch (above 1: NumPy slower) is printed for both.
+
+Every time is the median of --repeats after --warmup untimed runs, with the
+min-max spread. The NumPy figures come from this process, which has called
+``prepare_process_for_training`` as a training run does.
+
+Usage:
+    python benchmarks/deep_step.py [--widths 64,256,256] [--convs-per-block 2] [--no-batchnorm]
+                                   [--layout rows] [--cell rnn] [--hidden 128] [--batch 256]
+                                   [--repeats 5] [--warmup 1] [--threads N] [--gemm-sizes 1024,2048,3072]
+                                   [--no-torch]
+
+Reading the output: section 1's 'peak' is what one BLAS product reaches here;
+section 2's 'achieved' rate over that peak says how far the whole step is
+from a step that did nothing but large products (above 1 is possible only
+thanks to Winograd; the 'executed products' ratio cannot exceed 1 by much);
+the profile says which layers hold the rest. Memory is for the target; the
+PyTorch lines give the step next to a mainstream implementation of the same
+network on the same threads.
+"""
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import repo_on_path  # noqa: E402,F401  (the project's modules)
+import fast_layers  # noqa: E402
+import cnn_rnn_numpy as M  # noqa: E402
+
+MEMORY_TARGET_GB = 8.0
+WINOGRAD_SAVING = 2.25     # F(2x2, 3x3): 16 products per 2x2 outputs where the direct convolution does 36
+
+
+# --------------------------------------------------------------------------
+# Timing and memory helpers
+# --------------------------------------------------------------------------
+
+def timed(fn, repeats, warmup):
+    """Wall times (s) of ``repeats`` calls of ``fn()`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def num(x):
+    """x with three significant digits and at least one decimal (0.0123, 1.23, 123.4, 1234.5)."""
+    x = float(x)
+    return f'{x:.{max(1, 2 - math.floor(math.log10(abs(x))))}f}' if x and math.isfinite(x) else f'{x:.1f}'
+
+
+def plural(n, noun):
+    return f'{n} {noun}{"s" * (n != 1)}'
+
+
+def ms(times):
+    """'median ms (min-max min-max)' of a list of seconds."""
+    t = 1e3 * np.asarray(times)
+    return f'{num(np.median(t))} ms (min-max {num(t.min())}-{num(t.max())})'
+
+
+def peak_rss_bytes():
+    """This process's peak resident set so far: VmHWM from /proc/self/status, else ru_maxrss."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == 'darwin' else peak * 1024      # bytes on macOS, kB on Linux
+
+
+# --------------------------------------------------------------------------
+# The network and its FLOPs
+# --------------------------------------------------------------------------
+
+def build_model(args):
+    """The NumPy model of the command line (float32)."""
+    return M.CNNRNN(seq_layout=args.layout, hidden=args.hidden, cell=args.cell, widths=args.widths,
+                    convs_per_block=args.convs_per_block, batchnorm=args.batchnorm, seed=0)
+
+
+def random_batch(batch, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((batch, 3, 32, 32), dtype=np.float32), rng.integers(0, 10, batch)
+
+
+def conv_table(model):
+    """One dict per convolution: layer (ConvLayer), side (its output side before any pool), I, O,
+    forward (its FLOPs per image), backward (2x forward; 1x for the first: no input gradient)."""
+    rows, side = [], M.IMAGE_SIDE
+    for i, layer in enumerate(model.layers):
+        O, I = model.params[f'conv{layer.k}_W'].shape[:2]
+        forward = 2 * side * side * O * I * 9
+        rows.append({'layer': layer, 'side': side, 'I': I, 'O': O, 'forward': forward,
+                     'backward': forward * (1 if i == 0 else 2)})
+        if layer.pool:
+            side //= 2
+    return rows
+
+
+def step_flops(model):
+    """FLOPs per image of one training step, by part (2 FLOPs per multiply-add, matrix products only).
+
+    Returns a dict: conv_forward, conv_backward, rnn_forward, rnn_backward, head_forward, head_backward,
+    forward, total (the direct convolution's count), and executed (the products actually run: Winograd
+    layers at 1/2.25 of their direct count).
+    """
+    convs = conv_table(model)
+    R, C, H = model.map_side, model.channels, model.hidden
+    T, D = M.sequence_length_and_size(model.seq_layout, R, R, C)
+    G = M.CELL_GATES[model.cell]
+    f = {'conv_forward': sum(c['forward'] for c in convs), 'conv_backward': sum(c['backward'] for c in convs),
+         'rnn_forward': 2 * T * (D * G * H + H * G * H), 'head_forward': 2 * H * M.NUM_CLASSES}
+    f['rnn_backward'], f['head_backward'] = 2 * f['rnn_forward'], 2 * f['head_forward']
+    f['forward'] = f['conv_forward'] + f['rnn_forward'] + f['head_forward']
+    f['total'] = f['forward'] + f['conv_backward'] + f['rnn_backward'] + f['head_backward']
+    winograd = sum((c['forward'] + c['backward']) * (1 - 1 / WINOGRAD_SAVING) for c in convs if c['layer'].winograd)
+    f['executed'] = f['total'] - winograd
+    return f
+
+
+# --------------------------------------------------------------------------
+# 1. The GEMM peak
+# --------------------------------------------------------------------------
+
+def gemm_rates(sizes, repeats, warmup):
+    """{n: [GFLOP/s of each timed float32 n x n @ n x n]}, BLAS on the threads it is allowed."""
+    rng = np.random.default_rng(0)
+    rates = {}
+    for n in sizes:
+        A, B = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
+        out = np.empty((n, n), np.float32)
+        times = timed(lambda: np.matmul(A, B, out=out), repeats, max(warmup, 1))
+        rates[n] = [2 * n ** 3 / t / 1e9 for t in times]
+    return rates
+
+
+# --------------------------------------------------------------------------
+# 2. The NumPy step, and its profile by phase
+# --------------------------------------------------------------------------
+
+def numpy_profile(model, X, y, repeats, warmup):
+    """[(phase, times (s), FLOPs of the batch or None)] of one training step, each part timed on its own.
+
+    The parts, in the order a step runs them: per convolution its forward (``backbone_forward`` on a
+    one-convolution backbone: micro-batches on the worker threads, bias, ReLU, pool) and its
+    BatchNorm's (over the whole batch, train mode), the RNN, the head with the loss (forward and
+    backward), the RNN's backward, then per convolution from the last its BatchNorm's backward and
+    its backward (with the kernel transform's adjoint; the first without input gradient). Each
+    runs on the real activations of the step before it.
+    """
+    p, N = model.params, X.shape[0]
+    rng = np.random.default_rng(1)
+    h = np.asarray(X, dtype=model.dtype).transpose(0, 2, 3, 1)
+    forward, backward = [], []
+    for i, c in enumerate(conv_table(model)):
+        layer, k = c['layer'], c['layer'].k
+        conv_only = [dataclasses.replace(layer, bn=False)]
+        x_in = h
+        run = lambda: M.backbone_forward(x_in, p, conv_only, True)     # noqa: E731
+        times = timed(run, repeats, warmup)
+        out, cache, _ = run()
+        kind = 'Winograd' if layer.winograd else 'im2col'
+        pool = ', pool' if layer.pool else ''
+        name = f"conv{k} {c['I']}->{c['O']} at {c['side']}x{c['side']} ({kind}{pool})"
+        forward.append((f'{name} forward', times, c['forward'] * N))
+        dout = rng.standard_normal(out.shape).astype(model.dtype)
+        times = timed(lambda: M.backbone_backward(dout, cache, input_grad=i > 0), repeats, warmup)
+        backward.append((f'{name} backward', times, c['backward'] * N))
+        if layer.bn:
+            args = (p[f'bn{k}_gamma'], p[f'bn{k}_beta'], p[f'bn{k}_mean'], p[f'bn{k}_var'], True,
+                    model.bn_momentum, model.bn_eps)
+            bn_in = out
+            times = timed(lambda: M.batchnorm_forward(bn_in, *args), repeats, warmup)
+            out, bn_cache, _, _ = M.batchnorm_forward(bn_in, *args)
+            forward.append((f'bn{k} forward', times, None))
+            times = timed(lambda: M.batchnorm_backward(dout, bn_cache), repeats, warmup)
+            backward.append((f'bn{k} backward', times, None))
+            out = np.maximum(out, 0)
+        h = out
+    f = step_flops(model)
+    seq = M.map_to_sequence(h, model.seq_layout)
+    times = timed(lambda: M.recurrent_forward(seq, p, model.cell), repeats, warmup)
+    h_T, rnn_cache = M.recurrent_forward(seq, p, model.cell)
+    rnn = [(f'{model.cell.upper()} forward', times, f['rnn_forward'] * N)]
+
+    def head():
+        logits, c_out = M.affine_forward(h_T, p['W_ho'], p['b_o'])
+        _, dlogits = M.softmax_loss(logits, y)
+        return M.affine_backward(dlogits, c_out)
+    rnn.append(('head + loss, forward and backward', timed(head, repeats, warmup),
+                (f['head_forward'] + f['head_backward']) * N))
+    dh = head()[0]
+    times = timed(lambda: M.recurrent_backward(dh, rnn_cache, model.cell), repeats, warmup)
+    rnn.append((f'{model.cell.upper()} backward (BPTT)', times, f['rnn_backward'] * N))
+    return forward + rnn + backward[::-1]
+
+
+# --------------------------------------------------------------------------
+# 3. Peak memory (a fresh process) and 4. PyTorch (fresh processes)
+# --------------------------------------------------------------------------
+
+def child_memory(args):
+    """In a fresh process: peak RSS after the imports, then after building and --warmup + 1 steps."""
+    fast_layers.prepare_process_for_training(args.threads)
+    baseline = peak_rss_bytes()
+    model = build_model(args)
+    X, y = random_batch(args.batch)
+    for _ in range(args.warmup + 1):
+        model.loss(X, y)
+    return {'baseline': baseline, 'peak': peak_rss_bytes()}
+
+
+def torch_model(widths, convs_per_block, batchnorm, layout, cell, hidden):
+    """The NumPy model's network in PyTorch (default initialisation; timing only)."""
+    from torch import nn
+    layers, inputs = [], 3
+    for width in widths:
+        for j in range(convs_per_block):
+            layers.append(nn.Conv2d(inputs, width, 3, padding=1))
+            if j == 0:
+                layers.append(nn.MaxPool2d(2))
+            layers += ([nn.BatchNorm2d(width)] if batchnorm else []) + [nn.ReLU()]
+            inputs = width
+    R, C = M.IMAGE_SIDE >> len(widths), widths[-1]
+    T, D = M.sequence_length_and_size(layout, R, R, C)
+
+    class TorchDeepCNNRNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(*layers)
+            if cell == 'rnn':
+                self.rnn = nn.RNN(D, hidden, nonlinearity='tanh', batch_first=True)
+            else:
+                self.rnn = {'gru': nn.GRU, 'lstm': nn.LSTM}[cell](D, hidden, batch_first=True)
+            self.head = nn.Linear(hidden, M.NUM_CLASSES)
+
+        def forward(self, x):
+            f = self.backbone(x).permute(0, 2, 3, 1)        # (N, R, R, C): NHWC, as the NumPy model
+            _, h = self.rnn(f.reshape(x.shape[0], T, D))
+            if cell == 'lstm':
+                h = h[0]
+            return self.head(h[-1])
+    return TorchDeepCNNRNN()
+
+
+def child_torch(args, settings):
+    """In a fresh process: PyTorch's step and inference times, with torch's defaults or the NumPy
+    model's process settings (applied before torch is imported)."""
+    applied = str(fast_layers.prepare_process_for_training(args.threads)) if settings else None
+    baseline = peak_rss_bytes()
+    import torch
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = torch_model(args.widths, args.convs_per_block, args.batchnorm, args.layout, args.cell, args.hidden)
+    X, y = (torch.from_numpy(a) for a in random_batch(args.batch))
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(X), y).backward()
+
+    def infer():
+        with torch.no_grad():
+            model(X)
+    model.train()
+    train = timed(step, args.repeats, args.warmup)
+    model.eval()
+    infer_times = timed(infer, args.repeats, args.warmup)
+    return {'train': train, 'infer': infer_times, 'baseline': baseline, 'peak': peak_rss_bytes(),
+            'version': torch.__version__, 'threads': torch.get_num_threads(), 'settings': applied}
+
+
+def run_child(args, mode):
+    """Run this script in a fresh process in ``mode``; (result dict, None) or (None, why it failed)."""
+    cmd = [sys.executable, __file__, '--child', mode, '--widths', ','.join(map(str, args.widths)),
+           '--convs-per-block', str(args.convs_per_block), '--layout', args.layout, '--cell', args.cell,
+           '--hidden', str(args.hidden), '--batch', str(args.batch), '--repeats', str(args.repeats),
+           '--warmup', str(args.warmup), '--threads', str(args.threads)]
+    if not args.batchnorm:
+        cmd.append('--no-batchnorm')
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        lines = (out.stderr.strip() or out.stdout.strip() or f'exit status {out.returncode}').splitlines()
+        return None, lines[-1]
+    return json.loads(out.stdout.strip().splitlines()[-1]), None
+
+
+# --------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------
+
+def int_list(text):
+    """'64,256,256' -> (64, 256, 256)."""
+    return tuple(int(v) for v in text.split(',') if v.strip())
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--widths', type=int_list, default=(64, 256, 256), help='channels of each block, e.g. 64,256,256')
+    ap.add_argument('--convs-per-block', type=int, default=2)
+    ap.add_argument('--no-batchnorm', dest='batchnorm', action='store_false', help='no BatchNorm after the convs')
+    ap.add_argument('--layout', default='rows', choices=M.SEQ_LAYOUTS)
+    ap.add_argument('--cell', default='rnn', choices=M.CELLS)
+    ap.add_argument('--hidden', type=int, default=128)
+    ap.add_argument('--batch', type=int, default=256)
+    ap.add_argument('--repeats', type=int, default=5, help='timed runs of every figure (their median is printed)')
+    ap.add_argument('--warmup', type=int, default=1, help='untimed runs before each figure')
+    ap.add_argument('--threads', type=int, default=None,
+                    help=f'worker threads (default {fast_layers.THREADS_ENV} or the CPUs this process may use)')
+    ap.add_argument('--gemm-sizes', type=int_list, default=(1024, 2048, 3072), help='square matmul sizes for the peak')
+    ap.add_argument('--no-torch', action='store_true', help='skip the PyTorch comparison')
+    ap.add_argument('--child', choices=['memory', 'torch-defaults', 'torch-settings'], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.batch < 2 or not args.gemm_sizes:
+        ap.error('--repeats must be >= 1, --warmup >= 0, --batch >= 2 and --gemm-sizes non-empty')
+    try:
+        args.threads_given = args.threads is not None      # for the settings' 'from argument' / 'usable CPUs'
+        args.threads = fast_layers.worker_threads() if args.threads is None else args.threads
+        if args.threads < 1:
+            raise ValueError(f'--threads must be a positive integer, got {args.threads}')
+        build_model(args)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+def main():
+    args = parse_args()
+    if args.child:
+        result = (child_memory(args) if args.child == 'memory'
+                  else child_torch(args, settings=args.child == 'torch-settings'))
+        print(json.dumps(result))
+        return
+
+    settings = fast_layers.prepare_process_for_training(args.threads if args.threads_given else None)
+    model = build_model(args)
+    R, C = model.map_side, model.channels
+    threads = plural(args.threads, 'thread')
+    T, D = M.sequence_length_and_size(args.layout, R, R, C)
+    print(f"deep_step: widths {','.join(map(str, args.widths))}, {args.convs_per_block} conv(s) per block, "
+          f"BatchNorm {'on' if args.batchnorm else 'off'}, layout {args.layout} (T={T}, D={D}), cell {args.cell}, "
+          f'hidden {args.hidden}, batch {args.batch}, float32; {len(model.layers)} convolutions')
+    print(f'process settings: {settings}')
+    try:
+        from threadpoolctl import threadpool_info
+        blas = ', '.join(f"{i['internal_api']} {i.get('version')}" for i in threadpool_info())
+    except ImportError:
+        blas = 'threadpoolctl not installed'
+    print(f'numpy {np.__version__} ({blas}); every time: median (min-max) of {args.repeats} '
+          f'after {args.warmup} warm-up run(s)')
+
+    # 1. The GEMM peak
+    print(f'\n1. float32 matrix-product peak (NumPy matmul, {threads})')
+    rates = gemm_rates(args.gemm_sizes, args.repeats, args.warmup)
+    for n, r in rates.items():
+        print(f'  matmul {n}x{n}: {np.median(r):.1f} GFLOP/s (min-max {min(r):.1f}-{max(r):.1f})')
+    best = max(rates, key=lambda n: np.median(rates[n]))
+    peak = float(np.median(rates[best]))
+    print(f'  GEMM peak: {peak:.1f} GFLOP/s (size {best}, {threads})')
+
+    # 2. The NumPy step
+    print('\n2. NumPy training step (model.loss: forward + backward, train mode) and inference '
+          '(model.forward, eval mode)')
+    f = step_flops(model)
+    print(f"  FLOPs per image: {f['total'] / 1e6:.1f} MFLOP per training step (forward "
+          f"{f['forward'] / 1e6:.1f}: convolutions {f['conv_forward'] / 1e6:.1f}, RNN {f['rnn_forward'] / 1e6:.2f}, "
+          f"head {f['head_forward'] / 1e6:.4f}; backward {(f['total'] - f['forward']) / 1e6:.1f}), "
+          f'direct convolution counted')
+    X, y = random_batch(args.batch)
+    train = timed(lambda: model.loss(X, y), args.repeats, args.warmup)
+    infer = timed(lambda: model.forward(X), args.repeats, args.warmup)
+    t_step = float(np.median(train))
+    print(f'  numpy train step: {ms(train)}, {args.batch / t_step:.1f} img/s')
+    print(f'  numpy inference: {ms(infer)}, {args.batch / np.median(infer):.1f} img/s')
+    achieved = f['total'] * args.batch / t_step / 1e9
+    executed = f['executed'] * args.batch / t_step / 1e9
+    print(f'  achieved: {achieved:.1f} GFLOP/s effective (direct-convolution-equivalent FLOPs / step time) '
+          f'= {achieved / peak:.2f}x the GEMM peak')
+    print(f"  executed products: {f['executed'] / 1e6:.1f} MFLOP per image, {executed:.1f} GFLOP/s "
+          f'= {executed / peak:.2f}x the GEMM peak')
+    print(f'  (convolutions on even maps run by Winograd F(2x2,3x3), {WINOGRAD_SAVING}x fewer multiplications '
+          f'than the direct count, so the effective rate may exceed the GEMM peak; the executed rate may not)')
+
+    print(f'  profile by phase (each part timed on its own by calling the layer functions a step calls, '
+          f'same shapes, {plural(args.threads, "worker thread")}; the model has no hooks '
+          f'and cProfile sees only the main thread):')
+    if model.method_backbone:
+        print("    (the method's backbone trains on its fused kernels, conv_stack_forward; the rows time the "
+              'general backbone functions on its layers, the same arithmetic)')
+    rows = numpy_profile(model, X, y, args.repeats, args.warmup)
+    print(f"    {'phase':52} {'time':>30} {'of step':>8} {'GFLOP/s':>8}")
+    for name, times, flops in rows:
+        t = float(np.median(times))
+        rate = f'{flops / t / 1e9:8.1f}' if flops else f"{'':8}"
+        print(f'    {name:52} {ms(times):>30} {100 * t / t_step:7.1f}% {rate}')
+    parts = sum(float(np.median(times)) for _, times, _ in rows)
+    phases = {}
+    for name, times, _ in rows:
+        kind = name.split()[0].rstrip('0123456789') if name.startswith(('conv', 'bn')) else 'RNN + head'
+        if kind != 'RNN + head':
+            kind += ' forward' if name.endswith('forward') else ' backward'
+        phases[kind] = phases.get(kind, 0.0) + float(np.median(times))
+    print('  phases: ' + ', '.join(f'{kind} {1e3 * t:.1f} ms ({100 * t / t_step:.0f}%)' for kind, t in phases.items()))
+    print(f'  sum of the parts: {1e3 * parts:.1f} ms; the step: {1e3 * t_step:.1f} ms; rest (L2 term, '
+          f'concatenations, glue; negative: the parts ran slower alone): {1e3 * (t_step - parts):.1f} ms')
+
+    # 3. Memory
+    print(f'\n3. peak memory of a training step (fresh process, training process settings, '
+          f'{args.warmup} + 1 step(s))')
+    mem, why = run_child(args, 'memory')
+    if mem is None:
+        print(f'  memory not measured: {why}')
+    else:
+        above, absolute = (mem['peak'] - mem['baseline']) / 2**30, mem['peak'] / 2**30
+        print(f"  peak RSS: {absolute:.3f} GB absolute, {above:.3f} GB above the {mem['baseline'] / 2**30:.3f} GB "
+              f"after the imports; target under {MEMORY_TARGET_GB:.0f} GB: "
+              f"{'met' if absolute < MEMORY_TARGET_GB else 'NOT met'}")
+
+    # 4. PyTorch
+    print(f'\n4. PyTorch CPU, the same network ({threads}, fresh processes)')
+    if args.no_torch:
+        print('  PyTorch skipped: --no-torch')
+        return
+    if importlib.util.find_spec('torch') is None:
+        print('  PyTorch skipped: torch is not importable (pip install torch; it is optional)')
+        return
+    results = {}
+    for mode, label in (('torch-defaults', "torch's defaults"),
+                        ('torch-settings', "the NumPy model's process settings")):
+        r, why = run_child(args, mode)
+        if r is None:
+            print(f'  torch ({label}) failed: {why}')
+            continue
+        results[mode] = r
+        print(f"  torch {r['version']} train step, {label}: {ms(r['train'])}, "
+              f"{args.batch / np.median(r['train']):.1f} img/s; inference {ms(r['infer'])}; "
+              f"peak RSS {r['peak'] / 2**30:.3f} GB")
+        if r['settings']:
+            print(f"    (settings: {r['settings']})")
+    for mode, label in (('torch-defaults', "torch's defaults"), ('torch-settings', 'same process settings')):
+        if mode in results:
+            r = results[mode]
+            print(f"  step time numpy/torch ({label}): train {t_step / np.median(r['train']):.2f}x, "
+                  f"inference {np.median(infer) / np.median(r['infer']):.2f}x (above 1: NumPy slower)")
+
+
+if __name__ == '__main__':
+    main()
