@@ -1,62 +1,89 @@
 """A deep backbone's training step against the machine's matrix-product peak, its memory, and PyTorch.
 
-For one backbone given on the command line (default: widths 64,256,256, two
-convolutions per block, BatchNorm, the 'rows' layout, a tanh RNN of 128 units,
-batch 256, float32) it prints, all measured in this one invocation:
+The network is a preset's (--preset, default 'deep' of presets.json): its widths,
+convs_per_block, batchnorm, seq_layout, cell, hidden, batch_size, whiten and
+identity_init, each overridden by its option when given (--widths,
+--convs-per-block, --no-batchnorm, --layout, --cell, --hidden, --batch,
+--whiten); float32. The 'deep' preset: widths 64,256,256, two convolutions per
+block, BatchNorm, a frozen 2x2 patch-whitening layer before conv1 (3 -> 24
+channels, ReLU), identity initialisation, the 'rows' layout, a tanh RNN of 256
+units, batch 512. An unknown preset is refused with one sentence on stderr
+(exit status 2). The first line printed names the preset, the options that
+overrode it, and every resulting setting. For that network it prints, all
+measured in this one invocation:
 
 1. The machine's float32 matrix-product peak: NumPy ``A @ B`` of a few square
    sizes on the worker-thread count (BLAS limited to it, as in training); the
    best size's median GFLOP/s is the peak the step is compared with.
 2. The NumPy training step, ``model.loss(X, y)`` (forward and backward, train
    mode: no clipping or optimizer update) on random data, and inference
-   (``model.forward``, eval mode) on the same batch. The step's FLOPs are
-   counted from the network: each convolution 2*H*W*O*I*9 per image at its
-   output resolution (before its pool), times 3 for forward and backward
-   (times 2 for the first, whose input gradient nobody needs); the RNN's
-   x_t @ W_xh and h @ W_hh for every step and the output layer, times 3;
-   elementwise work (BatchNorm, ReLU, pooling, the Winograd transforms) is not
-   counted. The achieved rate divides these direct-convolution-equivalent
-   FLOPs by the step's time. Convolutions on even maps (all but the first) run
-   by Winograd's F(2x2, 3x3), which multiplies 2.25x less than the direct
-   convolution, so this *effective* rate may exceed the GEMM peak; the
+   (``model.forward``, eval mode) on the same batch. With whitening the
+   model's filters are fit on that random batch first (``fit_whitening``, as
+   a training run fits them on its images; a new model's are zeros). The
+   step's FLOPs are counted from the network: the whitening layer's product
+   2*32*32*2P*P per image (P = 3*k*k: the k x k patches times its 2P filters;
+   forward only: it is frozen and the images need no gradient); each
+   convolution 2*H*W*O*I*9 per image at its output resolution (before its
+   pool; conv1's I is 2P after whitening, else 3), times 3 for forward and
+   backward (times 2 for the first, whose input gradient nobody needs); the
+   RNN's x_t @ W_xh and h @ W_hh for every step and the output layer, times 3;
+   elementwise work (BatchNorm, ReLU, pooling, the patch copies, the Winograd
+   transforms) is not counted. The achieved rate divides these
+   direct-convolution-equivalent FLOPs by the step's time. Convolutions on
+   even maps run by Winograd's F(2x2, 3x3) (all but a first convolution that
+   reads the 3-channel image itself; after whitening conv1 does too: each
+   layer's ``winograd`` flag says), which multiplies 2.25x less than the
+   direct convolution, so this *effective* rate may exceed the GEMM peak; the
    products Winograd actually executes are counted on a line of their own.
-   Then a profile by phase: every convolution's forward and backward, every
-   BatchNorm's, the RNN's and the head's, each timed on its own by calling the
-   layer functions a step calls (``backbone_forward`` / ``backbone_backward``
-   on a one-convolution backbone, ``batchnorm_forward`` / ``_backward``,
-   ``recurrent_forward`` / ``_backward``) with the shapes of the step, on the
-   same worker threads. The model has no hooks and cProfile sees only the
-   main thread (the layers run on worker threads), so this is the honest
-   split; its parts are timed apart (warm caches, a concatenation after every
-   convolution), so their sum is compared with the step and the difference
-   printed as 'rest'. A convolution's row includes its bias and ReLU (with
-   BatchNorm the model applies the ReLU after the BatchNorm instead: the same
-   work).
+   Then a profile by phase: the whitening layer's forward, every
+   convolution's forward and backward, every BatchNorm's, the RNN's and the
+   head's, each timed on its own by calling the layer functions a step calls
+   (``whiten_forward`` in micro-batches of ``fast_layers.CONV_CHUNK`` images
+   on the worker threads, as ``backbone_forward`` runs it inside the first
+   stage's micro-batches, its outputs not joined; ``backbone_forward`` /
+   ``backbone_backward`` on a one-convolution backbone, conv1's fed the
+   whitened map; ``batchnorm_forward`` / ``_backward``, ``recurrent_forward``
+   / ``_backward``) with the shapes of the step, on the same worker threads.
+   Rows are labelled from the layers' flags (Winograd or im2col, pool) and
+   show each convolution's true inputs. The model has no hooks and cProfile
+   sees only the main thread (the layers run on worker threads), so this is
+   the honest split; its parts are timed apart (warm caches, a concatenation
+   after every convolution), so their sum is compared with the step and the
+   difference printed as 'rest'. A convolution's row includes its bias and
+   ReLU (with BatchNorm the model applies the ReLU after the BatchNorm
+   instead: the same work).
 3. The peak memory of a training step: a fresh process (with the training
-   process settings) builds the model and runs --warmup + 1 steps; its peak
-   resident set (VmHWM, or ru_maxrss) above its level after the imports, and
-   the absolute peak, in GB, against the target of 8 GB.
+   process settings) builds the model (fitting its whitening) and runs
+   --warmup + 1 steps; its peak resident set (VmHWM, or ru_maxrss) above its
+   level after the imports, and the absolute peak, in GB, against the target
+   of 8 GB.
 4. PyTorch CPU on the same network (skipped, with the reason, without torch or
-   with --no-torch): per block conv3x3 -> max-pool -> BatchNorm -> ReLU, then
-   conv3x3 -> BatchNorm -> ReLU; the last map read in the same layout (NHWC
-   order), ``nn.RNN`` (or GRU/LSTM), Linear to 10, cross-entropy; the step is
-   zero_grad + forward + backward, inference the forward under no_grad in eval
-   mode. Timed in fresh processes, twice: with PyTorch's defaults
-   (``torch.set_num_threads`` the same thread count), and with the process
-   settings the NumPy model trains with (``fast_layers.prepare_process_for_training``:
-   glibc's malloc told to keep freed memory, by ``mallopt`` before torch is
-   imported; the project sets no MALLOC_* environment variables). The
-   step-time ratio NumPy/PyTorch (above 1: NumPy slower) is printed for both.
+   with --no-torch): with whitening first a frozen ``nn.Conv2d(3, 2P, k,
+   bias=False)`` (requires_grad False) padded as the NumPy layer (k=2: one
+   zero row and column at the bottom and right; k=3: one on every side), then
+   ReLU; per block conv3x3 -> max-pool -> BatchNorm -> ReLU, then conv3x3 ->
+   BatchNorm -> ReLU; the last map read in the same layout (NHWC order),
+   ``nn.RNN`` (or GRU/LSTM), Linear to 10, cross-entropy (default
+   initialisation: timing only); the step is zero_grad + forward + backward,
+   inference the forward under no_grad in eval mode. Timed in fresh
+   processes, twice: with PyTorch's defaults (``torch.set_num_threads`` the
+   same thread count), and with the process settings the NumPy model trains
+   with (``fast_layers.prepare_process_for_training``: glibc's malloc told to
+   keep freed memory, by ``mallopt`` before torch is imported; the project
+   sets no MALLOC_* environment variables). The step-time ratio NumPy/PyTorch
+   (above 1: NumPy slower) is printed for both.
 
 Every time is the median of --repeats after --warmup untimed runs, with the
 min-max spread. The NumPy figures come from this process, which has called
 ``prepare_process_for_training`` as a training run does.
 
 Usage:
-    python benchmarks/deep_step.py [--widths 64,256,256] [--convs-per-block 2] [--no-batchnorm]
-                                   [--layout rows] [--cell rnn] [--hidden 128] [--batch 256]
+    python benchmarks/deep_step.py [--preset deep] [--widths 64,256,256] [--convs-per-block 2]
+                                   [--no-batchnorm] [--whiten {0,2,3}] [--layout rows] [--cell rnn]
+                                   [--hidden 256] [--batch 512]
                                    [--repeats 5] [--warmup 1] [--threads N] [--gemm-sizes 1024,2048,3072]
                                    [--no-torch]
+    (the network options default to the preset's values; identity_init is always the preset's)
 
 Reading the output: section 1's 'peak' is what one BLAS product reaches here;
 section 2's 'achieved' rate over that peak says how far the whole step is
@@ -81,8 +108,15 @@ import numpy as np
 import repo_on_path  # noqa: E402,F401  (the project's modules)
 import fast_layers  # noqa: E402
 import cnn_rnn_numpy as M  # noqa: E402
+import config as configuration  # noqa: E402
 
 MEMORY_TARGET_GB = 8.0
+DEFAULT_PRESET = 'deep'
+# The network's settings: the argparse name -> the preset key it takes its default from.
+# identity_init has no option of its own: it is always the preset's.
+PRESET_SETTINGS = {'widths': 'widths', 'convs_per_block': 'convs_per_block', 'batchnorm': 'batchnorm',
+                   'whiten': 'whiten', 'identity_init': 'identity_init', 'layout': 'seq_layout',
+                   'cell': 'cell', 'hidden': 'hidden', 'batch': 'batch_size'}
 WINOGRAD_SAVING = 2.25     # F(2x2, 3x3): 16 products per 2x2 outputs where the direct convolution does 36
 
 
@@ -135,10 +169,16 @@ def peak_rss_bytes():
 # The network and its FLOPs
 # --------------------------------------------------------------------------
 
-def build_model(args):
-    """The NumPy model of the command line (float32)."""
-    return M.CNNRNN(seq_layout=args.layout, hidden=args.hidden, cell=args.cell, widths=args.widths,
-                    convs_per_block=args.convs_per_block, batchnorm=args.batchnorm, seed=0)
+def build_model(args, X=None):
+    """The NumPy model of the settings (float32). With a whitening layer and images X (N, 3, 32, 32),
+    its filters are fit on X (``fit_whitening``, as a training run does on its images): a new
+    model's whiten_W is zeros, which would make every map after it zero."""
+    model = M.CNNRNN(seq_layout=args.layout, hidden=args.hidden, cell=args.cell, widths=args.widths,
+                     convs_per_block=args.convs_per_block, batchnorm=args.batchnorm, whiten=args.whiten,
+                     identity_init=args.identity_init, seed=0)
+    if model.whiten and X is not None:
+        model.fit_whitening(X)
+    return model
 
 
 def random_batch(batch, seed=0):
@@ -160,21 +200,33 @@ def conv_table(model):
     return rows
 
 
+def whitening_flops(model):
+    """FLOPs per image of the patch-whitening layer's forward (0 without one): the 32x32 map's
+    k x k patches (P = 3*k*k values each) @ its (P, 2P) filters, 2 * 32*32 * 2P * P. It has no
+    backward: its filters are frozen and the images need no gradient."""
+    if not model.whiten:
+        return 0
+    F, C, k, _ = model.params['whiten_W'].shape
+    return 2 * M.IMAGE_SIDE * M.IMAGE_SIDE * F * (C * k * k)
+
+
 def step_flops(model):
     """FLOPs per image of one training step, by part (2 FLOPs per multiply-add, matrix products only).
 
-    Returns a dict: conv_forward, conv_backward, rnn_forward, rnn_backward, head_forward, head_backward,
-    forward, total (the direct convolution's count), and executed (the products actually run: Winograd
+    Returns a dict: whiten_forward (the whitening layer's, 0 without; it has no backward),
+    conv_forward, conv_backward, rnn_forward, rnn_backward, head_forward, head_backward, forward,
+    total (the direct convolution's count), and executed (the products actually run: Winograd
     layers at 1/2.25 of their direct count).
     """
     convs = conv_table(model)
     R, C, H = model.map_side, model.channels, model.hidden
     T, D = M.sequence_length_and_size(model.seq_layout, R, R, C)
     G = M.CELL_GATES[model.cell]
-    f = {'conv_forward': sum(c['forward'] for c in convs), 'conv_backward': sum(c['backward'] for c in convs),
+    f = {'whiten_forward': whitening_flops(model),
+         'conv_forward': sum(c['forward'] for c in convs), 'conv_backward': sum(c['backward'] for c in convs),
          'rnn_forward': 2 * T * (D * G * H + H * G * H), 'head_forward': 2 * H * M.NUM_CLASSES}
     f['rnn_backward'], f['head_backward'] = 2 * f['rnn_forward'], 2 * f['head_forward']
-    f['forward'] = f['conv_forward'] + f['rnn_forward'] + f['head_forward']
+    f['forward'] = f['whiten_forward'] + f['conv_forward'] + f['rnn_forward'] + f['head_forward']
     f['total'] = f['forward'] + f['conv_backward'] + f['rnn_backward'] + f['head_backward']
     winograd = sum((c['forward'] + c['backward']) * (1 - 1 / WINOGRAD_SAVING) for c in convs if c['layer'].winograd)
     f['executed'] = f['total'] - winograd
@@ -204,8 +256,12 @@ def gemm_rates(sizes, repeats, warmup):
 def numpy_profile(model, X, y, repeats, warmup):
     """[(phase, times (s), FLOPs of the batch or None)] of one training step, each part timed on its own.
 
-    The parts, in the order a step runs them: per convolution its forward (``backbone_forward`` on a
-    one-convolution backbone: micro-batches on the worker threads, bias, ReLU, pool) and its
+    The parts, in the order a step runs them: the whitening layer's forward, if any
+    (``whiten_forward`` on micro-batches of ``fast_layers.CONV_CHUNK`` images on the worker
+    threads, as ``backbone_forward`` runs it inside the first stage's micro-batches; its outputs
+    are not joined, as there; no backward: frozen, and the images need no gradient), per
+    convolution its forward (``backbone_forward`` on a one-convolution backbone, conv1's on the
+    whitened map: micro-batches on the worker threads, bias, ReLU, pool) and its
     BatchNorm's (over the whole batch, train mode), the RNN, the head with the loss (forward and
     backward), the RNN's backward, then per convolution from the last its BatchNorm's backward and
     its backward (with the kernel transform's adjoint; the first without input gradient). Each
@@ -213,8 +269,18 @@ def numpy_profile(model, X, y, repeats, warmup):
     """
     p, N = model.params, X.shape[0]
     rng = np.random.default_rng(1)
+    f = step_flops(model)
     h = np.asarray(X, dtype=model.dtype).transpose(0, 2, 3, 1)
     forward, backward = [], []
+    if model.whiten:
+        W, chunk, images = p['whiten_W'], fast_layers.CONV_CHUNK, h
+        run = lambda: fast_layers.map_on_threads(                           # noqa: E731
+            lambda s: M.whiten_forward(images[s:s + chunk], W)[0], range(0, N, chunk))
+        times = timed(run, repeats, warmup)
+        h = np.concatenate(run())                                           # conv1's input
+        side, k = M.IMAGE_SIDE, model.whiten
+        forward.append((f'whitening {k}x{k} {W.shape[1]}->{W.shape[0]} at {side}x{side} (frozen) forward', times,
+                        f['whiten_forward'] * N))
     for i, c in enumerate(conv_table(model)):
         layer, k = c['layer'], c['layer'].k
         conv_only = [dataclasses.replace(layer, bn=False)]
@@ -240,7 +306,6 @@ def numpy_profile(model, X, y, repeats, warmup):
             backward.append((f'bn{k} backward', times, None))
             out = np.maximum(out, 0)
         h = out
-    f = step_flops(model)
     seq = M.map_to_sequence(h, model.seq_layout)
     times = timed(lambda: M.recurrent_forward(seq, p, model.cell), repeats, warmup)
     h_T, rnn_cache = M.recurrent_forward(seq, p, model.cell)
@@ -266,17 +331,29 @@ def child_memory(args):
     """In a fresh process: peak RSS after the imports, then after building and --warmup + 1 steps."""
     fast_layers.prepare_process_for_training(args.threads)
     baseline = peak_rss_bytes()
-    model = build_model(args)
     X, y = random_batch(args.batch)
+    model = build_model(args, X)
     for _ in range(args.warmup + 1):
         model.loss(X, y)
     return {'baseline': baseline, 'peak': peak_rss_bytes()}
 
 
-def torch_model(widths, convs_per_block, batchnorm, layout, cell, hidden):
-    """The NumPy model's network in PyTorch (default initialisation; timing only)."""
+def torch_model(widths, convs_per_block, batchnorm, layout, cell, hidden, whiten=0):
+    """The NumPy model's network in PyTorch (default initialisation; timing only).
+
+    whiten = k > 0 puts the frozen patch-whitening layer first: zero padding as the NumPy layer's
+    ((k-1)//2 before, k//2 after on each spatial axis: k=2 one row and column at the bottom and
+    right, k=3 one on every side), a k x k convolution 3 -> 2P without bias and without gradient
+    (P = 3*k*k), ReLU."""
     from torch import nn
     layers, inputs = [], 3
+    if whiten:
+        before, after = (whiten - 1) // 2, whiten // 2
+        planes = 2 * 3 * whiten * whiten
+        frozen = nn.Conv2d(3, planes, whiten, bias=False)
+        frozen.weight.requires_grad_(False)
+        layers += [nn.ZeroPad2d((before, after, before, after)), frozen, nn.ReLU()]
+        inputs = planes
     for width in widths:
         for j in range(convs_per_block):
             layers.append(nn.Conv2d(inputs, width, 3, padding=1))
@@ -314,7 +391,8 @@ def child_torch(args, settings):
     import torch
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = torch_model(args.widths, args.convs_per_block, args.batchnorm, args.layout, args.cell, args.hidden)
+    model = torch_model(args.widths, args.convs_per_block, args.batchnorm, args.layout, args.cell, args.hidden,
+                        args.whiten)
     X, y = (torch.from_numpy(a) for a in random_batch(args.batch))
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -335,8 +413,9 @@ def child_torch(args, settings):
 
 def run_child(args, mode):
     """Run this script in a fresh process in ``mode``; (result dict, None) or (None, why it failed)."""
-    cmd = [sys.executable, __file__, '--child', mode, '--widths', ','.join(map(str, args.widths)),
-           '--convs-per-block', str(args.convs_per_block), '--layout', args.layout, '--cell', args.cell,
+    cmd = [sys.executable, __file__, '--child', mode, '--preset', args.preset,
+           '--widths', ','.join(map(str, args.widths)), '--convs-per-block', str(args.convs_per_block),
+           '--whiten', str(args.whiten), '--layout', args.layout, '--cell', args.cell,
            '--hidden', str(args.hidden), '--batch', str(args.batch), '--repeats', str(args.repeats),
            '--warmup', str(args.warmup), '--threads', str(args.threads)]
     if not args.batchnorm:
@@ -357,15 +436,45 @@ def int_list(text):
     return tuple(int(v) for v in text.split(',') if v.strip())
 
 
+def refuse(message):
+    """A bad command line that argparse cannot see (an unknown preset): one sentence on stderr, exit 2."""
+    print(f'deep_step: error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def describe(args, model):
+    """The first line: the preset, what overrode it, and every resulting setting."""
+    R, C = model.map_side, model.channels
+    T, D = M.sequence_length_and_size(args.layout, R, R, C)
+    options = {'widths': '--widths', 'convs_per_block': '--convs-per-block', 'batchnorm': '--no-batchnorm',
+               'whiten': '--whiten', 'layout': '--layout', 'cell': '--cell', 'hidden': '--hidden', 'batch': '--batch'}
+    overridden = ', '.join(options[name] for name in args.overridden) or 'nothing'
+    if model.whiten:
+        k, I = model.whiten, model.conv1_inputs
+        whitening = f'whiten {k} ({k}x{k} patch whitening, frozen: 3 -> {I} channels, ReLU)'
+    else:
+        whitening = 'whiten 0 (no whitening layer)'
+    return (f"deep_step: preset {args.preset} (overridden: {overridden}): widths {','.join(map(str, args.widths))}, "
+            f"{args.convs_per_block} conv(s) per block, BatchNorm {'on' if args.batchnorm else 'off'}, {whitening}, "
+            f"identity_init {'on' if args.identity_init else 'off'}, layout {args.layout} (T={T}, D={D}), "
+            f'cell {args.cell}, hidden {args.hidden}, batch {args.batch}, float32; {len(model.layers)} convolutions')
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--widths', type=int_list, default=(64, 256, 256), help='channels of each block, e.g. 64,256,256')
-    ap.add_argument('--convs-per-block', type=int, default=2)
-    ap.add_argument('--no-batchnorm', dest='batchnorm', action='store_false', help='no BatchNorm after the convs')
-    ap.add_argument('--layout', default='rows', choices=M.SEQ_LAYOUTS)
-    ap.add_argument('--cell', default='rnn', choices=M.CELLS)
-    ap.add_argument('--hidden', type=int, default=128)
-    ap.add_argument('--batch', type=int, default=256)
+    ap.add_argument('--preset', default=DEFAULT_PRESET,
+                    help=f"the preset of presets.json whose network is measured (default {DEFAULT_PRESET}); "
+                         f"the options below override its settings")
+    ap.add_argument('--widths', type=int_list, help="channels of each block, e.g. 64,256,256 (default: the preset's)")
+    ap.add_argument('--convs-per-block', type=int, help="default: the preset's")
+    ap.add_argument('--no-batchnorm', dest='batchnorm', action='store_const', const=False,
+                    help="no BatchNorm after the convs (default: the preset's)")
+    ap.add_argument('--whiten', type=int, choices=M.WHITEN_SIZES,
+                    help="patch size of the frozen patch-whitening layer before conv1, 0 none (default: the preset's)")
+    ap.add_argument('--layout', choices=M.SEQ_LAYOUTS, help="default: the preset's seq_layout")
+    ap.add_argument('--cell', choices=M.CELLS, help="default: the preset's")
+    ap.add_argument('--hidden', type=int, help="default: the preset's")
+    ap.add_argument('--batch', type=int, help="default: the preset's batch_size")
     ap.add_argument('--repeats', type=int, default=5, help='timed runs of every figure (their median is printed)')
     ap.add_argument('--warmup', type=int, default=1, help='untimed runs before each figure')
     ap.add_argument('--threads', type=int, default=None,
@@ -374,6 +483,19 @@ def parse_args(argv=None):
     ap.add_argument('--no-torch', action='store_true', help='skip the PyTorch comparison')
     ap.add_argument('--child', choices=['memory', 'torch-defaults', 'torch-settings'], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.identity_init = None
+    try:
+        presets = configuration.load_presets()
+    except configuration.ConfigError as e:
+        refuse(str(e))
+    if args.preset not in presets:
+        refuse(f"unknown preset {args.preset!r}; choose one of {', '.join(presets)} (presets.json)")
+    preset = presets[args.preset]
+    args.overridden = [name for name in PRESET_SETTINGS if getattr(args, name) is not None]
+    for name, key in PRESET_SETTINGS.items():
+        if getattr(args, name) is None:
+            value = getattr(preset, key)
+            setattr(args, name, tuple(value) if isinstance(value, list) else value)
     if args.repeats < 1 or args.warmup < 0 or args.batch < 2 or not args.gemm_sizes:
         ap.error('--repeats must be >= 1, --warmup >= 0, --batch >= 2 and --gemm-sizes non-empty')
     try:
@@ -396,13 +518,10 @@ def main():
         return
 
     settings = fast_layers.prepare_process_for_training(args.threads if args.threads_given else None)
-    model = build_model(args)
-    R, C = model.map_side, model.channels
+    X, y = random_batch(args.batch)
+    model = build_model(args, X)
     threads = plural(args.threads, 'thread')
-    T, D = M.sequence_length_and_size(args.layout, R, R, C)
-    print(f"deep_step: widths {','.join(map(str, args.widths))}, {args.convs_per_block} conv(s) per block, "
-          f"BatchNorm {'on' if args.batchnorm else 'off'}, layout {args.layout} (T={T}, D={D}), cell {args.cell}, "
-          f'hidden {args.hidden}, batch {args.batch}, float32; {len(model.layers)} convolutions')
+    print(describe(args, model))
     print(f'process settings: {settings}')
     try:
         from threadpoolctl import threadpool_info
@@ -425,11 +544,12 @@ def main():
     print('\n2. NumPy training step (model.loss: forward + backward, train mode) and inference '
           '(model.forward, eval mode)')
     f = step_flops(model)
+    whitening = f"whitening {f['whiten_forward'] / 1e6:.1f}, " if model.whiten else ''
     print(f"  FLOPs per image: {f['total'] / 1e6:.1f} MFLOP per training step (forward "
-          f"{f['forward'] / 1e6:.1f}: convolutions {f['conv_forward'] / 1e6:.1f}, RNN {f['rnn_forward'] / 1e6:.2f}, "
+          f"{f['forward'] / 1e6:.1f}: {whitening}convolutions {f['conv_forward'] / 1e6:.1f}, "
+          f"RNN {f['rnn_forward'] / 1e6:.2f}, "
           f"head {f['head_forward'] / 1e6:.4f}; backward {(f['total'] - f['forward']) / 1e6:.1f}), "
           f'direct convolution counted')
-    X, y = random_batch(args.batch)
     train = timed(lambda: model.loss(X, y), args.repeats, args.warmup)
     infer = timed(lambda: model.forward(X), args.repeats, args.warmup)
     t_step = float(np.median(train))
@@ -441,8 +561,10 @@ def main():
           f'= {achieved / peak:.2f}x the GEMM peak')
     print(f"  executed products: {f['executed'] / 1e6:.1f} MFLOP per image, {executed:.1f} GFLOP/s "
           f'= {executed / peak:.2f}x the GEMM peak')
-    print(f'  (convolutions on even maps run by Winograd F(2x2,3x3), {WINOGRAD_SAVING}x fewer multiplications '
-          f'than the direct count, so the effective rate may exceed the GEMM peak; the executed rate may not)')
+    winograd = [f'conv{layer.k}' for layer in model.layers if layer.winograd]
+    print(f"  ({', '.join(winograd) or 'no convolution'} run by Winograd F(2x2,3x3), {WINOGRAD_SAVING}x fewer "
+          f'multiplications than the direct count, so the effective rate may exceed the GEMM peak; the executed '
+          f'rate may not)')
 
     print(f'  profile by phase (each part timed on its own by calling the layer functions a step calls, '
           f'same shapes, {plural(args.threads, "worker thread")}; the model has no hooks '
@@ -459,7 +581,7 @@ def main():
     parts = sum(float(np.median(times)) for _, times, _ in rows)
     phases = {}
     for name, times, _ in rows:
-        kind = name.split()[0].rstrip('0123456789') if name.startswith(('conv', 'bn')) else 'RNN + head'
+        kind = name.split()[0].rstrip('0123456789') if name.startswith(('whitening', 'conv', 'bn')) else 'RNN + head'
         if kind != 'RNN + head':
             kind += ' forward' if name.endswith('forward') else ' backward'
         phases[kind] = phases.get(kind, 0.0) + float(np.median(times))

@@ -109,6 +109,81 @@ def test_deep_step_counts_the_flops_of_the_method_and_of_a_deep_backbone():
     assert f['forward'] == sum(convs) + rnn + head
     assert f['total'] == 3 * (sum(convs) + rnn + head) - convs[0]        # no input gradient for conv1
     assert np.isclose(f['executed'], f['total'] - sum(3 * c for c in convs[1:]) * (1 - 1 / 2.25))
+    assert f['whiten_forward'] == 0
+
+
+@pytest.mark.parametrize('k', [2, 3])
+def test_deep_step_counts_the_whitening_layer_in_the_forward_only(k):
+    """The whitening layer adds 2*32*32*2P*P per image to the forward and nothing to the backward;
+    conv1 reads its 2P channels (and runs by Winograd)."""
+    deep_step = load('deep_step')
+    P = 3 * k * k
+    settings = dict(seq_layout='rows', widths=(8, 16), convs_per_block=2, batchnorm=True, rnn_init='xavier')
+    plain, whitened = M.CNNRNN(**settings), M.CNNRNN(**settings, whiten=k, identity_init=True)
+    f0, f = deep_step.step_flops(plain), deep_step.step_flops(whitened)
+    layer = 2 * 32 * 32 * 2 * P * P
+    assert f['whiten_forward'] == deep_step.whitening_flops(whitened) == layer
+    assert deep_step.conv_table(whitened)[0]['I'] == 2 * P
+    conv1 = lambda inputs: 2 * 32 * 32 * 8 * inputs * 9                  # noqa: E731
+    assert f['forward'] - f0['forward'] == layer + conv1(2 * P) - conv1(3)
+    assert f['conv_forward'] - f0['conv_forward'] == conv1(2 * P) - conv1(3)
+    # The backward grows by conv1's weight gradient alone (no input gradient, nothing for the frozen layer).
+    assert (f['total'] - f['forward']) - (f0['total'] - f0['forward']) == conv1(2 * P) - conv1(3)
+    assert whitened.layers[0].winograd and not plain.layers[0].winograd
+    convs = [conv1(2 * P), 2 * 16 * 16 * 8 * 8 * 9, 2 * 16 * 16 * 16 * 8 * 9, 2 * 8 * 8 * 16 * 16 * 9]
+    winograd = (2 * convs[0] + sum(3 * c for c in convs[1:])) * (1 - 1 / 2.25)
+    assert np.isclose(f['executed'], f['total'] - winograd)
+
+
+def test_deep_step_takes_the_network_from_the_preset_and_the_options_override_it():
+    deep_step = load('deep_step')
+    import config
+    presets = config.load_presets()
+    args = deep_step.parse_args(['--threads', '1'])
+    deep = presets['deep']
+    assert args.preset == 'deep' and args.overridden == []
+    assert (args.widths, args.convs_per_block, args.batchnorm, args.whiten, args.identity_init, args.layout,
+            args.cell, args.hidden, args.batch) == (tuple(deep.widths), deep.convs_per_block, deep.batchnorm,
+                                                    deep.whiten, deep.identity_init, deep.seq_layout, deep.cell,
+                                                    deep.hidden, deep.batch_size)
+    assert (args.widths, args.whiten, args.identity_init, args.hidden, args.batch) == ((64, 256, 256), 2, True, 256, 512)
+    args = deep_step.parse_args(['--preset', 'smoke', '--widths', '8,16', '--whiten', '3', '--no-batchnorm',
+                                 '--cell', 'gru', '--threads', '1'])
+    assert (args.widths, args.whiten, args.batchnorm, args.cell, args.batch, args.layout, args.identity_init) == (
+        (8, 16), 3, False, 'gru', presets['smoke'].batch_size, presets['smoke'].seq_layout, False)
+    assert args.overridden == ['widths', 'batchnorm', 'whiten', 'cell']
+    model = deep_step.build_model(args, deep_step.random_batch(4)[0])
+    assert model.whiten == 3 and model.conv1_inputs == 54 and np.abs(model.params['whiten_W']).max() > 0
+
+
+def test_deep_step_refuses_an_unknown_preset_in_one_line():
+    out = subprocess.run([sys.executable, str(BENCHMARKS / 'deep_step.py'), '--preset', 'no-such-preset',
+                          '--no-torch'], capture_output=True, text=True, cwd=BENCHMARKS.parent)
+    assert out.returncode == 2 and out.stdout == ''
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown preset 'no-such-preset'" in lines[0] and 'deep' in lines[0], out.stderr
+
+
+@pytest.mark.parametrize('k', [2, 3])
+def test_deep_step_torch_twin_whitens_as_the_numpy_layer(k):
+    """The PyTorch twin's frozen first layer, given the NumPy filters, computes whiten_forward
+    (same padding), takes no gradient, and the backbone after it reads its 2P channels."""
+    torch = pytest.importorskip('torch')
+    deep_step = load('deep_step')
+    X = deep_step.random_batch(2)[0]
+    w = M.patch_whitening_weights(X, k).astype(np.float32)
+    net = deep_step.torch_model((8,), 1, True, 'rows', 'rnn', 4, whiten=k)
+    pad, frozen, relu = net.backbone[:3]
+    assert isinstance(frozen, torch.nn.Conv2d) and frozen.bias is None and not frozen.weight.requires_grad
+    assert tuple(frozen.weight.shape) == w.shape == (2 * 3 * k * k, 3, k, k)
+    assert net.backbone[3].in_channels == 2 * 3 * k * k
+    with torch.no_grad():
+        frozen.weight.copy_(torch.from_numpy(w))
+        ours = relu(frozen(pad(torch.from_numpy(X)))).numpy().transpose(0, 2, 3, 1)
+    expected, _ = M.whiten_forward(X.transpose(0, 2, 3, 1), w)
+    assert ours.shape == expected.shape == (2, 32, 32, 2 * 3 * k * k)
+    assert np.allclose(ours, expected, atol=1e-4)
+    assert tuple(net(torch.from_numpy(X)).shape) == (2, 10)
 
 
 DEEP_STEP_NUMBER = r'([0-9]+\.[0-9]+)'
@@ -132,15 +207,23 @@ def deep_step_numbers(out, pattern):
     return [float(v) for v in match.groups()]
 
 
-@pytest.mark.parametrize('torch_too', [False, True], ids=['no-torch', 'torch'])
-def test_deep_step_runs_on_a_tiny_backbone_and_prints_positive_figures(torch_too):
+@pytest.mark.parametrize('torch_too, whiten', [(False, 0), (False, 2), (True, 2)],
+                         ids=['no-torch', 'no-torch-whiten', 'torch-whiten'])
+def test_deep_step_runs_on_a_tiny_backbone_and_prints_positive_figures(torch_too, whiten):
     if torch_too and importlib.util.find_spec('torch') is None:
         pytest.skip('PyTorch is not importable')
-    # One thread with PyTorch: OpenMP's spinning threads are slow on a machine busy with other work.
-    cmd = [sys.executable, str(BENCHMARKS / 'deep_step.py'), '--widths', '8,16', '--convs-per-block', '2',
-           '--batch', '8', '--repeats', '1', '--warmup', '0', '--gemm-sizes', '64,128',
-           *(['--threads', '1'] if torch_too else ['--no-torch'])]
+    # One thread: OpenMP's spinning threads (PyTorch's) are slow on a machine busy with other work.
+    # The deep preset's network (BatchNorm, rows, rnn, identity init) made tiny by the options.
+    cmd = [sys.executable, str(BENCHMARKS / 'deep_step.py'), '--preset', 'deep', '--widths', '8,16',
+           '--convs-per-block', '2', '--whiten', str(whiten), '--hidden', '16', '--batch', '8',
+           '--repeats', '1', '--warmup', '0', '--gemm-sizes', '64,128', '--threads', '1',
+           *([] if torch_too else ['--no-torch'])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=BENCHMARKS.parent).stdout
+    first = out.splitlines()[0]
+    assert first.startswith('deep_step: preset deep (overridden: --widths, --convs-per-block, --whiten, '
+                            '--hidden, --batch): widths 8,16, 2 conv(s) per block, BatchNorm on, '
+                            f'whiten {whiten} '), first
+    assert 'identity_init on, layout rows' in first and 'cell rnn, hidden 16, batch 8' in first, first
     for name, pattern in DEEP_STEP_LINES.items():
         numbers = deep_step_numbers(out, pattern)
         if name == 'memory':    # the step's own growth may round to nothing at this size
@@ -153,6 +236,16 @@ def test_deep_step_runs_on_a_tiny_backbone_and_prints_positive_figures(torch_too
     assert sorted(name for name, _ in rows) == sorted(['conv1', 'conv2', 'conv3', 'conv4'] * 2
                                                       + ['bn1', 'bn2', 'bn3', 'bn4'] * 2 + ['RNN'] * 2 + ['head'])
     assert all(float(t) > 0 for _, t in rows)
+    # conv1's row shows its true inputs and how it runs; the whitening layer has a forward row, no backward.
+    whitening = re.findall(rf'^    whitening 2x2 3->24 at 32x32 \(frozen\) forward +{DEEP_STEP_NUMBER} ms', out, re.M)
+    if whiten:
+        assert len(whitening) == 1 and float(whitening[0]) > 0, out
+        assert re.search(r'^    conv1 24->8 at 32x32 \(Winograd, pool\) forward', out, re.M), out
+        assert 'FLOP per training step (forward' in out and ': whitening 0.6, convolutions' in out, out
+        assert 'whitening forward' in re.search(r'phases: .*', out).group(), out
+    else:
+        assert whitening == [] and 'whitening' not in out.split('\n', 1)[1], out
+        assert re.search(r'^    conv1 3->8 at 32x32 \(im2col, pool\) forward', out, re.M), out
     if not torch_too:
         assert 'PyTorch skipped: --no-torch' in out
         assert 'torch 2' not in out and 'numpy/torch' not in out

@@ -2,7 +2,7 @@
 choose_jobs picks runs x threads within the CPUs, two runs at a time give exactly the results of
 one at a time, the progress, the results and the comparison against the sweep's baseline, a
 second pass that runs nothing, SIGTERM to a sweep of two running runs, and the project's own
-sweep files (sweeps/claims.json, sweeps/levers.json).
+sweep files (sweeps/claims.json, sweeps/levers.json, sweeps/deep-levers.json).
 
 The runs are real main.py processes on a tiny synthetic archive (90 training images, 1 epoch);
 the sweeps whose comparison another test checks replace compare.main by a recorder, to keep the
@@ -497,10 +497,18 @@ LEVERS_OPTIONS = {
     'batch-256-lr-0.1': '--batch-size 256 --lr 0.1', 'lr-0.1': '--lr 0.1',
 }
 
+DEEP_LEVERS_OPTIONS = {
+    'deep': '', 'no-whitening': '--set whiten=0', 'no-identity-init': '--set identity_init=false',
+    'random-flip': '--set alternate_flip=false', 'cosine': '--schedule cosine',
+    'label-smoothing-0.2': '--set label_smoothing=0.2',
+}
+
 
 @pytest.mark.parametrize('name, preset, protocol, baseline, options', [
     ('claims', 'fast', '--subset 0.4', 'baseline', CLAIMS_OPTIONS),
     ('levers', 'best', '--epochs 10', 'base', LEVERS_OPTIONS),
+    ('deep-levers', 'deep', '--subset 0.2 --epochs 4 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
+                            '--set tta_translate=false', 'deep', DEEP_LEVERS_OPTIONS),
 ])
 def test_the_project_sweep_files_load_and_plan_the_expected_commands(tmp_path, name, preset, protocol, baseline,
                                                                      options):
