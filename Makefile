@@ -12,6 +12,7 @@
 #   make bench-loop    the training loop against its bare steps
 #   make bench-data    the data pipeline (needs the archive in data/)
 #   make bench-sweep   a sweep's runs per hour: one run at a time with 2 threads, two with 1 (needs data/)
+#   make bench-deep    the deep preset's step: FLOP rate against the matrix-product peak, phases, memory, PyTorch
 #   make ab REV=X      the working tree against git revision X: bit for bit, then the step's speed
 #   make venv, dev     only the environment (dev adds pytest and Ray)
 #   make clean         removes .venv and pytest's cache (never runs/ or data/)
@@ -26,7 +27,7 @@ SWEEP_ARGS ?=
 RUN ?= runs/latest
 REV ?=
 
-.PHONY: help venv dev train test report claims sweep docs bench bench-speed bench-faults bench-loop bench-data bench-sweep ab clean
+.PHONY: help venv dev train test report claims sweep docs bench bench-speed bench-faults bench-loop bench-data bench-sweep bench-deep ab clean
 
 help:
 	@sed -n '/^# Two/,/^# *make help/p' Makefile | sed 's/^# \{0,1\}//'
@@ -83,6 +84,9 @@ bench-data: venv
 
 bench-sweep: venv
 	$(BIN)/python benchmarks/sweep_jobs.py --subset 0.1 --epochs 2 --repeats 3 --data-dir data
+
+bench-deep: venv
+	$(BIN)/python benchmarks/deep_step.py
 
 ab: venv
 	@test -n "$(REV)" || { echo 'make ab needs a git revision: make ab REV=ea53f72' >&2; exit 2; }

@@ -13,6 +13,7 @@ and only the text between them is rewritten. The sources:
     presets    README.md          presets.json (config.load_presets)
     headline   README.md          the finished runs of the `fast` and `best` presets under --runs
     best-runs  docs/results.md    the finished runs of the `best` preset under --runs, one row each
+    deep-runs  docs/results.md    the same for the `deep` preset
     claims     docs/claims.md     <runs>/claims/comparison/comparison.json   (make claims writes it)
     cells      docs/claims.md     the same file: the `pixels` RNN against the GRU and the LSTM
     levers     docs/results.md    <runs>/levers/comparison/comparison.json
@@ -45,6 +46,7 @@ if str(REPO) not in sys.path:
 
 import config                       # noqa: E402  (the repository's modules, found through REPO)
 import runfiles                     # noqa: E402
+from metrics import time_to_accuracy  # noqa: E402
 from config import Config, flag_name  # noqa: E402
 
 PYTHON = '.venv/bin/python'
@@ -284,12 +286,15 @@ def candidate_folders(runs_dir, depth=2):
     return found
 
 
-def finished_runs(runs_dir, commit):
+def finished_runs(runs_dir, commit, budget_stops=False):
     """Every finished run under runs_dir (trained to its last epoch, evaluated, not stopped
-    early), as dicts: path, config (a Config), metrics, commit."""
+    early), as dicts: path, config (a Config), metrics, commit. With budget_stops, also the runs
+    that --max-hours stopped before their last epoch and evaluated (a preset's result within the
+    hour is what the budget allowed)."""
     runs = []
     for folder in candidate_folders(runs_dir):
-        if runfiles.status(folder).state != runfiles.FINISHED:
+        state = runfiles.status(folder).state
+        if state != runfiles.FINISHED and not (budget_stops and state == runfiles.STOPPED):
             continue
         try:
             raw = runfiles.read_json(folder / runfiles.CONFIG_NAME)
@@ -298,7 +303,9 @@ def finished_runs(runs_dir, commit):
             cfg = Config.from_dict({k: v for k, v in raw.items() if k in known}, str(folder / runfiles.CONFIG_NAME))
         except (runfiles.RunFileError, config.ConfigError, TypeError, AttributeError):
             continue
-        if not isinstance(metrics, dict) or metrics.get('stopped_early') or metrics.get('test_acc') is None:
+        if not isinstance(metrics, dict) or metrics.get('test_acc') is None:
+            continue
+        if metrics.get('stopped_early') and not (budget_stops and 'time budget' in str(metrics.get('stop_reason'))):
             continue
         run_commit = raw.get('commit') or metrics.get('commit') or commit
         runs.append({'path': folder, 'config': cfg, 'metrics': metrics, 'commit': str(run_commit)})
@@ -346,8 +353,11 @@ def merge_rows(stored, rows):
     return '\n'.join(out)
 
 
-def best_run_rows(runs, presets):
-    mine = runs_of_preset(runs, 'best', presets) if 'best' in presets else []
+def preset_run_rows(runs, presets, name, thresholds):
+    """One row per finished run of preset ``name`` (and a mean row for two or more): test accuracy
+    with the preset's test-time views and with one view, both ECEs, the wall time, when validation
+    first reached each of ``thresholds`` (keys of metrics.json's time_to_val_acc), the best epoch."""
+    mine = runs_of_preset(runs, name, presets) if name in presets else []
     rows = []
     for r in mine:
         m = r['metrics']
@@ -356,21 +366,52 @@ def best_run_rows(runs, presets):
         best = (f"{m['best_epoch']}, {pct(m.get('best_val_acc'))}" if m.get('best_epoch') is not None else '-')
         rows.append([str(r['config'].seed), pct(m['test_acc']), pct(single.get('test_acc')),
                      f"{m['ece']:.3f}", '-' if single.get('ece') is None else f"{single['ece']:.3f}",
-                     minutes(m.get('wall_time_s')), minutes(reached.get('0.70')), minutes(reached.get('0.75')),
-                     best, r['commit']])
+                     minutes(m.get('wall_time_s')), epochs_text(m, r['config'])]
+                    + [reached_text(reached, t, r['path']) for t in thresholds]
+                    + [best, r['commit']])
     if len(mine) > 1:
         accs = [r['metrics']['test_acc'] for r in mine]
         singles = [(r['metrics'].get('single_view') or {}).get('test_acc') for r in mine]
         single_eces = [(r['metrics'].get('single_view') or {}).get('ece') for r in mine]
         rows.append(['mean', f'**{mean_pm(accs)}**', pct(mean(singles)),
                      f"{mean([r['metrics']['ece'] for r in mine]):.3f}",
-                     '-' if mean(single_eces) is None else f'{mean(single_eces):.3f}', '', '', '', '', ''])
+                     '-' if mean(single_eces) is None else f'{mean(single_eces):.3f}', '', ''] + [''] * len(thresholds)
+                    + ['', ''])
     return rows
 
 
-BEST_RUNS_HEADER = ['seed', 'test accuracy (flip averaged)', 'single view', 'ECE (flip averaged)',
-                    'ECE single view', 'wall time', 'validation 70% reached', 'validation 75% reached',
-                    'best epoch, validation', 'measured at']
+def epochs_text(metrics, cfg):
+    """'70' (all of them), or '10 of 11, time budget' for a run --max-hours stopped early."""
+    done = metrics.get('epochs_done')
+    if done is None or (done == cfg.epochs and not metrics.get('stopped_early')):
+        return str(cfg.epochs)
+    return f"{done} of {cfg.epochs}" + (', time budget' if metrics.get('stopped_early') else '')
+
+
+def reached_text(reached, threshold, folder):
+    """When validation first reached ``threshold`` (metrics.json's time_to_val_acc; for a run
+    older than the threshold, from its history.json), or 'not reached'; '-' if neither says."""
+    if threshold in reached:
+        seconds = reached[threshold]
+    else:
+        try:
+            history = runfiles.read_json(Path(folder) / runfiles.HISTORY_NAME)
+            seconds = time_to_accuracy([r for r in history if isinstance(r, dict)], float(threshold))
+        except (runfiles.RunFileError, TypeError, ValueError):
+            return '-'
+    return 'not reached' if seconds is None else minutes(seconds)
+
+
+def preset_runs_header(views, thresholds):
+    return (['seed', f'test accuracy ({views})', 'single view', f'ECE ({views})', 'ECE single view', 'wall time',
+             'epochs']
+            + [f'validation {100 * float(t):.0f}% reached' for t in thresholds]
+            + ['best epoch, validation', 'measured at'])
+
+
+# (block, preset, its test-time views, the validation accuracies whose times the table shows)
+PRESET_RUN_TABLES = [('best-runs', 'best', 'flip averaged', ('0.70', '0.75')),
+                     ('deep-runs', 'deep', 'flip and shifts', ('0.85', '0.90'))]
 
 
 # --------------------------------------------------------------------------
@@ -596,11 +637,14 @@ def plan(runs_dir, commit, root=REPO):
         out.append(('README.md', 'headline', None,
                     f'kept: no finished `fast` or `best` run under {shown(runs_dir)}'))
 
-    best = best_run_rows(runs, presets)
-    head = f'Generated from the `best` runs under `{shown(runs_dir)}`.'
-    out.append(('docs/results.md', 'best-runs', head + '\n\n' + table(BEST_RUNS_HEADER, best) if best else None,
-                f'rewritten from the `best` runs under {shown(runs_dir)}' if best
-                else f'kept: no finished `best` run under {shown(runs_dir)}'))
+    within_budget = finished_runs(runs_dir, commit, budget_stops=True) if runs_dir.is_dir() else []
+    for block, name, views, thresholds in PRESET_RUN_TABLES:
+        rows = preset_run_rows(within_budget, presets, name, thresholds)
+        head = f'Generated from the `{name}` runs under `{shown(runs_dir)}`.'
+        out.append(('docs/results.md', block,
+                    head + '\n\n' + table(preset_runs_header(views, thresholds), rows) if rows else None,
+                    f'rewritten from the `{name}` runs under {shown(runs_dir)}' if rows
+                    else f'kept: no finished `{name}` run under {shown(runs_dir)}'))
 
     calib_dir = runs_dir / 'calib'
     calibration = calibration_rows(finished_runs(calib_dir, commit), presets) if calib_dir.is_dir() else []

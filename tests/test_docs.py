@@ -319,13 +319,14 @@ def test_the_pages_are_up_to_date_and_kept_without_run_folders(tmp_path, capsys)
     assert tables.main(['--runs', str(tmp_path / 'no-runs'), '--check']) == 0
     out = capsys.readouterr().out
     assert 'README.md presets: rewritten from presets.json' in out
-    assert out.count(': kept') == 6
+    assert out.count(': kept') == 7
 
 
 def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, single_view=None,
-                 n_test=200, temperature=None, **settings):
+                 n_test=200, temperature=None, budget_stop_at=None, **settings):
     """A finished run folder as main.py writes it (config, history, metrics, predictions, log,
-    a checkpoint at the last epoch), its test predictions right on round(acc * n_test) images."""
+    a checkpoint at the last epoch), its test predictions right on round(acc * n_test) images.
+    budget_stop_at: the run --max-hours stopped (and evaluated) after that many epochs instead."""
     run = Path(root) / name
     run.mkdir(parents=True)
     base = config.load_presets()[preset].settings()
@@ -342,13 +343,17 @@ def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, 
     cm = confusion_matrix(labels, probs.argmax(1))
     history = [{'epoch': e, 'train_loss': 2.0 / e, 'train_acc': acc * e / epochs, 'val_loss': 2.1 / e,
                 'val_acc': acc * e / epochs, 'lr': 0.02, 'base_lr': 0.02, 'epoch_time_s': 20.0,
-                'images_per_s': 900.0, 'elapsed_s': 20.0 * e} for e in range(1, epochs + 1)]
+                'images_per_s': 900.0, 'elapsed_s': 20.0 * e} for e in range(1, (budget_stop_at or epochs) + 1)]
     metrics = {'test_loss': 1.5, 'test_acc': float((probs.argmax(1) == labels).mean()),
                'ece': expected_calibration_error(probs, labels), 'per_class_acc': per_class_accuracy(cm),
                'confusion_matrix': cm, 'best_val_acc': history[-1]['val_acc'], 'best_epoch': epochs,
                'epochs_done': epochs, 'epochs_planned': epochs, 'stopped_early': False, 'stop_reason': None,
                'wall_time_s': wall_time_s, 'train_images_per_s': 900.0, 'test_images': n_test,
                'label_names': LABEL_NAMES, 'time_to_val_acc': {'0.70': None, '0.75': None}}
+    if budget_stop_at is not None:
+        metrics.update(best_val_acc=history[-1]['val_acc'], best_epoch=budget_stop_at, epochs_done=budget_stop_at,
+                       stopped_early=True, stop_reason='time budget of 1.0 h reached')
+        epochs = budget_stop_at
     if single_view is not None:
         metrics['single_view'] = single_view
     if temperature is not None:      # as main.py's calibration writes them
@@ -392,6 +397,10 @@ def fake_runs(tmp_path_factory):
     for seed in (0, 1):
         finished_run(runs, f'2026-best-seed{seed}', seed, 0.80 + 0.01 * seed, preset='best',
                      single_view={'test_acc': 0.795, 'test_loss': 0.7, 'ece': 0.03}, wall_time_s=2500.0)
+    # A deep run the time budget stopped after 10 of its epochs; metrics.json without the 85% and
+    # 90% times (as runs before those thresholds), so the table reads them from history.json.
+    finished_run(runs / 'deep', 'deep-seed0', 0, 0.94, preset='deep', budget_stop_at=10,
+                 single_view={'test_acc': 0.93, 'test_loss': 0.3, 'ece': 0.04}, wall_time_s=3550.0)
     procs = [subprocess.Popen([sys.executable, 'compare.py', *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for args in ([str(claims_dir)], [str(levers), '--baseline', str(levers / 'base-s0')])]
@@ -463,6 +472,11 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
     assert best.startswith('Generated from the `best` runs under') and 'Seed 0: measured at' not in best
     assert '| 0 | 80.00% | 79.50% |' in best and '| 1 | 81.00% | 79.50% |' in best
     assert '| mean | **80.50% ± 0.71** | 79.50% |' in best
+    deep = tables.read_block(results, 'deep-runs', 'docs/results.md')
+    epochs = config.load_presets()['deep'].epochs
+    assert (f'| 0 | 94.00% | 93.00% | ' in deep and f'| 59.2 min | 10 of {epochs}, time budget | 3.3 min | not reached '
+            f'| 10, 85.45% | abc1234 |') in deep, deep
+    assert 'validation 85% reached | validation 90% reached' in deep
 
     # Run again: nothing changes; --check agrees.
     assert tables.apply(tables.plan(fake_runs, 'abc1234', root=root), root=root, log=lambda _: None) == []

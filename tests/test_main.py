@@ -51,7 +51,8 @@ def test_every_run_folder_file_exists_and_is_valid(full_run):
     # Time to accuracy: the wall time of the first epoch at or above each threshold.
     elapsed = [r['elapsed_s'] for r in history]
     assert elapsed == sorted(elapsed) and elapsed[-1] <= m['wall_time_s']
-    for key, threshold in (('0.70', 0.70), ('0.75', 0.75)):
+    assert sorted(m['time_to_val_acc']) == ['0.70', '0.75', '0.85', '0.90']
+    for key, threshold in (('0.70', 0.70), ('0.75', 0.75), ('0.85', 0.85), ('0.90', 0.90)):
         reached = [r['elapsed_s'] for r in history if r['val_acc'] >= threshold]
         assert m['time_to_val_acc'][key] == (reached[0] if reached else None)
     assert 'reached  70% val at' in (full_run / 'train.log').read_text()
