@@ -80,7 +80,10 @@ class TrainState:
     over the invocations that ran it; mean/std are the per-channel input
     statistics ((3,) lists) or None; data_fingerprint identifies the images
     ({'train': sha256, 'test': sha256}, data_utils.fingerprint), None in runs
-    started before it was recorded.
+    started before it was recorded. eval_images_per_s is the speed of the last
+    epoch's validation pass: its images per second, each image under that pass's
+    views (Config.val_tta_mode; the test-time views in runs without val_views),
+    None before the first one; evaluation_reserve_s turns it into the time budget's reserve.
     """
     epoch: int = 0
     step: int = 0
@@ -426,17 +429,20 @@ class Trainer:
                                       augment=cfg.augment, crop=cfg.crop, seed=cfg.seed, mean=mean, std=std,
                                       alternate_flip=cfg.alternate_flip)
         self.val_it = BatchIterator(data['X_val'], data['y_val'], cfg.eval_batch_size, mean=mean, std=std)
+        self.val_tta = cfg.val_tta_mode()       # each epoch's views; the final evaluation's are cfg.tta_mode()
         self.steps_per_epoch = len(self.train_it)
-        # Images still to evaluate after a stop: a validation pass, then the final evaluation's
-        # validation pass (for the temperature) and the test set.
-        self.n_eval = 2 * len(data['y_val']) + len(data['y_test'])
+        self.n_val, self.n_test = len(data['y_val']), len(data['y_test'])
         self.t_start = time.monotonic()
         self.elapsed_before = state.elapsed_s
         if state.eval_images_per_s:    # measured in an earlier call: reserve evaluation time now
-            stopper.reserve_s = self.n_eval / state.eval_images_per_s
+            stopper.reserve_s = self.reserve_s(state.eval_images_per_s)
 
     def elapsed(self):
         return self.elapsed_before + time.monotonic() - self.t_start
+
+    def reserve_s(self, val_images_per_s):
+        """The time budget's reserve for what follows a stop (evaluation_reserve_s)."""
+        return evaluation_reserve_s(self.n_val, self.n_test, self.val_tta, self.cfg.tta_mode(), val_images_per_s)
 
     def lr(self):
         return learning_rate(self.cfg, self.state.global_step, self.steps_per_epoch)
@@ -516,10 +522,10 @@ class Trainer:
         s, cfg = self.state, self.cfg
         lr = learning_rate(cfg, s.global_step - 1, self.steps_per_epoch)
         t_val = time.monotonic()
-        val_loss, val_acc, _, _ = evaluate(self.eval_model, self.val_it, cfg.tta_mode())
+        val_loss, val_acc, _, _ = evaluate(self.eval_model, self.val_it, self.val_tta)
         s.eval_images_per_s = len(self.val_it.y) / max(1e-9, time.monotonic() - t_val)
         # Leave room for a validation pass and the final evaluation in the time budget.
-        self.stopper.reserve_s = self.n_eval / s.eval_images_per_s
+        self.stopper.reserve_s = self.reserve_s(s.eval_images_per_s)
         speed = s.epoch_timed_images / s.epoch_train_s if s.epoch_train_s > 0 else None
         epoch_time = s.epoch_wall_s
         record = runfiles.EpochRecord(
@@ -527,7 +533,7 @@ class Trainer:
             val_loss=val_loss, val_acc=val_acc, lr=lr, base_lr=cfg.lr,
             epoch_time_s=epoch_time + time.monotonic() - t_val, images_per_s=speed)
         if self.average is not None:      # what the average gains over the last step's weights
-            record.val_acc_raw = evaluate(self.model, self.val_it, cfg.tta_mode())[1]
+            record.val_acc_raw = evaluate(self.model, self.val_it, self.val_tta)[1]
         improved = val_acc > s.best_val_acc
         if improved:
             s.best_val_acc, s.best_epoch = val_acc, s.epoch + 1
@@ -565,6 +571,24 @@ class Trainer:
             f"this run's min_lr = {cfg.min_lr:g} does not allow a lower rate on resume"
         return (f'{what}; {then}, so start the run again with a lower learning rate: '
                 f'{restart_command(cfg, lower)}')
+
+
+def evaluation_reserve_s(n_val, n_test, val_tta, test_tta, val_images_per_s):
+    """Seconds the time budget keeps free for what follows a stop: a validation pass of the n_val
+    images with each epoch's views (val_tta, Config.val_tta_mode), then the final evaluation's
+    validation pass (for the temperature) and test of n_val + n_test images with the test-time
+    views (test_tta, Config.tta_mode).
+
+    The work is counted in view-images (an image under V views costs V predictions):
+    n_val * V_val + (n_val + n_test) * V_test. val_images_per_s (TrainState.eval_images_per_s) was
+    measured on an epoch's validation pass, so it is val_images_per_s * V_val view-images per
+    second. The quotient is computed with the ratio V_test / V_val: with the same views (val_views
+    'test') the ratio is 1.0 and the reserve is (2 n_val + n_test) / val_images_per_s bit for
+    bit, as before val_views existed; with val_views 'one' and tta 'flip+translate' the final
+    evaluation's part is six times what counting images alone would reserve.
+    """
+    v_val, v_test = len(tta_weights(val_tta)), len(tta_weights(test_tta))
+    return (n_val + (n_val + n_test) * v_test / v_val) / val_images_per_s
 
 
 def restart_command(cfg, lr):
@@ -756,6 +780,7 @@ def summary(cfg, run_dir, m, names):
                 if m.single_view is not None and tta else ')'),
              *calibration_lines(m),
              f'val      best accuracy {100 * m.best_val_acc:.2f}% at epoch {m.best_epoch}'
+             + (' (one view: val_views one)' if cfg.val_tta_mode() != cfg.tta_mode() else '')
              if m.best_val_acc is not None else 'val      no epoch finished',
              f'time     {m.wall_time_s / 60:.1f} min'
              + (f', {m.train_images_per_s:.0f} training images/s' if m.train_images_per_s else ''),

@@ -1,7 +1,8 @@
 """The training-side levers of Keller Jordan's airbench recipe (issue 23), each a preset key that
 is off by default: the triangular learning-rate schedule, the alternating flip, test-time
 augmentation by flips and one-pixel shifts, and the pass-through of the model's patch-whitening
-and identity initialisation (which cnn_rnn_numpy.CNNRNN provides)."""
+and identity initialisation (which cnn_rnn_numpy.CNNRNN provides); and val_views, which lets each
+epoch's validation score one view while the final evaluation keeps the test-time views."""
 import inspect
 import json
 
@@ -13,7 +14,7 @@ import data_utils as du
 import main
 import runfiles
 from cnn_rnn_numpy import CNNRNN
-from conftest import STEPS_PER_EPOCH, arrays, resume, train_run
+from conftest import SMOKE, STEPS_PER_EPOCH, arrays, resume, train_run
 from optim import learning_rate
 
 
@@ -411,3 +412,174 @@ def test_whiten_passthrough(data_dir, tmp_path, monkeypatch):
     assert set(a) == set(b)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# --------------------------------------------------------------------------
+# val_views: each epoch's validation with the test-time views or one view
+# --------------------------------------------------------------------------
+
+TIMING = {'epoch_time_s', 'images_per_s', 'elapsed_s', 'wall_time_s', 'train_images_per_s',
+          'test_images_per_s', 'time_to_val_acc'}
+
+
+def without_timing(record):
+    return {k: v for k, v in record.items() if k not in TIMING}
+
+
+@pytest.fixture
+def counted_views(monkeypatch):
+    """The images each call of CNNRNN.predict_proba sees (one entry per view of a batch), and the
+    Stopper of the run (main.run makes one), for its last reserve."""
+    seen, stoppers = [], []
+    real = CNNRNN.predict_proba
+
+    def predict_proba(self, X, *args, **kwargs):
+        seen.append(len(X))
+        return real(self, X, *args, **kwargs)
+
+    class Kept(main.Stopper):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            stoppers.append(self)
+    monkeypatch.setattr(CNNRNN, 'predict_proba', predict_proba)
+    monkeypatch.setattr(main, 'Stopper', Kept)
+    return seen, stoppers
+
+
+def test_val_views_one_validates_one_view_and_still_tests_six(data_dir, tmp_path, counted_views):
+    seen, stoppers = counted_views
+    out = tmp_path / 'one'
+    assert train_run(data_dir, out, '--epochs', '1', '--set', 'tta_translate=true', '--set', 'val_views=one') == 0
+    data = du.load_cifar10(data_dir, subset=1.0, seed=0)
+    n_val, n_test = len(data['y_val']), len(data['y_test'])
+    # One view of the validation images in the epoch, then six of validation and test at the end.
+    assert sum(seen) == n_val + 6 * (n_val + n_test)
+    ck = main.load_checkpoint(out / 'ckpt.npz')
+    assert ck.cfg.val_views == 'one' and ck.cfg.tta_mode() == 'flip+translate'
+    model = CNNRNN.load(out / 'best.npz')
+    mean, std = ck.state.normalization()
+    val_it = du.BatchIterator(data['X_val'], data['y_val'], ck.cfg.eval_batch_size, mean=mean, std=std)
+    record = json.loads((out / 'history.json').read_text())[-1]
+    one, six = main.evaluate(model, val_it, 'none'), main.evaluate(model, val_it, 'flip+translate')
+    assert (record['val_loss'], record['val_acc']) == (one[0], one[1])
+    assert record['val_loss'] != six[0]
+    # The final evaluation is the test-time views', with the single view beside them.
+    m = metrics_json(out)
+    assert m['tta'] == 'flip+translate' and set(m['single_view']) == {'test_acc', 'test_loss', 'ece'}
+    test_it = du.BatchIterator(data['X_test'], data['y_test'], ck.cfg.eval_batch_size, mean=mean, std=std)
+    single = {}
+    _, _, expected, _ = main.evaluate(model, test_it, 'flip+translate', single_view=single)
+    with np.load(out / 'predictions.npz') as p:
+        np.testing.assert_allclose(p['probs'], expected, atol=1e-6)
+    assert m['single_view']['test_acc'] == pytest.approx((single['probs'].argmax(1) == data['y_test']).mean())
+    assert m['best_val_acc'] == one[1]
+    assert '(one view: val_views one)' in (out / 'train.log').read_text()
+    # The budget's reserve was counted from that one-view speed, the final evaluation at six views.
+    assert stoppers[-1].reserve_s == main.evaluation_reserve_s(n_val, n_test, 'none', 'flip+translate',
+                                                               ck.state.eval_images_per_s)
+
+
+def test_val_views_one_averages_val_acc_raw_with_one_view_too(data_dir, tmp_path, counted_views):
+    seen, _ = counted_views
+    out = tmp_path / 'ema'
+    assert train_run(data_dir, out, '--epochs', '1', '--set', 'tta_flip=true', '--set', 'val_views=one',
+                     '--set', 'ema=0.9') == 0
+    data = du.load_cifar10(data_dir, subset=1.0, seed=0)
+    n_val, n_test = len(data['y_val']), len(data['y_test'])
+    # The average's and the last weights' validation, one view each; the final evaluation two.
+    assert sum(seen) == 2 * n_val + 2 * (n_val + n_test)
+    ck = main.load_checkpoint(out / 'ckpt.npz')
+    mean, std = ck.state.normalization()
+    val_it = du.BatchIterator(data['X_val'], data['y_val'], ck.cfg.eval_batch_size, mean=mean, std=std)
+    record = json.loads((out / 'history.json').read_text())[-1]
+    assert record['val_acc_raw'] == main.evaluate(ck.model, val_it, 'none')[1]
+
+
+def test_val_views_test_is_the_default_and_trains_and_tests_as_before(data_dir, tmp_path, counted_views):
+    seen, stoppers = counted_views
+    assert config.Config().val_views == 'test' and config.Config.defaults()['val_views'] == 'test'
+    default, explicit = tmp_path / 'default', tmp_path / 'explicit'
+    assert train_run(data_dir, default, '--epochs', '2', '--set', 'tta_translate=true') == 0
+    data = du.load_cifar10(data_dir, subset=1.0, seed=0)
+    n_val, n_test = len(data['y_val']), len(data['y_test'])
+    assert sum(seen) == 2 * 6 * n_val + 6 * (n_val + n_test)       # six views everywhere, as before
+    speed = main.load_checkpoint(default / 'ckpt.npz').state.eval_images_per_s
+    assert stoppers[-1].reserve_s == (2 * n_val + n_test) / speed    # the reserve of before, to the bit
+    assert train_run(data_dir, explicit, '--epochs', '2', '--set', 'tta_translate=true',
+                     '--set', 'val_views=test') == 0
+    a, b = (json.loads((f / 'history.json').read_text()) for f in (default, explicit))
+    assert [without_timing(r) for r in a] == [without_timing(r) for r in b]
+    assert without_timing(metrics_json(default)) == without_timing(metrics_json(explicit))
+    assert json.loads((default / 'config.json').read_text()) == json.loads((explicit / 'config.json').read_text())
+    x, y = arrays(default / 'ckpt.npz'), arrays(explicit / 'ckpt.npz')
+    for k in x:
+        if k.startswith(('param/', 'velocity/')):
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    with np.load(default / 'predictions.npz') as p, np.load(explicit / 'predictions.npz') as q:
+        np.testing.assert_array_equal(p['probs'], q['probs'])
+
+
+def test_the_reserve_counts_view_images():
+    n_val, n_test, speed = 5000, 10000, 123.4          # speed: images/s of an epoch's validation pass
+    for mode in du.TTA_MODES:       # the same views each epoch and at the end: the reserve of before, bit for bit
+        assert main.evaluation_reserve_s(n_val, n_test, mode, mode, speed) == (2 * n_val + n_test) / speed
+    # One view each epoch, six at the end: the validation pass as measured, the final evaluation
+    # (validation and test) six times what counting images alone would reserve.
+    reserve = main.evaluation_reserve_s(n_val, n_test, 'none', 'flip+translate', speed)
+    naive = (2 * n_val + n_test) / speed
+    epoch_pass = n_val / speed
+    assert reserve == pytest.approx(epoch_pass + 6 * (n_val + n_test) / speed)
+    assert (reserve - epoch_pass) / (naive - epoch_pass) == pytest.approx(6)
+    assert main.evaluation_reserve_s(n_val, n_test, 'none', 'flip', speed) == pytest.approx(
+        epoch_pass + 2 * (n_val + n_test) / speed)
+
+
+@pytest.mark.parametrize('val_views', ['test', 'one'])
+def test_a_resumed_trainer_reserves_from_the_checkpoints_speed(val_views, small_model):
+    """Trainer.__init__ (a resume) turns the stored eval_images_per_s (images/s of the run's own
+    per-epoch validation pass, whose views the run's configuration fixes) into the reserve."""
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        return rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n)
+    (Xt, yt), (Xv, yv), (Xs, ys) = split(8), split(30), split(70)
+    data = dict(X_train=Xt, y_train=yt, X_val=Xv, y_val=yv, X_test=Xs, y_test=ys)
+    cfg = config.with_overrides(config.load_presets()['fast'], {'tta_translate': True, 'val_views': val_views}, 'x')
+    state = main.TrainState(eval_images_per_s=40.0)
+    stopper = main.Stopper()
+    trainer = main.Trainer(cfg, None, small_model, main.SGD(small_model.params), state, data, stopper)
+    assert trainer.val_tta == ('flip+translate' if val_views == 'test' else 'none')
+    expected = (2 * 30 + 70) / 40.0 if val_views == 'test' else (30 + 6 * (30 + 70)) / 40.0
+    assert stopper.reserve_s == pytest.approx(expected, rel=1e-12)
+    if val_views == 'test':
+        assert stopper.reserve_s == (2 * 30 + 70) / 40.0
+
+
+def test_val_tta_mode_follows_val_views():
+    fast = config.load_presets()['fast']
+    assert fast.val_views == 'test' and fast.val_tta_mode() == fast.tta_mode() == 'none'
+    for tta in ({'tta_flip': True}, {'tta_translate': True}, {}):
+        on = config.with_overrides(fast, tta, 'x')
+        assert on.val_tta_mode() == on.tta_mode()
+        assert config.with_overrides(on, {'val_views': 'one'}, 'x').val_tta_mode() == 'none'
+
+
+@pytest.mark.parametrize('value', ['all', 'One', 1, True, None])
+def test_a_bad_val_views_is_refused_with_one_sentence(value, tmp_path):
+    with pytest.raises(config.ConfigError) as e:
+        config.with_overrides(config.load_presets()['fast'], {'val_views': value}, 'preset x')
+    message = str(e.value)
+    assert f"val_views = {value!r} is invalid; it must be 'test'" in message and "or 'one'" in message
+    assert '\n' not in message
+    path = tmp_path / 'presets.json'
+    path.write_text(json.dumps({'x': {'val_views': value}}))
+    with pytest.raises(config.ConfigError, match="preset 'x': val_views"):
+        config.load_presets(path)
+
+
+def test_a_bad_val_views_on_the_command_line_is_one_line_and_writes_nothing(data_dir, tmp_path, capsys):
+    out = tmp_path / 'bad'
+    assert main.run(SMOKE + ['--data-dir', data_dir, '--out', str(out), '--set', 'val_views=both']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --set: val_views = 'both' is invalid") and '\n' not in err
+    assert not out.exists()
