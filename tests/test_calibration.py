@@ -43,7 +43,7 @@ def outputs_of_best(run, data_dir, flip):
     data = du.load_cifar10(data_dir, subset=1.0, seed=0)
     mean, std = main.load_checkpoint(run / 'ckpt.npz').state.normalization()
     return {split: (main.evaluate(model, du.BatchIterator(data[f'X_{split}'], data[f'y_{split}'], 500, mean=mean,
-                                                          std=std), flip)[2], data[f'y_{split}'])
+                                                          std=std), 'flip' if flip else 'none')[2], data[f'y_{split}'])
             for split in ('val', 'test')}
 
 
