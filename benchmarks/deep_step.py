@@ -101,13 +101,13 @@ import math
 import resource
 import subprocess
 import sys
-import time
 
 import numpy as np
 
 import repo_on_path  # noqa: E402,F401  (the project's modules)
 import fast_layers  # noqa: E402
 import cnn_rnn_numpy as M  # noqa: E402
+from torch_reference import timed  # noqa: E402  (the benchmarks' timing loop; torch is imported only when used)
 import config as configuration  # noqa: E402
 
 MEMORY_TARGET_GB = 8.0
@@ -123,18 +123,6 @@ WINOGRAD_SAVING = 2.25     # F(2x2, 3x3): 16 products per 2x2 outputs where the 
 # --------------------------------------------------------------------------
 # Timing and memory helpers
 # --------------------------------------------------------------------------
-
-def timed(fn, repeats, warmup):
-    """Wall times (s) of ``repeats`` calls of ``fn()`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
 
 def num(x):
     """x with three significant digits and at least one decimal (0.0123, 1.23, 123.4, 1234.5)."""

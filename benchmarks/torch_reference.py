@@ -17,16 +17,22 @@ import time
 import numpy as np
 
 
-def median_time(fn, steps, warmup=2):
-    """Median wall time of ``fn()`` over ``steps`` calls after ``warmup`` calls, in seconds."""
+def timed(fn, repeats, warmup):
+    """Wall times (s) of ``repeats`` calls of ``fn()`` after ``warmup`` untimed calls (the
+    benchmarks' one timing loop: speed.py through median_time, deep_step.py)."""
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(steps):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return times
+
+
+def median_time(fn, steps, warmup=2):
+    """Median wall time of ``fn()`` over ``steps`` calls after ``warmup`` calls, in seconds."""
+    return float(np.median(timed(fn, steps, warmup)))
 
 
 def torch_model(layout, cell='rnn', hidden=128):

@@ -626,7 +626,10 @@ def plan(runs_dir, commit, root=REPO):
     presets = config.load_presets()
     runs_dir = Path(runs_dir)
     out = [('README.md', 'presets', render_presets(presets), 'rewritten from presets.json')]
-    runs = finished_runs(runs_dir, commit) if runs_dir.is_dir() else []
+    # One scan of the run folders: the preset tables also count runs the time budget stopped,
+    # the headline only those that trained to their last epoch.
+    within_budget = finished_runs(runs_dir, commit, budget_stops=True) if runs_dir.is_dir() else []
+    runs = [r for r in within_budget if not r['metrics'].get('stopped_early')]
 
     rows = headline_rows(runs, presets)
     if rows:
@@ -637,7 +640,6 @@ def plan(runs_dir, commit, root=REPO):
         out.append(('README.md', 'headline', None,
                     f'kept: no finished `fast` or `best` run under {shown(runs_dir)}'))
 
-    within_budget = finished_runs(runs_dir, commit, budget_stops=True) if runs_dir.is_dir() else []
     for block, name, views, thresholds in PRESET_RUN_TABLES:
         rows = preset_run_rows(within_budget, presets, name, thresholds)
         head = f'Generated from the `{name}` runs under `{shown(runs_dir)}`.'

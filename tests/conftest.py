@@ -522,3 +522,37 @@ def make_run_folder(root, name, seed=0, acc=0.4, n_test=200, epochs=3, preset='f
         divergence=runfiles.Divergence(message=diverged) if diverged else None,
         crash=runfiles.Crash(crashed, during='training') if crashed else None,
         log=[f'2024-01-01 12:00:00 run {Path(root) / name}: preset {preset}'] if log is None else log)
+
+
+def perturbed(model, rng):
+    """``model`` with non-zero biases and BatchNorm parameters away from their initial values,
+    so that their gradients (and the running statistics in eval mode) are exercised."""
+    for name, a in model.params.items():
+        if name.endswith('_b') or name.startswith('b_') or name.endswith('_beta'):
+            a[:] = rng.standard_normal(a.shape) * 0.1
+        elif name.endswith('_gamma'):
+            a[:] = rng.uniform(0.5, 1.5, a.shape)
+        elif name.endswith('_mean'):
+            a[:] = rng.standard_normal(a.shape) * 0.1
+        elif name.endswith('_var'):
+            a[:] = rng.uniform(0.5, 1.5, a.shape)
+    return model
+
+
+def check_model_gradients(m, X, y, rng, rtol, samples=10):
+    """model.loss's gradients of every trained parameter (``samples`` random entries of each) and
+    of the input against central differences (float64). A convolution bias before a BatchNorm
+    must have a zero gradient in train mode (it moves the batch mean with it)."""
+    _, grads = m.loss(X, y, input_grad=True)
+    assert sorted(grads) == sorted(m.trained_names() + ['X'])
+    for name in m.trained_names() + ['X']:
+        arr = X if name == 'X' else m.params[name]
+        sample = rng.choice(arr.size, size=min(arr.size, samples), replace=False)
+        idx, num = numeric_gradient(lambda: m.loss(X, y)[0], arr, indices=sample, h=1e-6)
+        analytic = grads[name].reshape(-1)[idx]
+        if m.batchnorm and name.startswith('conv') and name.endswith('_b'):
+            assert np.max(np.abs(num)) < 1e-8 and np.max(np.abs(analytic)) < 1e-12, name
+            continue
+        err = rel_error_vector(num, analytic)
+        assert err < rtol, f'{name}: relative error {err:.2e}'
+        assert np.max(np.abs(num)) > 1e-6, f'{name}: the check sampled only zero gradients'

@@ -14,7 +14,8 @@ import cnn_rnn_numpy as M
 import config
 import fast_layers as F
 from cnn_rnn_numpy import CNNRNN, ModelFileError
-from conftest import arrays, make_cifar_archive, numeric_gradient, rel_error_vector, resume, train_run
+from conftest import (arrays, check_model_gradients, make_cifar_archive, perturbed, resume,
+                      train_run)
 from optim import SGD, WeightAverage, clip_grad_norm
 
 RTOL = 1e-6            # bound on the relative error of every float64 gradient (as tests/test_model.py)
@@ -32,20 +33,6 @@ def images(rng, n=5, side=8, dtype=np.float64):
     numeric checks fast."""
     return rng.standard_normal((n, 3, side, side)).astype(dtype), rng.integers(0, 10, n)
 
-
-def perturbed(model, rng):
-    """``model`` with non-zero biases and BatchNorm parameters away from their initial values,
-    so that their gradients (and the running statistics in eval mode) are exercised."""
-    for name, a in model.params.items():
-        if name.endswith('_b') or name.startswith('b_') or name.endswith('_beta'):
-            a[:] = rng.standard_normal(a.shape) * 0.1
-        elif name.endswith('_gamma'):
-            a[:] = rng.uniform(0.5, 1.5, a.shape)
-        elif name.endswith('_mean'):
-            a[:] = rng.standard_normal(a.shape) * 0.1
-        elif name.endswith('_var'):
-            a[:] = rng.uniform(0.5, 1.5, a.shape)
-    return model
 
 
 # --------------------------------------------------------------------------
@@ -160,20 +147,7 @@ def test_model_gradient_check(rng, batchnorm, monkeypatch):
     m = perturbed(CNNRNN(batchnorm=batchnorm, **SMALL), rng)
     X, y = images(rng)
     monkeypatch.setattr(F, 'CONV_CHUNK', 2)
-    _, grads = m.loss(X, y, input_grad=True)
-    assert sorted(grads) == sorted(m.trained_names() + ['X'])
-    for name in m.trained_names() + ['X']:
-        arr = X if name == 'X' else m.params[name]
-        sample = rng.choice(arr.size, size=min(arr.size, 10), replace=False)
-        idx, num = numeric_gradient(lambda: m.loss(X, y)[0], arr, indices=sample, h=1e-6)
-        analytic = grads[name].reshape(-1)[idx]
-        if batchnorm and name.startswith('conv') and name.endswith('_b'):
-            # A bias before a BatchNorm moves the batch mean with it: no effect in train mode.
-            assert np.max(np.abs(num)) < 1e-8 and np.max(np.abs(analytic)) < 1e-12, name
-            continue
-        err = rel_error_vector(num, analytic)
-        assert err < RTOL, f'{name}: relative error {err:.2e}'
-        assert np.max(np.abs(num)) > 1e-6, f'{name}: the check sampled only zero gradients'
+    check_model_gradients(m, X, y, rng, RTOL)
 
 
 def test_running_statistics_move_in_loss_only(rng):

@@ -12,7 +12,7 @@ import pytest
 import cnn_rnn_numpy as M
 import fast_layers as F
 from cnn_rnn_numpy import CNNRNN, ModelFileError
-from conftest import numeric_gradient, rel_error, rel_error_vector
+from conftest import check_model_gradients, numeric_gradient, perturbed, rel_error
 from optim import SGD, WeightAverage
 
 RTOL = 1e-6            # bound on the relative error of every float64 gradient (as tests/test_backbone.py)
@@ -37,19 +37,6 @@ def correlated_images(rng, n=64, side=16):
     mix = np.array([[1.0, 0.6, 0.3], [0.0, 1.0, 0.6], [0.0, 0.0, 1.0]])
     return np.einsum('dc,nchw->ndhw', mix, smooth) * 2.0 + 0.1
 
-
-def perturbed(model, rng):
-    """Non-zero biases and BatchNorm parameters away from their initial values (as test_backbone's)."""
-    for name, a in model.params.items():
-        if name.endswith('_b') or name.startswith('b_') or name.endswith('_beta'):
-            a[:] = rng.standard_normal(a.shape) * 0.1
-        elif name.endswith('_gamma'):
-            a[:] = rng.uniform(0.5, 1.5, a.shape)
-        elif name.endswith('_mean'):
-            a[:] = rng.standard_normal(a.shape) * 0.1
-        elif name.endswith('_var'):
-            a[:] = rng.uniform(0.5, 1.5, a.shape)
-    return model
 
 
 def whitened_features(X, w):
@@ -230,20 +217,7 @@ def test_model_gradient_check_through_the_whitening_layer(rng, monkeypatch, k, b
     X, y = images(rng)
     m.fit_whitening(X)
     monkeypatch.setattr(F, 'CONV_CHUNK', 2)
-    _, grads = m.loss(X, y, input_grad=True)
-    assert sorted(grads) == sorted(m.trained_names() + ['X'])
-    for name in m.trained_names() + ['X']:
-        arr = X if name == 'X' else m.params[name]
-        sample = rng.choice(arr.size, size=min(arr.size, 10), replace=False)
-        idx, num = numeric_gradient(lambda: m.loss(X, y)[0], arr, indices=sample, h=1e-6)
-        analytic = grads[name].reshape(-1)[idx]
-        if batchnorm and name.startswith('conv') and name.endswith('_b'):
-            # A bias before a BatchNorm moves the batch mean with it: no effect in train mode.
-            assert np.max(np.abs(num)) < 1e-8 and np.max(np.abs(analytic)) < 1e-12, name
-            continue
-        err = rel_error_vector(num, analytic)
-        assert err < RTOL, f'{name}: relative error {err:.2e}'
-        assert np.max(np.abs(num)) > 1e-6, f'{name}: the check sampled only zero gradients'
+    check_model_gradients(m, X, y, rng, RTOL)
 
 
 @pytest.mark.parametrize('k', [2, 3])
