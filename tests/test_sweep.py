@@ -500,7 +500,7 @@ LEVERS_OPTIONS = {
 DEEP_LEVERS_OPTIONS = {
     'deep': '', 'no-whitening': '--set whiten=0', 'no-identity-init': '--set identity_init=false',
     'random-flip': '--set alternate_flip=false', 'cosine': '--schedule cosine',
-    'label-smoothing-0.2': '--set label_smoothing=0.2',
+    'label-smoothing-0.2': '--set label_smoothing=0.2', 'lr-0.2': '--lr 0.2', 'lr-0.05': '--lr 0.05',
 }
 
 
@@ -524,8 +524,13 @@ def test_the_project_sweep_files_load_and_plan_the_expected_commands(tmp_path, n
     assert len(commands) == 3 * len(options) and all(c.startswith('python ') for c in commands), out
     commands = [c[c.index('main.py --preset'):] for c in commands]       # 'python main.py' in the repository
     for variant, opts in options.items():
+        # A variant's option that the protocol also gives replaces it in place (deep-levers' --lr).
+        flag = opts.split(' ')[0]
+        replaces = opts and flag != '--set' and f'{flag} ' in protocol
+        replaced = re.sub(f'{flag} \\S+', opts, protocol) if replaces else None
         for seed in (0, 1, 2):
-            words = ' '.join(filter(None, [f'--preset {preset} {protocol}', opts, f'--seed {seed}']))
+            words = ' '.join(filter(None, [f'--preset {preset} {replaced or protocol}', None if replaced else opts,
+                                           f'--seed {seed}']))
             assert f'main.py {words} --out {runs / f"{variant}-seed{seed}"}' in commands, (variant, seed, out)
     assert f'{3 * len(options)} run' in out and not runs.exists()
 
