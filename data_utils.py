@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from runfiles import NotRegularFile, file_kind, open_regular
+from runfiles import TTA_MODES, NotRegularFile, file_kind, open_regular
 
 if not hasattr(tarfile, 'data_filter') or not hasattr(hashlib, 'file_digest'):
     raise ImportError(f'this project needs Python 3.11.4 or newer (tarfile extraction filters, '
@@ -1001,8 +1001,7 @@ def translate_batch(X, dr, dc):
 # Test-time augmentation (main.evaluate): the views of each image and their weights in the mean
 # of the probabilities. 'flip' is the image and its mirror; 'flip+translate' is airbench's TTA
 # level 2: those two (half the weight) and the image moved one pixel down-right and one up-left,
-# each with its mirror (a quarter each).
-TTA_MODES = ('none', 'flip', 'flip+translate')
+# each with its mirror (a quarter each). TTA_MODES (runfiles: metrics.json names the mode) lists them.
 _TTA_VIEWS = {'none': ((1.0, 0, 0, False),),
               'flip': ((0.5, 0, 0, False), (0.5, 0, 0, True)),
               'flip+translate': ((0.25, 0, 0, False), (0.25, 0, 0, True),

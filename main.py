@@ -690,9 +690,8 @@ def final_evaluation(cfg, run, model, state, data, announce=None):
     calibrated = calibrate(metrics, val_probs, data['y_val'], probs, labels)
     # The whole final evaluation (the validation pass and the calibration too) counts in the wall time.
     metrics.wall_time_s = state.elapsed_s + time.monotonic() - t_start
-    # runfiles.Metrics has no field for the augmentation: written beside its own (readers leave
-    # out the keys they do not know, so every reader of metrics.json reads it as before).
-    runfiles.write_json(run.file(runfiles.METRICS_NAME), {**metrics.to_json(), 'tta': tta})
+    metrics.tta = tta
+    runfiles.write_json(run.file(runfiles.METRICS_NAME), metrics.to_json())
     runfiles.Predictions(probs=probs, labels=labels.astype(np.int64),
                          indices=np.arange(len(labels), dtype=np.int64), hidden=hidden.astype(np.float32),
                          probs_calibrated=calibrated if cfg.calibrated_predictions else None).write(run.path)

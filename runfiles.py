@@ -616,6 +616,11 @@ def _fingerprints(v):
             and re.fullmatch(r'[0-9a-f]{64}', v['test']) is not None)
 
 
+# The test-time augmentations main.evaluate knows (data_utils.tta_views holds their views):
+# metrics.json's tta names the one its figures are of.
+TTA_MODES = ('none', 'flip', 'flip+translate')
+
+
 def _single_view(v):
     return (isinstance(v, dict) and _fraction(v.get('test_acc')) and _fraction(v.get('ece'))
             and _or_null(_at_least_0)(v.get('test_loss')))
@@ -747,7 +752,8 @@ class Metrics:
     stopped_early with stop_reason; wall_time_s of the whole run; train_images_per_s (median
     over epochs) and test_images_per_s; test_images (N); label_names (C); time_to_val_acc
     {'0.70': seconds or null, ...}; data_fingerprint {'train': sha256, 'test': sha256}
-    (data_utils.fingerprint); single_view, with tta_flip, the same figures without the mirror view.
+    (data_utils.fingerprint); tta, the test-time augmentation the figures are of (one of
+    TTA_MODES); single_view, with a test-time augmentation, the same figures of the image as given.
     temperature: T of temperature scaling, fitted on the validation set's outputs of the parameters
     evaluated (metrics.fit_temperature); calibration {'raw': report, 'calibrated': report,
     'validation': {'images', 'nll', 'nll_calibrated'}}, each report metrics.calibration_report of the
@@ -775,6 +781,7 @@ class Metrics:
     time_to_val_acc: dict = None
     data_fingerprint: dict = None
     single_view: dict = None
+    tta: str = None
     temperature: float = None
     calibration: dict = None
 
@@ -797,6 +804,7 @@ class Metrics:
                             'a list of class names'),
             'time_to_val_acc': (_or_null(_times), 'null or {accuracy: seconds or null}'),
             'single_view': (_or_null(_single_view), 'null or test_acc, ece (fractions in [0, 1]) and test_loss'),
+            'tta': (_or_null(lambda v: v in TTA_MODES), f"null or one of {', '.join(map(repr, TTA_MODES))}"),
             'data_fingerprint': (_or_null(_fingerprints), "null or a 'test' sha256 in hex (data_utils.fingerprint)"),
             'temperature': (_or_null(_temperature), 'a finite temperature above 0 (or null)'),
             'calibration': (_or_null(_calibration), 'null or the raw and calibrated reports of '
@@ -820,6 +828,8 @@ class Metrics:
         """How the record disagrees with itself, in a few words, or None: the report shows
         test_acc and per_class_acc next to figures drawn from the confusion matrix, and the raw and
         calibrated figures side by side."""
+        if self.tta == 'none' and self.single_view is not None:
+            return "it has single_view (the figures without test-time augmentation) but tta is 'none'"
         calibration = self.calibration_problem()
         if calibration or self.confusion_matrix is None:
             return calibration
@@ -853,7 +863,7 @@ class Metrics:
 
     def to_json(self):
         record = asdict(self)
-        for key in ('single_view', 'temperature', 'calibration'):   # only with tta_flip; absent in older runs
+        for key in ('single_view', 'tta', 'temperature', 'calibration'):   # absent in older runs (single_view: with a TTA only)
             if record[key] is None:
                 del record[key]
         return record

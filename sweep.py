@@ -507,6 +507,11 @@ def make_plan(runs_dir, variants, seeds):
     return plan
 
 
+def name_width(jobs):
+    """The width of the variant column of the plan and the results: the longest name, at least 16."""
+    return max([16] + [len(job['variant']) for job in jobs])
+
+
 def print_plan(plan, sweep, runs_dir, preset, extra, dry_run, where):
     variants = list(dict.fromkeys(job['variant'] for job in plan))
     seeds = list(dict.fromkeys(job['seed'] for job in plan))
@@ -514,9 +519,10 @@ def print_plan(plan, sweep, runs_dir, preset, extra, dry_run, where):
     print(f'Sweep {sweep.path.stem}: {len(variants)} variants x {len(seeds)} seeds = {len(plan)} runs in '
           f'{runs_dir}; protocol: {protocol}')
     print(f'  {where}')
+    width = name_width(plan)
     for job in plan:
         detail = f"  ({job['detail']})" if job['detail'] else ''
-        print(f"  {job['variant']:<16s} seed {job['seed']:<3} {job['action']:<9s} {job['folder']}{detail}")
+        print(f"  {job['variant']:<{width}s} seed {job['seed']:<3} {job['action']:<9s} {job['folder']}{detail}")
         if dry_run and job['action'] == 'restart':
             print(f"      moves {job['folder']} aside to {job['folder'].name}.failed-<timestamp>, then runs")
         if dry_run and job['action'] in RUNNING:
@@ -1111,9 +1117,10 @@ def collect(ray, ref, job, args):
 
 def print_results(results, seconds):
     print('\nSweep results:')
+    width = name_width([job for job, *_ in results])
     for job, result, _, took in results:
         time_taken = '' if not took else f'{took:.0f} s' if took < 90 else f'{took / 60:.1f} min'
-        print(f"  {job['variant']:<16s} seed {job['seed']:<3} {time_taken:>9s}  {result}")
+        print(f"  {job['variant']:<{width}s} seed {job['seed']:<3} {time_taken:>9s}  {result}")
     counts = {}
     for _, _, kind, _ in results:
         counts[kind] = counts.get(kind, 0) + 1

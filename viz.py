@@ -663,7 +663,8 @@ def _metrics_rows(metrics):
     def row(name, key, fmt):
         if getattr(metrics, key) is not None:
             lines.append(f'| {name} | {fmt(getattr(metrics, key))} |')
-    row('Test accuracy', 'test_acc', lambda v: f'{100 * v:.2f} %')
+    views = f' ({metrics.tta} test-time views averaged)' if metrics.tta not in (None, 'none') else ''
+    row(f'Test accuracy{views}', 'test_acc', lambda v: f'{100 * v:.2f} %')
     if metrics.calibration is not None:      # the raw figures are the method's; the calibrated ones labelled
         cal = metrics.calibration['calibrated']
         lines.append(f"| Test loss (NLL) | {metrics.test_loss:.4f} raw, {cal['nll']:.4f} calibrated "

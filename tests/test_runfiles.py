@@ -347,6 +347,9 @@ def test_every_record_reads_back_what_it_wrote(tmp_path):
     ({'temperature': -1.5}, "'temperature' = -1.5, which is not a finite temperature above 0"),
     ({'temperature': 'warm'}, "'temperature' = 'warm', which is not a finite temperature above 0"),
     ({'calibration': {'raw': {'ece': 0.1}}}, "'calibration'"),
+    ({'tta': 'mirror'}, "'tta' = 'mirror', which is not null or one of 'none', 'flip', 'flip+translate'"),
+    ({'tta': 'none', 'single_view': {'test_acc': 0.5, 'test_loss': 1.0, 'ece': 0.1}},
+     "is inconsistent: it has single_view (the figures without test-time augmentation) but tta is 'none'"),
 ])
 def test_a_metrics_record_main_py_cannot_have_written_is_refused_in_one_sentence(tmp_path, change, words):
     run = make_run_folder(tmp_path, 'run', ckpt=True)
@@ -479,10 +482,10 @@ def test_a_crash_is_recorded_and_cleared_when_the_run_is_taken_up_again(tmp_path
 # epoch_timed_images (d1d54a8); config.json and the checkpoint's run_config had none of the lever
 # keys crop, label_smoothing, ema, tta_flip (9d8ef24); there was no diverged.json (ad71d7d) nor
 # crashed.json; nor temperature scaling (metrics.json's temperature and calibration, the config key
-# calibrated_predictions: issue 21). (metrics.json has held epochs_planned since main.py's first
+# calibrated_predictions: issue 21); nor metrics.json's tta (issue 23). (metrics.json has held epochs_planned since main.py's first
 # version, and single_view only ever with tta_flip.)
 OLD_HISTORY_KEYS = ('elapsed_s',)
-OLD_METRICS_KEYS = ('time_to_val_acc', 'data_fingerprint', 'temperature', 'calibration')
+OLD_METRICS_KEYS = ('time_to_val_acc', 'data_fingerprint', 'temperature', 'calibration', 'tta')
 OLD_STATE_KEYS = ('data_fingerprint', 'epoch_wall_s', 'epoch_train_s', 'epoch_timed_images')
 OLD_CONFIG_KEYS = ('crop', 'label_smoothing', 'ema', 'tta_flip', 'calibrated_predictions')
 
@@ -515,7 +518,7 @@ def test_a_run_folder_of_an_earlier_version_is_drawn_compared_and_re_evaluated(t
     got = runfiles.read_run(run)
     assert got.status.state == runfiles.FINISHED and got.metrics.data_fingerprint is None
     assert got.metrics.time_to_val_acc is None and all(r.elapsed_s is None for r in got.history)
-    assert got.metrics.temperature is None and got.metrics.calibration is None
+    assert got.metrics.temperature is None and got.metrics.calibration is None and got.metrics.tta is None
     assert 'crop' not in got.config and runfiles.checkpoint_meta(run / runfiles.CHECKPOINT_NAME)['state'].get(
         'epoch_wall_s') is None
 

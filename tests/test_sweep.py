@@ -520,6 +520,9 @@ def test_the_project_sweep_files_load_and_plan_the_expected_commands(tmp_path, n
     code, out, err = sweep_in_process([REPO_ROOT / 'sweeps' / f'{name}.json', '--runs-dir', runs, '--dry-run'])
     assert code == 0 and err == '', (out, err)
     assert plan_lines(out, options) == {(v, s): 'run' for v in options for s in (0, 1, 2)}
+    # One column for the seeds, however long a variant's name (label-smoothing-0.2).
+    lines = [line for line in out.splitlines() if line.split()[:2][-1:] == ['seed']]
+    assert len(lines) == 3 * len(options) and len({line.index(' seed ') for line in lines}) == 1, out
     commands = [line.strip() for line in out.splitlines() if 'main.py --preset' in line and '--out' in line]
     assert len(commands) == 3 * len(options) and all(c.startswith('python ') for c in commands), out
     commands = [c[c.index('main.py --preset'):] for c in commands]       # 'python main.py' in the repository
