@@ -18,9 +18,12 @@ and only the text between them is rewritten. The sources:
     cells      docs/claims.md     the same file: the `pixels` RNN against the GRU and the LSTM
     levers     docs/results.md    <runs>/levers/comparison/comparison.json
                                   (make sweep SWEEP=sweeps/levers.json writes it)
+    deep-levers docs/results.md   <runs>/deep-levers/comparison/comparison.json
+                                  (make sweep SWEEP=sweeps/deep-levers.json)
 
 compare.py's figures of those comparisons are copied over the ones in docs/
-(claims_test_accuracy.png, claims_val_accuracy.png, levers_test_accuracy.png).
+(claims_test_accuracy.png, claims_val_accuracy.png, levers_test_accuracy.png,
+deep_levers_test_accuracy.png).
 A table whose source is missing (no run folders on this machine) is left as it
 is: the pages keep the figures measured earlier, each with the commit it was
 measured at. A run folder does not record the commit of the code that trained
@@ -578,11 +581,15 @@ def render_cells(data, commit, source):
 
 
 def render_levers(data, commit, source, presets):
+    """A levers table (the levers and deep-levers sweeps): each variant's command, test accuracy
+    over its seeds, ECE (and the single view's when its runs average test-time views), wall time and
+    compare.py's verdict against the base."""
     variants = data['variants']
     base = next(v for v in variants if v['is_baseline'])
+    singles = [single_view_ece(v) for v in variants]
+    views = any(single is not None for single in singles)
     rows = []
-    for v in variants:
-        single = single_view_ece(v)
+    for v, single in zip(variants, singles):
         label = f"base: `{closest_preset(base['settings'], presets)[0]}`" if v['is_baseline'] else v['label']
         rows.append([label, f"`{command_for(v['settings'], presets)}`", str(len(v['seeds'])),
                      f"{mean_pm(v['test_acc']['values'])} "
@@ -590,8 +597,9 @@ def render_levers(data, commit, source, presets):
                      f"{v['ece']['mean']:.3f}" + ('' if single is None else f' / {single:.3f}'),
                      minutes(v['wall_time_s']['mean']), '' if v['is_baseline'] else against(v)])
     head = f'Measured at {commit}; generated from `{shown(source)}`.'
+    ece = 'ECE views averaged / single view' if views else 'ECE'
     return head + '\n\n' + table(['lever', 'command', 'seeds', 'test accuracy, mean ± std (each seed)',
-                                  'ECE flip averaged / single view', 'wall time', 'against the base'], rows)
+                                  ece, 'wall time', 'against the base'], rows)
 
 
 # --------------------------------------------------------------------------
@@ -663,7 +671,10 @@ def plan(runs_dir, commit, root=REPO):
               ('val_accuracy.png', 'docs/claims_val_accuracy.png')]),
             (runs_dir / 'levers' / 'comparison' / 'comparison.json',
              [('docs/results.md', 'levers', lambda d, c, s: render_levers(d, c, s, presets))],
-             [('test_accuracy.png', 'docs/levers_test_accuracy.png')])):
+             [('test_accuracy.png', 'docs/levers_test_accuracy.png')]),
+            (runs_dir / 'deep-levers' / 'comparison' / 'comparison.json',
+             [('docs/results.md', 'deep-levers', lambda d, c, s: render_levers(d, c, s, presets))],
+             [('test_accuracy.png', 'docs/deep_levers_test_accuracy.png')])):
         data = read_comparison(source) if source.is_file() else None
         for page, name, render in blocks:
             if data is None:

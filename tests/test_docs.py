@@ -319,7 +319,7 @@ def test_the_pages_are_up_to_date_and_kept_without_run_folders(tmp_path, capsys)
     assert tables.main(['--runs', str(tmp_path / 'no-runs'), '--check']) == 0
     out = capsys.readouterr().out
     assert 'README.md presets: rewritten from presets.json' in out
-    assert out.count(': kept') == 7
+    assert out.count(': kept') == 8
 
 
 def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, single_view=None,
@@ -401,9 +401,16 @@ def fake_runs(tmp_path_factory):
     # 90% times (as runs before those thresholds), so the table reads them from history.json.
     finished_run(runs / 'deep', 'deep-seed0', 0, 0.94, preset='deep', budget_stop_at=10,
                  single_view={'test_acc': 0.93, 'test_loss': 0.3, 'ece': 0.04}, wall_time_s=3550.0)
+    # The deep-levers screen: one view (no single_view), a short schedule of `deep`.
+    deep_levers = runs / 'deep-levers'
+    short = dict(subset=0.2, epochs=4, batch_size=256, lr=0.1, warmup_epochs=1, tta_translate=False)
+    for seed in (0, 1):
+        finished_run(deep_levers, f'deep-seed{seed}', seed, 0.60 + 0.01 * seed, preset='deep', **short)
+        finished_run(deep_levers, f'no-whitening-seed{seed}', seed, 0.55, preset='deep', whiten=0, **short)
     procs = [subprocess.Popen([sys.executable, 'compare.py', *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-             for args in ([str(claims_dir)], [str(levers), '--baseline', str(levers / 'base-s0')])]
+             for args in ([str(claims_dir)], [str(levers), '--baseline', str(levers / 'base-s0')],
+                          [str(deep_levers), '--baseline', str(deep_levers / 'deep-seed0')])]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
@@ -421,7 +428,8 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
     changed = tables.apply(tables.plan(fake_runs, 'abc1234', root=root), root=root, log=print)
     figures = {'docs/claims_test_accuracy.png': 'claims/comparison/test_accuracy.png',
                'docs/claims_val_accuracy.png': 'claims/comparison/val_accuracy.png',
-               'docs/levers_test_accuracy.png': 'levers/comparison/test_accuracy.png'}
+               'docs/levers_test_accuracy.png': 'levers/comparison/test_accuracy.png',
+               'docs/deep_levers_test_accuracy.png': 'deep-levers/comparison/test_accuracy.png'}
     assert sorted(changed) == sorted(['README.md', 'docs/claims.md', 'docs/results.md', *figures])
     assert ': kept' not in capsys.readouterr().out
     for page, source in figures.items():      # compare.py's figures of the same runs, copied
@@ -468,6 +476,14 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
     assert ('| cell=gru | `.venv/bin/python main.py --preset best --epochs 10 --cell gru --seed S` | 1 '
             '| 76.00% (76.00) |') in levers
     assert '/ 0.012 | 6.0 min |' in levers and '+3.50 points (1 seed)' in levers
+    assert '| ECE views averaged / single view |' in levers
+    deep_levers = tables.read_block(results, 'deep-levers', 'docs/results.md')
+    assert deep_levers.startswith('Measured at abc1234; generated from `')
+    assert '| ECE | wall time |' in deep_levers and 'single view' not in deep_levers
+    assert ('| base: `deep` | `.venv/bin/python main.py --preset deep --epochs 4 --batch-size 256 --lr 0.1 '
+            '--set warmup_epochs=1 --subset 0.2 --set tta_translate=false --seed S` | 2 | 60.50% ± 0.71 (60.00, 61.00) |'
+            ) in deep_levers, deep_levers
+    assert '| whiten=0 | ' in deep_levers and '| 55.00% ± 0.00 (55.00, 55.00) |' in deep_levers
     best = tables.read_block(results, 'best-runs', 'docs/results.md')
     assert best.startswith('Generated from the `best` runs under') and 'Seed 0: measured at' not in best
     assert '| 0 | 80.00% | 79.50% |' in best and '| 1 | 81.00% | 79.50% |' in best
