@@ -442,7 +442,8 @@ class Trainer:
 
     def reserve_s(self, val_images_per_s):
         """The time budget's reserve for what follows a stop (evaluation_reserve_s)."""
-        return evaluation_reserve_s(self.n_val, self.n_test, self.val_tta, self.cfg.tta_mode(), val_images_per_s)
+        return evaluation_reserve_s(self.n_val, self.n_test, self.val_tta, self.cfg.tta_mode(), val_images_per_s,
+                                    val_passes=1 if self.average is None else 2)
 
     def lr(self):
         return learning_rate(self.cfg, self.state.global_step, self.steps_per_epoch)
@@ -573,14 +574,15 @@ class Trainer:
                 f'{restart_command(cfg, lower)}')
 
 
-def evaluation_reserve_s(n_val, n_test, val_tta, test_tta, val_images_per_s):
-    """Seconds the time budget keeps free for what follows a stop: a validation pass of the n_val
-    images with each epoch's views (val_tta, Config.val_tta_mode), then the final evaluation's
-    validation pass (for the temperature) and test of n_val + n_test images with the test-time
-    views (test_tta, Config.tta_mode).
+def evaluation_reserve_s(n_val, n_test, val_tta, test_tta, val_images_per_s, val_passes=1):
+    """Seconds the time budget keeps free for what follows a stop: an epoch's validation of the
+    n_val images with its views (val_tta, Config.val_tta_mode) -- val_passes of them: 2 with the
+    weight average (ema), whose epoch also scores the last weights (val_acc_raw) -- then the final
+    evaluation's validation pass (for the temperature) and test of n_val + n_test images with the
+    test-time views (test_tta, Config.tta_mode).
 
     The work is counted in view-images (an image under V views costs V predictions):
-    n_val * V_val + (n_val + n_test) * V_test. val_images_per_s (TrainState.eval_images_per_s) was
+    n_val * V_val * val_passes + (n_val + n_test) * V_test. val_images_per_s (TrainState.eval_images_per_s) was
     measured on an epoch's validation pass, so it is val_images_per_s * V_val view-images per
     second. The quotient is computed with the ratio V_test / V_val: with the same views (val_views
     'test') the ratio is 1.0 and the reserve is (2 n_val + n_test) / val_images_per_s bit for
@@ -588,7 +590,7 @@ def evaluation_reserve_s(n_val, n_test, val_tta, test_tta, val_images_per_s):
     evaluation's part is six times what counting images alone would reserve.
     """
     v_val, v_test = len(tta_weights(val_tta)), len(tta_weights(test_tta))
-    return (n_val + (n_val + n_test) * v_test / v_val) / val_images_per_s
+    return (n_val * val_passes + (n_val + n_test) * v_test / v_val) / val_images_per_s
 
 
 def restart_command(cfg, lr):

@@ -486,7 +486,7 @@ def test_val_views_one_validates_one_view_and_still_tests_six(data_dir, tmp_path
 
 
 def test_val_views_one_averages_val_acc_raw_with_one_view_too(data_dir, tmp_path, counted_views):
-    seen, _ = counted_views
+    seen, stoppers = counted_views
     out = tmp_path / 'ema'
     assert train_run(data_dir, out, '--epochs', '1', '--set', 'tta_flip=true', '--set', 'val_views=one',
                      '--set', 'ema=0.9') == 0
@@ -499,6 +499,10 @@ def test_val_views_one_averages_val_acc_raw_with_one_view_too(data_dir, tmp_path
     val_it = du.BatchIterator(data['X_val'], data['y_val'], ck.cfg.eval_batch_size, mean=mean, std=std)
     record = json.loads((out / 'history.json').read_text())[-1]
     assert record['val_acc_raw'] == main.evaluate(ck.model, val_it, 'none')[1]
+    # The budget's reserve counts both validation passes of an epoch.
+    assert stoppers[-1].reserve_s == main.evaluation_reserve_s(n_val, n_test, 'none', 'flip',
+                                                               ck.state.eval_images_per_s, val_passes=2)
+    assert stoppers[-1].reserve_s == pytest.approx((2 * n_val + 2 * (n_val + n_test)) / ck.state.eval_images_per_s)
 
 
 def test_val_views_test_is_the_default_and_trains_and_tests_as_before(data_dir, tmp_path, counted_views):
@@ -538,6 +542,9 @@ def test_the_reserve_counts_view_images():
     assert (reserve - epoch_pass) / (naive - epoch_pass) == pytest.approx(6)
     assert main.evaluation_reserve_s(n_val, n_test, 'none', 'flip', speed) == pytest.approx(
         epoch_pass + 2 * (n_val + n_test) / speed)
+    # With the weight average an epoch validates twice (the average, then the last weights).
+    assert main.evaluation_reserve_s(n_val, n_test, 'flip', 'flip', speed, val_passes=2) == \
+        (3 * n_val + n_test) / speed
 
 
 @pytest.mark.parametrize('val_views', ['test', 'one'])
