@@ -103,7 +103,8 @@ class Config:
                         since_first_runs=False)
     # Levers beyond the method, each off by default (a preset without them trains as the method does).
     crop: str = setting('paste', lambda v: v in CROPS, f"one of {list(CROPS)} ('paste' is the method's "
-                        f"28x28 crop re-pasted, 'pad' pads by 4 and crops 32x32)", since_first_runs=False)
+                        f"28x28 crop re-pasted, 'pad' pads by 4 and crops 32x32, 'reflect2' reflect-pads by 2 "
+                        f"and crops 32x32: airbench's translate)", since_first_runs=False)
     # airbench's alternating flip: epoch 0 flips at random, later epochs flip each image the other
     # way from the epoch before (data_utils.BatchIterator), so every pair of epochs shows both.
     alternate_flip: bool = setting(False, lambda v: True, 'true or false (with augment: each image flipped '

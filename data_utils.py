@@ -895,7 +895,8 @@ def one_hot(y, num_classes=NUM_CLASSES):
 
 _SIDE, _CROP = 32, 28  # crop and paste offsets are 0..4
 _PAD = _SIDE - _CROP   # 4: the largest shift of an image, in either augmentation
-CROPS = ('paste', 'pad')
+_REFLECT = 2           # 'reflect2': airbench's translate, a shift of at most 2 pixels
+CROPS = ('paste', 'pad', 'reflect2')
 
 
 def _framed_windows(X, flip):
@@ -975,6 +976,33 @@ def pad_crop_batch(X, offset_rc, flip):
     windows, slot = _framed_windows(X, flip)
     row0, col0 = offset_rc.T
     return windows[np.arange(len(X)), :, row0, col0 + slot * flip]
+
+
+def reflect_crop_batch(X, offset_rc, flip):
+    """airbench's training translate: reflect-pad by 2, random 32x32 crop, random flip.
+
+    Image i, mirrored left-right if flip[i], reflect-padded by 2 pixels on each side (36x36;
+    numpy's 'reflect', as translate_batch's test-time shifts), cut back to 32x32 at offset
+    offset_rc[i]. A shift of at most 2 pixels each way, with no black frame: a lighter
+    augmentation than 'pad' for short schedules.
+
+    Inputs:
+    - X: (B, 3, 32, 32) uint8
+    - offset_rc: (B, 2) int (row, col) offsets in 0..4; (2, 2) is the image unshifted
+    - flip: (B,) bool
+
+    Returns:
+    - out: (B, 3, 32, 32) uint8, a fresh array
+    """
+    flip = np.asarray(flip, dtype=bool)
+    m = _REFLECT
+    padded = np.pad(X, ((0, 0), (0, 0), (m, m), (m, m)), mode='reflect')       # (B, 3, 36, 36)
+    # Mirroring commutes with the symmetric padding: the mirror of the padded image is the
+    # padded mirror image.
+    padded[flip] = padded[flip][..., ::-1]
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (_SIDE, _SIDE), axis=(2, 3))
+    row0, col0 = offset_rc.T
+    return windows[np.arange(len(X)), :, row0, col0]
 
 
 def translate_batch(X, dr, dc):
@@ -1062,8 +1090,9 @@ class BatchIterator:
     - shuffle: random order per epoch
     - augment: random shifts and left-right flips, as ``crop`` says
     - crop: 'paste' (the method's: a random 28x28 crop re-pasted on a 32x32
-      black canvas, augment_batch) or 'pad' (pad by 4, random 32x32 crop,
-      pad_crop_batch)
+      black canvas, augment_batch), 'pad' (pad by 4, random 32x32 crop,
+      pad_crop_batch) or 'reflect2' (reflect-pad by 2, random 32x32 crop,
+      reflect_crop_batch: airbench's translate)
     - alternate_flip: airbench's alternating flip (needs augment). Epoch 0 flips
       each image at random, exactly as without it; in epoch e > 0 image i is
       flipped iff its epoch-0 flip XOR e is odd, so every image is seen both ways
@@ -1112,7 +1141,8 @@ class BatchIterator:
         Returns a tuple of:
         - order: (N,) int
         - crop_rc: (N, 2) int, the crop offsets in 0..4 ('paste') or the
-          offsets in the padded image in 0..8 ('pad'); None without augmentation
+          offsets in the padded image in 0..8 ('pad') or 0..4 ('reflect2');
+          None without augmentation
         - paste_rc: (N, 2) int paste offsets in 0..4 ('paste'); None otherwise
         - flip: (N,) bool, or None without augmentation
         Row i of the last three belongs to the i-th sample in epoch order.
@@ -1124,6 +1154,8 @@ class BatchIterator:
             return order, None, None, None
         if self.crop == 'pad':
             crop_rc, paste_rc = rng.integers(0, 2 * _PAD + 1, size=(n, 2)), None
+        elif self.crop == 'reflect2':
+            crop_rc, paste_rc = rng.integers(0, 2 * _REFLECT + 1, size=(n, 2)), None
         else:
             crop_rc = rng.integers(0, _PAD + 1, size=(n, 2))
             paste_rc = rng.integers(0, _PAD + 1, size=(n, 2))
@@ -1163,6 +1195,8 @@ class BatchIterator:
             images = self.X[order[sl]]
             if self.augment and self.crop == 'pad':
                 images = pad_crop_batch(images, crop_rc[sl], flip[sl])
+            elif self.augment and self.crop == 'reflect2':
+                images = reflect_crop_batch(images, crop_rc[sl], flip[sl])
             elif self.augment:
                 images = augment_batch(images, crop_rc[sl], paste_rc[sl], flip[sl])
             yield _normalize(images, self._scale, self._shift), self.y[order[sl]]

@@ -204,7 +204,8 @@ def describe_lr(s):
 def describe_augmentation(s):
     if not s['augment']:
         return 'none'
-    crop = {'paste': '28x28 crop pasted on black', 'pad': 'pad 4, crop 32x32'}.get(s['crop'], s['crop'])
+    crop = {'paste': '28x28 crop pasted on black', 'pad': 'pad 4, crop 32x32',
+            'reflect2': 'reflect-pad 2, crop 32x32'}.get(s['crop'], s['crop'])
     return f"{crop}, {'alternating' if s['alternate_flip'] else ''} flip".replace(',  ', ', ')
 
 

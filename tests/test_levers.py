@@ -188,6 +188,49 @@ def test_pad_crop_matches_the_per_image_reference():
     np.testing.assert_array_equal(corner[0, :, 4:, 4:], X[0, :, :28, :28])
 
 
+def reference_reflect_crop(image, offset, flip):
+    """One image the slow, obvious way: mirror, reflect-pad by 2, cut 32x32 at the offset."""
+    if flip:
+        image = image[..., ::-1]
+    padded = np.pad(image, ((0, 0), (2, 2), (2, 2)), mode='reflect')
+    r, c = offset
+    return padded[:, r:r + 32, c:c + 32]
+
+
+def test_reflect_crop_matches_the_per_image_reference_and_leaves_no_black_frame():
+    rng = np.random.default_rng(5)
+    X = rng.integers(1, 256, (64, 3, 32, 32), dtype=np.uint8)     # no zeros: a black frame would show
+    offsets = rng.integers(0, 5, (64, 2))
+    flip = rng.random(64) < 0.5
+    out = du.reflect_crop_batch(X, offsets, flip)
+    assert out.dtype == np.uint8 and out.shape == X.shape and out.min() >= 1
+    for i in range(64):
+        np.testing.assert_array_equal(out[i], reference_reflect_crop(X[i], offsets[i], flip[i]), err_msg=str(i))
+    # (2, 2) without a flip is the image itself, with one its mirror; (0, 0) moves it 2 pixels
+    # down and right, the rows and columns that come in reflected (not repeating the edge).
+    np.testing.assert_array_equal(du.reflect_crop_batch(X[:2], np.array([[2, 2]] * 2), np.zeros(2, bool)), X[:2])
+    np.testing.assert_array_equal(du.reflect_crop_batch(X[:2], np.array([[2, 2]] * 2), np.ones(2, bool)),
+                                  X[:2, :, :, ::-1])
+    corner = du.reflect_crop_batch(X[:1], np.array([[0, 0]]), np.zeros(1, bool))[0]
+    np.testing.assert_array_equal(corner[:, 2:, 2:], X[0, :, :30, :30])
+    np.testing.assert_array_equal(corner[:, 0, 2:], X[0, :, 2, :30])
+    np.testing.assert_array_equal(corner[:, 1, 2:], X[0, :, 1, :30])
+    # The flipped one-pixel shift at test time (translate_batch) is one of its crops.
+    shifted = du.translate_batch(X[:1], 1, 1)
+    np.testing.assert_array_equal(du.reflect_crop_batch(X[:1], np.array([[1, 1]]), np.zeros(1, bool)), shifted)
+
+
+def test_batch_iterator_reflect_crop_shifts_by_at_most_two_pixels():
+    rng = np.random.default_rng(6)
+    X = rng.integers(1, 256, (40, 3, 32, 32), dtype=np.uint8)
+    it = du.BatchIterator(X, np.arange(40), 16, shuffle=True, augment=True, crop='reflect2', seed=3)
+    order, offsets, paste, flip = it.plan(1)
+    assert paste is None and offsets.min() == 0 and offsets.max() == 4
+    expected = du.reflect_crop_batch(X[order[:16]], offsets[:16], flip[:16]).astype(np.float32) / 255
+    np.testing.assert_allclose(next(it.epoch(1))[0], expected, atol=1e-7)
+    np.testing.assert_array_equal(next(it.epoch(1))[0], next(it.epoch(1))[0])
+
+
 def test_batch_iterator_pad_crop_is_reproducible_and_shifts_whole_images():
     rng = np.random.default_rng(1)
     X = rng.integers(1, 256, (40, 3, 32, 32), dtype=np.uint8)

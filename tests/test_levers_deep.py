@@ -32,9 +32,20 @@ def todays_plan(n, seed, e, crop):
     order = rng.permutation(n)
     if crop == 'pad':
         crop_rc, paste_rc = rng.integers(0, 9, size=(n, 2)), None
+    elif crop == 'reflect2':           # (added with alternate_flip; its draws are these)
+        crop_rc, paste_rc = rng.integers(0, 5, size=(n, 2)), None
     else:
         crop_rc, paste_rc = rng.integers(0, 5, size=(n, 2)), rng.integers(0, 5, size=(n, 2))
     return order, crop_rc, paste_rc, rng.random(n) < 0.5
+
+
+def augmented(X, crop_rc, paste_rc, flip, crop):
+    """The batch BatchIterator makes of X with ``crop``'s augmentation function."""
+    if crop == 'pad':
+        return du.pad_crop_batch(X, crop_rc, flip)
+    if crop == 'reflect2':
+        return du.reflect_crop_batch(X, crop_rc, flip)
+    return du.augment_batch(X, crop_rc, paste_rc, flip)
 
 
 def flips_by_image(plan):
@@ -115,8 +126,7 @@ def test_alternating_flip_batches_epoch_0_as_without_it_and_flip_the_images_it_p
     order, crop_rc, paste_rc, _ = todays_plan(n, 3, 1, crop)
     flip = ~flips_by_image(todays_plan(n, 3, 0, crop))[order]
     batches = [b for b, _ in on.epoch(1)]
-    first = (du.pad_crop_batch(X[order[:16]], crop_rc[:16], flip[:16]) if crop == 'pad'
-             else du.augment_batch(X[order[:16]], crop_rc[:16], paste_rc[:16], flip[:16]))
+    first = augmented(X[order[:16]], crop_rc[:16], None if paste_rc is None else paste_rc[:16], flip[:16], crop)
     np.testing.assert_allclose(batches[0], first.astype(np.float32) / 255, atol=1e-7)
     assert not np.array_equal(batches[0], next(off.epoch(1))[0])
 
@@ -152,8 +162,8 @@ def test_without_the_lever_the_batches_are_todays(crop):
         for got, want in zip(default.plan(e), ref):
             np.testing.assert_array_equal(got, want)
         order, crop_rc, paste_rc, flip = ref
-        expected = (du.pad_crop_batch(X[order[:16]], crop_rc[:16], flip[:16]) if crop == 'pad'
-                    else du.augment_batch(X[order[:16]], crop_rc[:16], paste_rc[:16], flip[:16]))
+        expected = augmented(X[order[:16]], crop_rc[:16], None if paste_rc is None else paste_rc[:16], flip[:16],
+                             crop)
         np.testing.assert_allclose(next(default.epoch(e))[0], expected.astype(np.float32) / 255, atol=1e-7)
 
 
