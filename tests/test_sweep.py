@@ -501,6 +501,7 @@ DEEP_LEVERS_OPTIONS = {
     'deep': '', 'no-whitening': '--set whiten=0', 'no-identity-init': '--set identity_init=false',
     'random-flip': '--set alternate_flip=false', 'cosine': '--schedule cosine',
     'label-smoothing-0.2': '--set label_smoothing=0.2', 'lr-0.2': '--lr 0.2', 'lr-0.05': '--lr 0.05',
+    'reflect2': '--set crop=reflect2', 'weight-decay-5e-5': '--set weight_decay=5e-05',
 }
 
 
