@@ -118,8 +118,9 @@ class Config:
     tta_translate: bool = setting(False, lambda v: True, 'true or false', since_first_runs=False)
     # What each epoch's validation (and with ema its val_acc_raw) scores: 'test' the run's test-time
     # views (tta_mode), 'one' the image as given alone, up to six times cheaper with tta_translate
-    # (deep spends ~50 s of a ~310 s epoch on six views). best.npz is then chosen by one view; the
-    # final evaluation (the temperature's validation pass and the test) always uses tta_mode.
+    # (deep's first version spent ~50 s of a ~310 s epoch on six views). best.npz is then chosen
+    # by one view; the final evaluation (the temperature's validation pass and the test) always
+    # uses tta_mode.
     val_views: str = setting('test', lambda v: v in VAL_VIEWS,
                              "'test' (each epoch's validation uses the test-time views) or 'one' "
                              "(it uses the image as given alone)", since_first_runs=False)

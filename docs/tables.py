@@ -236,9 +236,14 @@ PRESET_COLUMNS = [
     ('learning rate', ('lr', 'warmup_epochs', 'schedule', 'decay', 'min_lr', 'nesterov'), describe_lr),
     ('augmentation', ('augment', 'crop', 'alternate_flip'), describe_augmentation),
     ('inputs', ('standardize',), lambda s: 'standardised' if s['standardize'] else 'scaled to [0, 1]'),
-    ('test-time views', ('tta_flip', 'tta_translate'),
-     lambda s: 'flip, shifts' if s['tta_translate'] else 'flip' if s['tta_flip'] else 'one'),
+    ('test-time views', ('tta_flip', 'tta_translate', 'val_views'), lambda s: describe_views(s)),
 ]
+
+
+def describe_views(s):
+    """The test-time views, and the validation's when val_views makes them differ."""
+    views = 'flip, shifts' if s['tta_translate'] else 'flip' if s['tta_flip'] else 'one'
+    return views + (' (validation: one)' if s['val_views'] == 'one' and views != 'one' else '')
 
 
 def render_presets(presets):

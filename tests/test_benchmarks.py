@@ -146,7 +146,7 @@ def test_deep_step_takes_the_network_from_the_preset_and_the_options_override_it
             args.cell, args.hidden, args.batch) == (tuple(deep.widths), deep.convs_per_block, deep.batchnorm,
                                                     deep.whiten, deep.identity_init, deep.seq_layout, deep.cell,
                                                     deep.hidden, deep.batch_size)
-    assert (args.widths, args.whiten, args.identity_init, args.hidden, args.batch) == ((64, 256, 256), 2, True, 256, 512)
+    assert (args.widths, args.whiten, args.identity_init, args.hidden, args.batch) == ((64, 256, 256), 0, True, 256, 512)
     args = deep_step.parse_args(['--preset', 'smoke', '--widths', '8,16', '--whiten', '3', '--no-batchnorm',
                                  '--cell', 'gru', '--threads', '1'])
     assert (args.widths, args.whiten, args.batchnorm, args.cell, args.batch, args.layout, args.identity_init) == (

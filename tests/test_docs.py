@@ -7,6 +7,7 @@ Each script's --help runs once, in parallel subprocesses, as users run it."""
 import concurrent.futures
 import importlib.util
 import json
+import math
 import os
 import re
 import shlex
@@ -315,6 +316,16 @@ def test_the_presets_table_is_the_one_presets_json_gives():
     assert [r.split('|')[1].strip().strip('`') for r in rows] == list(presets)
 
 
+def test_the_views_column_names_a_one_view_validation():
+    deep = config.load_presets()['deep'].settings()
+    assert tables.describe_views(dict(deep, val_views='one')) == 'flip, shifts (validation: one)'
+    assert tables.describe_views(dict(deep, val_views='test')) == 'flip, shifts'
+    assert tables.describe_views(dict(deep, tta_translate=False, tta_flip=True, val_views='one')) == \
+        'flip (validation: one)'
+    # Without test-time views, one view is one view whatever val_views says.
+    assert tables.describe_views(dict(deep, tta_translate=False, tta_flip=False, val_views='one')) == 'one'
+
+
 def test_the_pages_are_up_to_date_and_kept_without_run_folders(tmp_path, capsys):
     assert tables.main(['--runs', str(tmp_path / 'no-runs'), '--check']) == 0
     out = capsys.readouterr().out
@@ -373,6 +384,13 @@ def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, 
     return run
 
 
+# The fake deep run stops one epoch short of the preset's last; its validation accuracy grows
+# linearly to 94% at the last epoch (finished_run), so it first passes 85% at DEEP_85.
+DEEP_EPOCHS = config.load_presets()['deep'].epochs
+DEEP_STOP = DEEP_EPOCHS - 1
+DEEP_85 = math.ceil(0.85 * DEEP_EPOCHS / 0.94)
+
+
 @pytest.fixture(scope='module')
 def fake_runs(tmp_path_factory):
     """runs/ with a claims suite (baseline, no weight decay, flat, gru: 2 seeds each; no-clipping
@@ -397,16 +415,17 @@ def fake_runs(tmp_path_factory):
     for seed in (0, 1):
         finished_run(runs, f'2026-best-seed{seed}', seed, 0.80 + 0.01 * seed, preset='best',
                      single_view={'test_acc': 0.795, 'test_loss': 0.7, 'ece': 0.03}, wall_time_s=2500.0)
-    # A deep run the time budget stopped after 10 of its epochs; metrics.json without the 85% and
+    # A deep run the time budget stopped one epoch before its last; metrics.json without the 85% and
     # 90% times (as runs before those thresholds), so the table reads them from history.json.
-    finished_run(runs / 'deep', 'deep-seed0', 0, 0.94, preset='deep', budget_stop_at=10,
+    finished_run(runs / 'deep', 'deep-seed0', 0, 0.94, preset='deep', budget_stop_at=DEEP_STOP,
                  single_view={'test_acc': 0.93, 'test_loss': 0.3, 'ece': 0.04}, wall_time_s=3550.0)
     # The deep-levers screen: one view (no single_view), a short schedule of `deep`.
     deep_levers = runs / 'deep-levers'
-    short = dict(subset=0.2, epochs=4, batch_size=256, lr=0.1, warmup_epochs=1, tta_translate=False)
+    short = dict(subset=0.2, epochs=4, batch_size=256, lr=0.1, warmup_epochs=1, tta_translate=False, whiten=2,
+                 crop='pad', val_views='test')
     for seed in (0, 1):
         finished_run(deep_levers, f'deep-seed{seed}', seed, 0.60 + 0.01 * seed, preset='deep', **short)
-        finished_run(deep_levers, f'no-whitening-seed{seed}', seed, 0.55, preset='deep', whiten=0, **short)
+        finished_run(deep_levers, f'no-whitening-seed{seed}', seed, 0.55, preset='deep', **dict(short, whiten=0))
     procs = [subprocess.Popen([sys.executable, 'compare.py', *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for args in ([str(claims_dir)], [str(levers), '--baseline', str(levers / 'base-s0')],
@@ -481,17 +500,18 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
     assert deep_levers.startswith('Measured at abc1234; generated from `')
     assert '| ECE | wall time |' in deep_levers and 'single view' not in deep_levers
     assert ('| base: `deep` | `.venv/bin/python main.py --preset deep --epochs 4 --batch-size 256 --lr 0.1 '
-            '--set warmup_epochs=1 --subset 0.2 --set tta_translate=false --seed S` | 2 | 60.50% ± 0.71 (60.00, 61.00) |'
-            ) in deep_levers, deep_levers
+            '--set warmup_epochs=1 --subset 0.2 --set crop=pad --set tta_translate=false --set val_views=test '
+            '--set whiten=2 --seed S` | 2 | 60.50% ± 0.71 (60.00, 61.00) |') in deep_levers, deep_levers
     assert '| whiten=0 | ' in deep_levers and '| 55.00% ± 0.00 (55.00, 55.00) |' in deep_levers
     best = tables.read_block(results, 'best-runs', 'docs/results.md')
     assert best.startswith('Generated from the `best` runs under') and 'Seed 0: measured at' not in best
     assert '| 0 | 80.00% | 79.50% |' in best and '| 1 | 81.00% | 79.50% |' in best
     assert '| mean | **80.50% ± 0.71** | 79.50% |' in best
     deep = tables.read_block(results, 'deep-runs', 'docs/results.md')
-    epochs = config.load_presets()['deep'].epochs
-    assert (f'| 0 | 94.00% | 93.00% | ' in deep and f'| 59.2 min | 10 of {epochs}, time budget | 3.3 min | not reached '
-            f'| 10, 85.45% | abc1234 |') in deep, deep
+    assert DEEP_85 <= DEEP_STOP, 'the fake run must pass 85% before its stop'
+    assert (f'| 0 | 94.00% | 93.00% | ' in deep
+            and f'| 59.2 min | {DEEP_STOP} of {DEEP_EPOCHS}, time budget | {20 * DEEP_85 / 60:.1f} min | not reached '
+                f'| {DEEP_STOP}, {100 * 0.94 * DEEP_STOP / DEEP_EPOCHS:.2f}% | abc1234 |' in deep), deep
     assert 'validation 85% reached | validation 90% reached' in deep
 
     # Run again: nothing changes; --check agrees.

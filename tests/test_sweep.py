@@ -509,7 +509,8 @@ DEEP_LEVERS_OPTIONS = {
     ('claims', 'fast', '--subset 0.4', 'baseline', CLAIMS_OPTIONS),
     ('levers', 'best', '--epochs 10', 'base', LEVERS_OPTIONS),
     ('deep-levers', 'deep', '--subset 0.2 --epochs 4 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
-                            '--set tta_translate=false', 'deep', DEEP_LEVERS_OPTIONS),
+                            '--set tta_translate=false --set whiten=2 --set crop=pad --set val_views=test', 'deep',
+     DEEP_LEVERS_OPTIONS),
 ])
 def test_the_project_sweep_files_load_and_plan_the_expected_commands(tmp_path, name, preset, protocol, baseline,
                                                                      options):
@@ -528,10 +529,11 @@ def test_the_project_sweep_files_load_and_plan_the_expected_commands(tmp_path, n
     assert len(commands) == 3 * len(options) and all(c.startswith('python ') for c in commands), out
     commands = [c[c.index('main.py --preset'):] for c in commands]       # 'python main.py' in the repository
     for variant, opts in options.items():
-        # A variant's option that the protocol also gives replaces it in place (deep-levers' --lr).
-        flag = opts.split(' ')[0]
-        replaces = opts and flag != '--set' and f'{flag} ' in protocol
-        replaced = re.sub(f'{flag} \\S+', opts, protocol) if replaces else None
+        # A variant's option that the protocol also gives replaces it in place (deep-levers' --lr,
+        # --set whiten=..., --set crop=...).
+        flag = opts.split('=')[0] + '=' if opts.startswith('--set ') else opts.split(' ')[0] + ' '
+        replaces = opts and flag in protocol
+        replaced = re.sub(re.escape(flag) + r'\S+', opts, protocol) if replaces else None
         for seed in (0, 1, 2):
             words = ' '.join(filter(None, [f'--preset {preset} {replaced or protocol}', None if replaced else opts,
                                            f'--seed {seed}']))
