@@ -154,8 +154,13 @@ def test_an_interrupt_while_starting_ends_cleanly(real_archive_dir, tmp_path, si
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 130, err
-    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
-    assert 'interrupted' in err and sig.name in err
+    # One line, after at most the archive check's warning, which main.py prints (once the check
+    # has finished: on a fast machine within 1.5 s) for an archive that is not the official file,
+    # as the shared one is.
+    lines = [line for line in err.strip().splitlines()
+             if not (line.startswith('warning: ') and 'using it as placed by hand' in line)]
+    assert 'Traceback' not in err and len(lines) == 1, err
+    assert 'interrupted' in lines[0] and sig.name in lines[0]
     assert not out.exists()
     assert sorted(p.name for p in data.iterdir()) in (['cifar-10-python.tar.gz'],
                                                       ['cifar-10-batches-py', 'cifar-10-python.tar.gz'])
