@@ -13,6 +13,7 @@ and only the text between them is rewritten. The sources:
     presets    README.md          presets.json (config.load_presets)
     headline   README.md          the finished runs of the `fast` and `best` presets under --runs
     best-runs  docs/results.md    the finished runs of the `best` preset under --runs, one row each
+                                  (a seed with no run here keeps the row the page has)
     deep-runs  docs/results.md    the same for the `deep` preset
     claims     docs/claims.md     <runs>/claims/comparison/comparison.json   (make claims writes it)
     cells      docs/claims.md     the same file: the `pixels` RNN against the GRU and the LSTM
@@ -20,10 +21,12 @@ and only the text between them is rewritten. The sources:
                                   (make sweep SWEEP=sweeps/levers.json writes it)
     deep-levers docs/results.md   <runs>/deep-levers/comparison/comparison.json
                                   (make sweep SWEEP=sweeps/deep-levers.json)
+    deep-levers-2 docs/results.md <runs>/deep-levers-2/comparison/comparison.json
+                                  (make sweep SWEEP=sweeps/deep-levers-2.json)
 
 compare.py's figures of those comparisons are copied over the ones in docs/
 (claims_test_accuracy.png, claims_val_accuracy.png, levers_test_accuracy.png,
-deep_levers_test_accuracy.png).
+deep_levers_test_accuracy.png, deep_levers_2_test_accuracy.png).
 A table whose source is missing (no run folders on this machine) is left as it
 is: the pages keep the figures measured earlier, each with the commit it was
 measured at. A run folder does not record the commit of the code that trained
@@ -363,12 +366,11 @@ def merge_rows(stored, rows):
 
 
 def preset_run_rows(runs, presets, name, thresholds):
-    """One row per finished run of preset ``name`` (and a mean row for two or more): test accuracy
-    with the preset's test-time views and with one view, both ECEs, the wall time, when validation
-    first reached each of ``thresholds`` (keys of metrics.json's time_to_val_acc), the best epoch."""
-    mine = runs_of_preset(runs, name, presets) if name in presets else []
+    """One row per finished run of preset ``name``: the seed, test accuracy with the preset's
+    test-time views and with one view, both ECEs, the wall time, when validation first reached
+    each of ``thresholds`` (keys of metrics.json's time_to_val_acc), the best epoch, the commit."""
     rows = []
-    for r in mine:
+    for r in runs_of_preset(runs, name, presets) if name in presets else []:
         m = r['metrics']
         single = m.get('single_view') or {}
         reached = m.get('time_to_val_acc') or {}
@@ -378,15 +380,41 @@ def preset_run_rows(runs, presets, name, thresholds):
                      minutes(m.get('wall_time_s')), epochs_text(m, r['config'])]
                     + [reached_text(reached, t, r['path']) for t in thresholds]
                     + [best, r['commit']])
-    if len(mine) > 1:
-        accs = [r['metrics']['test_acc'] for r in mine]
-        singles = [(r['metrics'].get('single_view') or {}).get('test_acc') for r in mine]
-        single_eces = [(r['metrics'].get('single_view') or {}).get('ece') for r in mine]
-        rows.append(['mean', f'**{mean_pm(accs)}**', pct(mean(singles)),
-                     f"{mean([r['metrics']['ece'] for r in mine]):.3f}",
-                     '-' if mean(single_eces) is None else f'{mean(single_eces):.3f}', '', ''] + [''] * len(thresholds)
-                    + ['', ''])
     return rows
+
+
+def table_rows(block):
+    """The body rows of a generated table (a list of cells each), header and separator left out."""
+    lines = [line for line in block.splitlines() if line.startswith('|')]
+    return [[c.strip() for c in line.strip().strip('|').split('|')] for line in lines[2:]]
+
+
+def number(cell):
+    """The number of a table cell ('88.52%' -> 0.8852, '0.022' -> 0.022), None for '-' or text."""
+    match = re.fullmatch(r'(-?\d+(?:\.\d+)?)(%?)', cell)
+    if not match:
+        return None
+    return float(match.group(1)) / (100 if match.group(2) else 1)
+
+
+def with_stored_rows(rows, stored):
+    """This machine's rows (one per seed) with the stored table's rows of the other seeds, by
+    seed, then a mean row over all of them for two or more.
+
+    Each session's machine starts without the run folders of earlier ones, so a row measured
+    elsewhere stays on the page (its `measured at` commit says when) until a run of the same
+    seed here replaces it; when the preset changes, delete the old rows by hand. The mean row is
+    computed from the cells as printed (two decimals, ECE three), not from the runs."""
+    mine = {r[0] for r in rows}
+    kept = [r for r in table_rows(stored) if r and r[0] != 'mean' and r[0] not in mine and len(r) == len(rows[0])]
+    out = sorted(rows + kept, key=lambda r: (int(r[0]) if r[0].lstrip('-').isdigit() else math.inf, r[0]))
+    if len(out) > 1:
+        columns = [[number(r[i]) for r in out] for i in (1, 2, 3, 4)]
+        accs, singles, eces, single_eces = columns
+        out.append(['mean', f'**{mean_pm(accs)}**', pct(mean(singles)), f'{mean(eces):.3f}',
+                    '-' if mean(single_eces) is None else f'{mean(single_eces):.3f}']
+                   + [''] * (len(rows[0]) - 5))
+    return out
 
 
 def epochs_text(metrics, cfg):
@@ -587,7 +615,7 @@ def render_cells(data, commit, source):
 
 
 def render_levers(data, commit, source, presets):
-    """A levers table (the levers and deep-levers sweeps): each variant's command, test accuracy
+    """A levers table (the levers and deep-levers sweeps, both screens): each variant's command, test accuracy
     over its seeds, ECE (and the single view's when its runs average test-time views), wall time and
     compare.py's verdict against the base."""
     variants = data['variants']
@@ -657,6 +685,13 @@ def plan(runs_dir, commit, root=REPO):
     for block, name, views, thresholds in PRESET_RUN_TABLES:
         rows = preset_run_rows(within_budget, presets, name, thresholds)
         head = f'Generated from the `{name}` runs under `{shown(runs_dir)}`.'
+        if rows:
+            stored = read_block((root / 'docs/results.md').read_text(encoding='utf-8'), block, 'docs/results.md')
+            merged = with_stored_rows(rows, stored)
+            if len([r for r in merged if r[0] != 'mean']) > len(rows):
+                head = (f'Generated from the `{name}` runs under `{shown(runs_dir)}`; the rows of the other '
+                        f'seeds are those measured before (their commit says when).')
+            rows = merged
         out.append(('docs/results.md', block,
                     head + '\n\n' + table(preset_runs_header(views, thresholds), rows) if rows else None,
                     f'rewritten from the `{name}` runs under {shown(runs_dir)}' if rows
@@ -680,7 +715,10 @@ def plan(runs_dir, commit, root=REPO):
              [('test_accuracy.png', 'docs/levers_test_accuracy.png')]),
             (runs_dir / 'deep-levers' / 'comparison' / 'comparison.json',
              [('docs/results.md', 'deep-levers', lambda d, c, s: render_levers(d, c, s, presets))],
-             [('test_accuracy.png', 'docs/deep_levers_test_accuracy.png')])):
+             [('test_accuracy.png', 'docs/deep_levers_test_accuracy.png')]),
+            (runs_dir / 'deep-levers-2' / 'comparison' / 'comparison.json',
+             [('docs/results.md', 'deep-levers-2', lambda d, c, s: render_levers(d, c, s, presets))],
+             [('test_accuracy.png', 'docs/deep_levers_2_test_accuracy.png')])):
         data = read_comparison(source) if source.is_file() else None
         for page, name, render in blocks:
             if data is None:

@@ -330,7 +330,7 @@ def test_the_pages_are_up_to_date_and_kept_without_run_folders(tmp_path, capsys)
     assert tables.main(['--runs', str(tmp_path / 'no-runs'), '--check']) == 0
     out = capsys.readouterr().out
     assert 'README.md presets: rewritten from presets.json' in out
-    assert out.count(': kept') == 8
+    assert out.count(': kept') == 9
 
 
 def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, single_view=None,
@@ -426,10 +426,17 @@ def fake_runs(tmp_path_factory):
     for seed in (0, 1):
         finished_run(deep_levers, f'deep-seed{seed}', seed, 0.60 + 0.01 * seed, preset='deep', **short)
         finished_run(deep_levers, f'no-whitening-seed{seed}', seed, 0.55, preset='deep', **dict(short, whiten=0))
+    # The second screen: the preset as it is on a short schedule, one variant changing the head.
+    deep_levers_2 = runs / 'deep-levers-2'
+    short = dict(subset=0.2, epochs=5, batch_size=256, lr=0.1, warmup_epochs=1, tta_translate=False)
+    for seed in (0, 1):
+        finished_run(deep_levers_2, f'deep-seed{seed}', seed, 0.65 + 0.01 * seed, preset='deep', **short)
+        finished_run(deep_levers_2, f'flat-seed{seed}', seed, 0.70, preset='deep', **dict(short, seq_layout='flat'))
     procs = [subprocess.Popen([sys.executable, 'compare.py', *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for args in ([str(claims_dir)], [str(levers), '--baseline', str(levers / 'base-s0')],
-                          [str(deep_levers), '--baseline', str(deep_levers / 'deep-seed0')])]
+                          [str(deep_levers), '--baseline', str(deep_levers / 'deep-seed0')],
+                          [str(deep_levers_2), '--baseline', str(deep_levers_2 / 'deep-seed0')])]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
@@ -448,7 +455,8 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
     figures = {'docs/claims_test_accuracy.png': 'claims/comparison/test_accuracy.png',
                'docs/claims_val_accuracy.png': 'claims/comparison/val_accuracy.png',
                'docs/levers_test_accuracy.png': 'levers/comparison/test_accuracy.png',
-               'docs/deep_levers_test_accuracy.png': 'deep-levers/comparison/test_accuracy.png'}
+               'docs/deep_levers_test_accuracy.png': 'deep-levers/comparison/test_accuracy.png',
+               'docs/deep_levers_2_test_accuracy.png': 'deep-levers-2/comparison/test_accuracy.png'}
     assert sorted(changed) == sorted(['README.md', 'docs/claims.md', 'docs/results.md', *figures])
     assert ': kept' not in capsys.readouterr().out
     for page, source in figures.items():      # compare.py's figures of the same runs, copied
@@ -503,6 +511,13 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
             '--set warmup_epochs=1 --subset 0.2 --set crop=pad --set tta_translate=false --set val_views=test '
             '--set whiten=2 --seed S` | 2 | 60.50% ± 0.71 (60.00, 61.00) |') in deep_levers, deep_levers
     assert '| whiten=0 | ' in deep_levers and '| 55.00% ± 0.00 (55.00, 55.00) |' in deep_levers
+    deep_levers_2 = tables.read_block(results, 'deep-levers-2', 'docs/results.md')
+    assert ('| base: `deep` | `.venv/bin/python main.py --preset deep --epochs 5 --batch-size 256 --lr 0.1 '
+            '--set warmup_epochs=1 --subset 0.2 --set tta_translate=false --seed S` | 2 | 65.50% ± 0.71 '
+            '(65.00, 66.00) |') in deep_levers_2, deep_levers_2
+    assert ('| seq_layout=flat | `.venv/bin/python main.py --preset deep --epochs 5 --batch-size 256 --lr 0.1 '
+            '--set warmup_epochs=1 --seq-layout flat --subset 0.2 --set tta_translate=false --seed S` | 2 '
+            '| 70.00% ± 0.00 (70.00, 70.00) |') in deep_levers_2, deep_levers_2
     best = tables.read_block(results, 'best-runs', 'docs/results.md')
     assert best.startswith('Generated from the `best` runs under') and 'Seed 0: measured at' not in best
     assert '| 0 | 80.00% | 79.50% |' in best and '| 1 | 81.00% | 79.50% |' in best
@@ -516,6 +531,48 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
 
     # Run again: nothing changes; --check agrees.
     assert tables.apply(tables.plan(fake_runs, 'abc1234', root=root), root=root, log=lambda _: None) == []
+
+
+def test_a_seed_without_a_run_here_keeps_its_row_and_counts_in_the_mean(tmp_path, capsys):
+    # Each session's machine starts without the earlier run folders: a deep row measured before
+    # (seed 0) stays, the run here (seed 1) adds its row, the mean is over both; an old mean row
+    # and a row of another table's shape are not kept.
+    root = tmp_path / 'repo'
+    (root / 'docs').mkdir(parents=True)
+    shutil.copy(README, root / 'README.md')
+    for page in DOCS.glob('*.md'):
+        shutil.copy(page, root / 'docs' / page.name)
+    header = tables.preset_runs_header('flip and shifts', ('0.85', '0.90'))
+    stored = [['0', '88.52%', '87.37%', '0.022', '0.054', '54.9 min', '16', '37.3 min', 'not reached',
+               '16, 88.06%', 'cbf94df'],
+              ['mean', '**70.00% ± 1.00**', '70.00%', '0.500', '0.500', '', '', '', '', '', ''],
+              ['7', 'a row of an older table', '-']]
+    results = root / 'docs' / 'results.md'
+    results.write_text(tables.write_block(results.read_text(encoding='utf-8'), 'deep-runs',
+                                          'Before.\n\n' + tables.table(header, stored), 'docs/results.md'),
+                       encoding='utf-8')
+    runs = tmp_path / 'runs'
+    finished_run(runs, 'deep-seed1', 1, 0.90, preset='deep', wall_time_s=3300.0,
+                 single_view={'test_acc': 0.89, 'test_loss': 0.3, 'ece': 0.040})
+    tables.apply(tables.plan(runs, 'def5678', root=root), root=root, log=lambda _: None)
+    deep = tables.read_block(results.read_text(encoding='utf-8'), 'deep-runs', 'docs/results.md')
+    body = tables.table_rows(deep)
+    assert [r[0] for r in body] == ['0', '1', 'mean'], deep
+    assert body[0] == stored[0]
+    assert body[1][:3] == ['1', '90.00%', '89.00%'] and body[1][-1] == 'def5678'
+    ece_1 = float(body[1][3])
+    assert body[2][:5] == ['mean', f'**{tables.mean_pm([0.8852, 0.90])}**', '88.19%',
+                           f'{(0.022 + ece_1) / 2:.3f}', f'{(0.054 + 0.040) / 2:.3f}'], deep
+    assert 'the rows of the other seeds are those measured before' in deep
+    assert 'a row of an older table' not in deep
+
+    # A run of seed 0 here replaces the stored row; then the table says it is all from runs/.
+    finished_run(runs, 'deep-seed0', 0, 0.91, preset='deep', wall_time_s=3300.0,
+                 single_view={'test_acc': 0.90, 'test_loss': 0.3, 'ece': 0.040})
+    tables.apply(tables.plan(runs, 'def5678', root=root), root=root, log=lambda _: None)
+    deep = tables.read_block(results.read_text(encoding='utf-8'), 'deep-runs', 'docs/results.md')
+    assert [r[:2] for r in tables.table_rows(deep)][:2] == [['0', '91.00%'], ['1', '90.00%']]
+    assert '88.52%' not in deep and 'measured before' not in deep
 
 
 def test_a_page_without_its_markers_or_a_bad_comparison_is_one_sentence(fake_runs, tmp_path, capsys):

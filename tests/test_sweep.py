@@ -2,7 +2,8 @@
 choose_jobs picks runs x threads within the CPUs, two runs at a time give exactly the results of
 one at a time, the progress, the results and the comparison against the sweep's baseline, a
 second pass that runs nothing, SIGTERM to a sweep of two running runs, and the project's own
-sweep files (sweeps/claims.json, sweeps/levers.json, sweeps/deep-levers.json).
+sweep files (sweeps/claims.json, sweeps/levers.json, sweeps/deep-levers.json,
+sweeps/deep-levers-2.json).
 
 The runs are real main.py processes on a tiny synthetic archive (90 training images, 1 epoch);
 the sweeps whose comparison another test checks replace compare.main by a recorder, to keep the
@@ -504,6 +505,11 @@ DEEP_LEVERS_OPTIONS = {
     'reflect2': '--set crop=reflect2', 'weight-decay-5e-5': '--set weight_decay=5e-05',
 }
 
+DEEP_LEVERS_2_OPTIONS = {
+    'deep': '', 'ema-0.95': '--set ema=0.95', 'label-smoothing-0.1': '--set label_smoothing=0.1',
+    'weight-decay-1e-3': '--set weight_decay=0.001', 'pixels': '--seq-layout pixels', 'flat': '--seq-layout flat',
+}
+
 
 @pytest.mark.parametrize('name, preset, protocol, baseline, options', [
     ('claims', 'fast', '--subset 0.4', 'baseline', CLAIMS_OPTIONS),
@@ -511,6 +517,8 @@ DEEP_LEVERS_OPTIONS = {
     ('deep-levers', 'deep', '--subset 0.2 --epochs 4 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
                             '--set tta_translate=false --set whiten=2 --set crop=pad --set val_views=test', 'deep',
      DEEP_LEVERS_OPTIONS),
+    ('deep-levers-2', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
+                              '--set tta_translate=false', 'deep', DEEP_LEVERS_2_OPTIONS),
 ])
 def test_the_project_sweep_files_load_and_plan_the_expected_commands(tmp_path, name, preset, protocol, baseline,
                                                                      options):
