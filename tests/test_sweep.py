@@ -507,7 +507,7 @@ DEEP_LEVERS_OPTIONS = {
 
 DEEP_LEVERS_2_OPTIONS = {
     'deep': '', 'ema-0.95': '--set ema=0.95', 'label-smoothing-0.1': '--set label_smoothing=0.1',
-    'weight-decay-1e-3': '--set weight_decay=0.001', 'pixels': '--seq-layout pixels', 'flat': '--seq-layout flat',
+    'weight-decay-2.5e-3': '--set weight_decay=0.0025', 'pixels': '--seq-layout pixels', 'flat': '--seq-layout flat',
 }
 
 
