@@ -583,8 +583,8 @@ def evaluation_reserve_s(n_val, n_test, val_tta, test_tta, val_images_per_s, val
 
     The work is counted in view-images (an image under V views costs V predictions):
     n_val * V_val * val_passes + (n_val + n_test) * V_test. val_images_per_s
-    (TrainState.eval_images_per_s) was measured on an epoch's validation pass, so it is val_images_per_s * V_val view-images per
-    second. The quotient is computed with the ratio V_test / V_val: with the same views (val_views
+    (TrainState.eval_images_per_s) was measured on an epoch's validation pass, so it is
+    val_images_per_s * V_val view-images per second. The quotient is computed with the ratio V_test / V_val: with the same views (val_views
     'test') the ratio is 1.0 and the reserve is (2 n_val + n_test) / val_images_per_s bit for
     bit, as before val_views existed; with val_views 'one' and tta 'flip+translate' the final
     evaluation's part is six times what counting images alone would reserve.

@@ -8,8 +8,9 @@ identity_init, each overridden by its option when given (--widths,
 block, BatchNorm, identity initialisation, the 'rows' layout, a tanh RNN of 256
 units, batch 512 (--whiten 2 adds the frozen 2x2 patch-whitening layer it had
 before the deep-levers screen: 3 -> 24 channels, ReLU, before conv1). An
-unknown preset is refused with one sentence on stderr (exit status 2). The first line printed names the preset, the options that
-overrode it, and every resulting setting. For that network it prints, all
+unknown preset is refused with one sentence on stderr (exit status 2). The
+first line printed names the preset, the options that overrode it, and every
+resulting setting. For that network it prints, all
 measured in this one invocation:
 
 1. The machine's float32 matrix-product peak: NumPy ``A @ B`` of a few square

@@ -228,6 +228,12 @@ def describe_backbone(s):
     return text
 
 
+def describe_views(s):
+    """The test-time views, and the validation's when val_views makes them differ."""
+    views = 'flip, shifts' if s['tta_translate'] else 'flip' if s['tta_flip'] else 'one'
+    return views + (' (validation: one)' if s['val_views'] == 'one' and views != 'one' else '')
+
+
 PRESET_COLUMNS = [
     ('backbone', ('widths', 'convs_per_block', 'batchnorm', 'bn_momentum', 'bn_eps', 'whiten', 'identity_init'),
      describe_backbone),
@@ -239,14 +245,8 @@ PRESET_COLUMNS = [
     ('learning rate', ('lr', 'warmup_epochs', 'schedule', 'decay', 'min_lr', 'nesterov'), describe_lr),
     ('augmentation', ('augment', 'crop', 'alternate_flip'), describe_augmentation),
     ('inputs', ('standardize',), lambda s: 'standardised' if s['standardize'] else 'scaled to [0, 1]'),
-    ('test-time views', ('tta_flip', 'tta_translate', 'val_views'), lambda s: describe_views(s)),
+    ('test-time views', ('tta_flip', 'tta_translate', 'val_views'), describe_views),
 ]
-
-
-def describe_views(s):
-    """The test-time views, and the validation's when val_views makes them differ."""
-    views = 'flip, shifts' if s['tta_translate'] else 'flip' if s['tta_flip'] else 'one'
-    return views + (' (validation: one)' if s['val_views'] == 'one' and views != 'one' else '')
 
 
 def render_presets(presets):
@@ -352,12 +352,16 @@ def headline_rows(runs, presets):
     return rows
 
 
+def row_cells(line):
+    """The cells of one table line ('| a | b |' -> ['a', 'b'])."""
+    return [c.strip() for c in line.strip().strip('|').split('|')]
+
+
 def merge_rows(stored, rows):
     """The stored table with the rows whose first cell is a key of ``rows`` replaced."""
     out = []
     for line in stored.splitlines():
-        cells = [c.strip() for c in line.strip().strip('|').split('|')] if line.startswith('|') else None
-        key = cells[0] if cells else None
+        key = row_cells(line)[0] if line.startswith('|') else None
         out.append('| ' + ' | '.join(rows[key]) + ' |' if key in rows else line)
     missing = [k for k in rows if not any(line.startswith(f'| {k} |') for line in out)]
     if missing:
@@ -386,7 +390,7 @@ def preset_run_rows(runs, presets, name, thresholds):
 def table_rows(block):
     """The body rows of a generated table (a list of cells each), header and separator left out."""
     lines = [line for line in block.splitlines() if line.startswith('|')]
-    return [[c.strip() for c in line.strip().strip('|').split('|')] for line in lines[2:]]
+    return [row_cells(line) for line in lines[2:]]
 
 
 def number(cell):
@@ -682,12 +686,12 @@ def plan(runs_dir, commit, root=REPO):
         out.append(('README.md', 'headline', None,
                     f'kept: no finished `fast` or `best` run under {shown(runs_dir)}'))
 
+    results = (root / 'docs/results.md').read_text(encoding='utf-8')
     for block, name, views, thresholds in PRESET_RUN_TABLES:
         rows = preset_run_rows(within_budget, presets, name, thresholds)
         head = f'Generated from the `{name}` runs under `{shown(runs_dir)}`.'
         if rows:
-            stored = read_block((root / 'docs/results.md').read_text(encoding='utf-8'), block, 'docs/results.md')
-            merged = with_stored_rows(rows, stored)
+            merged = with_stored_rows(rows, read_block(results, block, 'docs/results.md'))
             if len([r for r in merged if r[0] != 'mean']) > len(rows):
                 head = (f'Generated from the `{name}` runs under `{shown(runs_dir)}`; the rows of the other '
                         f'seeds are those measured before (their commit says when).')

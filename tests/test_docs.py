@@ -384,6 +384,16 @@ def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, 
     return run
 
 
+def copy_of_the_pages(tmp_path):
+    """A folder holding copies of README.md and docs/*.md, for tables.plan/apply to rewrite."""
+    root = tmp_path / 'repo'
+    (root / 'docs').mkdir(parents=True)
+    shutil.copy(README, root / 'README.md')
+    for page in DOCS.glob('*.md'):
+        shutil.copy(page, root / 'docs' / page.name)
+    return root
+
+
 # The fake deep run stops one epoch short of the preset's last; its validation accuracy grows
 # linearly to 94% at the last epoch (finished_run), so it first passes 85% at DEEP_85.
 DEEP_EPOCHS = config.load_presets()['deep'].epochs
@@ -444,11 +454,7 @@ def fake_runs(tmp_path_factory):
 
 
 def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_runs, tmp_path, capsys):
-    root = tmp_path / 'repo'
-    (root / 'docs').mkdir(parents=True)
-    shutil.copy(README, root / 'README.md')
-    for page in DOCS.glob('*.md'):
-        shutil.copy(page, root / 'docs' / page.name)
+    root = copy_of_the_pages(tmp_path)
     before = {p: (root / p).read_text(encoding='utf-8') for p in ('README.md', 'docs/claims.md', 'docs/results.md')}
 
     changed = tables.apply(tables.plan(fake_runs, 'abc1234', root=root), root=root, log=print)
@@ -533,15 +539,11 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
     assert tables.apply(tables.plan(fake_runs, 'abc1234', root=root), root=root, log=lambda _: None) == []
 
 
-def test_a_seed_without_a_run_here_keeps_its_row_and_counts_in_the_mean(tmp_path, capsys):
+def test_a_seed_without_a_run_here_keeps_its_row_and_counts_in_the_mean(tmp_path):
     # Each session's machine starts without the earlier run folders: a deep row measured before
     # (seed 0) stays, the run here (seed 1) adds its row, the mean is over both; an old mean row
     # and a row of another table's shape are not kept.
-    root = tmp_path / 'repo'
-    (root / 'docs').mkdir(parents=True)
-    shutil.copy(README, root / 'README.md')
-    for page in DOCS.glob('*.md'):
-        shutil.copy(page, root / 'docs' / page.name)
+    root = copy_of_the_pages(tmp_path)
     header = tables.preset_runs_header('flip and shifts', ('0.85', '0.90'))
     stored = [['0', '88.52%', '87.37%', '0.022', '0.054', '54.9 min', '16', '37.3 min', 'not reached',
                '16, 88.06%', 'cbf94df'],
@@ -576,11 +578,7 @@ def test_a_seed_without_a_run_here_keeps_its_row_and_counts_in_the_mean(tmp_path
 
 
 def test_a_page_without_its_markers_or_a_bad_comparison_is_one_sentence(fake_runs, tmp_path, capsys):
-    root = tmp_path / 'repo'
-    (root / 'docs').mkdir(parents=True)
-    shutil.copy(README, root / 'README.md')
-    for page in DOCS.glob('*.md'):
-        shutil.copy(page, root / 'docs' / page.name)
+    root = copy_of_the_pages(tmp_path)
     text = (root / 'docs/claims.md').read_text(encoding='utf-8')
     (root / 'docs/claims.md').write_text(text.replace('<!-- docs/tables.py: end claims -->', ''), encoding='utf-8')
     with pytest.raises(tables.SourceError, match='docs/claims.md must hold the markers'):
