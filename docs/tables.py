@@ -34,8 +34,8 @@ it, so a generated row names the commit given by --commit (default: HEAD when
 the tables are made, marked `+changes` when tracked files differ from it).
 
 --check writes nothing and exits 1 if a page would change (0 if none would).
-Exit code 2: a page without its markers, or a source that is not what
-compare.py or main.py writes (one sentence).
+Exit code 2: a page without its markers, a source that is not what compare.py
+or main.py writes, or an empty --runs (one sentence).
 """
 import argparse
 import dataclasses
@@ -776,6 +776,11 @@ def main(argv=None):
     parser.add_argument('--check', action='store_true',
                         help='write nothing; exit 1 if a page would change')
     args = parser.parse_args(argv)
+    if not args.runs.strip():
+        # An unset shell variable (--runs "$RUNS") would otherwise read the current folder's runs.
+        print('docs/tables.py: --runs is empty; give the folder holding the run folders, e.g. --runs runs',
+              file=sys.stderr)
+        return 2
     try:
         changed = apply(plan(args.runs, args.commit or head_commit()), check=args.check)
     except (SourceError, config.ConfigError, runfiles.RunFileError) as e:

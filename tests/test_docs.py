@@ -589,3 +589,9 @@ def test_a_page_without_its_markers_or_a_bad_comparison_is_one_sentence(fake_run
     (runs / 'claims' / 'comparison' / 'comparison.json').write_text('{"variants": 3}', encoding='utf-8')
     assert tables.main(['--runs', str(runs), '--check']) == 2
     assert 'is not a comparison.json written by compare.py' in capsys.readouterr().err
+
+    for empty in ('', ' '):                 # --runs "$RUNS" with RUNS unset: refused, nothing read
+        assert tables.main(['--runs', empty]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == ('docs/tables.py: --runs is empty; give the folder holding the run folders, '
+                       'e.g. --runs runs'), err
