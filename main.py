@@ -84,6 +84,8 @@ class TrainState:
     epoch's validation pass: its images per second, each image under that pass's
     views (Config.val_tta_mode; the test-time views in runs without val_views),
     None before the first one; evaluation_reserve_s turns it into the time budget's reserve.
+    fitted_epochs is the number of epochs fit_epochs chose (and wrote into the config's epochs),
+    None before the choice or without it.
     """
     epoch: int = 0
     step: int = 0
@@ -103,6 +105,7 @@ class TrainState:
     epoch_wall_s: float = 0.0
     epoch_train_s: float = 0.0
     epoch_timed_images: int = 0
+    fitted_epochs: int = None
 
     @classmethod
     def from_dict(cls, d, cfg=None):
@@ -141,6 +144,9 @@ class TrainState:
                   for k in ('elapsed_s', 'sum_loss', 'epoch_wall_s', 'epoch_train_s')]
         rules += [('eval_images_per_s', lambda: self.eval_images_per_s is None or (
                       number(self.eval_images_per_s) and self.eval_images_per_s > 0), 'null or a positive number'),
+                  ('fitted_epochs', lambda: self.fitted_epochs is None or (
+                      count(self.fitted_epochs, 1) and (cfg is None or self.fitted_epochs == epochs)),
+                   f"null or the configuration's epochs ({epochs})"),
                   ('stop_reason', lambda: self.stop_reason is None or isinstance(self.stop_reason, str),
                    'null or a string'),
                   ('history', lambda: isinstance(self.history, list) and len(self.history) == self.epoch
@@ -433,6 +439,7 @@ class Trainer:
         self.steps_per_epoch = len(self.train_it)
         self.n_val, self.n_test = len(data['y_val']), len(data['y_test'])
         self.t_start = time.monotonic()
+        self.epoch_times = []          # wall seconds of each epoch this invocation ended (fit_epochs)
         self.elapsed_before = state.elapsed_s
         if state.eval_images_per_s:    # measured in an earlier call: reserve evaluation time now
             stopper.reserve_s = self.reserve_s(state.eval_images_per_s)
@@ -544,13 +551,38 @@ class Trainer:
         s.epoch_wall_s, s.epoch_train_s, s.epoch_timed_images = 0.0, 0.0, 0
         s.elapsed_s = record.elapsed_s = self.elapsed()
         s.history.append(record.to_json())
+        self.epoch_times.append(record.epoch_time_s)
+        fitted = self.fit_epochs_to_budget()
         self.check_finite_weights()
         save_checkpoint(self.run.file(runfiles.CHECKPOINT_NAME), self.model, self.opt, s, cfg, self.average)
+        if fitted:      # after the checkpoint, as on resume: both then say the same epochs
+            runfiles.write_config(self.run.path, cfg.to_dict())
         runfiles.write_history(self.run.path, s.history)
         shown = f'  {speed:.0f} img/s' if speed else ''
         self.run.log(f"epoch {record.epoch:3d}/{cfg.epochs}  train loss {record.train_loss:.4f} "
                      f"acc {record.train_acc:.4f}  val loss {val_loss:.4f} acc {val_acc:.4f}"
                      f"{' *' if improved else '  '}  lr {lr:.4g}  {record.epoch_time_s:.1f}s{shown}")
+        if fitted:
+            self.run.log(fitted)
+
+    def fit_epochs_to_budget(self):
+        """With fit_epochs and a time budget, once the warm-up's epochs are done (at least one):
+        lower cfg.epochs to the number that fits the budget (epochs_that_fit), once per run, so the
+        schedule's decay ends before the stop instead of being cut off. The epochs' mean time is
+        that of the ones this invocation ran, validation included; the budget, like the Stopper's,
+        counts from this invocation's start and keeps the final evaluation's reserve.
+        Returns the log line saying what was chosen, or None if nothing was."""
+        s, cfg, stopper = self.state, self.cfg, self.stopper
+        if (not cfg.fit_epochs or stopper.max_hours is None or s.fitted_epochs is not None
+                or s.epoch < max(1, cfg.warmup_epochs) or s.epoch >= cfg.epochs or not self.epoch_times):
+            return None
+        epoch_s = sum(self.epoch_times) / len(self.epoch_times)
+        left_s = stopper.max_hours * 3600.0 - (time.monotonic() - stopper.t_start) - stopper.reserve_s
+        most = cfg.epochs
+        cfg.epochs = s.fitted_epochs = epochs_that_fit(s.epoch, epoch_s, left_s, most)
+        return (f'fit_epochs: {cfg.epochs} of at most {most} epochs fit the {stopper.max_hours:g} h budget '
+                f'({epoch_s:.0f} s an epoch, {left_s / 60:.1f} min left before the final evaluation, '
+                f'{stopper.reserve_s:.0f} s kept for it); the schedule now ends at epoch {cfg.epochs}')
 
     def divergence_record(self, loss, lr):
         """Where the run diverged, as data (diverged.json; the message is added when it is written):
@@ -591,6 +623,20 @@ def evaluation_reserve_s(n_val, n_test, val_tta, test_tta, val_images_per_s, val
     """
     v_val, v_test = len(tta_weights(val_tta)), len(tta_weights(test_tta))
     return (n_val * val_passes + (n_val + n_test) * v_test / v_val) / val_images_per_s
+
+
+# An epoch may take a little longer than the ones measured (this host's speed drifts by several
+# percent within an hour): the choice counts each remaining epoch at this much of their mean time.
+FIT_MARGIN = 1.03
+
+
+def epochs_that_fit(done, epoch_s, left_s, most, margin=FIT_MARGIN):
+    """The number of epochs a run with a time budget trains (fit_epochs): the ``done`` ones and
+    as many more of ``epoch_s`` seconds each (counted at ``margin`` times that) as fit in the
+    ``left_s`` seconds the budget has before its final evaluation, at most ``most`` in all and
+    at least ``done``."""
+    more = int(max(0.0, left_s) // (epoch_s * margin)) if epoch_s > 0 else most
+    return max(done, min(most, done + more))
 
 
 def restart_command(cfg, lr):

@@ -98,7 +98,8 @@ def test_keys_added_after_the_first_runs_are_the_levers_the_cell_the_backbone_an
                                  'ema': 0.0, 'tta_flip': False, 'tta_translate': False, 'val_views': 'test',
                                  'widths': [64, 64],
                                  'convs_per_block': 1, 'batchnorm': False, 'bn_momentum': 0.1, 'bn_eps': 1e-5,
-                                 'whiten': 0, 'identity_init': False, 'calibrated_predictions': False}
+                                 'whiten': 0, 'identity_init': False, 'fit_epochs': False,
+                                 'calibrated_predictions': False}
 
 
 def test_the_airbench_keys_are_checked_and_off_by_default():

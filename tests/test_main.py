@@ -284,3 +284,93 @@ def test_a_gated_cell_trains_resumes_and_is_recorded(data_dir, tmp_path, capsys)
     assert resume(tmp_path / 'mismatch.npz') == 2
     err = capsys.readouterr().err
     assert "cell='gru', not 'lstm'" in err and 'Traceback' not in err
+
+
+# ---- fit_epochs: the schedule chosen to end inside the time budget ----------
+
+@pytest.mark.parametrize('done, epoch_s, left_s, most, expected', [
+    (2, 100.0, 1000.0, 20, 2 + 9),     # 1000 // 103 = 9 more
+    (2, 100.0, 1000.0, 8, 8),          # never more than the configured epochs
+    (2, 100.0, 50.0, 20, 2),           # not one more fits: the run ends with the ones done
+    (2, 100.0, -30.0, 20, 2),          # already past the budget
+    (3, 100.0, 1030.0, 20, 3 + 10),    # exactly ten at the margin
+    (1, 0.0, 10.0, 6, 6),              # an epoch measured at 0 s: all of them
+])
+def test_epochs_that_fit(done, epoch_s, left_s, most, expected):
+    assert main.epochs_that_fit(done, epoch_s, left_s, most) == expected
+
+
+class StepClock:
+    """main.time with a monotonic clock that only a training step moves, by ``step_s`` seconds:
+    epoch times are then exact whatever the machine's speed (8 steps of 10 s = 80 s an epoch)."""
+
+    def __init__(self, step_s):
+        self.now, self.step_s = 1000.0, step_s
+
+    def monotonic(self):
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.fixture
+def step_clock(monkeypatch):
+    clock = StepClock(10.0)
+    real_loss = CNNRNN.loss
+
+    def timed_loss(self, X, y, **kw):
+        clock.now += clock.step_s
+        return real_loss(self, X, y, **kw)
+    monkeypatch.setattr(main, 'time', clock)
+    monkeypatch.setattr(CNNRNN, 'loss', timed_loss)
+    return clock
+
+
+FIT = ['--epochs', '12', '--set', 'schedule=triangular', '--set', 'warmup_epochs=1', '--max-hours', '0.1']
+
+
+def test_fit_epochs_ends_the_schedule_inside_the_budget(data_dir, tmp_path, step_clock):
+    """A 0.1 h budget (360 s) of 80-s epochs: after the warm-up's epoch 3 more fit (280 s left,
+    counted at 82.4 s each), so the run trains 4 epochs and its triangular schedule reaches 0 at
+    the end of the 4th, instead of being cut by the budget in its 5th with the rate still high."""
+    fitted, cut = tmp_path / 'fitted', tmp_path / 'cut'
+    assert train_run(data_dir, fitted, *FIT, '--set', 'fit_epochs=true') == 0
+    assert train_run(data_dir, cut, *FIT) == 0
+    cfg = json.loads((fitted / 'config.json').read_text())
+    history = json.loads((fitted / 'history.json').read_text())
+    m = json.loads((fitted / 'metrics.json').read_text())
+    assert cfg['epochs'] == 4 and cfg['fit_epochs'] is True and len(history) == 4
+    assert m['epochs_done'] == 4 and m['stopped_early'] is False
+    state = main.load_checkpoint(fitted / 'ckpt.npz').state
+    assert state.fitted_epochs == 4
+    # The rate of the last step: one step before the line's end at 4 epochs (lr 0.02 by default).
+    steps = 4 * STEPS_PER_EPOCH
+    assert history[-1]['lr'] == pytest.approx(0.02 * (1 - (steps - 1 - STEPS_PER_EPOCH) / (steps - STEPS_PER_EPOCH)))
+    log = (fitted / 'train.log').read_text()
+    assert log.count('fit_epochs: 4 of at most 12 epochs fit the 0.1 h budget (80 s an epoch') == 1
+    # Without it the same run is stopped by the budget during its 5th epoch, mid-decay.
+    m_cut = json.loads((cut / 'metrics.json').read_text())
+    assert m_cut['stopped_early'] is True and m_cut['epochs_done'] == 4
+    assert json.loads((cut / 'history.json').read_text())[-1]['lr'] > 0.02 * 0.6
+    assert 'fit_epochs:' not in (cut / 'train.log').read_text()
+
+
+def test_fit_epochs_is_chosen_once_and_kept_on_resume(data_dir, tmp_path, step_clock):
+    """Stopped in epoch 3 after the choice, the run resumes with the chosen epochs (its checkpoint
+    and config.json agree) and does not choose again, even with a new, longer budget."""
+    out = tmp_path / 'split'
+    assert train_run(data_dir, out, *FIT, '--set', 'fit_epochs=true',
+                     interrupt_after=2 * STEPS_PER_EPOCH + 3) == 0
+    assert json.loads((out / 'config.json').read_text())['epochs'] == 4
+    assert resume(out / 'ckpt.npz', '--max-hours', '10') == 0
+    history = json.loads((out / 'history.json').read_text())
+    assert len(history) == 4 and json.loads((out / 'metrics.json').read_text())['stopped_early'] is False
+    assert (out / 'train.log').read_text().count('fit_epochs:') == 1
+
+
+def test_fit_epochs_does_nothing_without_a_budget(data_dir, tmp_path, step_clock):
+    out = tmp_path / 'unbounded'
+    assert train_run(data_dir, out, '--epochs', '3', '--set', 'fit_epochs=true') == 0
+    assert json.loads((out / 'config.json').read_text())['epochs'] == 3
+    assert main.load_checkpoint(out / 'ckpt.npz').state.fitted_epochs is None

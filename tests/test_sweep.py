@@ -519,6 +519,9 @@ DEEP_LEVERS_2_OPTIONS = {
      DEEP_LEVERS_OPTIONS),
     ('deep-levers-2', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
                               '--set tta_translate=false', 'deep', DEEP_LEVERS_2_OPTIONS),
+    ('deep-weight-decay', 'deep', '--subset 0.5 --epochs 6 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
+                                  '--set tta_translate=false', 'deep',
+     {'deep': '', 'weight-decay-2.5e-3': '--set weight_decay=0.0025'}),
 ])
 def test_the_project_sweep_files_load_and_plan_the_expected_commands(tmp_path, name, preset, protocol, baseline,
                                                                      options):
