@@ -460,7 +460,7 @@ def patch_whitening_weights(X, k, eps=WHITEN_EPS):
 # right (sum_in_order) and BatchNorm's statistics are reductions over one map,
 # so the result does not depend on which thread finished first.
 
-def backbone_layers(widths, convs_per_block, batchnorm, in_channels=IMAGE_SHAPE[0]):
+def backbone_layers(widths, convs_per_block, batchnorm, in_channels=IMAGE_SHAPE[0], large_tiles=False):
     """The convolutions of a backbone, in order, as fast_layers.ConvLayer.
 
     Block i (widths[i] channels): conv -> pool -> [BN] -> ReLU, then convs_per_block - 1
@@ -471,13 +471,17 @@ def backbone_layers(widths, convs_per_block, batchnorm, in_channels=IMAGE_SHAPE[
     whose input is the image itself (in_channels = 3: too few channels for Winograd's transforms
     to pay); after the patch-whitening layer (in_channels = 2P = 24 or 54) Winograd's pays too
     (1.1x and 1.4x faster in one timing of conv1's forward and backward, and 2.25x less cache).
+    With large_tiles (every backbone but the method's, which keeps its numbers bit for bit),
+    maps of 16x16 and more use F(4x4, 3x3), whose products are fewer and take less memory
+    (fast_layers, "Winograd's F(4x4, 3x3)"); smaller maps keep F(2x2, 3x3).
     """
     layers, k, side = [], 0, IMAGE_SIDE
     for _ in widths:
         for j in range(convs_per_block):
             k += 1
-            fast = k > 1 or in_channels > IMAGE_SHAPE[0]
-            layers.append(ConvLayer(k=k, pool=(j == 0), bn=bool(batchnorm), winograd=fast and side % 2 == 0))
+            winograd = (k > 1 or in_channels > IMAGE_SHAPE[0]) and side % 2 == 0
+            tile = 4 if winograd and large_tiles and side >= 16 and side % 4 == 0 else 2
+            layers.append(ConvLayer(k=k, pool=(j == 0), bn=bool(batchnorm), winograd=winograd, tile=tile))
             if j == 0:
                 side //= 2
     return layers
@@ -515,7 +519,7 @@ def backbone_forward(x, p, layers, train, momentum=0.1, eps=1e-5, chunk=None, wh
       with BatchNorm; else empty), new arrays: the caller decides when they replace p's
     """
     chunk = chunk or fast_layers.CONV_CHUNK
-    weights = {layer.k: conv_layer_weights(p[f'conv{layer.k}_W'], layer.winograd) for layer in layers}
+    weights = {layer.k: conv_layer_weights(p[f'conv{layer.k}_W'], layer.winograd, layer.tile) for layer in layers}
     h, caches, running = x, [], {}
     for stage in backbone_stages(layers, train):
         def micro_batch(start, h=h, stage=stage, first_stage=not caches):
@@ -585,9 +589,10 @@ def backbone_backward(dmap, cache, input_grad=False):
         results = map_on_threads(micro_batch, range(len(chunk_caches)))
         grads.update({name: sum_in_order([g[name] for _, g in results]) for name in results[0][1]})
         d = np.concatenate([dx for dx, _ in results]) if results[0][0] is not None else None
+    tiles = {f'conv{layer.k}_U': layer.tile for stage, _, _ in caches for layer in stage}
     for name in [n for n in grads if n.endswith('_U')]:
         # The kernel transform is linear: transform the summed dU back once.
-        grads[name[:-1] + 'W'] = winograd_kernel_transform_backward(grads.pop(name))
+        grads[name[:-1] + 'W'] = winograd_kernel_transform_backward(grads.pop(name), tiles[name])
     if d is not None and whiten_cache is not None:
         # Whole-batch: only input gradients (gradient checks, saliency maps) come this far.
         d = whiten_backward(d, whiten_cache)
@@ -1235,11 +1240,11 @@ class CNNRNN:
         self.bn_eps = float(bn_eps)
         self.whiten = int(whiten)
         self.identity_init = bool(identity_init)
-        self.layers = backbone_layers(self.widths, self.convs_per_block, self.batchnorm,
-                                      in_channels=self.conv1_inputs)
         # The method's backbone keeps its own fused path (conv_stack_forward), bit for bit.
         self.method_backbone = (list(self.widths) == METHOD_BACKBONE['widths']
                                 and self.convs_per_block == 1 and not self.batchnorm and not self.whiten)
+        self.layers = backbone_layers(self.widths, self.convs_per_block, self.batchnorm,
+                                      in_channels=self.conv1_inputs, large_tiles=not self.method_backbone)
         self.params = self._init_params(np.random.default_rng(self.seed))
 
     # ---- configuration -------------------------------------------------

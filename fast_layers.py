@@ -153,17 +153,18 @@ def pool_blocks_forward(blocks):
     return out, winner
 
 
-def pool_blocks_backward(dout, winner):
+def pool_blocks_backward(dout, winner, out=None):
     """Backward pass of ``pool_blocks_forward``.
 
     Inputs:
     - dout: (...) gradient of the window maxima
     - winner: (...) int8 from the forward pass
+    - out: (2, 2, ...) where to write dblocks (a view of a larger array may be given), or None
 
     Returns:
     - dblocks: (2, 2, ...) with each dout value at its window's winner, zeros elsewhere
     """
-    dblocks = np.empty((2, 2) + dout.shape, dtype=dout.dtype)
+    dblocks = np.empty((2, 2) + dout.shape, dtype=dout.dtype) if out is None else out
     for k in range(4):
         np.multiply(dout, winner == k, out=dblocks[k // 2, k % 2])
     return dblocks
@@ -319,24 +320,25 @@ def add_signed(signs, parts, out):
             out -= p
 
 
-def winograd_kernel_transform(w):
+def winograd_kernel_transform(w, tile=2):
     """The transformed kernels U = G g G^T of every (output, input) channel pair.
 
     Inputs:
     - w: (O, C, 3, 3) conv weights (framework order)
+    - tile: 2 for F(2x2, 3x3) (G is WINOGRAD_G), 4 for F(4x4, 3x3) (WINOGRAD4_G)
 
     Returns:
-    - U: (4, 4, C, O), U[xi, nu] the (C, O) matrix of tile position (xi, nu)
+    - U: (P, P, C, O) with P = tile + 2, U[xi, nu] the (C, O) matrix of tile position (xi, nu)
     """
-    G = WINOGRAD_G.astype(w.dtype)
+    G = winograd_matrices(tile)[1].astype(w.dtype)
     Gw = np.tensordot(G, w, axes=([1], [2]))            # (4, O, C, 3): G applied to kernel rows
     U = np.tensordot(Gw, G, axes=([3], [1]))            # (4, O, C, 4): and to kernel columns
     return np.ascontiguousarray(U.transpose(0, 3, 2, 1))
 
 
-def winograd_kernel_transform_backward(dU):
-    """Adjoint of ``winograd_kernel_transform``: dU (4, 4, C, O) -> dw (O, C, 3, 3) = G^T dU G."""
-    G = WINOGRAD_G.astype(dU.dtype)
+def winograd_kernel_transform_backward(dU, tile=2):
+    """Adjoint of ``winograd_kernel_transform``: dU (P, P, C, O) -> dw (O, C, 3, 3) = G^T dU G."""
+    G = winograd_matrices(tile)[1].astype(dU.dtype)
     Gt_dU = np.tensordot(G, dU, axes=([0], [0]))        # (3, 4, C, O)
     dw = np.tensordot(Gt_dU, G, axes=([1], [0]))        # (3, C, O, 3): (i, c, o, j)
     return np.ascontiguousarray(dw.transpose(2, 1, 0, 3))
@@ -408,30 +410,32 @@ def winograd_output_transform_backward(dY):
 
 
 def winograd_products(V, U):
-    """The 16 matrix products of F(2x2, 3x3), one per tile position.
+    """The P*P matrix products of F(2x2, 3x3) (P = 4) or F(4x4, 3x3) (P = 6), one per tile position.
 
     Inputs:
-    - V: (4, 4, ..., C) transformed input tiles
-    - U: (4, 4, C, O) transformed kernels
+    - V: (P, P, ..., C) transformed input tiles
+    - U: (P, P, C, O) transformed kernels
 
     Returns:
-    - M: (4, 4, ..., O), M[xi, nu] = V[xi, nu] @ U[xi, nu] over the tile axes
+    - M: (P, P, ..., O), M[xi, nu] = V[xi, nu] @ U[xi, nu] over the tile axes
     """
     C, O = U.shape[2:]
-    M = np.matmul(V.reshape(16, -1, C), U.reshape(16, C, O))      # (16, tiles, O)
+    positions = U.shape[0] * U.shape[1]
+    M = np.matmul(V.reshape(positions, -1, C), U.reshape(positions, C, O))      # (P*P, tiles, O)
     return M.reshape(V.shape[:-1] + (O,))
 
 
 def winograd_products_backward(dM, V, U, need_dV=True):
-    """Backward of ``winograd_products``: dM (4, 4, ..., O) -> (dV (4, 4, ..., C) or None, dU (4, 4, C, O))."""
+    """Backward of ``winograd_products``: dM (P, P, ..., O) -> (dV (P, P, ..., C) or None, dU (P, P, C, O))."""
     C, O = U.shape[2:]
-    dM16 = dM.reshape(16, -1, O)
-    dU = np.matmul(V.reshape(16, -1, C).transpose(0, 2, 1), dM16).reshape(4, 4, C, O)
+    positions = U.shape[0] * U.shape[1]
+    dM_flat = dM.reshape(positions, -1, O)
+    dU = np.matmul(V.reshape(positions, -1, C).transpose(0, 2, 1), dM_flat).reshape(U.shape)
     dV = None
     if need_dV:
         # U^T made contiguous first: OpenBLAS multiplies by a transposed view ~1.5x slower.
-        U_T = np.ascontiguousarray(U.reshape(16, C, O).transpose(0, 2, 1))
-        dV = np.matmul(dM16, U_T).reshape(V.shape)
+        U_T = np.ascontiguousarray(U.reshape(positions, C, O).transpose(0, 2, 1))
+        dV = np.matmul(dM_flat, U_T).reshape(V.shape)
     return dV, dU
 
 
@@ -475,6 +479,124 @@ def winograd_relu_pool_backward(dout, cache, need_dx=True):
 
 
 # --------------------------------------------------------------------------
+# Winograd's F(4x4, 3x3): larger tiles for the larger maps of a configurable backbone
+# --------------------------------------------------------------------------
+#
+# The same identity with 6x6 input tiles at stride 4, each giving a 4x4 tile of
+# output: 36 products per 16 outputs (2.25 multiplications per output and
+# channel pair, against F(2x2)'s 4 and the direct 9). What matters more on
+# this CPU is memory: the products M of a 16x16 map are 36 * 16 = 576 values
+# per image and output channel, against F(2x2)'s 16 * 64 = 1,024, and a layer
+# with few input channels (64 -> 256 at 16x16: deep's conv3, the step's
+# largest) is bound by writing and reading them. On an 8x8 map a micro-batch
+# has only 4 tiles an image, and the 36 products of (tiles, C) @ (C, O) become
+# too small to run at BLAS speed, so those layers keep F(2x2)
+# (``backbone_layers`` chooses). The transforms have entries other than 0 and
+# +-1, so they are small matrix products (P, P) @ (P, everything) rather than
+# signed sums. Their float32 round-off is a few times F(2x2)'s (relative
+# error ~1e-5 against ~3e-6 for a layer of 256 channels): harmless for SGD,
+# which is why cuDNN and others use these tiles too.
+#
+# The 4x4 output tile holds four windows of the 2x2 max-pool: output pixel
+# (4ty + a, 4tx + b), a = 2 a_hi + a_lo, is member (a_lo, b_lo) of pooled
+# pixel (2ty + a_hi, 2tx + b_hi). A strided view of Y gives the pool its
+# blocks without a copy (``winograd4_pool_blocks``).
+
+WINOGRAD4_BT = np.array([[4, 0, -5, 0, 1, 0],
+                         [0, -4, -4, 1, 1, 0],
+                         [0, 4, -4, -1, 1, 0],
+                         [0, -2, -1, 2, 1, 0],
+                         [0, 2, -1, -2, 1, 0],
+                         [0, 4, 0, -5, 0, 1]], dtype=np.float64)    # (6, 6) input transform B^T
+WINOGRAD4_G = np.array([[1 / 4, 0, 0],
+                        [-1 / 6, -1 / 6, -1 / 6],
+                        [-1 / 6, 1 / 6, -1 / 6],
+                        [1 / 24, 1 / 12, 1 / 6],
+                        [1 / 24, -1 / 12, 1 / 6],
+                        [0, 0, 1]])                                   # (6, 3) kernel transform G
+WINOGRAD4_AT = np.array([[1, 1, 1, 1, 1, 0],
+                         [0, 1, -1, 2, -2, 0],
+                         [0, 1, 1, 4, 4, 0],
+                         [0, 1, -1, 8, -8, 1]], dtype=np.float64)    # (4, 6) output transform A^T
+
+
+def winograd_matrices(tile):
+    """(B^T, G, A^T) of F(tile x tile, 3x3): tile 2 or 4."""
+    if tile == 2:
+        return WINOGRAD_BT, WINOGRAD_G, WINOGRAD_AT
+    if tile == 4:
+        return WINOGRAD4_BT, WINOGRAD4_G, WINOGRAD4_AT
+    raise ValueError(f'Winograd tiles are 2 or 4 pixels on a side, not {tile}')
+
+
+def winograd4_input_transform(x):
+    """B^T d B of every 6x6 input tile d, tiles at stride 4 over the zero-padded input.
+
+    Inputs:
+    - x: (N, H, W, C) NHWC, H and W divisible by 4
+
+    Returns:
+    - V: (6, 6, N, H/4, W/4, C), V[xi, nu, n, ty, tx] the transformed tile
+      whose 4x4 output lands on pixels (4ty..4ty+3, 4tx..4tx+3)
+    """
+    N, H, W, C = x.shape
+    BT = WINOGRAD4_BT.astype(x.dtype)
+    xp = np.zeros((N, H + 2, W + 2, C), dtype=x.dtype)
+    xp[:, 1:-1, 1:-1, :] = x
+    # Column s of every tile, for all tiles at once (stride-4 views), mixed by B^T ...
+    cols = np.stack([xp[:, :, s:s + W:4] for s in range(6)])           # (6, N, H+2, W/4, C)
+    col_mix = (BT @ cols.reshape(6, -1)).reshape(cols.shape)           # (6_nu, N, H+2, W/4, C)
+    # ... then row r of every tile, for all six column mixes at once.
+    rows = np.stack([col_mix[:, :, r:r + H:4] for r in range(6)])      # (6, 6_nu, N, H/4, W/4, C)
+    return (BT @ rows.reshape(6, -1)).reshape(rows.shape)             # (6_xi, 6_nu, N, H/4, W/4, C)
+
+
+def winograd4_input_transform_backward(dV, x_shape):
+    """Adjoint of ``winograd4_input_transform``: dV (6, 6, N, H/4, W/4, C) -> dx (N, H, W, C).
+    Neighbouring tiles share two rows or columns; their gradients add there."""
+    N, H, W, C = x_shape
+    B = WINOGRAD4_BT.T.astype(dV.dtype)
+    d_rows = (B @ dV.reshape(6, -1)).reshape(dV.shape)                 # (6_r, 6_nu, N, H/4, W/4, C)
+    d_col_mix = np.zeros((6, N, H + 2, W // 4, C), dtype=dV.dtype)
+    for r in range(6):
+        d_col_mix[:, :, r:r + H:4] += d_rows[r]
+    d_cols = (B @ d_col_mix.reshape(6, -1)).reshape(d_col_mix.shape)    # (6_s, N, H+2, W/4, C)
+    dxp = np.zeros((N, H + 2, W + 2, C), dtype=dV.dtype)
+    for s in range(6):
+        dxp[:, :, s:s + W:4] += d_cols[s]
+    return dxp[:, 1:-1, 1:-1, :]
+
+
+def winograd4_output_transform(M):
+    """A^T m A of every 6x6 tile of products: M (6, 6, ...) -> Y (4, 4, ...), Y[a, b] the
+    output pixel (4ty + a, 4tx + b)."""
+    AT = WINOGRAD4_AT.astype(M.dtype)
+    rest = M.shape[2:]
+    row_mix = (AT @ M.reshape(6, -1)).reshape(4, 6, -1)                # (4_a, 6_nu, tiles * O)
+    Y = np.empty((4, 4, row_mix.shape[2]), dtype=M.dtype)
+    for a in range(4):
+        np.matmul(AT, row_mix[a], out=Y[a])                             # (4_b, tiles * O)
+    return Y.reshape((4, 4) + rest)
+
+
+def winograd4_output_transform_backward(dY):
+    """Adjoint of ``winograd4_output_transform``: dY (4, 4, ...) -> dM (6, 6, ...) = A dY A^T."""
+    A = WINOGRAD4_AT.T.astype(dY.dtype)
+    rest = dY.shape[2:]
+    d_row_mix = np.empty((4, 6, math.prod(rest)), dtype=dY.dtype)
+    for a in range(4):
+        np.matmul(A, dY[a].reshape(4, -1), out=d_row_mix[a])            # (6_nu, tiles * O)
+    return (A @ d_row_mix.reshape(4, -1)).reshape((6, 6) + rest)
+
+
+def winograd4_pool_blocks(Y):
+    """The 2x2 pool's blocks in a 4x4 output tile, as a view: Y (4, 4, N, T, S, O) ->
+    (2, 2, 2, 2, N, T, S, O) indexed [a_lo, b_lo, a_hi, b_hi] (``pool_blocks_forward``'s
+    members first; the pooled pixel is (2ty + a_hi, 2tx + b_hi))."""
+    return Y.reshape((2, 2, 2, 2) + Y.shape[2:]).transpose(1, 3, 0, 2, 4, 5, 6, 7)
+
+
+# --------------------------------------------------------------------------
 # One convolution of a configurable backbone, on one micro-batch
 # --------------------------------------------------------------------------
 #
@@ -497,18 +619,21 @@ class ConvLayer:
       bnK_gamma, bnK_beta, bnK_mean, bnK_var (O,)
     - pool: a 2x2 max-pool follows the convolution (the first convolution of each block)
     - bn: a BatchNorm follows (after the pool), then the ReLU; without it the ReLU follows at once
-    - winograd: computed by Winograd's F(2x2, 3x3) rather than im2col (the map's sides must be even)
+    - winograd: computed by Winograd rather than im2col (the map's sides must be divisible by tile)
+    - tile: with winograd, F(2x2, 3x3) (2) or F(4x4, 3x3) (4)
     """
     k: int
     pool: bool
     bn: bool
     winograd: bool
+    tile: int = 2
 
 
-def conv_layer_weights(w, winograd):
+def conv_layer_weights(w, winograd, tile=2):
     """The form of the weights w (O, C, 3, 3) the kernel multiplies by, made once per step for all
-    micro-batches: Winograd's transformed kernels U (4, 4, C, O), or the im2col matrix (9C, O)."""
-    return winograd_kernel_transform(w) if winograd else conv_weight_matrix(w)
+    micro-batches: Winograd's transformed kernels U (P, P, C, O), P = tile + 2, or the im2col
+    matrix (9C, O)."""
+    return winograd_kernel_transform(w, tile) if winograd else conv_weight_matrix(w)
 
 
 def conv_layer_forward(x, w, wt, b, layer, relu):
@@ -535,6 +660,22 @@ def conv_layer_forward(x, w, wt, b, layer, relu):
     if (layer.pool or layer.winograd) and (H % 2 or W % 2):
         raise ValueError(f'conv{layer.k} needs a map with even sides (for its pool or Winograd), got {H}x{W}; '
                          f'give images whose side is 32 or 32 / 2**j')
+    if layer.winograd and layer.tile == 4:
+        if H % 4 or W % 4:
+            raise ValueError(f'conv{layer.k} runs Winograd F(4x4, 3x3), which needs map sides divisible by 4, '
+                             f'got {H}x{W}')
+        core = winograd4_input_transform(x)                                 # V (6, 6, n, H/4, W/4, C)
+        y = winograd4_output_transform(winograd_products(core, wt))         # (4, 4, n, H/4, W/4, O)
+        winner = None
+        if layer.pool:
+            z, winner = pool_blocks_forward(winograd4_pool_blocks(y))      # (2, 2, n, H/4, W/4, O)
+            z = z.transpose(2, 3, 0, 4, 1, 5).reshape(n, H // 2, W // 2, O)
+        else:
+            z = y.transpose(2, 3, 0, 4, 1, 5).reshape(n, H, W, O)
+        z += b
+        if relu:
+            np.maximum(z, 0, out=z)
+        return z, (core, winner, z if relu else None, w, wt, x.shape, layer)
     if layer.winograd:
         core = winograd_input_transform(x)                                  # V (4, 4, n, H/2, W/2, C)
         z = winograd_output_transform(winograd_products(core, wt))          # (2, 2, n, H/2, W/2, O)
@@ -561,7 +702,7 @@ def conv_layer_backward(dout, cache, need_dx=True):
 
     Returns a tuple of:
     - dx: (n, H, W, C), or None when need_dx is False
-    - dweights: dU (4, 4, C, O) for Winograd (summed over micro-batches,
+    - dweights: dU (P, P, C, O) for Winograd (summed over micro-batches,
       ``winograd_kernel_transform_backward`` turns it into dw once), else dw (O, C, 3, 3)
     - db: (O,)
     """
@@ -570,6 +711,16 @@ def conv_layer_backward(dout, cache, need_dx=True):
     O = w.shape[0]
     dz = dout * (relu_out > 0) if relu_out is not None else dout
     db = dz.reshape(-1, O).sum(axis=0)
+    if layer.winograd and layer.tile == 4:
+        T, S = H // 4, W // 4
+        if layer.pool:     # each pooled pixel's gradient to its winner, written straight into dY's tiles
+            dy = np.empty((4, 4, n, T, S, O), dtype=dz.dtype)
+            pooled = dz.reshape(n, T, 2, S, 2, O).transpose(2, 4, 0, 1, 3, 5)      # [a_hi, b_hi, n, ty, tx]
+            pool_blocks_backward(pooled, winner, out=winograd4_pool_blocks(dy))
+        else:
+            dy = dz.reshape(n, T, 4, S, 4, O).transpose(2, 4, 0, 1, 3, 5)          # [a, b, n, ty, tx]
+        dV, dU = winograd_products_backward(winograd4_output_transform_backward(dy), core, wt, need_dV=need_dx)
+        return (winograd4_input_transform_backward(dV, x_shape) if need_dx else None), dU, db
     if layer.pool:
         dz = pool_blocks_backward(dz, winner)                               # (2, 2, n, H/2, W/2, O)
     if layer.winograd:

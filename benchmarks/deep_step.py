@@ -31,10 +31,11 @@ measured in this one invocation:
    elementwise work (BatchNorm, ReLU, pooling, the patch copies, the Winograd
    transforms) is not counted. The achieved rate divides these
    direct-convolution-equivalent FLOPs by the step's time. Convolutions on
-   even maps run by Winograd's F(2x2, 3x3) (all but a first convolution that
-   reads the 3-channel image itself; after whitening conv1 does too: each
-   layer's ``winograd`` flag says), which multiplies 2.25x less than the
-   direct convolution, so this *effective* rate may exceed the GEMM peak; the
+   even maps run by Winograd (all but a first convolution that reads the
+   3-channel image itself; after whitening conv1 does too: each layer's
+   ``winograd`` flag says): F(2x2, 3x3), 2.25x fewer multiplications than the
+   direct convolution, or on maps of 16x16 and more F(4x4, 3x3), 4x fewer
+   (the layer's ``tile``), so this *effective* rate may exceed the GEMM peak; the
    products Winograd actually executes are counted on a line of their own.
    Then a profile by phase: the whitening layer's forward, every
    convolution's forward and backward, every BatchNorm's, the RNN's and the
@@ -118,7 +119,9 @@ DEFAULT_PRESET = 'deep'
 PRESET_SETTINGS = {'widths': 'widths', 'convs_per_block': 'convs_per_block', 'batchnorm': 'batchnorm',
                    'whiten': 'whiten', 'identity_init': 'identity_init', 'layout': 'seq_layout',
                    'cell': 'cell', 'hidden': 'hidden', 'batch': 'batch_size'}
-WINOGRAD_SAVING = 2.25     # F(2x2, 3x3): 16 products per 2x2 outputs where the direct convolution does 36
+# Multiplications the direct convolution does per Winograd product: F(2x2, 3x3) runs 16 products
+# per 2x2 outputs where the direct convolution does 36; F(4x4, 3x3) 36 per 4x4 outputs against 144.
+WINOGRAD_SAVING = {2: 2.25, 4: 4.0}
 
 
 # --------------------------------------------------------------------------
@@ -205,7 +208,7 @@ def step_flops(model):
     Returns a dict: whiten_forward (the whitening layer's, 0 without; it has no backward),
     conv_forward, conv_backward, rnn_forward, rnn_backward, head_forward, head_backward, forward,
     total (the direct convolution's count), and executed (the products actually run: Winograd
-    layers at 1/2.25 of their direct count).
+    layers at 1/2.25 (F(2x2, 3x3)) or 1/4 (F(4x4, 3x3)) of their direct count).
     """
     convs = conv_table(model)
     R, C, H = model.map_side, model.channels, model.hidden
@@ -217,7 +220,8 @@ def step_flops(model):
     f['rnn_backward'], f['head_backward'] = 2 * f['rnn_forward'], 2 * f['head_forward']
     f['forward'] = f['whiten_forward'] + f['conv_forward'] + f['rnn_forward'] + f['head_forward']
     f['total'] = f['forward'] + f['conv_backward'] + f['rnn_backward'] + f['head_backward']
-    winograd = sum((c['forward'] + c['backward']) * (1 - 1 / WINOGRAD_SAVING) for c in convs if c['layer'].winograd)
+    winograd = sum((c['forward'] + c['backward']) * (1 - 1 / WINOGRAD_SAVING[c['layer'].tile])
+                   for c in convs if c['layer'].winograd)
     f['executed'] = f['total'] - winograd
     return f
 
@@ -277,7 +281,7 @@ def numpy_profile(model, X, y, repeats, warmup):
         run = lambda: M.backbone_forward(x_in, p, conv_only, True)     # noqa: E731
         times = timed(run, repeats, warmup)
         out, cache, _ = run()
-        kind = 'Winograd' if layer.winograd else 'im2col'
+        kind = f'Winograd F({layer.tile}x{layer.tile})' if layer.winograd else 'im2col'
         pool = ', pool' if layer.pool else ''
         name = f"conv{k} {c['I']}->{c['O']} at {c['side']}x{c['side']} ({kind}{pool})"
         forward.append((f'{name} forward', times, c['forward'] * N))
@@ -550,10 +554,10 @@ def main():
           f'= {achieved / peak:.2f}x the GEMM peak')
     print(f"  executed products: {f['executed'] / 1e6:.1f} MFLOP per image, {executed:.1f} GFLOP/s "
           f'= {executed / peak:.2f}x the GEMM peak')
-    winograd = [f'conv{layer.k}' for layer in model.layers if layer.winograd]
-    print(f"  ({', '.join(winograd) or 'no convolution'} run by Winograd F(2x2,3x3), {WINOGRAD_SAVING}x fewer "
-          f'multiplications than the direct count, so the effective rate may exceed the GEMM peak; the executed '
-          f'rate may not)')
+    winograd = [f'conv{layer.k} F({layer.tile}x{layer.tile},3x3) {WINOGRAD_SAVING[layer.tile]}x'
+                for layer in model.layers if layer.winograd]
+    print(f"  ({', '.join(winograd) or 'no convolution'} fewer multiplications than the direct count, by "
+          f'Winograd, so the effective rate may exceed the GEMM peak; the executed rate may not)')
 
     print(f'  profile by phase (each part timed on its own by calling the layer functions a step calls, '
           f'same shapes, {plural(args.threads, "worker thread")}; the model has no hooks '

@@ -150,6 +150,44 @@ def test_model_gradient_check(rng, batchnorm, monkeypatch):
     check_model_gradients(m, X, y, rng, RTOL)
 
 
+def test_model_gradient_check_through_large_winograd_tiles(rng, monkeypatch):
+    """32x32 images: conv2 and conv3 run on 16x16 maps, by F(4x4, 3x3) (conv3 pooled), conv4 on
+    8x8 by F(2x2, 3x3); every parameter's and the input's gradient checked in float64."""
+    m = perturbed(CNNRNN(batchnorm=True, **SMALL), rng)
+    assert [(layer.winograd, layer.tile) for layer in m.layers] == [(False, 2), (True, 4), (True, 4), (True, 2)]
+    X, y = images(rng, n=3, side=32)
+    monkeypatch.setattr(F, 'CONV_CHUNK', 2)
+    check_model_gradients(m, X, y, rng, RTOL)
+
+
+def test_large_winograd_tiles_in_float32_round_off_like_a_convolution(rng):
+    """F(4x4, 3x3)'s transforms have entries up to 8 (A^T) and 5 (B^T): in float32 a layer of
+    256 input channels stays within 3e-5 (relative to the output's scale) of the exact float64
+    convolution -- a few times F(2x2)'s error, far below what SGD notices."""
+    x = rng.standard_normal((2, 16, 16, 256))
+    w = rng.standard_normal((32, 256, 3, 3)) / 48
+    exact, _ = M.conv3x3_forward(x, w, np.zeros(32))
+    errors = []
+    for tile in (2, 4):
+        layer = F.ConvLayer(k=2, pool=False, bn=True, winograd=True, tile=tile)
+        x32, w32 = x.astype(np.float32), w.astype(np.float32)
+        out, _ = F.conv_layer_forward(x32, w32, F.conv_layer_weights(w32, True, tile), np.zeros(32, np.float32),
+                                      layer, relu=False)
+        assert out.dtype == np.float32
+        errors.append(np.abs(out - exact).max() / np.abs(exact).max())
+    assert errors[1] < 3e-5 and errors[0] < errors[1] * 2, errors
+
+
+def test_the_methods_backbone_keeps_small_tiles_and_any_other_takes_large_ones_on_large_maps():
+    method = CNNRNN(hidden=8)
+    assert all(layer.tile == 2 for layer in method.layers)
+    deep = CNNRNN(widths=[8, 16, 16], convs_per_block=2, batchnorm=True, hidden=8)
+    assert [(layer.winograd, layer.tile) for layer in deep.layers] == [
+        (False, 2), (True, 4), (True, 4), (True, 2), (True, 2), (True, 2)]
+    whitened = CNNRNN(widths=[8, 16], whiten=2, batchnorm=True, hidden=8)
+    assert [(layer.winograd, layer.tile) for layer in whitened.layers] == [(True, 4), (True, 4)]
+
+
 def test_running_statistics_move_in_loss_only(rng):
     m = perturbed(CNNRNN(batchnorm=True, bn_momentum=0.3, **SMALL), rng)
     X, y = images(rng)
@@ -221,23 +259,27 @@ def test_micro_batches_change_only_rounding(rng, monkeypatch):
         np.testing.assert_allclose(after_a[k], m.params[k], rtol=1e-12, err_msg=k)
 
 
-def test_winograd_and_im2col_agree_on_every_kind_of_layer(rng):
-    """conv_layer_forward/backward: the two kernels, pooled or not, with or without the ReLU."""
-    x = rng.standard_normal((3, 6, 6, 5))
+@pytest.mark.parametrize('side', [(6, 6), (8, 12)])
+def test_winograd_and_im2col_agree_on_every_kind_of_layer(rng, side):
+    """conv_layer_forward/backward: im2col, Winograd F(2x2, 3x3) and (on sides divisible by 4)
+    F(4x4, 3x3), pooled or not, with or without the ReLU, in float64."""
+    x = rng.standard_normal((3,) + side + (5,))
     w = rng.standard_normal((4, 5, 3, 3))
     b = rng.standard_normal(4)
+    kernels = [(False, 2), (True, 2)] + ([(True, 4)] if side[0] % 4 == 0 and side[1] % 4 == 0 else [])
     for pool in (False, True):
         for relu in (False, True):
             results = []
-            for winograd in (False, True):
-                layer = F.ConvLayer(k=2, pool=pool, bn=not relu, winograd=winograd)
-                out, cache = F.conv_layer_forward(x, w, F.conv_layer_weights(w, winograd), b, layer, relu)
+            for winograd, tile in kernels:
+                layer = F.ConvLayer(k=2, pool=pool, bn=not relu, winograd=winograd, tile=tile)
+                out, cache = F.conv_layer_forward(x, w, F.conv_layer_weights(w, winograd, tile), b, layer, relu)
                 dout = np.random.default_rng(1).standard_normal(out.shape)
                 dx, dweights, db = F.conv_layer_backward(dout, cache)
-                dw = F.winograd_kernel_transform_backward(dweights) if winograd else dweights
+                dw = F.winograd_kernel_transform_backward(dweights, tile) if winograd else dweights
                 results.append((out, dx, dw, db))
-            for a, c in zip(*results):
-                np.testing.assert_allclose(a, c, rtol=1e-10, atol=1e-10)
+            for other in results[1:]:
+                for a, c in zip(results[0], other):
+                    np.testing.assert_allclose(a, c, rtol=1e-10, atol=1e-10)
             # ... and the plain layers: conv -> [pool] -> + bias -> [ReLU].
             z, _ = M.conv3x3_forward(x, w, np.zeros(4))
             z = (M.maxpool2x2_forward(z)[0] if pool else z) + b

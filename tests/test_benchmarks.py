@@ -108,7 +108,9 @@ def test_deep_step_counts_the_flops_of_the_method_and_of_a_deep_backbone():
     f = deep_step.step_flops(model)
     assert f['forward'] == sum(convs) + rnn + head
     assert f['total'] == 3 * (sum(convs) + rnn + head) - convs[0]        # no input gradient for conv1
-    assert np.isclose(f['executed'], f['total'] - sum(3 * c for c in convs[1:]) * (1 - 1 / 2.25))
+    # conv2 and conv3 run on 16x16 maps by F(4x4, 3x3) (4x fewer products), conv4 on 8x8 by F(2x2, 3x3).
+    saved = 3 * (convs[1] + convs[2]) * (1 - 1 / 4) + 3 * convs[3] * (1 - 1 / 2.25)
+    assert np.isclose(f['executed'], f['total'] - saved)
     assert f['whiten_forward'] == 0
 
 
@@ -131,7 +133,8 @@ def test_deep_step_counts_the_whitening_layer_in_the_forward_only(k):
     assert (f['total'] - f['forward']) - (f0['total'] - f0['forward']) == conv1(2 * P) - conv1(3)
     assert whitened.layers[0].winograd and not plain.layers[0].winograd
     convs = [conv1(2 * P), 2 * 16 * 16 * 8 * 8 * 9, 2 * 16 * 16 * 16 * 8 * 9, 2 * 8 * 8 * 16 * 16 * 9]
-    winograd = (2 * convs[0] + sum(3 * c for c in convs[1:])) * (1 - 1 / 2.25)
+    # conv1 (32x32), conv2 and conv3 (16x16) by F(4x4, 3x3), conv4 (8x8) by F(2x2, 3x3).
+    winograd = (2 * convs[0] + 3 * convs[1] + 3 * convs[2]) * (1 - 1 / 4) + 3 * convs[3] * (1 - 1 / 2.25)
     assert np.isclose(f['executed'], f['total'] - winograd)
 
 
@@ -240,7 +243,7 @@ def test_deep_step_runs_on_a_tiny_backbone_and_prints_positive_figures(torch_too
     whitening = re.findall(rf'^    whitening 2x2 3->24 at 32x32 \(frozen\) forward +{DEEP_STEP_NUMBER} ms', out, re.M)
     if whiten:
         assert len(whitening) == 1 and float(whitening[0]) > 0, out
-        assert re.search(r'^    conv1 24->8 at 32x32 \(Winograd, pool\) forward', out, re.M), out
+        assert re.search(r'^    conv1 24->8 at 32x32 \(Winograd F\(4x4\), pool\) forward', out, re.M), out
         assert 'FLOP per training step (forward' in out and ': whitening 0.6, convolutions' in out, out
         assert 'whitening forward' in re.search(r'phases: .*', out).group(), out
     else:
