@@ -7,8 +7,12 @@ and backward, batch 256, float32) of both, alternating A and B step by step,
 so both see the same machine load. Prints each side's median step time and
 the median of the per-pair ratios.
 
+With --preset NAME both sides build the preset's network instead of the
+method's (its backbone, layout, cell, hidden size; weights from seed 0), and
+--layouts is ignored, e.g. ``--preset deep --batch 512 --steps 5``.
+
 Usage:
-    python benchmarks/ab_step.py REV [--steps 20] [--layouts pixels rows] [--batch 256]
+    python benchmarks/ab_step.py REV [--steps 20] [--layouts pixels rows] [--batch 256] [--preset NAME]
 """
 import argparse
 import importlib.util
@@ -22,7 +26,9 @@ import numpy as np
 
 import repo_on_path  # noqa: F401  (the project's modules)
 import cnn_rnn_numpy
+import config
 import fast_layers
+import main as training
 
 MODEL_FILES = ('cnn_rnn_numpy.py', 'fast_layers.py')   # the model's modules (fast_layers.py since the split)
 
@@ -81,7 +87,11 @@ def main():
     ap.add_argument('--steps', type=int, default=20, help='timed pairs of steps per layout')
     ap.add_argument('--batch', type=int, default=256)
     ap.add_argument('--layouts', nargs='+', default=['pixels', 'rows'])
+    ap.add_argument('--preset', help="build the preset's network (presets.json) instead of the method's")
     args = ap.parse_args()
+    presets = config.load_presets()
+    if args.preset is not None and args.preset not in presets:
+        ap.error(f"unknown preset {args.preset!r}; presets.json has {', '.join(presets)}")
     # Both sides in one process: the allocator and BLAS settings a training run makes apply to both.
     print(fast_layers.prepare_process_for_training())
     ref = module_at(args.rev)
@@ -91,9 +101,13 @@ def main():
     y = rng.integers(0, 10, args.batch)
     print(f'A = working tree, B = {args.rev}; batch {args.batch}, float32, model.loss (forward + backward), '
           f'{args.steps} alternating pairs after 2 warm-up steps each')
-    for layout in args.layouts:
-        models = {'A': cnn_rnn_numpy.CNNRNN(seq_layout=layout, seed=0),
-                  'B': ref.CNNRNN(seq_layout=layout, seed=0)}
+    if args.preset is not None:      # one network: the preset's (its layout among its settings)
+        settings = training.model_settings(presets[args.preset])
+        networks = [(f"{args.preset} ({settings['seq_layout']})", settings)]
+    else:
+        networks = [(layout, {'seq_layout': layout}) for layout in args.layouts]
+    for name, settings in networks:
+        models = {'A': cnn_rnn_numpy.CNNRNN(seed=0, **settings), 'B': ref.CNNRNN(seed=0, **settings)}
         times = {'A': [], 'B': []}
         for k in range(args.steps + 2):
             for side in ('A', 'B') if k % 2 == 0 else ('B', 'A'):
@@ -102,7 +116,7 @@ def main():
                 if k >= 2:
                     times[side].append(time.perf_counter() - t0)
         ratio = np.array(times['B']) / np.array(times['A'])
-        print(f"{layout:7} A {1e3 * np.median(times['A']):7.1f} ms   B {1e3 * np.median(times['B']):7.1f} ms   "
+        print(f"{name:7} A {1e3 * np.median(times['A']):7.1f} ms   B {1e3 * np.median(times['B']):7.1f} ms   "
               f'B/A {np.median(ratio):.3f} (quartiles {np.percentile(ratio, 25):.3f}-{np.percentile(ratio, 75):.3f}; '
               f'> 1 means the working tree is faster)')
 

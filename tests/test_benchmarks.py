@@ -3,6 +3,7 @@ but what they rely on in the project's modules is checked here, so a rename cann
 silently break them."""
 import importlib.util
 import json
+import os
 import platform
 import re
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 import cnn_rnn_numpy as M
+import config
 import fast_layers as F
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / 'benchmarks'
@@ -63,6 +65,20 @@ def test_the_bit_identity_check_compares_a_separate_copy_and_sees_a_change(monke
     problems = ab_identical.compare(M, copy, ['rnn'], ['flat'], threads=[2], batch=6)[2, 'flat', 'rnn']
     assert any(p.startswith('step 0 loss') for p in problems)
     assert any('grads[W_ho]' in p for p in problems)
+
+
+def test_ab_step_times_a_presets_network_against_a_revision():
+    """ab_step.py --preset: both sides build the preset's network (deep's BatchNorm backbone, tiny
+    batch), one line of times; an unknown preset is refused in one line with exit 2."""
+    cmd = [sys.executable, str(BENCHMARKS / 'ab_step.py'), 'HEAD', '--batch', '2', '--steps', '1']
+    done = subprocess.run(cmd + ['--preset', 'deep'], capture_output=True, text=True, cwd=BENCHMARKS.parent,
+                          env=dict(os.environ, CNNRNN_THREADS='1'))
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip().splitlines()[-1]
+    assert re.match(r'deep \(rows\) A +[\d.]+ ms +B +[\d.]+ ms +B/A [\d.]+ ', line), line
+    refused = subprocess.run(cmd + ['--preset', 'nope'], capture_output=True, text=True, cwd=BENCHMARKS.parent)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"ab_step.py: error: unknown preset 'nope'; presets.json has {', '.join(config.load_presets())}")
 
 
 def test_flop_count_of_the_direct_convolutions():
