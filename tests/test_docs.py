@@ -442,11 +442,19 @@ def fake_runs(tmp_path_factory):
     for seed in (0, 1):
         finished_run(deep_levers_2, f'deep-seed{seed}', seed, 0.65 + 0.01 * seed, preset='deep', **short)
         finished_run(deep_levers_2, f'flat-seed{seed}', seed, 0.70, preset='deep', **dict(short, seq_layout='flat'))
+    # The third: the preset's weight decay against five times it (the preset holds the larger one).
+    deep_weight_decay = runs / 'deep-weight-decay'
+    short = dict(subset=0.5, epochs=6, batch_size=256, lr=0.1, warmup_epochs=1, tta_translate=False)
+    for seed in (0, 1):
+        finished_run(deep_weight_decay, f'deep-seed{seed}', seed, 0.79, preset='deep', **dict(short, weight_decay=5e-4))
+        finished_run(deep_weight_decay, f'weight-decay-2.5e-3-seed{seed}', seed, 0.80 + 0.01 * seed, preset='deep',
+                     **dict(short, weight_decay=2.5e-3))
     procs = [subprocess.Popen([sys.executable, 'compare.py', *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for args in ([str(claims_dir)], [str(levers), '--baseline', str(levers / 'base-s0')],
                           [str(deep_levers), '--baseline', str(deep_levers / 'deep-seed0')],
-                          [str(deep_levers_2), '--baseline', str(deep_levers_2 / 'deep-seed0')])]
+                          [str(deep_levers_2), '--baseline', str(deep_levers_2 / 'deep-seed0')],
+                          [str(deep_weight_decay), '--baseline', str(deep_weight_decay / 'deep-seed0')])]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
@@ -462,7 +470,8 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
                'docs/claims_val_accuracy.png': 'claims/comparison/val_accuracy.png',
                'docs/levers_test_accuracy.png': 'levers/comparison/test_accuracy.png',
                'docs/deep_levers_test_accuracy.png': 'deep-levers/comparison/test_accuracy.png',
-               'docs/deep_levers_2_test_accuracy.png': 'deep-levers-2/comparison/test_accuracy.png'}
+               'docs/deep_levers_2_test_accuracy.png': 'deep-levers-2/comparison/test_accuracy.png',
+               'docs/deep_weight_decay_test_accuracy.png': 'deep-weight-decay/comparison/test_accuracy.png'}
     assert sorted(changed) == sorted(['README.md', 'docs/claims.md', 'docs/results.md', *figures])
     assert ': kept' not in capsys.readouterr().out
     for page, source in figures.items():      # compare.py's figures of the same runs, copied
@@ -524,6 +533,11 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
     assert ('| seq_layout=flat | `.venv/bin/python main.py --preset deep --epochs 5 --batch-size 256 --lr 0.1 '
             '--set warmup_epochs=1 --seq-layout flat --subset 0.2 --set tta_translate=false --seed S` | 2 '
             '| 70.00% ± 0.00 (70.00, 70.00) |') in deep_levers_2, deep_levers_2
+    deep_weight_decay = tables.read_block(results, 'deep-weight-decay', 'docs/results.md')
+    assert ('| weight_decay=0.0025 | `.venv/bin/python main.py --preset deep --epochs 6 --batch-size 256 --lr 0.1 '
+            '--set warmup_epochs=1 --subset 0.5 --set tta_translate=false --seed S` | 2 | 80.50% ± 0.71 '
+            '(80.00, 81.00) |') in deep_weight_decay, deep_weight_decay
+    assert '+1.50 points' in deep_weight_decay, deep_weight_decay
     best = tables.read_block(results, 'best-runs', 'docs/results.md')
     assert best.startswith('Generated from the `best` runs under') and 'Seed 0: measured at' not in best
     assert '| 0 | 80.00% | 79.50% |' in best and '| 1 | 81.00% | 79.50% |' in best

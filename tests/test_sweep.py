@@ -515,12 +515,13 @@ DEEP_LEVERS_2_OPTIONS = {
     ('claims', 'fast', '--subset 0.4', 'baseline', CLAIMS_OPTIONS),
     ('levers', 'best', '--epochs 10', 'base', LEVERS_OPTIONS),
     ('deep-levers', 'deep', '--subset 0.2 --epochs 4 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
-                            '--set tta_translate=false --set whiten=2 --set crop=pad --set val_views=test', 'deep',
+                            '--set tta_translate=false --set whiten=2 --set crop=pad --set val_views=test '
+                            '--set weight_decay=0.0005', 'deep',
      DEEP_LEVERS_OPTIONS),
     ('deep-levers-2', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
-                              '--set tta_translate=false', 'deep', DEEP_LEVERS_2_OPTIONS),
+                              '--set tta_translate=false --set weight_decay=0.0005', 'deep', DEEP_LEVERS_2_OPTIONS),
     ('deep-weight-decay', 'deep', '--subset 0.5 --epochs 6 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
-                                  '--set tta_translate=false', 'deep',
+                                  '--set tta_translate=false --set weight_decay=0.0005', 'deep',
      {'deep': '', 'weight-decay-2.5e-3': '--set weight_decay=0.0025'}),
 ])
 def test_the_project_sweep_files_load_and_plan_the_expected_commands(tmp_path, name, preset, protocol, baseline,
