@@ -329,10 +329,17 @@ def finished_runs(runs_dir, commit, budget_stops=False):
 
 
 def runs_of_preset(runs, name, presets):
-    """The runs whose settings are those of preset ``name`` (seed aside)."""
+    """The runs whose settings are those of preset ``name`` (seed aside). With fit_epochs a run
+    writes the epochs that fit its time budget into its config.json: fewer than the preset's
+    (its most) still count as the preset's."""
     want = presets[name].settings()
-    return sorted((r for r in runs if not options_for(r['config'].settings(), want)
-                   and not options_for(want, r['config'].settings())),
+
+    def settings(r):
+        have = r['config'].settings()
+        if have.get('fit_epochs') and want.get('fit_epochs') and have['epochs'] <= want['epochs']:
+            have = dict(have, epochs=want['epochs'])
+        return have
+    return sorted((r for r in runs if not options_for(settings(r), want) and not options_for(want, settings(r))),
                   key=lambda r: (r['config'].seed, str(r['path'])))
 
 
@@ -426,10 +433,11 @@ def with_stored_rows(rows, stored):
 
 
 def epochs_text(metrics, cfg):
-    """'70' (all of them), or '10 of 11, time budget' for a run --max-hours stopped early."""
+    """'70' (all of them), '12, fitted to the budget' (fit_epochs chose them), or '10 of 11, time
+    budget' for a run --max-hours stopped early."""
     done = metrics.get('epochs_done')
     if done is None or (done == cfg.epochs and not metrics.get('stopped_early')):
-        return str(cfg.epochs)
+        return str(cfg.epochs) + (', fitted to the budget' if cfg.fit_epochs else '')
     return f"{done} of {cfg.epochs}" + (', time budget' if metrics.get('stopped_early') else '')
 
 

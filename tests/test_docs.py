@@ -330,7 +330,7 @@ def test_the_pages_are_up_to_date_and_kept_without_run_folders(tmp_path, capsys)
     assert tables.main(['--runs', str(tmp_path / 'no-runs'), '--check']) == 0
     out = capsys.readouterr().out
     assert 'README.md presets: rewritten from presets.json' in out
-    assert out.count(': kept') == 9
+    assert out.count(': kept') == 10           # every block made from runs (10 of them)
 
 
 def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, single_view=None,
@@ -609,3 +609,18 @@ def test_a_page_without_its_markers_or_a_bad_comparison_is_one_sentence(fake_run
         err = capsys.readouterr().err.strip()
         assert err == ('docs/tables.py: --runs is empty; give the folder holding the run folders, '
                        'e.g. --runs runs'), err
+
+
+def test_a_run_that_fitted_its_epochs_to_the_budget_counts_as_its_presets(tmp_path):
+    """deep's fit_epochs writes the epochs that fit the hour (12 of at most 20) into config.json: the
+    run is still the preset's, and its epochs cell says they were fitted; the same epochs without
+    fit_epochs are another setting."""
+    presets = config.load_presets()
+    most = presets['deep'].epochs
+    finished_run(tmp_path, 'fitted', 0, 0.88, preset='deep', epochs=most - 8)
+    finished_run(tmp_path, 'fixed', 1, 0.88, preset='deep', epochs=most - 8, fit_epochs=False)
+    finished_run(tmp_path, 'longer', 2, 0.88, preset='deep', epochs=most + 1)
+    runs = tables.finished_runs(tmp_path, 'abc1234')
+    assert [r['path'].name for r in tables.runs_of_preset(runs, 'deep', presets)] == ['fitted']
+    fitted = next(r for r in runs if r['path'].name == 'fitted')
+    assert tables.epochs_text(fitted['metrics'], fitted['config']) == f'{most - 8}, fitted to the budget'
