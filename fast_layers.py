@@ -330,16 +330,16 @@ def winograd_kernel_transform(w, tile=2):
     Returns:
     - U: (P, P, C, O) with P = tile + 2, U[xi, nu] the (C, O) matrix of tile position (xi, nu)
     """
-    G = winograd_matrices(tile)[1].astype(w.dtype)
-    Gw = np.tensordot(G, w, axes=([1], [2]))            # (4, O, C, 3): G applied to kernel rows
-    U = np.tensordot(Gw, G, axes=([3], [1]))            # (4, O, C, 4): and to kernel columns
+    G = winograd_kernel_matrix(tile).astype(w.dtype)
+    Gw = np.tensordot(G, w, axes=([1], [2]))            # (P, O, C, 3): G applied to kernel rows
+    U = np.tensordot(Gw, G, axes=([3], [1]))            # (P, O, C, P): and to kernel columns
     return np.ascontiguousarray(U.transpose(0, 3, 2, 1))
 
 
 def winograd_kernel_transform_backward(dU, tile=2):
     """Adjoint of ``winograd_kernel_transform``: dU (P, P, C, O) -> dw (O, C, 3, 3) = G^T dU G."""
-    G = winograd_matrices(tile)[1].astype(dU.dtype)
-    Gt_dU = np.tensordot(G, dU, axes=([0], [0]))        # (3, 4, C, O)
+    G = winograd_kernel_matrix(tile).astype(dU.dtype)
+    Gt_dU = np.tensordot(G, dU, axes=([0], [0]))        # (3, P, C, O)
     dw = np.tensordot(Gt_dU, G, axes=([1], [0]))        # (3, C, O, 3): (i, c, o, j)
     return np.ascontiguousarray(dw.transpose(2, 1, 0, 3))
 
@@ -520,12 +520,12 @@ WINOGRAD4_AT = np.array([[1, 1, 1, 1, 1, 0],
                          [0, 1, -1, 8, -8, 1]], dtype=np.float64)    # (4, 6) output transform A^T
 
 
-def winograd_matrices(tile):
-    """(B^T, G, A^T) of F(tile x tile, 3x3): tile 2 or 4."""
+def winograd_kernel_matrix(tile):
+    """The kernel transform G of F(tile x tile, 3x3): WINOGRAD_G (tile 2) or WINOGRAD4_G (tile 4)."""
     if tile == 2:
-        return WINOGRAD_BT, WINOGRAD_G, WINOGRAD_AT
+        return WINOGRAD_G
     if tile == 4:
-        return WINOGRAD4_BT, WINOGRAD4_G, WINOGRAD4_AT
+        return WINOGRAD4_G
     raise ValueError(f'Winograd tiles are 2 or 4 pixels on a side, not {tile}')
 
 
@@ -667,26 +667,23 @@ def conv_layer_forward(x, w, wt, b, layer, relu):
         core = winograd4_input_transform(x)                                 # V (6, 6, n, H/4, W/4, C)
         y = winograd4_output_transform(winograd_products(core, wt))         # (4, 4, n, H/4, W/4, O)
         winner = None
-        if layer.pool:
+        if layer.pool:     # the pool's blocks are a view of the tiles; the pooled pixels back in order
             z, winner = pool_blocks_forward(winograd4_pool_blocks(y))      # (2, 2, n, H/4, W/4, O)
             z = z.transpose(2, 3, 0, 4, 1, 5).reshape(n, H // 2, W // 2, O)
         else:
             z = y.transpose(2, 3, 0, 4, 1, 5).reshape(n, H, W, O)
-        z += b
-        if relu:
-            np.maximum(z, 0, out=z)
-        return z, (core, winner, z if relu else None, w, wt, x.shape, layer)
-    if layer.winograd:
-        core = winograd_input_transform(x)                                  # V (4, 4, n, H/2, W/2, C)
-        z = winograd_output_transform(winograd_products(core, wt))          # (2, 2, n, H/2, W/2, O)
-        if not layer.pool:     # the four members of every 2x2 output tile back to their pixels
-            z = z.transpose(2, 3, 0, 4, 1, 5).reshape(n, H, W, O)
     else:
-        core = im2col_3x3(x, pool_order=layer.pool)                         # cols (n*H*W, 9C)
-        z = (core @ wt).reshape((2, 2, n, H // 2, W // 2, O) if layer.pool else (n, H, W, O))
-    winner = None
-    if layer.pool:
-        z, winner = pool_blocks_forward(z)
+        if layer.winograd:
+            core = winograd_input_transform(x)                              # V (4, 4, n, H/2, W/2, C)
+            z = winograd_output_transform(winograd_products(core, wt))      # (2, 2, n, H/2, W/2, O)
+            if not layer.pool:     # the four members of every 2x2 output tile back to their pixels
+                z = z.transpose(2, 3, 0, 4, 1, 5).reshape(n, H, W, O)
+        else:
+            core = im2col_3x3(x, pool_order=layer.pool)                     # cols (n*H*W, 9C)
+            z = (core @ wt).reshape((2, 2, n, H // 2, W // 2, O) if layer.pool else (n, H, W, O))
+        winner = None
+        if layer.pool:
+            z, winner = pool_blocks_forward(z)
     z += b
     if relu:
         np.maximum(z, 0, out=z)

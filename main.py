@@ -439,7 +439,7 @@ class Trainer:
         self.steps_per_epoch = len(self.train_it)
         self.n_val, self.n_test = len(data['y_val']), len(data['y_test'])
         self.t_start = time.monotonic()
-        self.epoch_times = []          # wall seconds of each epoch this invocation ended (fit_epochs)
+        self.first_epoch = state.epoch    # history[first_epoch:]: the epochs this invocation ended
         self.elapsed_before = state.elapsed_s
         if state.eval_images_per_s:    # measured in an earlier call: reserve evaluation time now
             stopper.reserve_s = self.reserve_s(state.eval_images_per_s)
@@ -551,7 +551,6 @@ class Trainer:
         s.epoch_wall_s, s.epoch_train_s, s.epoch_timed_images = 0.0, 0.0, 0
         s.elapsed_s = record.elapsed_s = self.elapsed()
         s.history.append(record.to_json())
-        self.epoch_times.append(record.epoch_time_s)
         fitted = self.fit_epochs_to_budget()
         self.check_finite_weights()
         save_checkpoint(self.run.file(runfiles.CHECKPOINT_NAME), self.model, self.opt, s, cfg, self.average)
@@ -573,10 +572,11 @@ class Trainer:
         counts from this invocation's start and keeps the final evaluation's reserve.
         Returns the log line saying what was chosen, or None if nothing was."""
         s, cfg, stopper = self.state, self.cfg, self.stopper
+        times = [r['epoch_time_s'] for r in s.history[self.first_epoch:]]
         if (not cfg.fit_epochs or stopper.max_hours is None or s.fitted_epochs is not None
-                or s.epoch < max(1, cfg.warmup_epochs) or s.epoch >= cfg.epochs or not self.epoch_times):
+                or s.epoch < max(1, cfg.warmup_epochs) or s.epoch >= cfg.epochs or not times):
             return None
-        epoch_s = sum(self.epoch_times) / len(self.epoch_times)
+        epoch_s = sum(times) / len(times)
         left_s = stopper.max_hours * 3600.0 - (time.monotonic() - stopper.t_start) - stopper.reserve_s
         most = cfg.epochs
         cfg.epochs = s.fitted_epochs = epochs_that_fit(s.epoch, epoch_s, left_s, most)
