@@ -141,11 +141,13 @@ class Config:
                           f"one of {', '.join(map(str, WHITEN_SIZES))}: the patch size of the frozen "
                           f"patch-whitening first layer, 0 off", since_first_runs=False)
     identity_init: bool = setting(False, lambda v: True, 'true or false', since_first_runs=False)
-    # With --max-hours, the number of epochs that fits the budget, chosen once the warm-up is over
-    # (main.epochs_that_fit): a per-step schedule (triangular, cosine) then ends inside the hour at
-    # this machine's speed instead of being cut off. `epochs` becomes the most the run may train.
-    fit_epochs: bool = setting(False, lambda v: True, 'true or false (with --max-hours: after the warm-up, '
-                               'lower epochs to the number that fits the budget)', since_first_runs=False)
+    # With --max-hours, the number of epochs that fits the budget, chosen when the warm-up is over
+    # and again after every epoch as the host's speed drifts (main.Trainer.fit_epochs_to_budget): a
+    # per-step schedule (triangular, cosine) then ends inside the hour at this machine's speed
+    # instead of being cut off. `epochs` is the most the run may train.
+    fit_epochs: bool = setting(False, lambda v: True, 'true or false (with --max-hours: from the warm-up on, '
+                               'epochs becomes the number that fits the budget, re-chosen after every epoch)',
+                               since_first_runs=False)
     # Not a lever: what the test evaluation writes. The temperature is always fitted and reported;
     # this only adds the calibrated probabilities to predictions.npz (probs_calibrated).
     calibrated_predictions: bool = setting(False, lambda v: True, 'true or false', since_first_runs=False)

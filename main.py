@@ -84,8 +84,11 @@ class TrainState:
     epoch's validation pass: its images per second, each image under that pass's
     views (Config.val_tta_mode; the test-time views in runs without val_views),
     None before the first one; evaluation_reserve_s turns it into the time budget's reserve.
-    fitted_epochs is the number of epochs fit_epochs chose (and wrote into the config's epochs),
-    None before the choice or without it.
+    fitted_epochs is the number of epochs fit_epochs last chose (and wrote into the config's epochs),
+    None before the first choice or without it; most_epochs the configuration's epochs before that
+    first choice, the most a later one may choose; schedule_anchor [global_step, fraction] the step
+    of the last change of plan and the rate there as a fraction of lr, where the rest of the
+    schedule starts (optim.learning_rate's anchor), or None.
     """
     epoch: int = 0
     step: int = 0
@@ -106,6 +109,8 @@ class TrainState:
     epoch_train_s: float = 0.0
     epoch_timed_images: int = 0
     fitted_epochs: int = None
+    most_epochs: int = None
+    schedule_anchor: list = None
 
     @classmethod
     def from_dict(cls, d, cfg=None):
@@ -147,6 +152,15 @@ class TrainState:
                   ('fitted_epochs', lambda: self.fitted_epochs is None or (
                       count(self.fitted_epochs, 1) and (cfg is None or self.fitted_epochs == epochs)),
                    f"null or the configuration's epochs ({epochs})"),
+                  ('most_epochs', lambda: self.most_epochs is None or (
+                      self.fitted_epochs is not None and count(self.most_epochs, 1)
+                      and self.most_epochs >= self.fitted_epochs),
+                   f'null or an integer >= fitted_epochs ({self.fitted_epochs})'),
+                  ('schedule_anchor', lambda: self.schedule_anchor is None or (
+                      self.fitted_epochs is not None and isinstance(self.schedule_anchor, list)
+                      and len(self.schedule_anchor) == 2 and count(self.schedule_anchor[0])
+                      and self.schedule_anchor[0] <= self.global_step and number(self.schedule_anchor[1], 0.0, 1.0)),
+                   'null or [global_step <= the current one, a fraction in [0, 1]] (with fitted_epochs)'),
                   ('stop_reason', lambda: self.stop_reason is None or isinstance(self.stop_reason, str),
                    'null or a string'),
                   ('history', lambda: isinstance(self.history, list) and len(self.history) == self.epoch
@@ -452,8 +466,11 @@ class Trainer:
         return evaluation_reserve_s(self.n_val, self.n_test, self.val_tta, self.cfg.tta_mode(), val_images_per_s,
                                     val_passes=1 if self.average is None else 2)
 
-    def lr(self):
-        return learning_rate(self.cfg, self.state.global_step, self.steps_per_epoch)
+    def lr(self, step=None):
+        """The learning rate of global step ``step`` (the next one by default)."""
+        s = self.state
+        return learning_rate(self.cfg, s.global_step if step is None else step, self.steps_per_epoch,
+                             s.schedule_anchor)
 
     def train(self):
         """Run epochs until the last one or a stop; the state says which."""
@@ -528,7 +545,7 @@ class Trainer:
     def end_epoch(self):
         """Validate, keep best.npz, write ckpt.npz and history.json, log one line."""
         s, cfg = self.state, self.cfg
-        lr = learning_rate(cfg, s.global_step - 1, self.steps_per_epoch)
+        lr = self.lr(s.global_step - 1)
         t_val = time.monotonic()
         val_loss, val_acc, _, _ = evaluate(self.eval_model, self.val_it, self.val_tta)
         s.eval_images_per_s = len(self.val_it.y) / max(1e-9, time.monotonic() - t_val)
@@ -565,24 +582,37 @@ class Trainer:
             self.run.log(fitted)
 
     def fit_epochs_to_budget(self):
-        """With fit_epochs and a time budget, once the warm-up's epochs are done (at least one):
-        lower cfg.epochs to the number that fits the budget (epochs_that_fit), once per run, so the
-        schedule's decay ends before the stop instead of being cut off. The epochs' mean time is
-        that of the ones this invocation ran, validation included; the budget, like the Stopper's,
-        counts from this invocation's start and keeps the final evaluation's reserve.
-        Returns the log line saying what was chosen, or None if nothing was."""
+        """With fit_epochs and a time budget, at the end of every epoch from the warm-up's last (at
+        least the first): choose again how many epochs fit the budget (epochs_that_fit), up to the
+        configuration's own, and make cfg.epochs that number -- lower or higher than the last
+        choice -- so the schedule's decay ends just before the stop at the speed the host has now,
+        instead of being cut off (the host slowed) or leaving time unused (it sped up).
+
+        The rate never jumps: the rest of the schedule starts from the rate the old plan had reached
+        at this step (state.schedule_anchor, optim.learning_rate's anchor). An epoch's time is the
+        mean of this invocation's last FIT_RECENT epochs, validation included; the budget, like the
+        Stopper's, counts from this invocation's start and keeps the final evaluation's reserve.
+        Returns the log line saying what was chosen (the first choice, then each change), or None."""
         s, cfg, stopper = self.state, self.cfg, self.stopper
-        times = [r['epoch_time_s'] for r in s.history[self.first_epoch:]]
-        if (not cfg.fit_epochs or stopper.max_hours is None or s.fitted_epochs is not None
+        times = [r['epoch_time_s'] for r in s.history[self.first_epoch:]][-FIT_RECENT:]
+        if (not cfg.fit_epochs or stopper.max_hours is None
                 or s.epoch < max(1, cfg.warmup_epochs) or s.epoch >= cfg.epochs or not times):
             return None
         epoch_s = sum(times) / len(times)
         left_s = stopper.max_hours * 3600.0 - (time.monotonic() - stopper.t_start) - stopper.reserve_s
-        most = cfg.epochs
-        cfg.epochs = s.fitted_epochs = epochs_that_fit(s.epoch, epoch_s, left_s, most)
-        return (f'fit_epochs: {cfg.epochs} of at most {most} epochs fit the {stopper.max_hours:g} h budget '
+        most = s.most_epochs or cfg.epochs
+        chosen, before, first = epochs_that_fit(s.epoch, epoch_s, left_s, most), cfg.epochs, s.fitted_epochs is None
+        if not first and chosen == before:
+            return None
+        fraction = min(1.0, self.lr(s.global_step) / cfg.lr)      # where the old plan is now
+        s.schedule_anchor = [s.global_step, fraction]
+        cfg.epochs = s.fitted_epochs = chosen
+        s.most_epochs = most
+        change = '' if first else f' (was {before})'
+        return (f'fit_epochs: {chosen} of at most {most} epochs fit the {stopper.max_hours:g} h budget{change} '
                 f'({epoch_s:.0f} s an epoch, {left_s / 60:.1f} min left before the final evaluation, '
-                f'{stopper.reserve_s:.0f} s kept for it); the schedule now ends at epoch {cfg.epochs}')
+                f'{stopper.reserve_s:.0f} s kept for it); the schedule now falls from lr '
+                f'{fraction * cfg.lr:.4g} to {cfg.min_lr:g} at the end of epoch {chosen}')
 
     def divergence_record(self, loss, lr):
         """Where the run diverged, as data (diverged.json; the message is added when it is written):
@@ -630,13 +660,21 @@ def evaluation_reserve_s(n_val, n_test, val_tta, test_tta, val_images_per_s, val
 FIT_MARGIN = 1.03
 
 
+# fit_epochs times an epoch by the mean of this many of the last ones: recent enough to follow
+# the host's speed as it drifts, several so one slow epoch does not decide alone.
+FIT_RECENT = 3
+
+
 def epochs_that_fit(done, epoch_s, left_s, most, margin=FIT_MARGIN):
     """The number of epochs a run with a time budget trains (fit_epochs): the ``done`` ones and
     as many more of ``epoch_s`` seconds each (counted at ``margin`` times that) as fit in the
-    ``left_s`` seconds the budget has before its final evaluation, at most ``most`` in all and
-    at least ``done``."""
+    ``left_s`` seconds the budget has before its final evaluation, at most ``most`` in all.
+
+    At least one more than ``done`` (``done`` < ``most``): a schedule never ends where the rate
+    still is, so when not even one more epoch fits, the last one falls to min_lr and the budget's
+    stop cuts it late in its fall, where the rate is low."""
     more = int(max(0.0, left_s) // (epoch_s * margin)) if epoch_s > 0 else most
-    return max(done, min(most, done + more))
+    return min(most, done + max(1, more))
 
 
 def restart_command(cfg, lr):

@@ -105,7 +105,7 @@ def clip_grad_norm(grads, max_norm):
     return total
 
 
-def learning_rate(cfg, step, steps_per_epoch):
+def learning_rate(cfg, step, steps_per_epoch, anchor=None):
     """Learning rate at global step ``step`` (0-based).
 
     Linear warm-up per step over ``cfg.warmup_epochs`` from lr/W to lr, then
@@ -115,6 +115,12 @@ def learning_rate(cfg, step, steps_per_epoch):
       (airbench's short triangular schedule; with warmup_epochs = 0 a pure linear decay from lr).
     Cosine and triangular reach min_lr at step epochs * steps_per_epoch, one past the last step,
     so the last step still learns a little when min_lr is 0.
+
+    anchor: None, or (global_step, fraction) where a run re-planned its length (fit_epochs changed
+    cfg.epochs at that step, main.Trainer.fit_epochs_to_budget). From that step on, cosine and
+    triangular start again from fraction * lr -- the rate the old plan had reached there -- and fall
+    to min_lr at the end of the new last epoch, so the rate never jumps when the end moves. The
+    fraction is of cfg.lr, so a resume with a new base rate (--lr) scales the rest of the line.
 
     cfg: any object with the attributes lr, schedule, warmup_epochs, decay,
     epochs and min_lr (main.Config is one).
@@ -126,8 +132,11 @@ def learning_rate(cfg, step, steps_per_epoch):
     if cfg.schedule == 'exponential':
         k = step // steps_per_epoch - cfg.warmup_epochs
         return base * cfg.decay ** k
+    start = warmup
+    if anchor is not None and step >= anchor[0]:
+        start, base = anchor[0], base * anchor[1]
     total = cfg.epochs * steps_per_epoch
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, (step - start) / max(1, total - start))
     if cfg.schedule == 'triangular':
         return base + (cfg.min_lr - base) * progress
     return cfg.min_lr + 0.5 * (base - cfg.min_lr) * (1 + math.cos(math.pi * progress))

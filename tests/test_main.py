@@ -291,8 +291,9 @@ def test_a_gated_cell_trains_resumes_and_is_recorded(data_dir, tmp_path, capsys)
 @pytest.mark.parametrize('done, epoch_s, left_s, most, expected', [
     (2, 100.0, 1000.0, 20, 2 + 9),     # 1000 // 103 = 9 more
     (2, 100.0, 1000.0, 8, 8),          # never more than the configured epochs
-    (2, 100.0, 50.0, 20, 2),           # not one more fits: the run ends with the ones done
-    (2, 100.0, -30.0, 20, 2),          # already past the budget
+    (2, 100.0, 50.0, 20, 3),           # not one more fits: one more all the same, cut by the budget
+    (2, 100.0, -30.0, 20, 3),          # already past the budget: the same
+    (19, 100.0, -30.0, 20, 20),        # the last one
     (3, 100.0, 1030.0, 20, 3 + 10),    # exactly ten at the margin
     (1, 0.0, 10.0, 6, 6),              # an epoch measured at 0 s: all of them
 ])
@@ -302,10 +303,12 @@ def test_epochs_that_fit(done, epoch_s, left_s, most, expected):
 
 class StepClock:
     """main.time with a monotonic clock that only a training step moves, by ``step_s`` seconds:
-    epoch times are then exact whatever the machine's speed (8 steps of 10 s = 80 s an epoch)."""
+    epoch times are then exact whatever the machine's speed (8 steps of 10 s = 80 s an epoch).
+    ``speed_change`` {epoch: step_s} changes the step's time from that (0-based) epoch on; ``lrs``
+    collects the rate of every step (the optimizer's)."""
 
     def __init__(self, step_s):
-        self.now, self.step_s = 1000.0, step_s
+        self.now, self.step_s, self.steps, self.speed_change, self.lrs = 1000.0, step_s, 0, {}, []
 
     def monotonic(self):
         return self.now
@@ -317,25 +320,47 @@ class StepClock:
 @pytest.fixture
 def step_clock(monkeypatch):
     clock = StepClock(10.0)
-    real_loss = CNNRNN.loss
+    real_loss, real_step = CNNRNN.loss, main.SGD.step
 
     def timed_loss(self, X, y, **kw):
+        clock.step_s = clock.speed_change.get(clock.steps / STEPS_PER_EPOCH, clock.step_s)
         clock.now += clock.step_s
+        clock.steps += 1
         return real_loss(self, X, y, **kw)
+
+    def recorded_step(self, grads, lr):
+        clock.lrs.append(lr)
+        return real_step(self, grads, lr)
     monkeypatch.setattr(main, 'time', clock)
     monkeypatch.setattr(CNNRNN, 'loss', timed_loss)
+    monkeypatch.setattr(main.SGD, 'step', recorded_step)
     return clock
 
 
 FIT = ['--epochs', '12', '--set', 'schedule=triangular', '--set', 'warmup_epochs=1', '--max-hours', '0.1']
 
 
+def lines_down_to_zero(lrs):
+    """The number of straight lines the per-step rates ``lrs`` fall on, checking that they only
+    fall, that no step falls alone by another amount (a jump where the plan changed would), and
+    that the last step is one step's fall above 0: the last line ends exactly at the run's end."""
+    fall = -np.diff(lrs)
+    assert (fall > 0).all()
+    same = np.isclose(fall[1:], fall[:-1], rtol=1e-6, atol=0)
+    alone = ~np.r_[False, same] & ~np.r_[same, False]
+    assert not alone.any(), f'a jump at step {np.flatnonzero(alone)}'
+    assert lrs[-1] == pytest.approx(fall[-1])
+    return 1 + int((~same).sum())
+
+
 def test_fit_epochs_ends_the_schedule_inside_the_budget(data_dir, tmp_path, step_clock):
     """A 0.1 h budget (360 s) of 80-s epochs: after the warm-up's epoch 3 more fit (280 s left,
     counted at 82.4 s each), so the run trains 4 epochs and its triangular schedule reaches 0 at
-    the end of the 4th, instead of being cut by the budget in its 5th with the rate still high."""
+    the end of the 4th, instead of being cut by the budget in its 5th with the rate still high.
+    At a steady speed the later epochs' choices agree with the first: one line in the log."""
     fitted, cut = tmp_path / 'fitted', tmp_path / 'cut'
     assert train_run(data_dir, fitted, *FIT, '--set', 'fit_epochs=true') == 0
+    lrs, step_clock.lrs = step_clock.lrs, []
     assert train_run(data_dir, cut, *FIT) == 0
     cfg = json.loads((fitted / 'config.json').read_text())
     history = json.loads((fitted / 'history.json').read_text())
@@ -343,12 +368,16 @@ def test_fit_epochs_ends_the_schedule_inside_the_budget(data_dir, tmp_path, step
     assert cfg['epochs'] == 4 and cfg['fit_epochs'] is True and len(history) == 4
     assert m['epochs_done'] == 4 and m['stopped_early'] is False
     state = main.load_checkpoint(fitted / 'ckpt.npz').state
-    assert state.fitted_epochs == 4
+    assert (state.fitted_epochs, state.most_epochs) == (4, 12)
+    assert state.schedule_anchor == [STEPS_PER_EPOCH, 1.0]     # the line from the warm-up's peak
     # The rate of the last step: one step before the line's end at 4 epochs (lr 0.02 by default).
     steps = 4 * STEPS_PER_EPOCH
     assert history[-1]['lr'] == pytest.approx(0.02 * (1 - (steps - 1 - STEPS_PER_EPOCH) / (steps - STEPS_PER_EPOCH)))
+    assert len(lrs) == steps and lrs[-1] == history[-1]['lr']
+    assert lrs[STEPS_PER_EPOCH] == 0.02 and lines_down_to_zero(lrs[STEPS_PER_EPOCH:]) == 1
     log = (fitted / 'train.log').read_text()
     assert log.count('fit_epochs: 4 of at most 12 epochs fit the 0.1 h budget (80 s an epoch') == 1
+    assert log.count('fit_epochs:') == 1
     # Without it the same run is stopped by the budget during its 5th epoch, mid-decay.
     m_cut = json.loads((cut / 'metrics.json').read_text())
     assert m_cut['stopped_early'] is True and m_cut['epochs_done'] == 4
@@ -356,17 +385,79 @@ def test_fit_epochs_ends_the_schedule_inside_the_budget(data_dir, tmp_path, step
     assert 'fit_epochs:' not in (cut / 'train.log').read_text()
 
 
-def test_fit_epochs_is_chosen_once_and_kept_on_resume(data_dir, tmp_path, step_clock):
-    """Stopped in epoch 3 after the choice, the run resumes with the chosen epochs (its checkpoint
-    and config.json agree) and does not choose again, even with a new, longer budget."""
-    out = tmp_path / 'split'
-    assert train_run(data_dir, out, *FIT, '--set', 'fit_epochs=true',
-                     interrupt_after=2 * STEPS_PER_EPOCH + 3) == 0
-    assert json.loads((out / 'config.json').read_text())['epochs'] == 4
-    assert resume(out / 'ckpt.npz', '--max-hours', '10') == 0
-    history = json.loads((out / 'history.json').read_text())
-    assert len(history) == 4 and json.loads((out / 'metrics.json').read_text())['stopped_early'] is False
-    assert (out / 'train.log').read_text().count('fit_epochs:') == 1
+@pytest.mark.parametrize('first_s, later_s, plans, final', [
+    # 80-s epochs, then 40-s ones from the third: 4 fit, then 5 (mean of 80, 80, 40), then 6.
+    (10.0, 5.0, ['4 of at most 12', '5 of at most 12 epochs fit the 0.1 h budget (was 4)',
+                 '6 of at most 12 epochs fit the 0.1 h budget (was 5)'], 6),
+    # 40-s epochs, then 80-s ones from the third: 8 fit, then 6 (mean of 40, 40, 80), then 5.
+    (5.0, 10.0, ['8 of at most 12', '6 of at most 12 epochs fit the 0.1 h budget (was 8)',
+                 '5 of at most 12 epochs fit the 0.1 h budget (was 6)'], 5),
+])
+def test_fit_epochs_follows_the_hosts_speed(data_dir, tmp_path, step_clock, first_s, later_s, plans, final):
+    """The choice is made again after every epoch from the last three epochs' times: a host that
+    speeds up gets more epochs, one that slows down fewer, and each time the rest of the schedule
+    continues from the rate it had reached, down to 0 at the new end, inside the budget."""
+    step_clock.step_s, step_clock.speed_change = first_s, {2: later_s}
+    out = tmp_path / 'drift'
+    assert train_run(data_dir, out, *FIT, '--set', 'fit_epochs=true') == 0
+    log = (out / 'train.log').read_text()
+    assert [line.split('fit_epochs: ')[1] for line in log.splitlines() if 'fit_epochs: ' in line] == [
+        ANY_TAIL(p) for p in plans]
+    cfg = json.loads((out / 'config.json').read_text())
+    state = main.load_checkpoint(out / 'ckpt.npz').state
+    assert cfg['epochs'] == state.fitted_epochs == final and state.most_epochs == 12
+    assert json.loads((out / 'metrics.json').read_text())['stopped_early'] is False
+    lrs = step_clock.lrs
+    assert len(lrs) == final * STEPS_PER_EPOCH and lrs[STEPS_PER_EPOCH] == 0.02
+    # Three lines: from the peak to the first choice's end, re-aimed twice at an epoch's end.
+    assert lines_down_to_zero(lrs[STEPS_PER_EPOCH:]) == 3
+    anchor_step, fraction = state.schedule_anchor
+    assert anchor_step == 4 * STEPS_PER_EPOCH and fraction * 0.02 == pytest.approx(lrs[anchor_step])
+
+
+class ANY_TAIL(str):
+    """Equal to any string that starts with it (a log line's beginning)."""
+
+    def __eq__(self, other):
+        return isinstance(other, str) and other.startswith(self)
+
+    __hash__ = str.__hash__
+
+
+def test_fit_epochs_is_chosen_again_on_resume_from_the_new_budget(data_dir, tmp_path, step_clock):
+    """Stopped in epoch 3 after the choice of 4, the run resumes with them (its checkpoint and
+    config.json agree). Resumed without a budget it keeps them; resumed with a longer one it
+    chooses again after its first epoch, up to the configuration's 12, the rate continuing."""
+    for budget, epochs in (([], 4), (['--max-hours', '10'], 12)):
+        out = tmp_path / f'split{epochs}'
+        assert train_run(data_dir, out, *FIT, '--set', 'fit_epochs=true',
+                         interrupt_after=2 * STEPS_PER_EPOCH + 3) == 0
+        assert json.loads((out / 'config.json').read_text())['epochs'] == 4
+        step_clock.lrs = []
+        assert resume(out / 'ckpt.npz', *budget) == 0
+        history = json.loads((out / 'history.json').read_text())
+        assert len(history) == epochs and json.loads((out / 'metrics.json').read_text())['stopped_early'] is False
+        assert json.loads((out / 'config.json').read_text())['epochs'] == epochs
+        log = (out / 'train.log').read_text()
+        assert log.count('fit_epochs:') == (1 if epochs == 4 else 2)
+        assert lines_down_to_zero(step_clock.lrs) == (1 if epochs == 4 else 2)
+        if epochs == 12:
+            assert 'fit_epochs: 12 of at most 12 epochs fit the 10 h budget (was 4)' in log
+
+
+@pytest.mark.parametrize('fields, wrong', [
+    (dict(fitted_epochs=4, most_epochs=3), 'most_epochs'),                 # a cap below the plan
+    (dict(fitted_epochs=4, schedule_anchor=[9, 0.5]), 'schedule_anchor'),  # anchored in the future
+    (dict(fitted_epochs=4, schedule_anchor=[2, 1.5]), 'schedule_anchor'),  # above the peak
+    (dict(fitted_epochs=4, schedule_anchor=[2]), 'schedule_anchor'),
+    (dict(fitted_epochs=4, schedule_anchor=[2.0, 0.5]), 'schedule_anchor'),
+    (dict(fitted_epochs=4, most_epochs=12, schedule_anchor=[8, 0.5]), None),
+    (dict(fitted_epochs=4), None),      # a checkpoint of a run planned before most_epochs existed
+])
+def test_the_plan_in_a_checkpoint_is_validated(fields, wrong):
+    state = main.TrainState(epoch=1, global_step=8, history=[{}], **fields)
+    problem = state.problem()
+    assert (problem is None) if wrong is None else problem.startswith(wrong + ' = ')
 
 
 def test_fit_epochs_does_nothing_without_a_budget(data_dir, tmp_path, step_clock):

@@ -235,6 +235,8 @@ CHECKPOINT_LIES = {
     'mean of two channels': (dict(state=lambda s: s.update(mean=[0.5, 0.5], std=[0.2, 0.2])), 'mean'),
     'std zero': (dict(state=lambda s: s.update(mean=[0.5] * 3, std=[0.2, 0.0, 0.2])), 'std'),
     'elapsed NaN': (dict(state=_set('elapsed_s', float('nan'))), 'elapsed_s'),
+    'schedule anchor without a plan': (dict(state=_set('schedule_anchor', [0, 0.5])), 'schedule_anchor'),
+    'most epochs without a plan': (dict(state=_set('most_epochs', 30)), 'most_epochs'),
     'dtype complex128': (dict(meta=_set('dtype', 'complex128')), 'complex128'),
     'hidden huge': (dict(meta=_set('hidden', 10 ** 9)), 'hidden'),
     'weights NaN': (dict(arrays=_nan_in('param')), 'not finite'),

@@ -76,3 +76,28 @@ def test_triangular_without_warm_up_is_a_pure_linear_decay_from_lr():
     S = 4
     np.testing.assert_allclose([learning_rate(cfg, s, S) for s in range(20)], 0.1 * (1 - np.arange(20) / 20))
     assert learning_rate(cfg, 20, S) == 0.0
+
+
+def test_an_anchored_schedule_continues_from_the_rate_it_reached():
+    """fit_epochs moves a run's end: from the anchor step the line starts again from the rate
+    reached there (a fraction of lr) and ends at the new last epoch; before it, nothing changes."""
+    S = 10
+    cfg = SimpleNamespace(lr=0.2, warmup_epochs=2, schedule='triangular', decay=0.9, epochs=12, min_lr=0.0)
+    planned = [learning_rate(cfg, step, S) for step in range(12 * S)]
+    # Anchored at the warm-up's end on the peak, the line is the unanchored one, bit for bit.
+    assert [learning_rate(cfg, step, S, anchor=(20, 1.0)) for step in range(12 * S)] == planned
+    # At step 50 the 12-epoch line is at 0.2 * (1 - 30/100) = 0.14; the run now ends after 16 epochs.
+    longer = SimpleNamespace(**{**vars(cfg), 'epochs': 16})
+    lrs = [learning_rate(longer, step, S, anchor=(50, 0.7)) for step in range(16 * S)]
+    assert lrs[:50] == [learning_rate(longer, step, S) for step in range(50)]
+    assert lrs[50] == pytest.approx(0.14) and lrs[-1] == pytest.approx(0.14 / 110)
+    np.testing.assert_allclose(np.diff(lrs[50:]), -0.14 / 110)
+    assert learning_rate(longer, 16 * S, S, anchor=(50, 0.7)) == 0.0
+    # A new base rate (resume --lr) scales the rest of the line; cosine starts from the same rate.
+    assert learning_rate(SimpleNamespace(**{**vars(longer), 'lr': 0.1}), 50, S, anchor=(50, 0.7)) == pytest.approx(0.07)
+    cosine = SimpleNamespace(**{**vars(longer), 'schedule': 'cosine'})
+    assert learning_rate(cosine, 50, S, anchor=(50, 0.7)) == pytest.approx(0.14)
+    assert learning_rate(cosine, 105, S, anchor=(50, 0.7)) == pytest.approx(0.07)
+    # The exponential schedule does not depend on the end: the anchor changes nothing.
+    expo = SimpleNamespace(**{**vars(cfg), 'schedule': 'exponential'})
+    assert learning_rate(expo, 70, S, anchor=(50, 0.7)) == learning_rate(expo, 70, S)
