@@ -670,9 +670,9 @@ def epochs_that_fit(done, epoch_s, left_s, most, margin=FIT_MARGIN):
     as many more of ``epoch_s`` seconds each (counted at ``margin`` times that) as fit in the
     ``left_s`` seconds the budget has before its final evaluation, at most ``most`` in all.
 
-    At least one more than ``done`` (``done`` < ``most``): a schedule never ends where the rate
-    still is, so when not even one more epoch fits, the last one falls to min_lr and the budget's
-    stop cuts it late in its fall, where the rate is low."""
+    At least one more than ``done`` (``done`` < ``most``): a schedule never ends with its rate
+    still high. When not even one more epoch fits, that last epoch still falls to min_lr, and the
+    budget's stop cuts it late in its fall, where the rate is low."""
     more = int(max(0.0, left_s) // (epoch_s * margin)) if epoch_s > 0 else most
     return min(most, done + max(1, more))
 

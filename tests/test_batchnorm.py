@@ -4,7 +4,7 @@ agreement with PyTorch's nn.BatchNorm2d (skipped without torch), dtypes and memo
 import numpy as np
 import pytest
 
-from cnn_rnn_numpy import batchnorm_backward, batchnorm_forward
+from cnn_rnn_numpy import SUM_BLOCK, batchnorm_backward, batchnorm_forward, channel_sum
 from conftest import numeric_gradient, rel_error
 
 RTOL = 1e-7           # bound on the elementwise relative error of every float64 gradient
@@ -146,9 +146,10 @@ def test_float32_stays_float32_and_agrees_with_float64(rng, train):
 
 
 def test_float32_statistics_of_a_large_off_centre_map(rng):
-    """Per-channel sums of a float32 map accumulate in float64: NumPy adds the rows of a
-    column reduction one by one, which in float32 over 16k rows of values ~50 +- 1 shifts
-    the mean by ~1e-4 of the spread, and the normalised output with it."""
+    """Per-channel sums of a float32 map are float32 only within blocks of 64 rows, float64
+    across them (channel_sum): NumPy adds the rows of a column reduction one by one, which in
+    float32 over all 16k rows of values ~50 +- 1 would shift the mean by ~1e-4 of the spread,
+    and the normalised output with it."""
     x = (rng.standard_normal((64, 16, 16, 4)) + 50).astype(np.float32)
     ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
     out, _, m, v = batchnorm_forward(x, ones, zeros, zeros, ones, True, momentum=1.0)
@@ -157,6 +158,24 @@ def test_float32_statistics_of_a_large_off_centre_map(rng):
     np.testing.assert_allclose(v, var_unbiased, rtol=1e-6)
     exact = (x - mean) / np.sqrt(channel_stats(x)[1] + 1e-5)
     np.testing.assert_allclose(out, exact, atol=2e-5)
+
+@pytest.mark.parametrize('rows', [64 * 16 * 16, SUM_BLOCK * 3, 48, 7 * 13, 1])
+def test_channel_sum_is_float64_accurate_for_any_number_of_rows(rng, rows):
+    """Blocks of 64 rows (fewer where 64 does not divide the rows: 16 for 48, 1 for 91, an odd
+    number), float32 inside, float64 across: a sum and a product's sum within 1e-7 of the
+    float64 sums of the same values, with no float32 partial over more than 64 rows."""
+    a = (rng.standard_normal((rows, 5)) + 50).astype(np.float32)
+    b = rng.standard_normal((rows, 5)).astype(np.float32)
+    exact_a, exact_ab = a.astype(np.float64).sum(0), (a.astype(np.float64) * b).sum(0)
+    got_a, got_ab = channel_sum(a), channel_sum(a, b)
+    assert got_a.dtype == got_ab.dtype == np.float64 and got_a.shape == (5,)
+    np.testing.assert_allclose(got_a, exact_a, rtol=1e-7)
+    np.testing.assert_allclose(got_ab, exact_ab, rtol=1e-6, atol=1e-7 * np.abs(a).sum(0).max())
+    # Against the float32 column reduction it replaces: at 16k rows that one is ~100x further off.
+    if rows == 64 * 16 * 16:
+        plain = np.abs(a.sum(0, dtype=np.float32) - exact_a).max()
+        assert np.abs(got_a - exact_a).max() * 20 < plain
+
 
 # --------------------------------------------------------------------------
 # PyTorch's nn.BatchNorm2d (NCHW), same weights, three training steps then eval
