@@ -200,9 +200,9 @@ def maxpool2x2_backward(dout, cache):
 # broadcasting a (C,) vector needs no reshaping. NumPy adds the N*H*W rows of a
 # column reduction one after the other (no pairwise summation across rows),
 # which in float32 loses ~1e-5 relative over a 32k-row batch, and a reduction
-# cast to float64 runs 3-5x slower than one in float32 (the map is converted
-# chunk by chunk). channel_sum takes the middle road: float32 sums of blocks
-# of SUM_BLOCK rows, then float64 across the blocks (~1e-8 relative).
+# cast to float64 runs several times slower than one in float32 (the map is
+# converted chunk by chunk). channel_sum takes the middle road: float32 sums of
+# blocks of SUM_BLOCK rows, then float64 across the blocks (~1e-8 relative).
 
 # Rows per float32 block of channel_sum: short enough for float32, long enough
 # that the float64 sum of the (N*H*W / SUM_BLOCK, C) partial sums is cheap.
