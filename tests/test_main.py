@@ -401,8 +401,8 @@ def test_fit_epochs_follows_the_hosts_speed(data_dir, tmp_path, step_clock, firs
     out = tmp_path / 'drift'
     assert train_run(data_dir, out, *FIT, '--set', 'fit_epochs=true') == 0
     log = (out / 'train.log').read_text()
-    assert [line.split('fit_epochs: ')[1] for line in log.splitlines() if 'fit_epochs: ' in line] == [
-        ANY_TAIL(p) for p in plans]
+    chosen = [line.split('fit_epochs: ')[1] for line in log.splitlines() if 'fit_epochs: ' in line]
+    assert len(chosen) == len(plans) and all(c.startswith(p) for c, p in zip(chosen, plans)), chosen
     cfg = json.loads((out / 'config.json').read_text())
     state = main.load_checkpoint(out / 'ckpt.npz').state
     assert cfg['epochs'] == state.fitted_epochs == final and state.most_epochs == 12
@@ -413,15 +413,6 @@ def test_fit_epochs_follows_the_hosts_speed(data_dir, tmp_path, step_clock, firs
     assert lines_down_to_zero(lrs[STEPS_PER_EPOCH:]) == 3
     anchor_step, fraction = state.schedule_anchor
     assert anchor_step == 4 * STEPS_PER_EPOCH and fraction * 0.02 == pytest.approx(lrs[anchor_step])
-
-
-class ANY_TAIL(str):
-    """Equal to any string that starts with it (a log line's beginning)."""
-
-    def __eq__(self, other):
-        return isinstance(other, str) and other.startswith(self)
-
-    __hash__ = str.__hash__
 
 
 def test_fit_epochs_is_chosen_again_on_resume_from_the_new_budget(data_dir, tmp_path, step_clock):
