@@ -25,11 +25,13 @@ and only the text between them is rewritten. The sources:
                                   (make sweep SWEEP=sweeps/deep-levers-2.json)
     deep-weight-decay docs/results.md <runs>/deep-weight-decay/comparison/comparison.json
                                   (make sweep SWEEP=sweeps/deep-weight-decay.json)
+    deep-head  docs/results.md    <runs>/deep-head/comparison/comparison.json
+                                  (make sweep SWEEP=sweeps/deep-head.json)
 
 compare.py's figures of those comparisons are copied over the ones in docs/
 (claims_test_accuracy.png, claims_val_accuracy.png, levers_test_accuracy.png,
 deep_levers_test_accuracy.png, deep_levers_2_test_accuracy.png,
-deep_weight_decay_test_accuracy.png).
+deep_weight_decay_test_accuracy.png, deep_head_test_accuracy.png).
 A table whose source is missing (no run folders on this machine) is left as it
 is: the pages keep the figures measured earlier, each with the commit it was
 measured at. A run folder does not record the commit of the code that trained
@@ -737,7 +739,10 @@ def plan(runs_dir, commit, root=REPO):
              [('test_accuracy.png', 'docs/deep_levers_2_test_accuracy.png')]),
             (runs_dir / 'deep-weight-decay' / 'comparison' / 'comparison.json',
              [('docs/results.md', 'deep-weight-decay', lambda d, c, s: render_levers(d, c, s, presets))],
-             [('test_accuracy.png', 'docs/deep_weight_decay_test_accuracy.png')])):
+             [('test_accuracy.png', 'docs/deep_weight_decay_test_accuracy.png')]),
+            (runs_dir / 'deep-head' / 'comparison' / 'comparison.json',
+             [('docs/results.md', 'deep-head', lambda d, c, s: render_levers(d, c, s, presets))],
+             [('test_accuracy.png', 'docs/deep_head_test_accuracy.png')])):
         data = read_comparison(source) if source.is_file() else None
         for page, name, render in blocks:
             if data is None:

@@ -330,7 +330,7 @@ def test_the_pages_are_up_to_date_and_kept_without_run_folders(tmp_path, capsys)
     assert tables.main(['--runs', str(tmp_path / 'no-runs'), '--check']) == 0
     out = capsys.readouterr().out
     assert 'README.md presets: rewritten from presets.json' in out
-    assert out.count(': kept') == 10           # every block made from runs (10 of them)
+    assert out.count(': kept') == 11           # every block made from runs (11 of them)
 
 
 def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, single_view=None,
@@ -449,12 +449,19 @@ def fake_runs(tmp_path_factory):
         finished_run(deep_weight_decay, f'deep-seed{seed}', seed, 0.79, preset='deep', **dict(short, weight_decay=5e-4))
         finished_run(deep_weight_decay, f'weight-decay-2.5e-3-seed{seed}', seed, 0.80 + 0.01 * seed, preset='deep',
                      **dict(short, weight_decay=2.5e-3))
+    # The fourth: the recurrent head of the preset as it is, on the second screen's schedule.
+    deep_head = runs / 'deep-head'
+    short = dict(subset=0.2, epochs=5, batch_size=256, lr=0.1, warmup_epochs=1, tta_translate=False)
+    for seed in (0, 1):
+        finished_run(deep_head, f'deep-seed{seed}', seed, 0.68, preset='deep', **short)
+        finished_run(deep_head, f'gru-seed{seed}', seed, 0.69 + 0.01 * seed, preset='deep', **dict(short, cell='gru'))
     procs = [subprocess.Popen([sys.executable, 'compare.py', *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for args in ([str(claims_dir)], [str(levers), '--baseline', str(levers / 'base-s0')],
                           [str(deep_levers), '--baseline', str(deep_levers / 'deep-seed0')],
                           [str(deep_levers_2), '--baseline', str(deep_levers_2 / 'deep-seed0')],
-                          [str(deep_weight_decay), '--baseline', str(deep_weight_decay / 'deep-seed0')])]
+                          [str(deep_weight_decay), '--baseline', str(deep_weight_decay / 'deep-seed0')],
+                          [str(deep_head), '--baseline', str(deep_head / 'deep-seed0')])]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
@@ -471,7 +478,8 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
                'docs/levers_test_accuracy.png': 'levers/comparison/test_accuracy.png',
                'docs/deep_levers_test_accuracy.png': 'deep-levers/comparison/test_accuracy.png',
                'docs/deep_levers_2_test_accuracy.png': 'deep-levers-2/comparison/test_accuracy.png',
-               'docs/deep_weight_decay_test_accuracy.png': 'deep-weight-decay/comparison/test_accuracy.png'}
+               'docs/deep_weight_decay_test_accuracy.png': 'deep-weight-decay/comparison/test_accuracy.png',
+               'docs/deep_head_test_accuracy.png': 'deep-head/comparison/test_accuracy.png'}
     assert sorted(changed) == sorted(['README.md', 'docs/claims.md', 'docs/results.md', *figures])
     assert ': kept' not in capsys.readouterr().out
     for page, source in figures.items():      # compare.py's figures of the same runs, copied
@@ -538,6 +546,11 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
             '--set warmup_epochs=1 --subset 0.5 --set tta_translate=false --seed S` | 2 | 80.50% ± 0.71 '
             '(80.00, 81.00) |') in deep_weight_decay, deep_weight_decay
     assert '+1.50 points' in deep_weight_decay, deep_weight_decay
+    deep_head = tables.read_block(results, 'deep-head', 'docs/results.md')
+    assert ('| cell=gru | `.venv/bin/python main.py --preset deep --epochs 5 --batch-size 256 --lr 0.1 '
+            '--set warmup_epochs=1 --subset 0.2 --cell gru --set tta_translate=false --seed S` | 2 | 69.50% ± 0.71 '
+            '(69.00, 70.00) |') in deep_head, deep_head
+    assert '+1.50 points' in deep_head, deep_head
     best = tables.read_block(results, 'best-runs', 'docs/results.md')
     assert best.startswith('Generated from the `best` runs under') and 'Seed 0: measured at' not in best
     assert '| 0 | 80.00% | 79.50% |' in best and '| 1 | 81.00% | 79.50% |' in best
