@@ -16,6 +16,7 @@ import argparse
 import os
 import shlex
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -162,3 +163,20 @@ def python_command(script, *args, interpreter='python'):
     and any argument that is a Path) made typeable by typed_path, other arguments shell-quoted."""
     words = [typed_path(a) if isinstance(a, Path) else shlex.quote(str(a)) for a in args]
     return ' '.join([interpreter, typed_path(script), *words])
+
+
+def code_commit(folder=Path(__file__).resolve().parent):
+    """The short hash of the git commit checked out in ``folder`` (default: this project's code),
+    with '+changes' when tracked files differ from it; None outside a git work tree or without git.
+
+    main.py records it in each run (metrics.json's code_commits), so that a figure can name the
+    code that measured it; docs/tables.py stamps its tables with it."""
+    def git(*args):
+        return subprocess.run(['git', *args], cwd=folder, capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+    try:
+        rev = git('rev-parse', '--short', 'HEAD')
+        dirty = git('status', '--porcelain', '--untracked-files=no')
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (rev + ('+changes' if dirty else '')) or None

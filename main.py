@@ -88,7 +88,9 @@ class TrainState:
     None before the first choice or without it; most_epochs the configuration's epochs before that
     first choice, the most a later one may choose; schedule_anchor [global_step, fraction] the step
     of the last change of plan and the rate there as a fraction of lr, where the rest of the
-    schedule starts (optim.learning_rate's anchor), or None.
+    schedule starts (optim.learning_rate's anchor), or None. code_commits are the commits of the code
+    that trained and evaluated the run (cli.code_commit), in order, one entry per change of code
+    between invocations; empty outside git and in runs started before they were recorded.
     """
     epoch: int = 0
     step: int = 0
@@ -111,6 +113,7 @@ class TrainState:
     fitted_epochs: int = None
     most_epochs: int = None
     schedule_anchor: list = None
+    code_commits: list = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d, cfg=None):
@@ -163,6 +166,8 @@ class TrainState:
                    'null or [global_step <= the current one, a fraction in [0, 1]] (with fitted_epochs)'),
                   ('stop_reason', lambda: self.stop_reason is None or isinstance(self.stop_reason, str),
                    'null or a string'),
+                  ('code_commits', lambda: isinstance(self.code_commits, list)
+                   and all(isinstance(c, str) for c in self.code_commits), 'a list of commits (strings)'),
                   ('history', lambda: isinstance(self.history, list) and len(self.history) == self.epoch
                    and all(isinstance(r, dict) for r in self.history), 'a list of one record per epoch done'),
                   ('data_fingerprint', lambda: self.data_fingerprint is None or (
@@ -180,6 +185,12 @@ class TrainState:
                 return (f'{key} = {v!r}, which must be null (with mean and std both null) or 3 '
                         f'finite per-channel numbers' + (' above 0' if key == 'std' else ''))
         return None
+
+    def note_code_commit(self):
+        """Add the commit of the code running now to code_commits, unless it is the last one there."""
+        commit = cli.code_commit()
+        if commit and (not self.code_commits or self.code_commits[-1] != commit):
+            self.code_commits.append(commit)
 
     def normalization(self):
         """(mean, std) float32 (3,) arrays, or (None, None) without standardisation."""
@@ -840,7 +851,7 @@ def test_metrics(cfg, state, best, probs, labels, eval_s, label_names):
         test_images_per_s=len(labels) / max(eval_s, 1e-9),
         test_images=int(len(labels)), label_names=list(label_names),
         time_to_val_acc={f'{t:.2f}': time_to_accuracy(state.history, t) for t in TIME_TO_VAL_ACC},
-        data_fingerprint=state.data_fingerprint)
+        data_fingerprint=state.data_fingerprint, code_commits=list(state.code_commits) or None)
 
 
 def viz_command(run_dir):
@@ -1081,6 +1092,7 @@ def new_run(args, overrides, stopper):
     opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov, names=model.trained_names())
     average = WeightAverage(model.params, cfg.ema) if cfg.ema else None
     state = TrainState(mean=mean, std=std, data_fingerprint=data['fingerprint'])
+    state.note_code_commit()
     # From here on a signal stops the run at its next step, with a resumable checkpoint.
     stopper.begin('training')
     run = new_run_folder(args.out, cfg.preset)
@@ -1128,6 +1140,7 @@ def resume_run(args, stopper):
             runfiles.write_config(run.path, cfg.to_dict())
             run.log(f"resume changes: {'; '.join(changes + (['data fingerprint recorded'] if adopted else []))}")
         forget_crash(run)
+        state.note_code_commit()
         if state.epoch >= cfg.epochs:
             stopper.begin('evaluation')
             final_evaluation(cfg, run, averaged_model(model, average), state, data,

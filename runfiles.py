@@ -759,7 +759,8 @@ class Metrics:
     'validation': {'images', 'nll', 'nll_calibrated'}}, each report metrics.calibration_report of the
     test predictions before and after dividing their log-probabilities by T. test_loss and ece stay
     the raw figures (the method's). time_to_val_acc, data_fingerprint, temperature and calibration
-    are absent (None) in runs of earlier versions.
+    are absent (None) in runs of earlier versions. code_commits: the commits of the code that trained
+    and evaluated the run, in order (cli.code_commit; None outside git and in earlier runs).
     """
     test_loss: float
     test_acc: float
@@ -784,6 +785,7 @@ class Metrics:
     tta: str = None
     temperature: float = None
     calibration: dict = None
+    code_commits: list = None
 
     @staticmethod
     def rules(n_classes):
@@ -809,6 +811,8 @@ class Metrics:
             'temperature': (_or_null(_temperature), 'a finite temperature above 0 (or null)'),
             'calibration': (_or_null(_calibration), 'null or the raw and calibrated reports of '
                                                     'metrics.calibration_report'),
+            'code_commits': (_or_null(lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)),
+                             'null or a list of commits'),
             'per_class_acc': (_or_null(_table((c,), 'iuf', upper=1)), f'a list of {c} fractions in [0, 1]'),
             'confusion_matrix': (_or_null(_table((c, c), 'iu')), f'a {c} x {c} table of counts >= 0'),
         }

@@ -17,26 +17,21 @@ and only the text between them is rewritten. The sources:
     deep-runs  docs/results.md    the same for the `deep` preset
     claims     docs/claims.md     <runs>/claims/comparison/comparison.json   (make claims writes it)
     cells      docs/claims.md     the same file: the `pixels` RNN against the GRU and the LSTM
-    levers     docs/results.md    <runs>/levers/comparison/comparison.json
-                                  (make sweep SWEEP=sweeps/levers.json writes it)
-    deep-levers docs/results.md   <runs>/deep-levers/comparison/comparison.json
-                                  (make sweep SWEEP=sweeps/deep-levers.json)
-    deep-levers-2 docs/results.md <runs>/deep-levers-2/comparison/comparison.json
-                                  (make sweep SWEEP=sweeps/deep-levers-2.json)
-    deep-weight-decay docs/results.md <runs>/deep-weight-decay/comparison/comparison.json
-                                  (make sweep SWEEP=sweeps/deep-weight-decay.json)
-    deep-head  docs/results.md    <runs>/deep-head/comparison/comparison.json
-                                  (make sweep SWEEP=sweeps/deep-head.json)
+    levers, deep-levers, deep-levers-2, deep-weight-decay, deep-head   (LEVER_SCREENS)
+               docs/results.md    <runs>/NAME/comparison/comparison.json of the screen NAME
+                                  (make sweep SWEEP=sweeps/NAME.json writes it)
 
 compare.py's figures of those comparisons are copied over the ones in docs/
-(claims_test_accuracy.png, claims_val_accuracy.png, levers_test_accuracy.png,
-deep_levers_test_accuracy.png, deep_levers_2_test_accuracy.png,
-deep_weight_decay_test_accuracy.png, deep_head_test_accuracy.png).
+(claims_test_accuracy.png, claims_val_accuracy.png, and NAME_test_accuracy.png of each
+screen, with its dashes as underscores: deep_head_test_accuracy.png).
 A table whose source is missing (no run folders on this machine) is left as it
 is: the pages keep the figures measured earlier, each with the commit it was
-measured at. A run folder does not record the commit of the code that trained
-it, so a generated row names the commit given by --commit (default: HEAD when
-the tables are made, marked `+changes` when tracked files differ from it).
+measured at. A generated row (or a block from a comparison) names the commits its
+runs record (metrics.json's code_commits, main.py's); for runs that record none
+(those trained before it was recorded), the commit given by --commit (default: HEAD
+when the tables are made, marked `+changes` when tracked files differ from it) --
+unless it says what the page already says: a row, or a block's "Measured at"
+sentence, whose figures are unchanged keeps the commit the page gives it.
 
 --check writes nothing and exits 1 if a page would change (0 if none would).
 Exit code 2: a page without its markers, a source that is not what compare.py
@@ -47,7 +42,6 @@ import dataclasses
 import json
 import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -55,7 +49,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import config                       # noqa: E402  (the repository's modules, found through REPO)
+import cli                          # noqa: E402  (the repository's modules, found through REPO)
+import config                       # noqa: E402
 import runfiles                     # noqa: E402
 from metrics import time_to_accuracy  # noqa: E402
 from config import Config, flag_name  # noqa: E402
@@ -72,6 +67,16 @@ HEADLINE_COMMANDS = {'fast': 'main.py --preset fast --subset 0.4 --max-hours 1',
 # credits should make the runs worse (or, for clipping, make them diverge).
 EXPECTED = {'no-weight-decay': 'worse', 'no-warmup': 'worse', 'constant-lr': 'worse',
             'no-augmentation': 'worse', 'flat': 'worse', 'no-clipping': 'diverges'}
+
+
+# The lever screens: each a sweep sweeps/NAME.json whose comparison (<runs>/NAME/comparison/) fills the
+# block NAME of docs/results.md and the figure docs/NAME_test_accuracy.png (dashes as underscores).
+LEVER_SCREENS = ('levers', 'deep-levers', 'deep-levers-2', 'deep-weight-decay', 'deep-head')
+
+
+def screen_figure(name):
+    """The figure in docs/ of the lever screen ``name``: 'deep-head' -> 'docs/deep_head_test_accuracy.png'."""
+    return f"docs/{name.replace('-', '_')}_test_accuracy.png"
 
 
 class SourceError(Exception):
@@ -325,9 +330,33 @@ def finished_runs(runs_dir, commit, budget_stops=False):
             continue
         if metrics.get('stopped_early') and not (budget_stops and 'time budget' in str(metrics.get('stop_reason'))):
             continue
-        run_commit = raw.get('commit') or metrics.get('commit') or commit
+        run_commit = run_commits(metrics) or commit
         runs.append({'path': folder, 'config': cfg, 'metrics': metrics, 'commit': str(run_commit)})
     return runs
+
+
+def run_commits(metrics):
+    """'08486c4' (or '08486c4, 62bfb8b' for a run resumed under other code): the commits a run's
+    metrics.json records (code_commits, main.py's); None for a run that records none."""
+    commits = metrics.get('code_commits') if isinstance(metrics, dict) else None
+    if not isinstance(commits, list) or not commits or not all(isinstance(c, str) for c in commits):
+        return None
+    return ', '.join(dict.fromkeys(commits))
+
+
+def comparison_commits(data):
+    """The commits of the runs of a comparison.json, when every run records them; else None."""
+    commits = []
+    for v in data['variants']:
+        for r in v['runs']:
+            try:
+                recorded = run_commits(runfiles.read_json(Path(r['path']) / runfiles.METRICS_NAME))
+            except runfiles.RunFileError:
+                return None
+            if recorded is None:
+                return None
+            commits.extend(recorded.split(', '))
+    return ', '.join(dict.fromkeys(commits)) or None
 
 
 def runs_of_preset(runs, name, presets):
@@ -671,14 +700,7 @@ def shown(path):
 
 def head_commit():
     """HEAD's short hash, with '+changes' when tracked files differ from it; 'unknown' without git."""
-    try:
-        rev = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return 'unknown'
-    return rev + ('+changes' if dirty else '')
+    return cli.code_commit(REPO) or 'unknown'
 
 
 def plan(runs_dir, commit, root=REPO):
@@ -723,36 +745,50 @@ def plan(runs_dir, commit, root=REPO):
                 f'rewritten from the runs under {shown(calib_dir)}' if calibration
                 else f'kept: no run with a temperature under {shown(calib_dir)}'))
 
-    for source, blocks, figures in (
-            (runs_dir / 'claims' / 'comparison' / 'comparison.json',
-             [('docs/claims.md', 'claims', render_claims), ('docs/claims.md', 'cells', render_cells)],
-             [('test_accuracy.png', 'docs/claims_test_accuracy.png'),
-              ('val_accuracy.png', 'docs/claims_val_accuracy.png')]),
-            (runs_dir / 'levers' / 'comparison' / 'comparison.json',
-             [('docs/results.md', 'levers', lambda d, c, s: render_levers(d, c, s, presets))],
-             [('test_accuracy.png', 'docs/levers_test_accuracy.png')]),
-            (runs_dir / 'deep-levers' / 'comparison' / 'comparison.json',
-             [('docs/results.md', 'deep-levers', lambda d, c, s: render_levers(d, c, s, presets))],
-             [('test_accuracy.png', 'docs/deep_levers_test_accuracy.png')]),
-            (runs_dir / 'deep-levers-2' / 'comparison' / 'comparison.json',
-             [('docs/results.md', 'deep-levers-2', lambda d, c, s: render_levers(d, c, s, presets))],
-             [('test_accuracy.png', 'docs/deep_levers_2_test_accuracy.png')]),
-            (runs_dir / 'deep-weight-decay' / 'comparison' / 'comparison.json',
-             [('docs/results.md', 'deep-weight-decay', lambda d, c, s: render_levers(d, c, s, presets))],
-             [('test_accuracy.png', 'docs/deep_weight_decay_test_accuracy.png')]),
-            (runs_dir / 'deep-head' / 'comparison' / 'comparison.json',
-             [('docs/results.md', 'deep-head', lambda d, c, s: render_levers(d, c, s, presets))],
-             [('test_accuracy.png', 'docs/deep_head_test_accuracy.png')])):
+    # compare.py's comparisons: the claims suite's (two blocks of docs/claims.md) and each lever screen's.
+    def render_screen(data, commit, source):
+        return render_levers(data, commit, source, presets)
+    comparisons = [(runs_dir / 'claims' / 'comparison' / 'comparison.json',
+                    [('docs/claims.md', 'claims', render_claims), ('docs/claims.md', 'cells', render_cells)],
+                    [('test_accuracy.png', 'docs/claims_test_accuracy.png'),
+                     ('val_accuracy.png', 'docs/claims_val_accuracy.png')])]
+    comparisons += [(runs_dir / name / 'comparison' / 'comparison.json',
+                     [('docs/results.md', name, render_screen)],
+                     [('test_accuracy.png', screen_figure(name))]) for name in LEVER_SCREENS]
+    for source, blocks, figures in comparisons:
         data = read_comparison(source) if source.is_file() else None
         for page, name, render in blocks:
             if data is None:
                 out.append((page, name, None, f'kept: {shown(source)} not found'))
             else:
-                out.append((page, name, render(data, commit, source), f'rewritten from {shown(source)}'))
+                out.append((page, name, render(data, comparison_commits(data) or commit, source),
+                            f'rewritten from {shown(source)}'))
         for figure, page in figures:
             if data is not None and (source.parent / figure).is_file():
                 out.append((page, None, source.parent / figure, f'copied from {shown(source.parent / figure)}'))
     return out
+
+
+MEASURED_AT = re.compile(r'Measured at [^\s;,]+')
+
+
+def with_earlier_commits(body, stored):
+    """``body`` with the commits that ``stored`` (the block on the page) gives to what body repeats:
+    the whole stored block if only its "Measured at <commit>" differs, else each table row whose cells
+    but the last equal a stored row's, in a table whose last column is the commit ('measured at').
+
+    A run folder does not say which commit trained it, so a block made again from the same runs
+    would otherwise be stamped with today's --commit; the page's commit is the one they were
+    measured at."""
+    body, stored = body.strip('\n'), stored.strip('\n')
+    if MEASURED_AT.sub('Measured at ?', body) == MEASURED_AT.sub('Measured at ?', stored):
+        return stored
+    lines = [line for line in body.splitlines() if line.startswith('|')]
+    if not lines or row_cells(lines[0])[-1].lower() != 'measured at':
+        return body
+    earlier = {tuple(row_cells(line)[:-1]): line for line in stored.splitlines() if line.startswith('|')}
+    return '\n'.join(earlier.get(tuple(row_cells(line)[:-1]), line) if line.startswith('|') else line
+                     for line in body.splitlines())
 
 
 def apply(plan_items, root=REPO, check=False, log=print):
@@ -775,7 +811,7 @@ def apply(plan_items, root=REPO, check=False, log=print):
         if body is None:
             block_span(text, name, page)          # the markers must be there all the same
         else:
-            texts[page] = write_block(text, name, body, page)
+            texts[page] = write_block(text, name, with_earlier_commits(body, read_block(text, name, page)), page)
         log(f'{page} {name}: {what}')
     for page, text in texts.items():
         if text != (root / page).read_text(encoding='utf-8'):

@@ -330,7 +330,9 @@ def test_the_pages_are_up_to_date_and_kept_without_run_folders(tmp_path, capsys)
     assert tables.main(['--runs', str(tmp_path / 'no-runs'), '--check']) == 0
     out = capsys.readouterr().out
     assert 'README.md presets: rewritten from presets.json' in out
-    assert out.count(': kept') == 11           # every block made from runs (11 of them)
+    # Every block made from runs: the headline, the preset tables, calibration, the claims suite's two
+    # and one for each lever screen (11 in all).
+    assert out.count(': kept') == 1 + len(tables.PRESET_RUN_TABLES) + 1 + 2 + len(tables.LEVER_SCREENS) == 11
 
 
 def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, single_view=None,
@@ -474,12 +476,10 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
 
     changed = tables.apply(tables.plan(fake_runs, 'abc1234', root=root), root=root, log=print)
     figures = {'docs/claims_test_accuracy.png': 'claims/comparison/test_accuracy.png',
-               'docs/claims_val_accuracy.png': 'claims/comparison/val_accuracy.png',
-               'docs/levers_test_accuracy.png': 'levers/comparison/test_accuracy.png',
-               'docs/deep_levers_test_accuracy.png': 'deep-levers/comparison/test_accuracy.png',
-               'docs/deep_levers_2_test_accuracy.png': 'deep-levers-2/comparison/test_accuracy.png',
-               'docs/deep_weight_decay_test_accuracy.png': 'deep-weight-decay/comparison/test_accuracy.png',
-               'docs/deep_head_test_accuracy.png': 'deep-head/comparison/test_accuracy.png'}
+               'docs/claims_val_accuracy.png': 'claims/comparison/val_accuracy.png'}
+    figures.update({tables.screen_figure(name): f'{name}/comparison/test_accuracy.png'
+                    for name in tables.LEVER_SCREENS})
+    assert figures['docs/deep_head_test_accuracy.png'] == 'deep-head/comparison/test_accuracy.png'
     assert sorted(changed) == sorted(['README.md', 'docs/claims.md', 'docs/results.md', *figures])
     assert ': kept' not in capsys.readouterr().out
     for page, source in figures.items():      # compare.py's figures of the same runs, copied
@@ -562,8 +562,40 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
                 f'| {DEEP_STOP}, {100 * 0.94 * DEEP_STOP / DEEP_EPOCHS:.2f}% | abc1234 |' in deep), deep
     assert 'validation 85% reached | validation 90% reached' in deep
 
-    # Run again: nothing changes; --check agrees.
+    # Run again: nothing changes, even at a later commit (the same runs keep the commit they were
+    # measured at); a block whose runs changed takes the new one.
     assert tables.apply(tables.plan(fake_runs, 'abc1234', root=root), root=root, log=lambda _: None) == []
+    assert tables.apply(tables.plan(fake_runs, 'fff9999', root=root), root=root, log=lambda _: None) == []
+    assert 'fff9999' not in (root / 'docs/results.md').read_text(encoding='utf-8')
+
+
+def test_a_block_made_again_from_the_same_runs_keeps_its_commit():
+    stored = 'Measured at abc1234; generated from `runs/x`.\n\n| lever | acc |\n| --- | --- |\n| a | 1% |'
+    assert tables.with_earlier_commits(stored.replace('abc1234', 'fff9999'), stored) == stored
+    changed = stored.replace('abc1234', 'fff9999').replace('1%', '2%')
+    assert tables.with_earlier_commits(changed, stored) == changed
+    # A table with a commit column: the unchanged row keeps its commit, the changed one takes the new.
+    header = '| seed | acc | measured at |\n| --- | --- | --- |\n'
+    stored = 'Generated.\n\n' + header + '| 0 | 88.52% | cbf94df (re-measure) |\n| 1 | 89.00% | 08486c4 |'
+    made = 'Generated.\n\n' + header + '| 0 | 88.52% | fff9999 |\n| 1 | 90.00% | fff9999 |'
+    assert tables.with_earlier_commits(made, stored).splitlines()[-2:] == [
+        '| 0 | 88.52% | cbf94df (re-measure) |', '| 1 | 90.00% | fff9999 |']
+    # Without a commit column a row's last cell is a figure: a changed one is never taken back.
+    stored = 'Generated.\n\n| lever | against |\n| --- | --- |\n| a | +1.00 |'
+    made = 'Generated.\n\n| lever | against |\n| --- | --- |\n| a | +2.00 |'
+    assert tables.with_earlier_commits(made, stored) == made
+
+
+def test_every_lever_screen_has_its_sweep_block_and_figure():
+    # Every sweep file but the claims suite's (docs/claims.md) is a screen whose table is on the page.
+    assert sorted(p.stem for p in (REPO_ROOT / 'sweeps').glob('*.json') if p.stem != 'claims') == sorted(
+        tables.LEVER_SCREENS)
+    results = (DOCS / 'results.md').read_text(encoding='utf-8')
+    for name in tables.LEVER_SCREENS:
+        assert (REPO_ROOT / 'sweeps' / f'{name}.json').is_file(), name
+        tables.read_block(results, name, 'docs/results.md')
+        assert (REPO_ROOT / tables.screen_figure(name)).is_file(), name
+        assert f'({tables.screen_figure(name)[len("docs/"):]})' in results, name
 
 
 def test_a_seed_without_a_run_here_keeps_its_row_and_counts_in_the_mean(tmp_path):
@@ -602,6 +634,25 @@ def test_a_seed_without_a_run_here_keeps_its_row_and_counts_in_the_mean(tmp_path
     deep = tables.read_block(results.read_text(encoding='utf-8'), 'deep-runs', 'docs/results.md')
     assert [r[:2] for r in tables.table_rows(deep)][:2] == [['0', '91.00%'], ['1', '90.00%']]
     assert '88.52%' not in deep and 'measured before' not in deep
+
+
+def test_a_run_that_records_its_commits_is_stamped_with_them(tmp_path):
+    root = copy_of_the_pages(tmp_path)
+    runs = tmp_path / 'runs'
+    recorded = finished_run(runs, 'deep-seed5', 5, 0.90, preset='deep', wall_time_s=3300.0,
+                            single_view={'test_acc': 0.89, 'test_loss': 0.3, 'ece': 0.040})
+    older = finished_run(runs, 'deep-seed6', 6, 0.91, preset='deep', wall_time_s=3300.0,
+                         single_view={'test_acc': 0.89, 'test_loss': 0.3, 'ece': 0.040})
+    metrics = json.loads((recorded / 'metrics.json').read_text())
+    runfiles.write_json(recorded / 'metrics.json', dict(metrics, code_commits=['1111111', '2222222+changes']))
+    tables.apply(tables.plan(runs, 'abc1234', root=root), root=root, log=lambda _: None)
+    deep = tables.read_block((root / 'docs/results.md').read_text(encoding='utf-8'), 'deep-runs', 'docs/results.md')
+    rows = {r[0]: r for r in tables.table_rows(deep)}
+    assert rows['5'][-1] == '1111111, 2222222+changes' and rows['6'][-1] == 'abc1234', deep
+    # A comparison's block names its runs' commits only if every run records them.
+    assert tables.comparison_commits({'variants': [{'runs': [{'path': str(recorded)}]}]}) == (
+        '1111111, 2222222+changes')
+    assert tables.comparison_commits({'variants': [{'runs': [{'path': str(recorded)}, {'path': str(older)}]}]}) is None
 
 
 def test_a_page_without_its_markers_or_a_bad_comparison_is_one_sentence(fake_runs, tmp_path, capsys):

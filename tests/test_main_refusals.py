@@ -237,6 +237,7 @@ CHECKPOINT_LIES = {
     'elapsed NaN': (dict(state=_set('elapsed_s', float('nan'))), 'elapsed_s'),
     'schedule anchor without a plan': (dict(state=_set('schedule_anchor', [0, 0.5])), 'schedule_anchor'),
     'most epochs without a plan': (dict(state=_set('most_epochs', 30)), 'most_epochs'),
+    'code commits a string': (dict(state=_set('code_commits', 'abc1234')), 'code_commits'),
     'dtype complex128': (dict(meta=_set('dtype', 'complex128')), 'complex128'),
     'hidden huge': (dict(meta=_set('hidden', 10 ** 9)), 'hidden'),
     'weights NaN': (dict(arrays=_nan_in('param')), 'not finite'),
@@ -303,6 +304,42 @@ def test_a_resume_on_other_images_is_refused(stopped, finished, data_dir, other_
     one_sentence_error(cli('--resume', run, '--data-dir', other_data_dir, *extra),
                        'not the ones', '--data-dir')
     assert snapshot(run) == before
+
+
+@pytest.mark.parametrize('recorded', [None, ['0000000'], ['NOW']])
+def test_a_run_records_the_commits_of_its_code(stopped, tmp_path, recorded):
+    """A run records the commit of the code that started it; a resume under other code adds its
+    own, under the same code nothing; a checkpoint from before the record (no key) starts it."""
+    now = main.cli.code_commit()
+    assert now is not None, 'the tests run in a git checkout of the project'
+    run = copy_run(stopped, tmp_path / 'run')
+    assert main.load_checkpoint(run / 'ckpt.npz').state.code_commits == [now]
+    if recorded is None:
+        rewrite_checkpoint(run / 'ckpt.npz', state=lambda s: s.pop('code_commits') and None)
+    else:
+        rewrite_checkpoint(run / 'ckpt.npz', state=_set('code_commits', [now if c == 'NOW' else c for c in recorded]))
+    proc = cli('--resume', run)
+    assert proc.returncode == 0, proc.stderr
+    expected = {None: [now], ('0000000',): ['0000000', now], ('NOW',): [now]}[recorded and tuple(recorded)]
+    assert json.loads((run / 'metrics.json').read_text())['code_commits'] == expected
+    assert main.load_checkpoint(run / 'ckpt.npz').state.code_commits == expected
+
+
+def test_code_commit_names_the_checkout_and_its_changes(tmp_path):
+    assert main.cli.code_commit(tmp_path) is None             # not a git work tree
+    def git(*args):
+        return subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', *args], cwd=tmp_path,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    git('init', '-q')
+    (tmp_path / 'a.py').write_text('x = 1\n')
+    git('add', 'a.py')
+    git('commit', '-q', '-m', 'one')
+    head = git('rev-parse', '--short', 'HEAD')
+    assert main.cli.code_commit(tmp_path) == head
+    (tmp_path / 'notes.txt').write_text('untracked files do not count')
+    assert main.cli.code_commit(tmp_path) == head
+    (tmp_path / 'a.py').write_text('x = 2\n')
+    assert main.cli.code_commit(tmp_path) == head + '+changes'
 
 
 def test_the_same_images_in_another_folder_are_accepted_and_recorded(stopped, data_dir, tmp_path):
