@@ -165,9 +165,15 @@ def python_command(script, *args, interpreter='python'):
     return ' '.join([interpreter, typed_path(script), *words])
 
 
+# The commit of the code, for a copy of it outside git: sweep.py sets it for the runs it sends to
+# Ray, whose workers run the project from a copy (Ray's working_dir) that has no .git.
+CODE_COMMIT_ENV = 'CNNRNN_CODE_COMMIT'
+
+
 def code_commit(folder=Path(__file__).resolve().parent):
     """The short hash of the git commit checked out in ``folder`` (default: this project's code),
-    with '+changes' when tracked files differ from it; None outside a git work tree or without git.
+    with '+changes' when tracked files differ from it; outside a git work tree (or without git)
+    the environment's CNNRNN_CODE_COMMIT, else None.
 
     main.py records it in each run (metrics.json's code_commits), so that a figure can name the
     code that measured it; docs/tables.py stamps its tables with it."""
@@ -178,5 +184,5 @@ def code_commit(folder=Path(__file__).resolve().parent):
         rev = git('rev-parse', '--short', 'HEAD')
         dirty = git('status', '--porcelain', '--untracked-files=no')
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get(CODE_COMMIT_ENV) or None
     return (rev + ('+changes' if dirty else '')) or None

@@ -1025,6 +1025,9 @@ def start_ray(address, cpus):
     if address:
         check_listening(address)
     runtime_env = {'working_dir': str(REPO), 'excludes': RAY_EXCLUDES}
+    commit = cli.code_commit(REPO)
+    if commit:      # the copy in working_dir has no .git: its runs record this commit all the same
+        runtime_env['env_vars'] = {cli.CODE_COMMIT_ENV: commit}
     try:
         # 'local': a new instance even when RAY_ADDRESS is set or `ray start` left a cluster here
         # (ray.init(address=None) would join that one, and refuse num_cpus).
