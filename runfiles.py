@@ -626,6 +626,10 @@ def _single_view(v):
             and _or_null(_at_least_0)(v.get('test_loss')))
 
 
+def _texts(v):
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
 def _times(v):
     return isinstance(v, dict) and all(isinstance(k, str) and _or_null(_at_least_0)(x) for k, x in v.items())
 
@@ -802,8 +806,7 @@ class Metrics:
             'stopped_early': (lambda v: v is None or isinstance(v, bool), 'true or false'),
             **dict.fromkeys(('stop_reason', 'evaluated'), TEXT_OR_NULL),
             'test_images': (_or_null(lambda v: _count(v) and v > 0), 'a number of test images or null'),
-            'label_names': (_or_null(lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)),
-                            'a list of class names'),
+            'label_names': (_or_null(_texts), 'a list of class names'),
             'time_to_val_acc': (_or_null(_times), 'null or {accuracy: seconds or null}'),
             'single_view': (_or_null(_single_view), 'null or test_acc, ece (fractions in [0, 1]) and test_loss'),
             'tta': (_or_null(lambda v: v in TTA_MODES), f"null or one of {', '.join(map(repr, TTA_MODES))}"),
@@ -811,8 +814,7 @@ class Metrics:
             'temperature': (_or_null(_temperature), 'a finite temperature above 0 (or null)'),
             'calibration': (_or_null(_calibration), 'null or the raw and calibrated reports of '
                                                     'metrics.calibration_report'),
-            'code_commits': (_or_null(lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)),
-                             'null or a list of commits'),
+            'code_commits': (_or_null(_texts), 'null or a list of commits'),
             'per_class_acc': (_or_null(_table((c,), 'iuf', upper=1)), f'a list of {c} fractions in [0, 1]'),
             'confusion_matrix': (_or_null(_table((c, c), 'iu')), f'a {c} x {c} table of counts >= 0'),
         }

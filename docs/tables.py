@@ -330,32 +330,33 @@ def finished_runs(runs_dir, commit, budget_stops=False):
             continue
         if metrics.get('stopped_early') and not (budget_stops and 'time budget' in str(metrics.get('stop_reason'))):
             continue
-        run_commit = run_commits(metrics) or commit
+        run_commit = ', '.join(dict.fromkeys(recorded_commits(metrics) or [commit]))
         runs.append({'path': folder, 'config': cfg, 'metrics': metrics, 'commit': str(run_commit)})
     return runs
 
 
-def run_commits(metrics):
-    """'08486c4' (or '08486c4, 62bfb8b' for a run resumed under other code): the commits a run's
-    metrics.json records (code_commits, main.py's); None for a run that records none."""
+def recorded_commits(metrics):
+    """The commits a run's metrics.json records (code_commits, main.py's: more than one for a run
+    resumed under other code), or None for a run that records none."""
     commits = metrics.get('code_commits') if isinstance(metrics, dict) else None
     if not isinstance(commits, list) or not commits or not all(isinstance(c, str) for c in commits):
         return None
-    return ', '.join(dict.fromkeys(commits))
+    return commits
 
 
 def comparison_commits(data):
-    """The commits of the runs of a comparison.json, when every run records them; else None."""
+    """'08486c4, 62bfb8b': the commits of the runs of a comparison.json, when every run records
+    them; else None."""
     commits = []
     for v in data['variants']:
         for r in v['runs']:
             try:
-                recorded = run_commits(runfiles.read_json(Path(r['path']) / runfiles.METRICS_NAME))
+                recorded = recorded_commits(runfiles.read_json(Path(r['path']) / runfiles.METRICS_NAME))
             except runfiles.RunFileError:
                 return None
             if recorded is None:
                 return None
-            commits.extend(recorded.split(', '))
+            commits += recorded
     return ', '.join(dict.fromkeys(commits)) or None
 
 
@@ -777,9 +778,9 @@ def with_earlier_commits(body, stored):
     the whole stored block if only its "Measured at <commit>" differs, else each table row whose cells
     but the last equal a stored row's, in a table whose last column is the commit ('measured at').
 
-    A run folder does not say which commit trained it, so a block made again from the same runs
-    would otherwise be stamped with today's --commit; the page's commit is the one they were
-    measured at."""
+    Runs from before main.py recorded code_commits do not say which commit trained them, so a block
+    made again from them would otherwise be stamped with today's --commit; the page's commit is the
+    one they were measured at."""
     body, stored = body.strip('\n'), stored.strip('\n')
     if MEASURED_AT.sub('Measured at ?', body) == MEASURED_AT.sub('Measured at ?', stored):
         return stored
