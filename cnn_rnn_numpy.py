@@ -50,7 +50,7 @@ The public parameter shapes stay those of common frameworks (conv weights
 ``(O, I, kH, kW)``, cross-correlation); the README lists them.
 """
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -495,19 +495,42 @@ def backbone_layers(widths, convs_per_block, batchnorm, in_channels=IMAGE_SHAPE[
     to pay); after the patch-whitening layer (in_channels = 2P = 24 or 54) Winograd's pays too
     (1.1x and 1.4x faster in one timing of conv1's forward and backward, and 2.25x less cache).
     With large_tiles (every backbone but the method's, which keeps its numbers bit for bit),
-    maps of 16x16 and more use F(4x4, 3x3), whose products are fewer and take less memory
-    (fast_layers, "Winograd's F(4x4, 3x3)"); smaller maps keep F(2x2, 3x3).
+    every map whose side is divisible by 4 uses F(4x4, 3x3), whose products are fewer and take
+    less memory (fast_layers, "Winograd's F(4x4, 3x3)"), and the maps of 8x8 and less run in
+    micro-batches of 4 x CONV_CHUNK images (``ConvLayer.chunk_scale``): the matrix products of 16
+    images are too small there to run at BLAS speed. ``benchmarks/conv_tiles.py`` times each
+    choice; for deep (batch 512, forward + backward, 2 threads, idle, median of 5): conv3 at
+    16x16 452 ms with 16 images, 474 with 32, 489 with 64 (F(2x2): 614); conv4 at 8x8 477 ms by
+    F(2x2) with 16 images, 393 by F(4x4) with 16, 340 with 64; conv6 at 4x4 199 ms by F(2x2) with
+    16, 163 with 64, 143 by F(4x4) with 64.
     """
     layers, k, side = [], 0, IMAGE_SIDE
     for _ in widths:
         for j in range(convs_per_block):
             k += 1
             winograd = (k > 1 or in_channels > IMAGE_SHAPE[0]) and side % 2 == 0
-            tile = 4 if winograd and large_tiles and side >= 16 and side % 4 == 0 else 2
-            layers.append(ConvLayer(k=k, pool=(j == 0), bn=bool(batchnorm), winograd=winograd, tile=tile))
+            tile = 4 if winograd and large_tiles and side % 4 == 0 else 2
+            chunk_scale = 4 if large_tiles and side <= 8 else 1
+            layers.append(ConvLayer(k=k, pool=(j == 0), bn=bool(batchnorm), winograd=winograd, tile=tile,
+                                    chunk_scale=chunk_scale))
             if j == 0:
                 side //= 2
     return layers
+
+
+def layers_for_side(layers, side):
+    """``layers`` (made for IMAGE_SIDE) on images of another side: F(4x4, 3x3) needs map sides
+    divisible by 4, so a layer whose map is not falls back to F(2x2, 3x3) (the same convolution,
+    other rounding). The images of the 'pixels' layout and of the small models in tests may be
+    smaller than 32x32."""
+    if side == IMAGE_SIDE:
+        return layers
+    sized = []
+    for layer in layers:
+        sized.append(replace(layer, tile=2) if layer.tile == 4 and side % 4 else layer)
+        if layer.pool:
+            side //= 2
+    return sized
 
 
 def backbone_stages(layers, train):
@@ -530,7 +553,8 @@ def backbone_forward(x, p, layers, train, momentum=0.1, eps=1e-5, chunk=None, wh
     - layers: ``backbone_layers(...)``
     - train: BatchNorm with the batch's statistics (and new running ones), else the running ones
     - momentum, eps: BatchNorm's, as torch.nn.BatchNorm2d
-    - chunk: images per micro-batch (default fast_layers.CONV_CHUNK)
+    - chunk: images per micro-batch (default fast_layers.CONV_CHUNK), times the chunk_scale of
+      a stage's first layer
     - whiten: the patch-whitening layer p['whiten_W'] (``whiten_forward``) first. It runs inside
       each micro-batch of the first stage, so its map (2P channels at full size, the model's
       largest) never exists for the whole batch and its work is spread over the workers.
@@ -542,11 +566,14 @@ def backbone_forward(x, p, layers, train, momentum=0.1, eps=1e-5, chunk=None, wh
       with BatchNorm; else empty), new arrays: the caller decides when they replace p's
     """
     chunk = chunk or fast_layers.CONV_CHUNK
+    layers = layers_for_side(layers, x.shape[1])
     weights = {layer.k: conv_layer_weights(p[f'conv{layer.k}_W'], layer.winograd, layer.tile) for layer in layers}
     h, caches, running = x, [], {}
     for stage in backbone_stages(layers, train):
-        def micro_batch(start, h=h, stage=stage, first_stage=not caches):
-            out, layer_caches = h[start:start + chunk], []
+        stage_chunk = chunk * stage[0].chunk_scale
+
+        def micro_batch(start, h=h, stage=stage, first_stage=not caches, stage_chunk=stage_chunk):
+            out, layer_caches = h[start:start + stage_chunk], []
             if whiten and first_stage:
                 out, _ = whiten_forward(out, p['whiten_W'])
             for layer in stage:
@@ -560,7 +587,7 @@ def backbone_forward(x, p, layers, train, momentum=0.1, eps=1e-5, chunk=None, wh
                     np.maximum(out, 0, out=out)
                 layer_caches.append((conv_cache, bn_cache, out if bn_cache is not None else None))
             return out, layer_caches
-        results = map_on_threads(micro_batch, range(0, h.shape[0], chunk))
+        results = map_on_threads(micro_batch, range(0, h.shape[0], stage_chunk))
         h = np.concatenate([out for out, _ in results])
         synced = None
         last = stage[-1]
@@ -570,9 +597,9 @@ def backbone_forward(x, p, layers, train, momentum=0.1, eps=1e-5, chunk=None, wh
                 h, p[f'bn{k}_gamma'], p[f'bn{k}_beta'], p[f'bn{k}_mean'], p[f'bn{k}_var'], True, momentum, eps)
             np.maximum(h, 0, out=h)           # BN's output is new; its cache holds x-hat, not this
             synced = (bn_cache, h)
-        caches.append((stage, [c for _, c in results], synced))
+        caches.append((stage, stage_chunk, [c for _, c in results], synced))
     # The whitening layer's backward needs only the images and its filters (``whiten_forward``).
-    return h, (caches, chunk, layers[0].k, (x, p['whiten_W']) if whiten else None), running
+    return h, (caches, layers[0].k, (x, p['whiten_W']) if whiten else None), running
 
 
 def backbone_backward(dmap, cache, input_grad=False):
@@ -592,9 +619,9 @@ def backbone_backward(dmap, cache, input_grad=False):
       the whitening layer is frozen, and only an input gradient passes through it)
     - dx: (N, S, S, 3), or None without input_grad
     """
-    caches, chunk, first, whiten_cache = cache
+    caches, first, whiten_cache = cache
     grads, d = {}, dmap
-    for stage, chunk_caches, synced in reversed(caches):
+    for stage, chunk, chunk_caches, synced in reversed(caches):
         if synced is not None:
             bn_cache, relu_out = synced
             k = stage[-1].k
@@ -612,7 +639,7 @@ def backbone_backward(dmap, cache, input_grad=False):
         results = map_on_threads(micro_batch, range(len(chunk_caches)))
         grads.update({name: sum_in_order([g[name] for _, g in results]) for name in results[0][1]})
         d = np.concatenate([dx for dx, _ in results]) if results[0][0] is not None else None
-    tiles = {f'conv{layer.k}_U': layer.tile for stage, _, _ in caches for layer in stage}
+    tiles = {f'conv{layer.k}_U': layer.tile for stage, _, _, _ in caches for layer in stage}
     for name in [n for n in grads if n.endswith('_U')]:
         # The kernel transform is linear: transform the summed dU back once.
         grads[name[:-1] + 'W'] = winograd_kernel_transform_backward(grads.pop(name), tiles[name])

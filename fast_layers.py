@@ -621,12 +621,16 @@ class ConvLayer:
     - bn: a BatchNorm follows (after the pool), then the ReLU; without it the ReLU follows at once
     - winograd: computed by Winograd rather than im2col (the map's sides must be divisible by tile)
     - tile: with winograd, F(2x2, 3x3) (2) or F(4x4, 3x3) (4)
+    - chunk_scale: its micro-batches hold chunk_scale x CONV_CHUNK images. Small maps take larger
+      micro-batches: at 8x8 and 4x4 the matrix products of 16 images are too small to run at
+      BLAS speed (cnn_rnn_numpy.backbone_layers gives the timings)
     """
     k: int
     pool: bool
     bn: bool
     winograd: bool
     tile: int = 2
+    chunk_scale: int = 1
 
 
 def conv_layer_weights(w, winograd, tile=2):

@@ -34,7 +34,7 @@ measured in this one invocation:
    even maps run by Winograd (all but a first convolution that reads the
    3-channel image itself; after whitening conv1 does too: each layer's
    ``winograd`` flag says): F(2x2, 3x3), 2.25x fewer multiplications than the
-   direct convolution, or on maps of 16x16 and more F(4x4, 3x3), 4x fewer
+   direct convolution, or on maps of 8x8 and more F(4x4, 3x3), 4x fewer
    (the layer's ``tile``), so this *effective* rate may exceed the GEMM peak; the
    products Winograd actually executes are counted on a line of their own.
    Then a profile by phase: the whitening layer's forward, every

@@ -6,6 +6,7 @@ A default model must stay the method's: its names, shapes and order are checked 
 benchmarks/ab_identical.py checks it bit for bit against an earlier revision."""
 import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -152,9 +153,11 @@ def test_model_gradient_check(rng, batchnorm, monkeypatch):
 
 def test_model_gradient_check_through_large_winograd_tiles(rng, monkeypatch):
     """32x32 images: conv2 and conv3 run on 16x16 maps, by F(4x4, 3x3) (conv3 pooled), conv4 on
-    8x8 by F(2x2, 3x3); every parameter's and the input's gradient checked in float64."""
+    8x8 by F(4x4, 3x3) too, in micro-batches of 4 x CONV_CHUNK images; every parameter's and the
+    input's gradient checked in float64."""
     m = perturbed(CNNRNN(batchnorm=True, **SMALL), rng)
-    assert [(layer.winograd, layer.tile) for layer in m.layers] == [(False, 2), (True, 4), (True, 4), (True, 2)]
+    assert [(layer.winograd, layer.tile, layer.chunk_scale) for layer in m.layers] == [
+        (False, 2, 1), (True, 4, 1), (True, 4, 1), (True, 4, 4)]
     X, y = images(rng, n=3, side=32)
     monkeypatch.setattr(F, 'CONV_CHUNK', 2)
     check_model_gradients(m, X, y, rng, RTOL)
@@ -182,10 +185,50 @@ def test_the_methods_backbone_keeps_small_tiles_and_any_other_takes_large_ones_o
     method = CNNRNN(hidden=8)
     assert all(layer.tile == 2 for layer in method.layers)
     deep = CNNRNN(widths=[8, 16, 16], convs_per_block=2, batchnorm=True, hidden=8)
-    assert [(layer.winograd, layer.tile) for layer in deep.layers] == [
-        (False, 2), (True, 4), (True, 4), (True, 2), (True, 2), (True, 2)]
+    # conv1-conv3 at 32x32 and 16x16, conv4 and conv5 at 8x8, conv6 at 4x4 (one tile an image):
+    # the maps of 8x8 and less in micro-batches four times as large.
+    assert [(layer.winograd, layer.tile, layer.chunk_scale) for layer in deep.layers] == [
+        (False, 2, 1), (True, 4, 1), (True, 4, 1), (True, 4, 4), (True, 4, 4), (True, 4, 4)]
+    assert all(layer.chunk_scale == 1 for layer in method.layers)
     whitened = CNNRNN(widths=[8, 16], whiten=2, batchnorm=True, hidden=8)
     assert [(layer.winograd, layer.tile) for layer in whitened.layers] == [(True, 4), (True, 4)]
+
+
+def test_smaller_images_fall_back_to_small_tiles_where_a_map_side_is_not_divisible_by_4(rng):
+    """The layers are made for 32x32 images; on 8x8 ones conv4's map is 2x2, which F(4x4, 3x3)
+    cannot tile: it runs F(2x2, 3x3) there, and the model's outputs are the plain layers'."""
+    m = CNNRNN(batchnorm=True, **SMALL)
+    assert M.layers_for_side(m.layers, 32) is m.layers
+    assert [layer.tile for layer in M.layers_for_side(m.layers, 8)] == [2, 4, 4, 2]
+    assert [layer.tile for layer in M.layers_for_side(m.layers, 16)] == [2, 4, 4, 4]
+    X, _ = images(rng, n=2)
+    fmap, _, _ = M.backbone_forward(X.transpose(0, 2, 3, 1), m.params, m.layers, train=False)
+    plain = M.backbone_forward(X.transpose(0, 2, 3, 1), m.params,
+                               [F.ConvLayer(k=l.k, pool=l.pool, bn=l.bn, winograd=False) for l in m.layers],
+                               train=False)[0]
+    np.testing.assert_allclose(fmap, plain, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('chunk', [1, 2])
+def test_larger_micro_batches_on_small_maps_change_only_rounding(rng, monkeypatch, chunk):
+    """chunk_scale cuts the stages of 8x8 and 4x4 maps into fewer, larger micro-batches: the
+    loss, every gradient and the running statistics are those of equal micro-batches (float64,
+    32x32 images, 9 of them: with CONV_CHUNK 2 the conv4 stage runs as 8 + 1 images)."""
+    monkeypatch.setattr(F, 'CONV_CHUNK', chunk)
+    X, y = images(rng, n=9, side=32)
+    m = perturbed(CNNRNN(batchnorm=True, **SMALL), rng)
+    stats = {k: v.copy() for k, v in m.params.items() if M.is_running_statistic(k)}
+    l_a, g_a = m.loss(X, y)
+    after_a = {k: m.params[k].copy() for k in stats}
+    for k in stats:
+        m.params[k][:] = stats[k]
+    m.layers = [replace(layer, chunk_scale=1) for layer in m.layers]
+    l_b, g_b = m.loss(X, y)
+    assert l_a == pytest.approx(l_b, rel=1e-12)
+    for k in g_a:
+        np.testing.assert_allclose(g_a[k], g_b[k], rtol=1e-9, atol=1e-13, err_msg=k)
+    for k in stats:
+        np.testing.assert_allclose(after_a[k], m.params[k], rtol=1e-12, err_msg=k)
 
 
 def test_running_statistics_move_in_loss_only(rng):

@@ -124,8 +124,8 @@ def test_deep_step_counts_the_flops_of_the_method_and_of_a_deep_backbone():
     f = deep_step.step_flops(model)
     assert f['forward'] == sum(convs) + rnn + head
     assert f['total'] == 3 * (sum(convs) + rnn + head) - convs[0]        # no input gradient for conv1
-    # conv2 and conv3 run on 16x16 maps by F(4x4, 3x3) (4x fewer products), conv4 on 8x8 by F(2x2, 3x3).
-    saved = 3 * (convs[1] + convs[2]) * (1 - 1 / 4) + 3 * convs[3] * (1 - 1 / 2.25)
+    # conv2 and conv3 (16x16) and conv4 (8x8) run by F(4x4, 3x3): 4x fewer products.
+    saved = 3 * (convs[1] + convs[2] + convs[3]) * (1 - 1 / 4)
     assert np.isclose(f['executed'], f['total'] - saved)
     assert f['whiten_forward'] == 0
 
@@ -149,8 +149,8 @@ def test_deep_step_counts_the_whitening_layer_in_the_forward_only(k):
     assert (f['total'] - f['forward']) - (f0['total'] - f0['forward']) == conv1(2 * P) - conv1(3)
     assert whitened.layers[0].winograd and not plain.layers[0].winograd
     convs = [conv1(2 * P), 2 * 16 * 16 * 8 * 8 * 9, 2 * 16 * 16 * 16 * 8 * 9, 2 * 8 * 8 * 16 * 16 * 9]
-    # conv1 (32x32), conv2 and conv3 (16x16) by F(4x4, 3x3), conv4 (8x8) by F(2x2, 3x3).
-    winograd = (2 * convs[0] + 3 * convs[1] + 3 * convs[2]) * (1 - 1 / 4) + 3 * convs[3] * (1 - 1 / 2.25)
+    # conv1 (32x32), conv2 and conv3 (16x16) and conv4 (8x8), all by F(4x4, 3x3).
+    winograd = (2 * convs[0] + 3 * convs[1] + 3 * convs[2] + 3 * convs[3]) * (1 - 1 / 4)
     assert np.isclose(f['executed'], f['total'] - winograd)
 
 
@@ -277,3 +277,26 @@ def test_deep_step_runs_on_a_tiny_backbone_and_prints_positive_figures(torch_too
         numbers = deep_step_numbers(out, rf'step time numpy/torch \({re.escape(label)}\): train {DEEP_STEP_NUMBER}x, '
                                          rf'inference {DEEP_STEP_NUMBER}x')
         assert all(v > 0 for v in numbers), out
+
+
+def test_conv_tiles_lists_deep_s_winograd_layers_and_marks_the_models_choice():
+    """Every Winograd convolution of deep with its input side and channels; a tiny run prints each
+    tile and micro-batch size (the choice of backbone_layers is marked when among them); an unknown preset
+    is refused in one line, exit 2."""
+    conv_tiles = load('conv_tiles')
+    shapes = conv_tiles.layer_shapes(config.load_presets()['deep'])
+    assert [(layer.k, side, C, O) for layer, side, C, O in shapes] == [
+        (2, 16, 64, 64), (3, 16, 64, 256), (4, 8, 256, 256), (5, 8, 256, 256), (6, 4, 256, 256)]
+    cmd = [sys.executable, str(BENCHMARKS / 'conv_tiles.py'), '--batch', '4', '--chunks', '2', '4',
+           '--repeats', '1']
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=BENCHMARKS.parent,
+                          env=dict(os.environ, CNNRNN_THREADS='1'))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len([line for line in lines if line.startswith('conv')]) == 5
+    # Every map's side (16, 8, 4) is divisible by 4: both tiles, 2 micro-batch sizes each.
+    assert len([line for line in lines if line.startswith('  F(')]) == 5 * 2 * 2
+    refused = subprocess.run(cmd + ['--preset', 'nope'], capture_output=True, text=True, cwd=BENCHMARKS.parent)
+    assert refused.returncode == 2 and refused.stdout == ''
+    assert refused.stderr.strip() == ("conv_tiles: error: unknown preset 'nope'; choose one of "
+                                      f"{', '.join(config.load_presets())} (presets.json)")
