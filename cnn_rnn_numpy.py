@@ -8,6 +8,7 @@ Architecture (one image of shape (3, 32, 32)):
         'pixels': T=64 steps (row-major positions), D=64 channels
         'rows':   T=8 steps (one per row),          D=512 = 8 cols x 64 channels
         'flat':   T=1 step (the whole map),         D=4096 (no recurrence: a pure CNN)
+        'rowmax': T=8 steps (one per row),          D=64, each row max-pooled over its columns
     a tanh RNN (or GRU, LSTM), H=128 units, h_0 = 0    h_T (128,)
     affine H->10, softmax cross-entropy
 
@@ -66,8 +67,10 @@ from runfiles import RunFileError, read_npz, write_npz
 FORMAT_VERSION = 1
 # How the pooled 8x8x64 map is read: 64 steps of 64 channels, 8 steps of one
 # row each, or 'flat', the whole map as one step (with h_0 = 0 the cell is then
-# one hidden layer and W_hh is never read: the pure-CNN baseline).
-SEQ_LAYOUTS = ('pixels', 'rows', 'flat')
+# one hidden layer and W_hh is never read: the pure-CNN baseline), or 'rowmax', one step a row
+# as 'rows' but each row max-pooled over its columns (airbench's head pools the whole map to one
+# pixel; this keeps the rows as the sequence and pools only across them).
+SEQ_LAYOUTS = ('pixels', 'rows', 'flat', 'rowmax')
 MODEL_DTYPES = ('float32', 'float64')   # float32 to train, float64 for gradient checks
 RNN_INITS = ('xavier', 'orthogonal')
 # The recurrent cells (CELL_TABLE, CELLS, CELL_GATES) are registered after their functions, below.
@@ -657,7 +660,7 @@ def sequence_length_and_size(layout, rows=8, cols=8, channels=64):
     """(T, D) of the sequence read from a (rows, cols, channels) map.
 
     'pixels': (rows*cols, channels); 'rows': (rows, cols*channels);
-    'flat': (1, rows*cols*channels), the whole map as a single step.
+    'flat': (1, rows*cols*channels), the whole map as a single step; 'rowmax': (rows, channels).
     """
     if layout == 'pixels':
         return rows * cols, channels
@@ -665,6 +668,8 @@ def sequence_length_and_size(layout, rows=8, cols=8, channels=64):
         return rows, cols * channels
     if layout == 'flat':
         return 1, rows * cols * channels
+    if layout == 'rowmax':
+        return rows, channels
     raise ValueError(f'unknown sequence layout {layout!r}; use one of {SEQ_LAYOUTS}')
 
 
@@ -676,20 +681,34 @@ def map_to_sequence(F, layout):
     - layout: 'pixels' -> (N, R*Cc, K), step t = row*Cc + col, features = channels;
               'rows'   -> (N, R, Cc*K), step t = row, features ordered col*K + channel;
               'flat'   -> (N, 1, R*Cc*K), one step, features ordered
-                          row*Cc*K + col*K + channel.
+                          row*Cc*K + col*K + channel;
+              'rowmax' -> (N, R, K), step t = row, feature k = the largest of channel k over
+                          the row's columns.
 
     Returns:
-    - x: (N, T, D). With NHWC every layout is a reshape of the same memory.
+    - x: (N, T, D). With NHWC every layout but 'rowmax' is a reshape of the same memory.
     """
     N, R, Cc, K = F.shape
     T, D = sequence_length_and_size(layout, R, Cc, K)
+    if layout == 'rowmax':
+        return F.max(axis=2)
     return F.reshape(N, T, D)
 
 
-def sequence_to_map(dx, layout, map_shape):
-    """Inverse of ``map_to_sequence`` for the backward pass: (N, T, D) -> (N, R, Cc, K)."""
+def sequence_to_map(dx, layout, F):
+    """Backward of ``map_to_sequence``: dx (N, T, D) -> dF (N, R, Cc, K), F the map it read.
+
+    The reshapes put dx back where it came from; 'rowmax' passes each gradient to the column
+    that held the row's maximum (the first, on a tie: after a ReLU the only ties are at 0,
+    whose gradient the ReLU stops anyway) and zero to the others.
+    """
     sequence_length_and_size(layout)  # validates the layout name
-    return dx.reshape(map_shape)
+    if layout == 'rowmax':
+        dF = np.zeros_like(F, dtype=dx.dtype)
+        winner = F.argmax(axis=2)[:, :, None, :]                       # (N, R, 1, K)
+        np.put_along_axis(dF, winner, dx[:, :, None, :], axis=2)
+        return dF
+    return dx.reshape(F.shape)
 
 
 # --------------------------------------------------------------------------
@@ -1225,14 +1244,14 @@ class CNNRNN:
     files, while a new model's dict holds them in the order they are drawn at initialisation,
     which the gradients and the optimizer follow); convolutions numbered K = 1, 2, ... through
     all blocks, O_K their widths, I_K their inputs (3 for the first); H = hidden; D = C
-    ('pixels'), R*C ('rows') or R*R*C ('flat'); G = the cell's gate blocks (``CELL_TABLE``:
+    ('pixels', 'rowmax'), R*C ('rows') or R*R*C ('flat'); G = the cell's gate blocks (``CELL_TABLE``:
     1 'rnn', 3 'gru', 4 'lstm'):
       convK_W (O_K, I_K, 3, 3), convK_b (O_K,), and with batchnorm bnK_gamma, bnK_beta,
       bnK_mean, bnK_var (O_K,), for each K in turn;
       W_xh (D, G*H), W_hh (H, G*H), b_h (G*H,), W_ho (H, 10), b_o (10,),
       then the cell's extra parameters (b_hn (H,) for 'gru').
     The method's: conv1_W (64, 3, 3, 3), conv1_b (64,), conv2_W (64, 64, 3, 3), conv2_b (64,),
-    then the recurrent ones with D = 64 ('pixels'), 512 ('rows') or 4096 ('flat').
+    then the recurrent ones with D = 64 ('pixels', 'rowmax'), 512 ('rows') or 4096 ('flat').
 
     Patch whitening (whiten = k, 2 or 3; 0 is the method's none), airbench's frozen first layer:
     P = 3*k*k, a parameter whiten_W (2P, 3, k, k) comes first of all (before conv1_W), and conv1
@@ -1417,7 +1436,7 @@ class CNNRNN:
         seq = map_to_sequence(fmap, self.seq_layout)                     # (N,T,D)
         h_T, c_rnn = recurrent_forward(seq, p, self.cell)                # (N,H)
         logits, c_out = affine_forward(h_T, p['W_ho'], p['b_o'])         # (N,10)
-        return logits, h_T, (c_conv, fmap.shape, c_rnn, c_out), running
+        return logits, h_T, (c_conv, fmap, c_rnn, c_out), running
 
     def loss(self, X, y, input_grad=False, details=False, label_smoothing=0.0):
         """Loss and gradients on a batch.
@@ -1442,14 +1461,14 @@ class CNNRNN:
         - details: {'logits', 'data_loss'}, only when details is True
         """
         p = self.params
-        logits, _, (c_conv, map_shape, c_rnn, c_out), running = self._forward(X, train=True)
+        logits, _, (c_conv, fmap, c_rnn, c_out), running = self._forward(X, train=True)
         for name, value in running.items():
             # In place: whoever holds the arrays (the optimizer's dict, a test) sees the new values.
             np.copyto(p[name], value)
         data_loss, dlogits = softmax_loss(logits, np.asarray(y), smoothing=label_smoothing)
         dh, dW_ho, db_o = affine_backward(dlogits, c_out)
         rnn_grads, dseq = recurrent_backward(dh, c_rnn, self.cell)
-        dmap = sequence_to_map(dseq, self.seq_layout, map_shape)
+        dmap = sequence_to_map(dseq, self.seq_layout, fmap)
         if self.method_backbone:
             conv_grads, dx = conv_stack_backward(dmap, c_conv, input_grad=input_grad)
         else:

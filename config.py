@@ -86,7 +86,8 @@ class Config:
     seq_layout: str = setting('pixels', lambda v: v in SEQ_LAYOUTS, f'one of {list(SEQ_LAYOUTS)}',
                               flag="how the 8x8x64 map is read: 'pixels' = 64 steps x 64 features, "
                                    "'rows' = 8 steps x 512 features, 'flat' = 1 step x 4096 features "
-                                   "(no recurrence: the pure-CNN baseline)")
+                                   "(no recurrence: the pure-CNN baseline), 'rowmax' = 8 steps x 64 "
+                                   "features, each row max-pooled over its columns")
     rnn_init: str = setting('orthogonal', lambda v: v in RNN_INITS, f'one of {list(RNN_INITS)}',
                             flag=f"W_hh initialisation, one of {', '.join(RNN_INITS)}")
     hidden: int = setting(128, lambda v: v > 0, 'a positive integer')

@@ -369,7 +369,8 @@ def torch_model(widths, convs_per_block, batchnorm, layout, cell, hidden, whiten
 
         def forward(self, x):
             f = self.backbone(x).permute(0, 2, 3, 1)        # (N, R, R, C): NHWC, as the NumPy model
-            _, h = self.rnn(f.reshape(x.shape[0], T, D))
+            seq = f.amax(dim=2) if layout == 'rowmax' else f.reshape(x.shape[0], T, D)
+            _, h = self.rnn(seq)
             if cell == 'lstm':
                 h = h[0]
             return self.head(h[-1])

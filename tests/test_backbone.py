@@ -99,7 +99,7 @@ def test_names_shapes_and_order_of_a_configurable_backbone():
                           big.params['conv6_W'])
 
 
-@pytest.mark.parametrize('layout, T, D', [('pixels', 16, 8), ('rows', 4, 32), ('flat', 1, 128)])
+@pytest.mark.parametrize('layout, T, D', [('pixels', 16, 8), ('rows', 4, 32), ('flat', 1, 128), ('rowmax', 4, 8)])
 def test_the_layouts_read_the_last_map_at_its_own_size(rng, layout, T, D):
     """Three blocks leave a 4x4 map of widths[-1] = 8 channels: T and D as DESIGN.md gives them."""
     m = CNNRNN(seq_layout=layout, widths=[4, 4, 8], hidden=5, dtype=np.float64)

@@ -231,12 +231,21 @@ def test_sequence_layouts_follow_the_design(rng, layout):
     elif layout == 'rows':
         assert seq.shape == (2, 8, 512)
         assert seq[1, row, col * 64 + ch] == F_nchw[1, ch, row, col]
-    else:
+    elif layout == 'flat':
         assert seq.shape == (2, 1, 4096)
         assert seq[1, 0, row * 512 + col * 64 + ch] == F_nchw[1, ch, row, col]
+    else:
+        assert seq.shape == (2, 8, 64)
+        assert seq[1, row, ch] == F_nchw[1, ch, row, :].max()
     assert M.sequence_length_and_size(layout) == seq.shape[1:]
-    back = M.sequence_to_map(seq, layout, (2, 8, 8, 64))
-    np.testing.assert_array_equal(back.transpose(0, 3, 1, 2), F_nchw)
+    F_nhwc = np.ascontiguousarray(F_nchw.transpose(0, 2, 3, 1))
+    back = M.sequence_to_map(seq, layout, F_nhwc)
+    if layout == 'rowmax':
+        # Each row's maximum gets its gradient (here: the maximum itself), every other pixel 0.
+        winners = F_nchw == F_nchw.max(axis=3, keepdims=True)
+        np.testing.assert_array_equal(back.transpose(0, 3, 1, 2), np.where(winners, F_nchw, 0))
+    else:
+        np.testing.assert_array_equal(back.transpose(0, 3, 1, 2), F_nchw)
     with pytest.raises(ValueError, match='layout'):
         M.map_to_sequence(F_nchw, 'columns')
 
@@ -294,7 +303,7 @@ def small_batch(rng, n=2, dtype=np.float64):
 @pytest.mark.parametrize('layout', M.SEQ_LAYOUTS)
 def test_parameter_names_and_shapes(layout):
     m = CNNRNN(seq_layout=layout)
-    D = {'pixels': 64, 'rows': 512, 'flat': 4096}[layout]
+    D = {'pixels': 64, 'rows': 512, 'flat': 4096, 'rowmax': 64}[layout]
     expected = {'conv1_W': (64, 3, 3, 3), 'conv1_b': (64,), 'conv2_W': (64, 64, 3, 3),
                 'conv2_b': (64,), 'W_xh': (D, 128), 'W_hh': (128, 128), 'b_h': (128,),
                 'W_ho': (128, 10), 'b_o': (10,)}
