@@ -3,7 +3,8 @@ choose_jobs picks runs x threads within the CPUs, two runs at a time give exactl
 one at a time, the progress, the results and the comparison against the sweep's baseline, a
 second pass that runs nothing, SIGTERM to a sweep of two running runs, and the project's own
 sweep files (sweeps/claims.json, sweeps/levers.json, sweeps/deep-levers.json,
-sweeps/deep-levers-2.json, sweeps/deep-weight-decay.json, sweeps/deep-head.json).
+sweeps/deep-levers-2.json, sweeps/deep-weight-decay.json, sweeps/deep-head.json,
+sweeps/deep-head-2.json).
 
 The runs are real main.py processes on a tiny synthetic archive (90 training images, 1 epoch);
 the sweeps whose comparison another test checks replace compare.main by a recorder, to keep the
@@ -526,6 +527,9 @@ DEEP_LEVERS_2_OPTIONS = {
     ('deep-head', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
                           '--set tta_translate=false', 'deep',
      {'deep': '', 'hidden-512': '--set hidden=512', 'gru': '--cell gru', 'lstm': '--cell lstm'}),
+    ('deep-head-2', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
+                            '--set tta_translate=false', 'deep',
+     {'deep': '', 'flat': '--seq-layout flat', 'rowmax': '--seq-layout rowmax'}),
 ])
 def test_the_project_sweep_files_load_and_plan_the_expected_commands(tmp_path, name, preset, protocol, baseline,
                                                                      options):
