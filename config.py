@@ -269,6 +269,15 @@ def load_presets(path=None):
             for name, preset in presets.items()}
 
 
+def load_preset(name, hint='presets.json'):
+    """The preset ``name`` of presets.json as a Config; ConfigError (one sentence, ending in the
+    hint of where to look) if presets.json has no such preset or cannot be read."""
+    presets = load_presets()
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)} ({hint})")
+    return presets[name]
+
+
 # --------------------------------------------------------------------------
 # Command-line options made from the fields
 # --------------------------------------------------------------------------

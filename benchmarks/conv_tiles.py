@@ -76,12 +76,9 @@ def main():
     ap.add_argument('--repeats', type=int, default=5, help='timed repeats of every variant (after one warm-up)')
     args = ap.parse_args()
     try:
-        presets = config.load_presets()
+        preset = config.load_preset(args.preset)
     except config.ConfigError as e:
         refuse(str(e))
-    if args.preset not in presets:
-        refuse(f"unknown preset {args.preset!r}; choose one of {', '.join(presets)} (presets.json)")
-    preset = presets[args.preset]
     batch = args.batch or preset.batch_size
     if batch < 1 or args.repeats < 1 or not args.chunks or min(args.chunks) < 1:
         refuse('--batch, --repeats and every --chunks must be at least 1; give positive numbers')

@@ -479,12 +479,9 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     args.identity_init = None
     try:
-        presets = configuration.load_presets()
+        preset = configuration.load_preset(args.preset)
     except configuration.ConfigError as e:
         refuse(str(e))
-    if args.preset not in presets:
-        refuse(f"unknown preset {args.preset!r}; choose one of {', '.join(presets)} (presets.json)")
-    preset = presets[args.preset]
     args.overridden = [name for name in PRESET_SETTINGS if getattr(args, name) is not None]
     for name, key in PRESET_SETTINGS.items():
         if getattr(args, name) is None:

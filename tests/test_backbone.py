@@ -209,6 +209,23 @@ def test_smaller_images_fall_back_to_small_tiles_where_a_map_side_is_not_divisib
     np.testing.assert_allclose(fmap, plain, rtol=1e-10, atol=1e-12)
 
 
+def assert_a_step_changes_only_rounding(m, X, y, change):
+    """m.loss(X, y) before and after ``change()`` (from the same running statistics): the same
+    loss, gradients and updated running statistics, to rounding (float64)."""
+    stats = {k: v.copy() for k, v in m.params.items() if M.is_running_statistic(k)}
+    l_a, g_a = m.loss(X, y)
+    after_a = {k: m.params[k].copy() for k in stats}
+    for k in stats:
+        m.params[k][:] = stats[k]
+    change()
+    l_b, g_b = m.loss(X, y)
+    assert l_a == pytest.approx(l_b, rel=1e-12)
+    for k in g_a:
+        np.testing.assert_allclose(g_a[k], g_b[k], rtol=1e-9, atol=1e-13, err_msg=k)
+    for k in stats:
+        np.testing.assert_allclose(after_a[k], m.params[k], rtol=1e-12, err_msg=k)
+
+
 @pytest.mark.parametrize('chunk', [1, 2])
 def test_larger_micro_batches_on_small_maps_change_only_rounding(rng, monkeypatch, chunk):
     """chunk_scale cuts the stages of 8x8 and 4x4 maps into fewer, larger micro-batches: the
@@ -217,18 +234,10 @@ def test_larger_micro_batches_on_small_maps_change_only_rounding(rng, monkeypatc
     monkeypatch.setattr(F, 'CONV_CHUNK', chunk)
     X, y = images(rng, n=9, side=32)
     m = perturbed(CNNRNN(batchnorm=True, **SMALL), rng)
-    stats = {k: v.copy() for k, v in m.params.items() if M.is_running_statistic(k)}
-    l_a, g_a = m.loss(X, y)
-    after_a = {k: m.params[k].copy() for k in stats}
-    for k in stats:
-        m.params[k][:] = stats[k]
-    m.layers = [replace(layer, chunk_scale=1) for layer in m.layers]
-    l_b, g_b = m.loss(X, y)
-    assert l_a == pytest.approx(l_b, rel=1e-12)
-    for k in g_a:
-        np.testing.assert_allclose(g_a[k], g_b[k], rtol=1e-9, atol=1e-13, err_msg=k)
-    for k in stats:
-        np.testing.assert_allclose(after_a[k], m.params[k], rtol=1e-12, err_msg=k)
+
+    def equal_micro_batches():
+        m.layers = [replace(layer, chunk_scale=1) for layer in m.layers]
+    assert_a_step_changes_only_rounding(m, X, y, equal_micro_batches)
 
 
 def test_running_statistics_move_in_loss_only(rng):
@@ -288,18 +297,7 @@ def test_the_same_call_twice_gives_the_same_bits(rng):
 def test_micro_batches_change_only_rounding(rng, monkeypatch):
     X, y = images(rng, n=7)
     m = perturbed(CNNRNN(batchnorm=True, **SMALL), rng)
-    stats = {k: v.copy() for k, v in m.params.items() if M.is_running_statistic(k)}
-    l_a, g_a = m.loss(X, y)
-    after_a = {k: m.params[k].copy() for k in stats}
-    for k in stats:
-        m.params[k][:] = stats[k]
-    monkeypatch.setattr(F, 'CONV_CHUNK', 3)
-    l_b, g_b = m.loss(X, y)
-    assert l_a == pytest.approx(l_b, rel=1e-12)
-    for k in g_a:
-        np.testing.assert_allclose(g_a[k], g_b[k], rtol=1e-9, atol=1e-13, err_msg=k)
-    for k in stats:
-        np.testing.assert_allclose(after_a[k], m.params[k], rtol=1e-12, err_msg=k)
+    assert_a_step_changes_only_rounding(m, X, y, lambda: monkeypatch.setattr(F, 'CONV_CHUNK', 3))
 
 
 @pytest.mark.parametrize('side', [(6, 6), (8, 12)])
