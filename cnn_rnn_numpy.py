@@ -10,6 +10,7 @@ Architecture (one image of shape (3, 32, 32)):
         'flat':   T=1 step (the whole map),         D=4096 (no recurrence: a pure CNN)
         'rowmax': T=8 steps (one per row),          D=64, each row max-pooled over its columns
     a tanh RNN (or GRU, LSTM), H=128 units, h_0 = 0    h_T (128,)
+        (readout 'mean' or 'max': the mean or maximum of h_1..h_T instead, a lever)
     affine H->10, softmax cross-entropy
 
 That is the method, and the default. Other backbones are preset keys (``CNNRNN``'s widths,
@@ -757,11 +758,27 @@ def rnn_forward(x, W_xh, W_hh, b_h):
     return hs[T].copy(), (x_tm, hs, W_xh, W_hh)
 
 
-def rnn_backward(dh_T, cache):
+def step_gradients(dh, T):
+    """Split the upstream gradient of a cell's backward into (dh_T (N, H), per_step).
+
+    dh is (N, H), the gradient at the last hidden state only (the method's head reads h_T):
+    per_step is None. Or dh is (T, N, H) time-major, the gradient at every hidden state h_1..h_T
+    (a readout of all of them, ``readout_forward``): dh_T is a copy of its last step, and the
+    backward loop adds per_step[t - 1] to the gradient it carries into h_{t} (1-based t < T).
+    """
+    if dh.ndim == 3:
+        if dh.shape[0] != T:
+            raise ValueError(f'per-step gradient has {dh.shape[0]} steps, the sequence {T}')
+        return dh[T - 1].copy(), dh
+    return dh, None
+
+
+def rnn_backward(dh, cache):
     """Backpropagation through time for ``rnn_forward``.
 
     Inputs:
-    - dh_T: (N, H) gradient of the loss with respect to the last hidden state
+    - dh: (N, H) gradient of the loss with respect to the last hidden state h_T, or
+      (T, N, H) time-major with respect to every hidden state h_1..h_T (``step_gradients``)
 
     Returns a tuple of:
     - dx: (N, T, D), dW_xh: (D, H), dW_hh: (H, H), db_h: (H,)
@@ -769,16 +786,18 @@ def rnn_backward(dh_T, cache):
     x_tm, hs, W_xh, W_hh = cache
     T, N, D = x_tm.shape
     H = W_hh.shape[0]
+    dh, per_step = step_gradients(dh, T)
     # da[t] is the gradient at the pre-activation of step t+1; the loop only
     # carries dh backwards, the weight gradients are then single products.
-    da = np.empty((T, N, H), dtype=dh_T.dtype)
-    dh = dh_T
+    da = np.empty((T, N, H), dtype=dh.dtype)
     W_hh_T = W_hh.T
     for t in range(T - 1, -1, -1):
         h = hs[t + 1]
         np.multiply(dh, 1 - h * h, out=da[t])   # tanh' = 1 - tanh^2
         flush_tiny(da[t])
         dh = da[t] @ W_hh_T
+        if per_step is not None and t:
+            dh += per_step[t - 1]               # what the readout sends to h_t directly
     da2 = da.reshape(T * N, H)
     dW_hh = hs[:-1].reshape(T * N, H).T @ da2
     dW_xh = x_tm.reshape(T * N, D).T @ da2
@@ -857,11 +876,12 @@ def gru_forward(x, W_xh, W_hh, b_h, b_hn):
     return hs[T].copy(), (x_tm, hs, gates, hn, W_xh, W_hh)
 
 
-def gru_backward(dh_T, cache):
+def gru_backward(dh, cache):
     """Backpropagation through time for ``gru_forward``.
 
     Inputs:
-    - dh_T: (N, H) gradient of the loss with respect to the last hidden state
+    - dh: (N, H) gradient of the loss with respect to the last hidden state h_T, or
+      (T, N, H) time-major with respect to every hidden state h_1..h_T (``step_gradients``)
 
     Returns a tuple of:
     - dx: (N, T, D), dW_xh: (D, 3H), dW_hh: (H, 3H), db_h: (3H,), db_hn: (H,)
@@ -876,6 +896,7 @@ def gru_backward(dh_T, cache):
     # dh needs one product, and the input side [da_n da_r da_z] is the
     # contiguous slab d[:, :3H], W_xh's blocks rotated by one (undone after
     # the loop).
+    dh_T, per_step = step_gradients(dh, T)
     d = np.empty((T, N, 4 * H), dtype=dh_T.dtype)
     dn = np.empty((N, H), dtype=dh_T.dtype)
     dh_z = np.empty((N, H), dtype=dh_T.dtype)
@@ -906,6 +927,8 @@ def gru_backward(dh_T, cache):
         dh += dh_z
         # dh_z bypasses the flushed slab and shrinks by z every step
         flush_tiny(dh)
+        if per_step is not None and t:
+            dh += per_step[t - 1]                        # what the readout sends to h_t directly
     d2 = d.reshape(T * N, 4 * H)
     dW_hh = hs[:-1].reshape(T * N, H).T @ d2[:, H:]
     da = d2[:, :3 * H]                                   # blocks n, r, z
@@ -975,11 +998,12 @@ def lstm_forward(x, W_xh, W_hh, b_h):
     return hs[T].copy(), (x_tm, hs, cs, tanh_cs, gates, W_xh, W_hh)
 
 
-def lstm_backward(dh_T, cache):
+def lstm_backward(dh, cache):
     """Backpropagation through time for ``lstm_forward``.
 
     Inputs:
-    - dh_T: (N, H) gradient of the loss with respect to the last hidden state
+    - dh: (N, H) gradient of the loss with respect to the last hidden state h_T, or
+      (T, N, H) time-major with respect to every hidden state h_1..h_T (``step_gradients``)
 
     Returns a tuple of:
     - dx: (N, T, D), dW_xh: (D, 4H), dW_hh: (H, 4H), db_h: (4H,)
@@ -989,6 +1013,7 @@ def lstm_backward(dh_T, cache):
     H = W_hh.shape[0]
     # da[t] is the gradient at the pre-activations a of step t+1 (blocks
     # i, f, g, o); the loop carries only dh and dc backwards.
+    dh_T, per_step = step_gradients(dh, T)
     da = np.empty((T, N, 4 * H), dtype=dh_T.dtype)
     dc = np.zeros((N, H), dtype=dh_T.dtype)
     tmp = np.empty((N, H), dtype=dh_T.dtype)
@@ -1025,6 +1050,8 @@ def lstm_backward(dh_T, cache):
         flush_tiny(d)
         dc *= f
         np.matmul(d, W_hh_T, out=dh)
+        if per_step is not None and t:
+            dh += per_step[t - 1]       # what the readout sends to h_t directly
     da2 = da.reshape(T * N, 4 * H)
     dW_hh = hs[:-1].reshape(T * N, H).T @ da2
     dW_xh = x_tm.reshape(T * N, D).T @ da2
@@ -1045,8 +1072,11 @@ class RecurrentCell:
     W_hh (H, G*H) and b_h (G*H,), the gates as column blocks in the cell's own
     order, then one (k*H,) array for each entry name: k of ``extra``.
 
-    - forward: (x (N, T, D), *params in ``names`` order) -> (h_T (N, H), cache)
-    - backward: (dh_T (N, H), cache) -> (dx (N, T, D), *their gradients in ``names`` order)
+    - forward: (x (N, T, D), *params in ``names`` order) -> (h_T (N, H), cache); every cell's
+      cache holds the hidden states hs (T+1, N, H), time-major with hs[0] = h_0, at index 1
+      (``hidden_states``)
+    - backward: (dh, cache) -> (dx (N, T, D), *their gradients in ``names`` order); dh is
+      (N, H) at h_T, or (T, N, H) at every h_t (``step_gradients``)
     - gates: G
     - extra: {name: k} parameters after b_h; zero at initialisation, not decayed
     - gate_bias: the initial value of each gate block of b_h (None: all zero)
@@ -1083,39 +1113,102 @@ CELLS = tuple(CELL_TABLE)
 CELL_GATES = {name: cell.gates for name, cell in CELL_TABLE.items()}
 
 
+def hidden_states(cache):
+    """The hidden states hs (T+1, N, H) of a cell's forward cache, time-major, hs[0] = h_0."""
+    return cache[1]
+
+
 def cell_forward(x, p, cell):
     """Run the recurrent cell named ``cell`` over x (N, T, D) with the model's params p -> (h_T (N, H), cache)."""
     spec = CELL_TABLE[cell]
     return spec.forward(x, *(p[name] for name in spec.names))
 
 
-def cell_backward(dh_T, cache, cell):
-    """Backward of ``cell_forward`` -> (dx (N, T, D), {name: gradient} of the cell's params)."""
+def cell_backward(dh, cache, cell):
+    """Backward of ``cell_forward`` -> (dx (N, T, D), {name: gradient} of the cell's params).
+    dh: (N, H) at h_T, or (T, N, H) at every hidden state (``step_gradients``)."""
     spec = CELL_TABLE[cell]
-    dx, *dparams = spec.backward(dh_T, cache)
+    dx, *dparams = spec.backward(dh, cache)
     return dx, dict(zip(spec.names, dparams))
 
 
-def recurrent_forward(seq, p, cell='rnn'):
-    """``cell_forward`` on one slice of the batch per worker thread.
+# --------------------------------------------------------------------------
+# Readout: what the head reads of the hidden states
+# --------------------------------------------------------------------------
+
+# 'last' is the method's: the head reads h_T alone. 'mean' and 'max' read every hidden state
+# h_1..h_T, averaged or max-pooled over time, unit by unit, so each step of the sequence (each
+# row of the map) reaches the head directly as well as through the recurrence. With T = 1
+# ('flat') all three are the same.
+READOUTS = ('last', 'mean', 'max')
+
+
+def readout_forward(hs, readout):
+    """What the head reads of a cell's hidden states.
+
+    Inputs:
+    - hs: (T+1, N, H) hidden states, time-major, hs[0] = h_0 (``hidden_states``)
+    - readout: 'last' -> h_T; 'mean' -> (h_1 + ... + h_T) / T; 'max' -> the largest of h_1..h_T,
+      unit by unit
+
+    Returns a tuple of:
+    - r: (N, H)
+    - cache: for ``readout_backward``
+    """
+    T = hs.shape[0] - 1
+    if readout == 'last':
+        return hs[T].copy(), (readout, T, None)
+    if readout == 'mean':
+        return hs[1:].mean(axis=0), (readout, T, None)
+    if readout == 'max':
+        winner = hs[1:].argmax(axis=0)                                   # (N, H) step of the maximum
+        return np.take_along_axis(hs[1:], winner[None], axis=0)[0], (readout, T, winner)
+    raise ValueError(f'unknown readout {readout!r}; use one of {READOUTS}')
+
+
+def readout_backward(dr, cache):
+    """Backward of ``readout_forward``: dr (N, H) -> the cell's dh, (N, H) at h_T for 'last',
+    else (T, N, H) at every hidden state (the form ``step_gradients`` reads)."""
+    readout, T, winner = cache
+    if readout == 'last':
+        return dr
+    if readout == 'mean':
+        return np.broadcast_to(dr / dr.dtype.type(T), (T, *dr.shape))
+    dh = np.zeros((T, *dr.shape), dtype=dr.dtype)
+    np.put_along_axis(dh, winner[None], dr[None], axis=0)                # to the step of the maximum
+    return dh
+
+
+def recurrent_forward(seq, p, cell='rnn', readout='last'):
+    """``cell_forward`` and ``readout_forward`` on one slice of the batch per worker thread.
 
     The recurrence is sequential in time but independent across images, so
     splitting the batch lets its 64 (or 8) small steps run on every core.
-    seq: (N, T, D) -> h_T (N, H), caches.
+    seq: (N, T, D) -> r (N, H) (h_T with the method's readout 'last'), caches.
     """
+    def run(s):
+        h_T, cache = cell_forward(seq[s], p, cell)
+        r, r_cache = readout_forward(hidden_states(cache), readout)
+        return r, (cache, r_cache)
+
     slices = batch_slices(seq.shape[0], thread_count())
-    results = map_on_threads(lambda s: cell_forward(seq[s], p, cell), slices)
-    return np.concatenate([h for h, _ in results]), (slices, [c for _, c in results])
+    results = map_on_threads(run, slices)
+    return np.concatenate([r for r, _ in results]), (slices, [c for _, c in results])
 
 
-def recurrent_backward(dh_T, caches, cell='rnn'):
-    """BPTT per slice on the worker threads.
+def recurrent_backward(dr, caches, cell='rnn'):
+    """``readout_backward`` and BPTT per slice on the worker threads.
 
-    dh_T: (N, H). Returns grads (the cell's params, summed over slices) and dx (N, T, D).
+    dr: (N, H), the gradient at what the head read. Returns grads (the cell's params, summed over
+    slices) and dx (N, T, D).
     """
     slices, slice_caches = caches
-    results = map_on_threads(lambda i: cell_backward(dh_T[slices[i]], slice_caches[i], cell),
-                             range(len(slices)))
+
+    def run(i):
+        cache, r_cache = slice_caches[i]
+        return cell_backward(readout_backward(dr[slices[i]], r_cache), cache, cell)
+
+    results = map_on_threads(run, range(len(slices)))
     grads = {name: sum_in_order([g[name] for _, g in results]) for name in results[0][1]}
     return grads, np.concatenate([dx for dx, _ in results])
 
@@ -1250,6 +1343,8 @@ class CNNRNN:
       bnK_mean, bnK_var (O_K,), for each K in turn;
       W_xh (D, G*H), W_hh (H, G*H), b_h (G*H,), W_ho (H, 10), b_o (10,),
       then the cell's extra parameters (b_hn (H,) for 'gru').
+    readout: what W_ho reads, 'last' (the method's h_T), 'mean' or 'max' (of every h_t over time,
+    ``readout_forward``); the parameters are the same.
     The method's: conv1_W (64, 3, 3, 3), conv1_b (64,), conv2_W (64, 64, 3, 3), conv2_b (64,),
     then the recurrent ones with D = 64 ('pixels', 'rowmax'), 512 ('rows') or 4096 ('flat').
 
@@ -1278,13 +1373,16 @@ class CNNRNN:
 
     def __init__(self, seq_layout='pixels', hidden=128, reg=5e-4, seed=0,
                  dtype=np.float32, rnn_init='orthogonal', cell='rnn', widths=(64, 64), convs_per_block=1,
-                 batchnorm=False, bn_momentum=0.1, bn_eps=1e-5, whiten=0, identity_init=False):
+                 batchnorm=False, bn_momentum=0.1, bn_eps=1e-5, whiten=0, identity_init=False,
+                 readout='last'):
         if seq_layout not in SEQ_LAYOUTS:
             raise ValueError(f'unknown sequence layout {seq_layout!r}; use one of {SEQ_LAYOUTS}')
         if cell not in CELLS:
             raise ValueError(f'unknown cell {cell!r}; use one of {CELLS}')
         if rnn_init not in RNN_INITS:
             raise ValueError(f'unknown rnn_init {rnn_init!r}; use one of {RNN_INITS}')
+        if readout not in READOUTS:
+            raise ValueError(f'unknown readout {readout!r}; use one of {READOUTS}')
         if int(hidden) < 1:
             raise ValueError(f'hidden must be a positive integer, got {hidden}')
         if reg < 0:
@@ -1302,6 +1400,7 @@ class CNNRNN:
         self.dtype = np.dtype(dtype)
         self.rnn_init = rnn_init
         self.cell = cell
+        self.readout = readout
         self.widths = tuple(int(w) for w in widths)
         self.convs_per_block = int(convs_per_block)
         self.batchnorm = bool(batchnorm)
@@ -1323,7 +1422,7 @@ class CNNRNN:
                 'seed': self.seed, 'dtype': self.dtype.name, 'rnn_init': self.rnn_init,
                 'cell': self.cell, 'widths': list(self.widths), 'convs_per_block': self.convs_per_block,
                 'batchnorm': self.batchnorm, 'bn_momentum': self.bn_momentum, 'bn_eps': self.bn_eps,
-                'whiten': self.whiten, 'identity_init': self.identity_init}
+                'whiten': self.whiten, 'identity_init': self.identity_init, 'readout': self.readout}
 
     @property
     def channels(self):
@@ -1422,8 +1521,9 @@ class CNNRNN:
 
         X: (N, 3, 32, 32) images (with the 'pixels' layout any (N, 3, S, S) whose S is divisible
         by 2**len(widths): D does not depend on the map's size). train: BatchNorm with the
-        batch's statistics (no effect without BatchNorm). Returns logits (N, 10), h_T (N, H),
-        caches, and {bnK_mean, bnK_var: updated running statistics} (train mode; else empty).
+        batch's statistics (no effect without BatchNorm). Returns logits (N, 10), r (N, H) what
+        the head read (h_T with the method's readout 'last'), caches, and {bnK_mean, bnK_var:
+        updated running statistics} (train mode; else empty).
         """
         p = self.params
         x = np.asarray(X, dtype=self.dtype).transpose(0, 2, 3, 1)       # NCHW -> NHWC view
@@ -1434,9 +1534,9 @@ class CNNRNN:
             fmap, c_conv, running = backbone_forward(x, p, self.layers, train, self.bn_momentum,
                                                      self.bn_eps, whiten=bool(self.whiten))  # (N,R,R,C)
         seq = map_to_sequence(fmap, self.seq_layout)                     # (N,T,D)
-        h_T, c_rnn = recurrent_forward(seq, p, self.cell)                # (N,H)
-        logits, c_out = affine_forward(h_T, p['W_ho'], p['b_o'])         # (N,10)
-        return logits, h_T, (c_conv, fmap, c_rnn, c_out), running
+        r, c_rnn = recurrent_forward(seq, p, self.cell, self.readout)   # (N,H)
+        logits, c_out = affine_forward(r, p['W_ho'], p['b_o'])           # (N,10)
+        return logits, r, (c_conv, fmap, c_rnn, c_out), running
 
     def loss(self, X, y, input_grad=False, details=False, label_smoothing=0.0):
         """Loss and gradients on a batch.
@@ -1506,7 +1606,8 @@ class CNNRNN:
         return self._forward(X)[0]
 
     def features(self, X):
-        """Final RNN hidden states. X: (N, 3, 32, 32) -> h_T (N, H)."""
+        """What the head reads: the final RNN hidden states h_T (N, H) with the method's readout
+        'last', their mean or maximum over time with 'mean' or 'max'. X: (N, 3, 32, 32)."""
         return self._forward(X)[1]
 
     def predict_proba(self, X, batch_size=500, return_features=False):
@@ -1516,7 +1617,7 @@ class CNNRNN:
         - X: (N, 3, 32, 32) images (float, or uint8 already normalised by the caller)
         - batch_size: images per forward pass
 
-        Returns probs (N, 10), and h_T (N, H) too when return_features is True.
+        Returns probs (N, 10), and the features (N, H) too when return_features is True.
         """
         probs, feats = [], []
         for s in range(0, len(X), batch_size):
@@ -1587,7 +1688,7 @@ class CNNRNN:
                                  f'damaged or was not written by this project: use another file')
         model = cls(seq_layout=meta['seq_layout'], hidden=meta['hidden'], reg=meta['reg'],
                     seed=meta['seed'], dtype=expected.get('dtype') or meta['dtype'],
-                    rnn_init=meta['rnn_init'], cell=meta['cell'],
+                    rnn_init=meta['rnn_init'], cell=meta['cell'], readout=meta['readout'],
                     **{key: meta[key] for key in (*METHOD_BACKBONE, *METHOD_CONV_INIT)})
         try:
             model.set_params({k[len('param/'):]: v for k, v in arrays.items() if k.startswith('param/')})
@@ -1632,7 +1733,8 @@ def model_config_problem(meta, arrays):
     for key in ('seq_layout', 'hidden', 'reg', 'seed', 'dtype', 'rnn_init', 'cell'):
         if key not in meta:
             return f'no {key!r}'
-    allowed = {'seq_layout': SEQ_LAYOUTS, 'rnn_init': RNN_INITS, 'cell': CELLS, 'dtype': MODEL_DTYPES}
+    allowed = {'seq_layout': SEQ_LAYOUTS, 'rnn_init': RNN_INITS, 'cell': CELLS, 'dtype': MODEL_DTYPES,
+               'readout': READOUTS}
     for key, values in allowed.items():
         if meta[key] not in values:
             return f'{key} = {meta[key]!r}, not one of {list(values)}'
@@ -1684,6 +1786,7 @@ def read_meta(arrays, path):
         raise ModelFileError(f'{path} has metadata that is a JSON {type(meta).__name__}, not an '
                              f'object; it is damaged or was not written by this project: use another file')
     meta.setdefault('cell', 'rnn')     # files written before the gated cells existed
+    meta.setdefault('readout', 'last')  # ... and before the readout of every hidden state
     for key, value in METHOD_BACKBONE.items():     # ... and before the backbone was configurable
         meta.setdefault(key, list(value) if isinstance(value, list) else value)
     for key, value in METHOD_CONV_INIT.items():    # ... and before whitening and identity_init

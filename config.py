@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import runfiles
-from cnn_rnn_numpy import CELLS, IMAGE_SIDE, MAX_BLOCKS, RNN_INITS, SEQ_LAYOUTS, WHITEN_SIZES
+from cnn_rnn_numpy import CELLS, IMAGE_SIDE, MAX_BLOCKS, READOUTS, RNN_INITS, SEQ_LAYOUTS, WHITEN_SIZES
 from data_utils import CROPS
 from runfiles import MAX_SEED, RunFileError
 
@@ -102,6 +102,11 @@ class Config:
     cell: str = setting('rnn', lambda v: v in CELLS, f'one of {list(CELLS)}',
                         flag=f"recurrent cell, one of {', '.join(CELLS)} ('rnn' is the method's vanilla tanh RNN)",
                         since_first_runs=False)
+    # What the head reads of the hidden states: the method's h_T, or every h_t averaged or
+    # max-pooled over time (cnn_rnn_numpy.readout_forward).
+    readout: str = setting('last', lambda v: v in READOUTS,
+                           f"one of {list(READOUTS)} ('last' is the method's h_T; 'mean' and 'max' pool "
+                           f"every hidden state over time)", since_first_runs=False)
     # Levers beyond the method, each off by default (a preset without them trains as the method does).
     crop: str = setting('paste', lambda v: v in CROPS, f"one of {list(CROPS)} ('paste' is the method's "
                         f"28x28 crop re-pasted, 'pad' pads by 4 and crops 32x32, 'reflect2' reflect-pads by 2 "

@@ -267,9 +267,9 @@ def model_settings(cfg):
     """The settings of the model a run's configuration builds, as CNNRNN's arguments (those a
     model file records, checked against the run's when one is loaded).
 
-    whiten and identity_init are passed only when they are on: a model built without them, and
-    every file written before they existed (which does not record them), is built and checked
-    exactly as before."""
+    whiten, identity_init and readout are passed only when they are not the method's: a model
+    built without them, and every file written before they existed (which does not record
+    them), is built and checked exactly as before."""
     settings = dict(seq_layout=cfg.seq_layout, hidden=cfg.hidden, cell=cfg.cell, widths=cfg.widths,
                     convs_per_block=cfg.convs_per_block, batchnorm=cfg.batchnorm, bn_momentum=cfg.bn_momentum,
                     bn_eps=cfg.bn_eps)
@@ -277,6 +277,8 @@ def model_settings(cfg):
         settings['whiten'] = cfg.whiten
     if cfg.identity_init:
         settings['identity_init'] = cfg.identity_init
+    if cfg.readout != 'last':
+        settings['readout'] = cfg.readout
     return settings
 
 
