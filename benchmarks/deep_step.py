@@ -1,10 +1,10 @@
 """A deep backbone's training step against the machine's matrix-product peak, its memory, and PyTorch.
 
 The network is a preset's (--preset, default 'deep' of presets.json): its widths,
-convs_per_block, batchnorm, seq_layout, cell, hidden, batch_size, whiten and
-identity_init, each overridden by its option when given (--widths,
---convs-per-block, --no-batchnorm, --layout, --cell, --hidden, --batch,
---whiten); float32. The 'deep' preset: widths 64,256,256, two convolutions per
+convs_per_block, batchnorm, seq_layout, cell, hidden, batch_size, whiten,
+identity_init and readout, each of the first eight overridden by its option when
+given (--widths, --convs-per-block, --no-batchnorm, --layout, --cell, --hidden,
+--batch, --whiten); float32. The 'deep' preset: widths 64,256,256, two convolutions per
 block, BatchNorm, identity initialisation, the 'rows' layout, a tanh RNN of 256
 units, batch 512 (--whiten 2 adds the frozen 2x2 patch-whitening layer it had
 before the deep-levers screen: 3 -> 24 channels, ReLU, before conv1). An
@@ -115,10 +115,10 @@ import config as configuration  # noqa: E402
 MEMORY_TARGET_GB = 8.0
 DEFAULT_PRESET = 'deep'
 # The network's settings: the argparse name -> the preset key it takes its default from.
-# identity_init has no option of its own: it is always the preset's.
+# identity_init and readout have no option of their own: they are always the preset's.
 PRESET_SETTINGS = {'widths': 'widths', 'convs_per_block': 'convs_per_block', 'batchnorm': 'batchnorm',
                    'whiten': 'whiten', 'identity_init': 'identity_init', 'layout': 'seq_layout',
-                   'cell': 'cell', 'hidden': 'hidden', 'batch': 'batch_size'}
+                   'cell': 'cell', 'readout': 'readout', 'hidden': 'hidden', 'batch': 'batch_size'}
 # Multiplications the direct convolution does per Winograd product: F(2x2, 3x3) runs 16 products
 # per 2x2 outputs where the direct convolution does 36; F(4x4, 3x3) 36 per 4x4 outputs against 144.
 WINOGRAD_SAVING = {2: 2.25, 4: 4.0}
@@ -167,7 +167,7 @@ def build_model(args, X=None):
     model's whiten_W is zeros, which would make every map after it zero."""
     model = M.CNNRNN(seq_layout=args.layout, hidden=args.hidden, cell=args.cell, widths=args.widths,
                      convs_per_block=args.convs_per_block, batchnorm=args.batchnorm, whiten=args.whiten,
-                     identity_init=args.identity_init, seed=0)
+                     identity_init=args.identity_init, readout=args.readout, seed=0)
     if model.whiten and X is not None:
         model.fit_whitening(X)
     return model
@@ -300,8 +300,8 @@ def numpy_profile(model, X, y, repeats, warmup):
             out = np.maximum(out, 0)
         h = out
     seq = M.map_to_sequence(h, model.seq_layout)
-    times = timed(lambda: M.recurrent_forward(seq, p, model.cell), repeats, warmup)
-    h_T, rnn_cache = M.recurrent_forward(seq, p, model.cell)
+    times = timed(lambda: M.recurrent_forward(seq, p, model.cell, model.readout), repeats, warmup)
+    h_T, rnn_cache = M.recurrent_forward(seq, p, model.cell, model.readout)
     rnn = [(f'{model.cell.upper()} forward', times, f['rnn_forward'] * N)]
 
     def head():
@@ -331,8 +331,11 @@ def child_memory(args):
     return {'baseline': baseline, 'peak': peak_rss_bytes()}
 
 
-def torch_model(widths, convs_per_block, batchnorm, layout, cell, hidden, whiten=0):
+def torch_model(widths, convs_per_block, batchnorm, layout, cell, hidden, whiten=0, readout='last'):
     """The NumPy model's network in PyTorch (default initialisation; timing only).
+
+    readout: what the head reads of the hidden states, as the NumPy model's (``M.readout_forward``):
+    the last, or the mean or maximum over time of the layer's output sequence.
 
     whiten = k > 0 puts the frozen patch-whitening layer first: zero padding as the NumPy layer's
     ((k-1)//2 before, k//2 after on each spatial axis: k=2 one row and column at the bottom and
@@ -370,7 +373,9 @@ def torch_model(widths, convs_per_block, batchnorm, layout, cell, hidden, whiten
         def forward(self, x):
             f = self.backbone(x).permute(0, 2, 3, 1)        # (N, R, R, C): NHWC, as the NumPy model
             seq = f.amax(dim=2) if layout == 'rowmax' else f.reshape(x.shape[0], T, D)
-            _, h = self.rnn(seq)
+            out, h = self.rnn(seq)                           # out (N, T, H): h_1..h_T
+            if readout != 'last':
+                return self.head(out.mean(dim=1) if readout == 'mean' else out.amax(dim=1))
             if cell == 'lstm':
                 h = h[0]
             return self.head(h[-1])
@@ -386,7 +391,7 @@ def child_torch(args, settings):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = torch_model(args.widths, args.convs_per_block, args.batchnorm, args.layout, args.cell, args.hidden,
-                        args.whiten)
+                        args.whiten, args.readout)
     X, y = (torch.from_numpy(a) for a in random_batch(args.batch))
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -451,7 +456,8 @@ def describe(args, model):
     return (f"deep_step: preset {args.preset} (overridden: {overridden}): widths {','.join(map(str, args.widths))}, "
             f"{args.convs_per_block} conv(s) per block, BatchNorm {'on' if args.batchnorm else 'off'}, {whitening}, "
             f"identity_init {'on' if args.identity_init else 'off'}, layout {args.layout} (T={T}, D={D}), "
-            f'cell {args.cell}, hidden {args.hidden}, batch {args.batch}, float32; {len(model.layers)} convolutions')
+            f'cell {args.cell}, readout {args.readout}, hidden {args.hidden}, batch {args.batch}, float32; '
+            f'{len(model.layers)} convolutions')
 
 
 def parse_args(argv=None):
@@ -477,7 +483,7 @@ def parse_args(argv=None):
     ap.add_argument('--no-torch', action='store_true', help='skip the PyTorch comparison')
     ap.add_argument('--child', choices=['memory', 'torch-defaults', 'torch-settings'], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    args.identity_init = None
+    args.identity_init = args.readout = None
     try:
         preset = configuration.load_preset(args.preset)
     except configuration.ConfigError as e:

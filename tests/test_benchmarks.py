@@ -166,6 +166,7 @@ def test_deep_step_takes_the_network_from_the_preset_and_the_options_override_it
                                                     deep.whiten, deep.identity_init, deep.seq_layout, deep.cell,
                                                     deep.hidden, deep.batch_size)
     assert (args.widths, args.whiten, args.identity_init, args.hidden, args.batch) == ((64, 256, 256), 0, True, 256, 512)
+    assert args.readout == deep.readout and deep_step.build_model(args).readout == deep.readout
     args = deep_step.parse_args(['--preset', 'smoke', '--widths', '8,16', '--whiten', '3', '--no-batchnorm',
                                  '--cell', 'gru', '--threads', '1'])
     assert (args.widths, args.whiten, args.batchnorm, args.cell, args.batch, args.layout, args.identity_init) == (
@@ -205,6 +206,27 @@ def test_deep_step_torch_twin_whitens_as_the_numpy_layer(k):
     assert tuple(net(torch.from_numpy(X)).shape) == (2, 10)
 
 
+@pytest.mark.parametrize('readout', ('mean', 'max'))
+def test_deep_step_torch_twin_reads_out_as_the_numpy_model(readout):
+    """The twin's head reads the mean or maximum over time of its RNN's outputs, as
+    M.readout_forward does of the same hidden states."""
+    torch = pytest.importorskip('torch')
+    deep_step = load('deep_step')
+    torch.manual_seed(0)
+    net = deep_step.torch_model((8,), 1, False, 'rows', 'rnn', 4, readout=readout)
+    X = torch.from_numpy(deep_step.random_batch(3)[0])
+    read = {}
+    net.head.register_forward_hook(lambda module, inputs, output: read.setdefault('r', inputs[0]))
+    with torch.no_grad():
+        net(X)
+        seq = net.backbone(X).permute(0, 2, 3, 1).reshape(3, 16, 16 * 8)
+        out, _ = net.rnn(seq)
+    hs = np.concatenate([np.zeros((1, 3, 4), np.float32), out.numpy().transpose(1, 0, 2)])
+    expected, _ = M.readout_forward(hs, readout)
+    assert np.allclose(read['r'].numpy(), expected, atol=1e-6)
+    assert not np.allclose(expected, hs[-1])
+
+
 DEEP_STEP_NUMBER = r'([0-9]+\.[0-9]+)'
 DEEP_STEP_LINES = {   # a line each run prints -> the numbers on it, all positive
     'GEMM peak': rf'GEMM peak: {DEEP_STEP_NUMBER} GFLOP/s \(size (\d+), (\d+) threads?\)',
@@ -242,7 +264,7 @@ def test_deep_step_runs_on_a_tiny_backbone_and_prints_positive_figures(torch_too
     assert first.startswith('deep_step: preset deep (overridden: --widths, --convs-per-block, --whiten, '
                             '--hidden, --batch): widths 8,16, 2 conv(s) per block, BatchNorm on, '
                             f'whiten {whiten} '), first
-    assert 'identity_init on, layout rows' in first and 'cell rnn, hidden 16, batch 8' in first, first
+    assert 'identity_init on, layout rows' in first and 'cell rnn, readout last, hidden 16, batch 8' in first, first
     for name, pattern in DEEP_STEP_LINES.items():
         numbers = deep_step_numbers(out, pattern)
         if name == 'memory':    # the step's own growth may round to nothing at this size

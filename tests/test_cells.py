@@ -10,7 +10,7 @@ import pytest
 
 import cnn_rnn_numpy
 from cnn_rnn_numpy import CELL_TABLE, CELLS, sigmoid
-from conftest import numeric_gradient, rel_error
+from conftest import numeric_gradient, rel_error, rel_error_vector
 
 RTOL = 1e-6   # the bound on the elementwise relative error of every gradient
 N, T, D, H = 3, 5, 4, 6
@@ -348,3 +348,88 @@ def test_files_written_before_the_cells_existed_load_as_rnn(tmp_path):
     arrays['meta'] = np.array(json.dumps(meta))
     np.savez(tmp_path / 'old.npz', **arrays)
     assert cnn_rnn_numpy.CNNRNN.load(tmp_path / 'old.npz', cell='rnn').cell == 'rnn'
+
+
+# --------------------------------------------------------------------------
+# Readouts: the head reading every hidden state (cnn_rnn_numpy.READOUTS)
+# --------------------------------------------------------------------------
+
+def naive_hidden_states(cell, inputs):
+    """(T, N, H): h_t of the naive recurrence run over the first t steps, for t = 1..T."""
+    x, params = inputs[0], inputs[1:]
+    return np.stack([NAIVE[cell](x[:, :t], *params) for t in range(1, x.shape[1] + 1)])
+
+
+@pytest.mark.parametrize('cell', CELLS)
+def test_readouts_read_the_hidden_states_of_the_naive_recurrence(rng, cell):
+    inputs = cell_inputs(cell, rng)
+    hs = naive_hidden_states(cell, inputs)
+    p = dict(zip(CELL_TABLE[cell].names, inputs[1:]))
+    want = {'last': hs[-1], 'mean': hs.mean(axis=0), 'max': hs.max(axis=0)}
+    assert set(want) == set(cnn_rnn_numpy.READOUTS)
+    for readout, expected in want.items():
+        r, _ = cnn_rnn_numpy.recurrent_forward(inputs[0], p, cell, readout)
+        np.testing.assert_allclose(r, expected, rtol=1e-12, atol=1e-14, err_msg=readout)
+    with pytest.raises(ValueError, match="unknown readout 'sum'"):
+        cnn_rnn_numpy.recurrent_forward(inputs[0], p, cell, 'sum')
+
+
+@pytest.mark.parametrize('cell', CELLS)
+def test_a_gradient_at_the_last_step_alone_is_the_last_state_gradient(rng, cell):
+    """The per-step form of dh (T, N, H) with zeros before step T gives the same bits as dh_T."""
+    fwd, bwd = CELL_TABLE[cell].forward, CELL_TABLE[cell].backward
+    inputs = cell_inputs(cell, rng, dtype=np.float32)
+    _, cache = fwd(*inputs)
+    dh_T = rng.standard_normal((N, H)).astype(np.float32)
+    per_step = np.zeros((T, N, H), np.float32)
+    per_step[-1] = dh_T
+    for g, g_steps in zip(bwd(dh_T, cache), bwd(per_step, cache)):
+        np.testing.assert_array_equal(g, g_steps)
+    with pytest.raises(ValueError, match='per-step gradient has 4 steps, the sequence 5'):
+        bwd(per_step[1:], cache)
+
+
+@pytest.mark.parametrize('cell', CELLS)
+def test_per_step_gradients_match_pytorch(rng, cell):
+    """The gradient at every hidden state (what 'mean' and 'max' send) against torch's autograd
+    through the layer's whole output sequence."""
+    torch, layer = torch_layer(cell, rng)
+    fwd, bwd = CELL_TABLE[cell].forward, CELL_TABLE[cell].backward
+    x = rng.standard_normal((N, T, D))
+    dh = rng.standard_normal((N, T, H))                       # at h_1..h_T, batch-first as torch's
+    xt = torch.from_numpy(x).requires_grad_(True)
+    out, _ = layer(xt)
+    (out * torch.from_numpy(dh)).sum().backward()
+    _, cache = fwd(x, *torch_to_numpy_params(cell, layer))
+    np.testing.assert_allclose(cnn_rnn_numpy.hidden_states(cache)[1:].transpose(1, 0, 2),
+                               out.detach().numpy(), atol=1e-12)
+    grads = bwd(np.ascontiguousarray(dh.transpose(1, 0, 2)), cache)
+    errs = {'dx': np.max(np.abs(grads[0] - xt.grad.numpy())),
+            'dW_xh': np.max(np.abs(grads[1] - layer.weight_ih_l0.grad.numpy().T)),
+            'dW_hh': np.max(np.abs(grads[2] - layer.weight_hh_l0.grad.numpy().T))}
+    for k, e in errs.items():
+        ERRORS[f'torch per-step {cell} {k}'] = e
+        assert e < 1e-10, k
+
+
+@pytest.mark.parametrize('readout', ('mean', 'max'))
+@pytest.mark.parametrize('cell', CELLS)
+def test_readout_gradients_match_central_differences(cell, readout):
+    """recurrent_forward / recurrent_backward with a readout of every hidden state, float64,
+    on the worker threads' slices of the batch."""
+    rng = np.random.default_rng(7)
+    inputs = cell_inputs(cell, rng)
+    names = CELL_TABLE[cell].names
+    p = dict(zip(names, inputs[1:]))
+    x = inputs[0]
+    r, caches = cnn_rnn_numpy.recurrent_forward(x, p, cell, readout)
+    dr = rng.standard_normal(r.shape)
+    grads, dx = cnn_rnn_numpy.recurrent_backward(dr, caches, cell)
+    loss = lambda: float(np.sum(cnn_rnn_numpy.recurrent_forward(x, p, cell, readout)[0] * dr))
+    for name, a, g in [('x', x, dx)] + [(name, p[name], grads[name]) for name in names]:
+        # 'max' has kinks where two steps tie: the plain central difference at a small step
+        # stays on one side of them (the extrapolated one's larger step might not).
+        idx, num = numeric_gradient(loss, a, h=1e-6)
+        err = rel_error_vector(num, g.reshape(-1)[idx])
+        ERRORS[f'numeric {cell} {readout} d{name}'] = err
+        assert err < 1e-8, name

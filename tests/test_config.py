@@ -107,6 +107,7 @@ def test_the_airbench_keys_are_checked_and_off_by_default():
                  '--set', 'whiten=2', '--set', 'identity_init=true') == \
         {'schedule': 'triangular', 'alternate_flip': True, 'tta_translate': True, 'whiten': 2, 'identity_init': True}
     assert parse('--schedule', 'triangular') == {'schedule': 'triangular'}
+    assert parse('--set', 'readout=mean') == {'readout': 'mean'}
     fast = config.load_presets()['fast']
     assert (fast.alternate_flip, fast.tta_translate, fast.whiten, fast.identity_init) == (False, False, 0, False)
     for bad, words in (('whiten=1', 'whiten = 1 is invalid; it must be one of 0, 2, 3'),
@@ -114,6 +115,7 @@ def test_the_airbench_keys_are_checked_and_off_by_default():
                        ('alternate_flip=1', 'alternate_flip = 1 is invalid'),
                        ('tta_translate=yes', "tta_translate = 'yes' is invalid"),
                        ('identity_init=0', 'identity_init = 0 is invalid'),
+                       ('readout=avg', "readout = 'avg' is invalid; it must be one of ['last', 'mean', 'max']"),
                        ('schedule=triangle', "schedule = 'triangle' is invalid; it must be 'exponential', "
                                              "'cosine' or 'triangular'")):
         with pytest.raises(ConfigError) as e:

@@ -333,17 +333,17 @@ def test_real_archive_smoke_run_with_flip_and_translate(real_archive_dir, tmp_pa
 
 
 # --------------------------------------------------------------------------
-# Pass-through of the model's levers: patch whitening and identity initialisation
+# Pass-through of the model's levers: patch whitening, identity initialisation, the readout
 # --------------------------------------------------------------------------
 
 def test_model_settings_pass_the_model_levers_only_when_on():
     fast = config.load_presets()['fast']
     before = {'seq_layout', 'hidden', 'cell', 'widths', 'convs_per_block', 'batchnorm', 'bn_momentum', 'bn_eps'}
     assert set(main.model_settings(fast)) == before       # so models and files without them work as before
-    on = config.with_overrides(fast, {'whiten': 3, 'identity_init': True}, 'x')
+    on = config.with_overrides(fast, {'whiten': 3, 'identity_init': True, 'readout': 'mean'}, 'x')
     settings = main.model_settings(on)
-    assert (settings['whiten'], settings['identity_init']) == (3, True) and set(settings) - before == {
-        'whiten', 'identity_init'}
+    assert (settings['whiten'], settings['identity_init'], settings['readout']) == (3, True, 'mean')
+    assert set(settings) - before == {'whiten', 'identity_init', 'readout'}
 
 
 def test_a_fresh_run_fits_the_whitening_on_the_normalized_training_images_before_anything_copies_them(

@@ -263,12 +263,14 @@ def test_viz_on_a_run_folder_made_by_a_smoke_run(full_run, data_dir):
     assert '| Validation accuracy 70 % first reached |' in report
 
 
-def test_a_gated_cell_trains_resumes_and_is_recorded(data_dir, tmp_path, capsys):
+def test_a_gated_cell_and_a_readout_train_resume_and_are_recorded(data_dir, tmp_path, capsys):
     out = tmp_path / 'gru'
-    assert train_run(data_dir, out, '--cell', 'gru', interrupt_after=3) == 0
-    assert json.loads((out / 'config.json').read_text())['cell'] == 'gru'
+    assert train_run(data_dir, out, '--cell', 'gru', '--set', 'readout=max', interrupt_after=3) == 0
+    run_config = json.loads((out / 'config.json').read_text())
+    assert (run_config['cell'], run_config['readout']) == ('gru', 'max')
     assert resume(out / 'ckpt.npz') == 0
-    assert CNNRNN.load(out / 'best.npz').cell == 'gru'
+    best = CNNRNN.load(out / 'best.npz')
+    assert (best.cell, best.readout) == ('gru', 'max')
     with np.load(out / 'predictions.npz') as p:
         assert p['hidden'].shape == (100, 128)
     capsys.readouterr()

@@ -311,11 +311,16 @@ def test_parameter_names_and_shapes(layout):
     assert all(v.dtype == np.float32 for v in m.params.values())
 
 
-@pytest.mark.parametrize('cell', M.CELLS)
-@pytest.mark.parametrize('layout', M.SEQ_LAYOUTS)
-def test_model_gradient_check(rng, layout, cell, monkeypatch):
+# Every layout with every cell, the method's readout; the other readouts on a few of them.
+GRADIENT_CASES = ([(layout, cell, 'last') for layout in M.SEQ_LAYOUTS for cell in M.CELLS]
+                  + [('rows', 'rnn', 'mean'), ('rows', 'rnn', 'max'), ('pixels', 'gru', 'mean'),
+                     ('rows', 'lstm', 'max')])
+
+
+@pytest.mark.parametrize('layout, cell, readout', GRADIENT_CASES)
+def test_model_gradient_check(rng, layout, cell, readout, monkeypatch):
     """Every parameter (a random sample of entries of each) and the input, float64, every cell."""
-    m = CNNRNN(seq_layout=layout, hidden=16, reg=0.1, seed=3, dtype=np.float64, cell=cell)
+    m = CNNRNN(seq_layout=layout, hidden=16, reg=0.1, seed=3, dtype=np.float64, cell=cell, readout=readout)
     for name in m.params:           # non-zero biases, so their gradients are exercised too
         if name.endswith('_b') or name.startswith('b_'):
             m.params[name][:] = rng.standard_normal(m.params[name].shape) * 0.1
@@ -328,8 +333,8 @@ def test_model_gradient_check(rng, layout, cell, monkeypatch):
         # 1e-5 one of them crossed a ReLU/max-pool kink for the GRU sample.
         idx, num = numeric_gradient(lambda: m.loss(X, y)[0], arr, indices=sample, h=1e-6)
         err = rel_error_vector(num, grads[name].reshape(-1)[idx])
-        assert err < RTOL, f'{cell} {layout} {name}: relative error {err:.2e}'
-        assert np.max(np.abs(num)) > 1e-6, f'{cell} {layout} {name}: the check sampled only zero gradients'
+        assert err < RTOL, f'{cell} {layout} {readout} {name}: relative error {err:.2e}'
+        assert np.max(np.abs(num)) > 1e-6, f'{cell} {layout} {readout} {name}: the check sampled only zero gradients'
 
 
 def test_flat_layout_is_one_hidden_layer_without_recurrence(rng):
@@ -415,14 +420,20 @@ def test_initialisation(rng):
         CNNRNN(rnn_init='identity')
 
 
-@pytest.mark.parametrize('cell', M.CELLS)
-@pytest.mark.parametrize('layout', M.SEQ_LAYOUTS)
-def test_overfits_a_tiny_batch(layout, cell):
+# Every layout with the method's cell, every cell and readout with the rows (the gradient checks
+# cover every pairing; memorising is slow with 64 steps of a gated cell, so not every pairing here).
+OVERFIT_CASES = ([(layout, 'rnn', 'last') for layout in M.SEQ_LAYOUTS]
+                 + [('rows', cell, 'last') for cell in M.CELLS if cell != 'rnn']
+                 + [('rows', 'rnn', readout) for readout in M.READOUTS if readout != 'last'])
+
+
+@pytest.mark.parametrize('layout, cell, readout', OVERFIT_CASES)
+def test_overfits_a_tiny_batch(layout, cell, readout):
     """64 random images with random labels are memorised to 100% training accuracy."""
     rng = np.random.default_rng(0)
     X = rng.random((64, 3, 32, 32), dtype=np.float32)
     y = rng.integers(0, 10, 64)
-    m = CNNRNN(seq_layout=layout, reg=0.0, seed=0, cell=cell)
+    m = CNNRNN(seq_layout=layout, reg=0.0, seed=0, cell=cell, readout=readout)
     opt = SGD(m.params, momentum=0.9)
     for step in range(300):
         _, grads = m.loss(X, y)
@@ -492,6 +503,44 @@ def test_load_errors_name_the_problem(tmp_path):
     np.savez(no_meta, a=np.zeros(3))
     with pytest.raises(ModelFileError, match='no model metadata'):
         CNNRNN.load(no_meta)
+
+
+@pytest.mark.parametrize('readout', ('mean', 'max'))
+def test_files_record_the_readout(tmp_path, rng, readout):
+    """The readout is in the file; a file without one (written before it existed) reads h_T."""
+    m = CNNRNN(seq_layout='rows', hidden=8, seed=4, readout=readout)
+    X, _ = small_batch(rng, n=3, dtype=np.float32)
+    # What the head reads is what features() returns, the same parameters as the method's.
+    np.testing.assert_allclose(m.forward(X), m.features(X) @ m.params['W_ho'] + m.params['b_o'], rtol=1e-5)
+    assert {k: v.shape for k, v in m.params.items()} == CNNRNN(seq_layout='rows', hidden=8).param_shapes()
+    m.save(tmp_path / 'model.npz')
+    loaded = CNNRNN.load(tmp_path / 'model.npz')
+    assert loaded.readout == readout and loaded.config() == m.config()
+    np.testing.assert_array_equal(loaded.forward(X), m.forward(X))
+    with pytest.raises(M.ModelFileError, match=f"readout='{readout}', not 'last'"):
+        CNNRNN.load(tmp_path / 'model.npz', readout='last')
+    # A file written before the key: no 'readout' in its metadata.
+    with np.load(tmp_path / 'model.npz') as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays['meta']))
+    del meta['readout']
+    arrays['meta'] = np.array(json.dumps(meta))
+    np.savez(tmp_path / 'old.npz', **arrays)
+    old = CNNRNN.load(tmp_path / 'old.npz', readout='last')
+    method = CNNRNN(seq_layout='rows', hidden=8, seed=4)
+    method.set_params(m.params)
+    assert old.readout == 'last'
+    np.testing.assert_array_equal(old.features(X), method.features(X))
+    assert not np.allclose(old.features(X), m.features(X))
+    # A damaged readout in the metadata is refused with the file's name and the fix.
+    meta['readout'] = 'sum'
+    arrays['meta'] = np.array(json.dumps(meta))
+    np.savez(tmp_path / 'bad.npz', **arrays)
+    with pytest.raises(M.ModelFileError, match=r"bad.npz has an invalid model configuration \(readout = 'sum', "
+                                               r"not one of \['last', 'mean', 'max'\]\)"):
+        CNNRNN.load(tmp_path / 'bad.npz')
+    with pytest.raises(ValueError, match="unknown readout 'sum'"):
+        CNNRNN(readout='sum')
 
 
 def test_save_is_atomic_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
