@@ -331,8 +331,8 @@ def test_the_pages_are_up_to_date_and_kept_without_run_folders(tmp_path, capsys)
     out = capsys.readouterr().out
     assert 'README.md presets: rewritten from presets.json' in out
     # Every block made from runs: the headline, the preset tables, calibration, the claims suite's two
-    # and one for each lever screen (11 in all).
-    assert out.count(': kept') == 1 + len(tables.PRESET_RUN_TABLES) + 1 + 2 + len(tables.LEVER_SCREENS) == 12
+    # and one for each lever screen (13 in all).
+    assert out.count(': kept') == 1 + len(tables.PRESET_RUN_TABLES) + 1 + 2 + len(tables.LEVER_SCREENS) == 13
 
 
 def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, single_view=None,
@@ -466,6 +466,12 @@ def fake_runs(tmp_path_factory):
         finished_run(deep_head_2, f'deep-seed{seed}', seed, 0.70, preset='deep', **short)
         finished_run(deep_head_2, f'rowmax-seed{seed}', seed, 0.71 + 0.01 * seed, preset='deep',
                      **dict(short, seq_layout='rowmax'))
+    # The sixth: the mean readout against the last hidden state, on seeds of its own.
+    deep_readout = runs / 'deep-readout'
+    for seed in (3, 4):
+        finished_run(deep_readout, f'deep-seed{seed}', seed, 0.70, preset='deep', **short)
+        finished_run(deep_readout, f'mean-seed{seed}', seed, 0.72 + 0.01 * (seed - 3), preset='deep',
+                     **dict(short, readout='mean'))
     procs = [subprocess.Popen([sys.executable, 'compare.py', *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for args in ([str(claims_dir)], [str(levers), '--baseline', str(levers / 'base-s0')],
@@ -473,7 +479,8 @@ def fake_runs(tmp_path_factory):
                           [str(deep_levers_2), '--baseline', str(deep_levers_2 / 'deep-seed0')],
                           [str(deep_weight_decay), '--baseline', str(deep_weight_decay / 'deep-seed0')],
                           [str(deep_head), '--baseline', str(deep_head / 'deep-seed0')],
-                          [str(deep_head_2), '--baseline', str(deep_head_2 / 'deep-seed0')])]
+                          [str(deep_head_2), '--baseline', str(deep_head_2 / 'deep-seed0')],
+                          [str(deep_readout), '--baseline', str(deep_readout / 'deep-seed3')])]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
@@ -566,6 +573,11 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
             '--set warmup_epochs=1 --seq-layout rowmax --subset 0.2 --set tta_translate=false --seed S` | 2 | '
             '71.50% ± 0.71 (71.00, 72.00) |') in deep_head_2, deep_head_2
     assert '+1.50 points' in deep_head_2, deep_head_2
+    deep_readout = tables.read_block(results, 'deep-readout', 'docs/results.md')
+    assert ('| readout=mean | `.venv/bin/python main.py --preset deep --epochs 5 --batch-size 256 --lr 0.1 '
+            '--set warmup_epochs=1 --subset 0.2 --set readout=mean --set tta_translate=false --seed S` | 2 | '
+            '72.50% ± 0.71 (72.00, 73.00) |') in deep_readout, deep_readout
+    assert '+2.50 points' in deep_readout, deep_readout
     best = tables.read_block(results, 'best-runs', 'docs/results.md')
     assert best.startswith('Generated from the `best` runs under') and 'Seed 0: measured at' not in best
     assert '| 0 | 80.00% | 79.50% |' in best and '| 1 | 81.00% | 79.50% |' in best
