@@ -18,6 +18,7 @@ the test otherwise.
 """
 import contextlib
 import io
+import json
 import os
 import pickle
 import signal
@@ -328,6 +329,20 @@ def interrupted_after(steps):
 def arrays(path):
     with np.load(path) as f:
         return {k: f[k] for k in f.files if k != 'meta'}
+
+
+def rewrite_model_meta(src, dst, drop=(), **changes):
+    """Copy the model file ``src`` to ``dst`` with the keys ``drop`` removed from its JSON
+    metadata and ``changes`` set in it (a file written before a key existed, or one damaged);
+    the arrays are unchanged. Returns dst."""
+    with np.load(src) as f:
+        stored = {k: f[k] for k in f.files}
+    meta = json.loads(str(stored['meta']))
+    for key in drop:
+        del meta[key]
+    meta.update(changes)
+    np.savez(dst, **dict(stored, meta=np.array(json.dumps(meta))))
+    return dst
 
 
 def folder_snapshot(path):

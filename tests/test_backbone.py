@@ -15,7 +15,7 @@ import cnn_rnn_numpy as M
 import config
 import fast_layers as F
 from cnn_rnn_numpy import CNNRNN, ModelFileError
-from conftest import (arrays, check_model_gradients, make_cifar_archive, perturbed, resume,
+from conftest import (arrays, check_model_gradients, make_cifar_archive, perturbed, resume, rewrite_model_meta,
                       train_run)
 from optim import SGD, WeightAverage, clip_grad_norm
 
@@ -349,22 +349,16 @@ def test_save_load_round_trip_keeps_the_running_statistics(tmp_path, rng):
 
 
 def test_older_files_hold_the_methods_backbone_and_bad_settings_are_refused(tmp_path):
-    CNNRNN(hidden=8).save(tmp_path / 'old.npz')
-    with np.load(tmp_path / 'old.npz') as f:
-        stored = {k: f[k] for k in f.files}
-    meta = json.loads(str(stored['meta']))
-    for key in M.METHOD_BACKBONE:
-        del meta[key]
-    np.savez(tmp_path / 'old.npz', **dict(stored, meta=np.array(json.dumps(meta))))
-    old = CNNRNN.load(tmp_path / 'old.npz', widths=[64, 64], batchnorm=False)
+    CNNRNN(hidden=8).save(tmp_path / 'new.npz')
+    old = CNNRNN.load(rewrite_model_meta(tmp_path / 'new.npz', tmp_path / 'old.npz', drop=M.METHOD_BACKBONE),
+                      widths=[64, 64], batchnorm=False)
     assert old.method_backbone and {k: old.config()[k] for k in M.METHOD_BACKBONE} == M.METHOD_BACKBONE
     for widths, words in (([64] * 6, r'widths = \[64, 64, 64, 64, 64, 64\] is not a list of 1 to 5'),
                           ([64, 64, 64], 'make 3 convolutions, but the file holds 2'),
                           ([64, 10 ** 9], r'widths = \[64, 1000000000\] but conv2_W has shape \(64, 64, 3, 3\)')):
-        meta['widths'] = widths
-        np.savez(tmp_path / 'bad.npz', **dict(stored, meta=np.array(json.dumps(meta))))
+        bad = rewrite_model_meta(tmp_path / 'old.npz', tmp_path / 'bad.npz', widths=widths)
         with pytest.raises(ModelFileError, match=r'invalid model configuration \(.*' + words):
-            CNNRNN.load(tmp_path / 'bad.npz')
+            CNNRNN.load(bad)
 
 
 def test_sgd_steps_the_trained_parameters_only_and_the_average_covers_all(rng):

@@ -18,7 +18,7 @@ import pytest
 import cnn_rnn_numpy as M
 import fast_layers as F
 from cnn_rnn_numpy import CNNRNN, ModelFileError
-from conftest import numeric_gradient, rel_error, rel_error_vector
+from conftest import numeric_gradient, rel_error, rel_error_vector, rewrite_model_meta
 from optim import SGD, clip_grad_norm
 from runfiles import RunFileError
 
@@ -520,25 +520,18 @@ def test_files_record_the_readout(tmp_path, rng, readout):
     with pytest.raises(M.ModelFileError, match=f"readout='{readout}', not 'last'"):
         CNNRNN.load(tmp_path / 'model.npz', readout='last')
     # A file written before the key: no 'readout' in its metadata.
-    with np.load(tmp_path / 'model.npz') as f:
-        arrays = {k: f[k] for k in f.files}
-    meta = json.loads(str(arrays['meta']))
-    del meta['readout']
-    arrays['meta'] = np.array(json.dumps(meta))
-    np.savez(tmp_path / 'old.npz', **arrays)
-    old = CNNRNN.load(tmp_path / 'old.npz', readout='last')
+    old = CNNRNN.load(rewrite_model_meta(tmp_path / 'model.npz', tmp_path / 'old.npz', drop=['readout']),
+                      readout='last')
     method = CNNRNN(seq_layout='rows', hidden=8, seed=4)
     method.set_params(m.params)
     assert old.readout == 'last'
     np.testing.assert_array_equal(old.features(X), method.features(X))
     assert not np.allclose(old.features(X), m.features(X))
     # A damaged readout in the metadata is refused with the file's name and the fix.
-    meta['readout'] = 'sum'
-    arrays['meta'] = np.array(json.dumps(meta))
-    np.savez(tmp_path / 'bad.npz', **arrays)
+    bad = rewrite_model_meta(tmp_path / 'model.npz', tmp_path / 'bad.npz', readout='sum')
     with pytest.raises(M.ModelFileError, match=r"bad.npz has an invalid model configuration \(readout = 'sum', "
                                                r"not one of \['last', 'mean', 'max'\]\)"):
-        CNNRNN.load(tmp_path / 'bad.npz')
+        CNNRNN.load(bad)
     with pytest.raises(ValueError, match="unknown readout 'sum'"):
         CNNRNN(readout='sum')
 
