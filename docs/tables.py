@@ -17,8 +17,8 @@ and only the text between them is rewritten. The sources:
     deep-runs  docs/results.md    the same for the `deep` preset
     claims     docs/claims.md     <runs>/claims/comparison/comparison.json   (make claims writes it)
     cells      docs/claims.md     the same file: the `pixels` RNN against the GRU and the LSTM
-    levers, deep-levers, deep-levers-2, deep-weight-decay, deep-head, deep-head-2, deep-readout
-                                     (LEVER_SCREENS)
+    levers, deep-levers, deep-levers-2, deep-weight-decay, deep-head, deep-head-2, deep-readout,
+    deep-bn                          (LEVER_SCREENS)
                docs/results.md    <runs>/NAME/comparison/comparison.json of the screen NAME
                                   (make sweep SWEEP=sweeps/NAME.json writes it)
 
@@ -73,7 +73,7 @@ EXPECTED = {'no-weight-decay': 'worse', 'no-warmup': 'worse', 'constant-lr': 'wo
 # The lever screens: each a sweep sweeps/NAME.json whose comparison (<runs>/NAME/comparison/) fills the
 # block NAME of docs/results.md and the figure docs/NAME_test_accuracy.png (dashes as underscores).
 LEVER_SCREENS = ('levers', 'deep-levers', 'deep-levers-2', 'deep-weight-decay', 'deep-head', 'deep-head-2',
-                 'deep-readout')
+                 'deep-readout', 'deep-bn')
 
 
 def screen_figure(name):

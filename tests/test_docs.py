@@ -331,8 +331,8 @@ def test_the_pages_are_up_to_date_and_kept_without_run_folders(tmp_path, capsys)
     out = capsys.readouterr().out
     assert 'README.md presets: rewritten from presets.json' in out
     # Every block made from runs: the headline, the preset tables, calibration, the claims suite's two
-    # and one for each lever screen (13 in all).
-    assert out.count(': kept') == 1 + len(tables.PRESET_RUN_TABLES) + 1 + 2 + len(tables.LEVER_SCREENS) == 13
+    # and one for each lever screen (14 in all).
+    assert out.count(': kept') == 1 + len(tables.PRESET_RUN_TABLES) + 1 + 2 + len(tables.LEVER_SCREENS) == 14
 
 
 def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, single_view=None,
@@ -472,6 +472,12 @@ def fake_runs(tmp_path_factory):
         finished_run(deep_readout, f'deep-seed{seed}', seed, 0.70, preset='deep', **short)
         finished_run(deep_readout, f'mean-seed{seed}', seed, 0.72 + 0.01 * (seed - 3), preset='deep',
                      **dict(short, readout='mean'))
+    # The seventh: airbench's BatchNorm statistics, on deep with the mean readout.
+    deep_bn = runs / 'deep-bn'
+    for seed in (0, 1):
+        finished_run(deep_bn, f'mean-seed{seed}', seed, 0.70, preset='deep', **dict(short, readout='mean'))
+        finished_run(deep_bn, f'bn-airbench-seed{seed}', seed, 0.68 + 0.01 * seed, preset='deep',
+                     **dict(short, readout='mean', bn_momentum=0.4, bn_eps=1e-12))
     procs = [subprocess.Popen([sys.executable, 'compare.py', *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for args in ([str(claims_dir)], [str(levers), '--baseline', str(levers / 'base-s0')],
@@ -480,7 +486,8 @@ def fake_runs(tmp_path_factory):
                           [str(deep_weight_decay), '--baseline', str(deep_weight_decay / 'deep-seed0')],
                           [str(deep_head), '--baseline', str(deep_head / 'deep-seed0')],
                           [str(deep_head_2), '--baseline', str(deep_head_2 / 'deep-seed0')],
-                          [str(deep_readout), '--baseline', str(deep_readout / 'deep-seed3')])]
+                          [str(deep_readout), '--baseline', str(deep_readout / 'deep-seed3')],
+                          [str(deep_bn), '--baseline', str(deep_bn / 'mean-seed0')])]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
@@ -578,6 +585,9 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
             '--set warmup_epochs=1 --subset 0.2 --set readout=mean --set tta_translate=false --seed S` | 2 | '
             '72.50% ± 0.71 (72.00, 73.00) |') in deep_readout, deep_readout
     assert '+2.50 points' in deep_readout, deep_readout
+    deep_bn = tables.read_block(results, 'deep-bn', 'docs/results.md')
+    assert '| base: `deep` | ' in deep_bn and '--set readout=mean' in deep_bn, deep_bn
+    assert '| bn_momentum=0.4, bn_eps=1e-12 | ' in deep_bn and '-1.50 points' in deep_bn, deep_bn
     best = tables.read_block(results, 'best-runs', 'docs/results.md')
     assert best.startswith('Generated from the `best` runs under') and 'Seed 0: measured at' not in best
     assert '| 0 | 80.00% | 79.50% |' in best and '| 1 | 81.00% | 79.50% |' in best

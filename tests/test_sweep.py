@@ -4,7 +4,7 @@ one at a time, the progress, the results and the comparison against the sweep's 
 second pass that runs nothing, SIGTERM to a sweep of two running runs, and the project's own
 sweep files (sweeps/claims.json, sweeps/levers.json, sweeps/deep-levers.json,
 sweeps/deep-levers-2.json, sweeps/deep-weight-decay.json, sweeps/deep-head.json,
-sweeps/deep-head-2.json, sweeps/deep-readout.json).
+sweeps/deep-head-2.json, sweeps/deep-readout.json, sweeps/deep-bn.json).
 
 The runs are real main.py processes on a tiny synthetic archive (90 training images, 1 epoch);
 the sweeps whose comparison another test checks replace compare.main by a recorder, to keep the
@@ -538,6 +538,9 @@ DEEP_LEVERS_2_OPTIONS = {
     ('deep-readout', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
                              '--set tta_translate=false', 'deep',
      {'deep': '', 'mean': '--set readout=mean'}),
+    ('deep-bn', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
+                        '--set tta_translate=false --set readout=mean', 'mean',
+     {'mean': '', 'bn-airbench': '--set bn_momentum=0.4 --set bn_eps=1e-12'}),
 ])
 def test_the_project_sweep_files_load_and_plan_the_expected_commands(tmp_path, name, preset, protocol, baseline,
                                                                      options):
