@@ -763,13 +763,15 @@ def step_gradients(dh, T):
 
     dh is (N, H), the gradient at the last hidden state only (the method's head reads h_T):
     per_step is None. Or dh is (T, N, H) time-major, the gradient at every hidden state h_1..h_T
-    (a readout of all of them, ``readout_forward``): dh_T is a copy of its last step, and the
-    backward loop adds per_step[t - 1] to the gradient it carries into h_{t} (1-based t < T).
+    (a readout of all of them, ``readout_forward``): dh_T is its last step, and the backward loop
+    adds per_step[t - 1] to the gradient it carries into h_{t} (1-based t < T). Either way dh_T
+    is the caller's array (or a view of it), read but never written: the gated cells copy it
+    before their in-place updates.
     """
     if dh.ndim == 3:
         if dh.shape[0] != T:
             raise ValueError(f'per-step gradient has {dh.shape[0]} steps, the sequence {T}')
-        return dh[T - 1].copy(), dh
+        return dh[T - 1], dh
     return dh, None
 
 

@@ -263,22 +263,22 @@ def load_checkpoint(path):
     return Checkpoint(model, arrays_like_params('velocity', model.trained_names()), average, state, cfg)
 
 
+# Model settings added after model files first recorded their configuration (model_settings).
+LATER_MODEL_SETTINGS = ('whiten', 'identity_init', 'readout')
+
+
 def model_settings(cfg):
     """The settings of the model a run's configuration builds, as CNNRNN's arguments (those a
     model file records, checked against the run's when one is loaded).
 
-    whiten, identity_init and readout are passed only when they are not the method's: a model
-    built without them, and every file written before they existed (which does not record
-    them), is built and checked exactly as before."""
+    The LATER_MODEL_SETTINGS are passed only when they are not the method's: a model built
+    without them, and every file written before they existed (which does not record them), is
+    built and checked exactly as before."""
     settings = dict(seq_layout=cfg.seq_layout, hidden=cfg.hidden, cell=cfg.cell, widths=cfg.widths,
                     convs_per_block=cfg.convs_per_block, batchnorm=cfg.batchnorm, bn_momentum=cfg.bn_momentum,
                     bn_eps=cfg.bn_eps)
-    if cfg.whiten:
-        settings['whiten'] = cfg.whiten
-    if cfg.identity_init:
-        settings['identity_init'] = cfg.identity_init
-    if cfg.readout != 'last':
-        settings['readout'] = cfg.readout
+    method = Config.method_defaults()
+    settings.update({key: getattr(cfg, key) for key in LATER_MODEL_SETTINGS if getattr(cfg, key) != method[key]})
     return settings
 
 

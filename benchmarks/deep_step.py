@@ -301,11 +301,11 @@ def numpy_profile(model, X, y, repeats, warmup):
         h = out
     seq = M.map_to_sequence(h, model.seq_layout)
     times = timed(lambda: M.recurrent_forward(seq, p, model.cell, model.readout), repeats, warmup)
-    h_T, rnn_cache = M.recurrent_forward(seq, p, model.cell, model.readout)
+    r, rnn_cache = M.recurrent_forward(seq, p, model.cell, model.readout)    # r: what the head reads
     rnn = [(f'{model.cell.upper()} forward', times, f['rnn_forward'] * N)]
 
     def head():
-        logits, c_out = M.affine_forward(h_T, p['W_ho'], p['b_o'])
+        logits, c_out = M.affine_forward(r, p['W_ho'], p['b_o'])
         _, dlogits = M.softmax_loss(logits, y)
         return M.affine_backward(dlogits, c_out)
     rnn.append(('head + loss, forward and backward', timed(head, repeats, warmup),
