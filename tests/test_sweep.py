@@ -521,22 +521,23 @@ DEEP_LEVERS_2_OPTIONS = {
     ('levers', 'best', '--epochs 10', 'base', LEVERS_OPTIONS),
     ('deep-levers', 'deep', '--subset 0.2 --epochs 4 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
                             '--set tta_translate=false --set whiten=2 --set crop=pad --set val_views=test '
-                            '--set weight_decay=0.0005', 'deep',
+                            '--set weight_decay=0.0005 --set readout=last', 'deep',
      DEEP_LEVERS_OPTIONS),
     ('deep-levers-2', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
-                              '--set tta_translate=false --set weight_decay=0.0005', 'deep', DEEP_LEVERS_2_OPTIONS),
+                              '--set tta_translate=false --set weight_decay=0.0005 --set readout=last', 'deep',
+     DEEP_LEVERS_2_OPTIONS),
     ('deep-weight-decay', 'deep', '--subset 0.5 --epochs 6 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
-                                  '--set tta_translate=false --set weight_decay=0.0005', 'deep',
+                                  '--set tta_translate=false --set weight_decay=0.0005 --set readout=last', 'deep',
      {'deep': '', 'weight-decay-2.5e-3': '--set weight_decay=0.0025'}),
     ('deep-head', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
-                          '--set tta_translate=false', 'deep',
+                          '--set tta_translate=false --set readout=last', 'deep',
      {'deep': '', 'hidden-512': '--set hidden=512', 'gru': '--cell gru', 'lstm': '--cell lstm'}),
     ('deep-head-2', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
-                            '--set tta_translate=false', 'deep',
+                            '--set tta_translate=false --set readout=last', 'deep',
      {'deep': '', 'flat': '--seq-layout flat', 'rowmax': '--seq-layout rowmax', 'mean': '--set readout=mean',
       'max': '--set readout=max'}),
     ('deep-readout', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
-                             '--set tta_translate=false', 'deep',
+                             '--set tta_translate=false --set readout=last', 'deep',
      {'deep': '', 'mean': '--set readout=mean'}),
     ('deep-bn', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
                         '--set tta_translate=false --set readout=mean', 'mean',
