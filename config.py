@@ -143,6 +143,14 @@ class Config:
     bn_momentum: float = setting(0.1, lambda v: 0 < v <= 1, "a number in (0, 1] (torch's BatchNorm momentum)",
                                  since_first_runs=False)
     bn_eps: float = setting(1e-5, lambda v: 0 < v and _finite(v), 'a finite number > 0', since_first_runs=False)
+    # How fast BatchNorm's own parameters learn, as multiples of the learning rate (optim.SGD's
+    # lr_scales): airbench freezes every gamma at 1 (0) and trains the betas 64 times faster.
+    bn_gamma_lr: float = setting(1.0, lambda v: 0 <= v and _finite(v),
+                                 "a finite number >= 0: BatchNorm's gammas learn at this multiple of lr "
+                                 "(0 freezes them at 1)", since_first_runs=False)
+    bn_beta_lr: float = setting(1.0, lambda v: 0 <= v and _finite(v),
+                                "a finite number >= 0: BatchNorm's betas learn at this multiple of lr",
+                                since_first_runs=False)
     whiten: int = setting(0, lambda v: v in WHITEN_SIZES,
                           f"one of {', '.join(map(str, WHITEN_SIZES))}: the patch size of the frozen "
                           f"patch-whitening first layer, 0 off", since_first_runs=False)
@@ -221,6 +229,11 @@ class Config:
         if self.min_lr > self.lr:
             raise ConfigError(f'{where}: min_lr = {self.min_lr} is above lr = {self.lr}; '
                               f'make min_lr at most the learning rate')
+        changed = [f'{k} = {getattr(self, k)}' for k in ('bn_gamma_lr', 'bn_beta_lr') if getattr(self, k) != 1]
+        if changed and not self.batchnorm:
+            verb = 'sets' if len(changed) == 1 else 'set'
+            raise ConfigError(f"{where}: {' and '.join(changed)} {verb} how fast BatchNorm learns, but "
+                              f"batchnorm is false; turn batchnorm on or leave the BatchNorm rates at 1")
         if self.alternate_flip and not self.augment:
             raise ConfigError(f'{where}: alternate_flip = true alternates the flips of augment, which is '
                               f'false; turn augment on or leave alternate_flip false')

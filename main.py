@@ -45,7 +45,7 @@ from fast_layers import ThreadSettingError, prepare_process_for_training
 from metrics import (N_BINS, TEMPERATURE_RANGE, TIME_TO_VAL_ACC, accuracy, apply_temperature, calibration_report,
                      confusion_matrix, cross_entropy, expected_calibration_error, fit_temperature,
                      per_class_accuracy, time_to_accuracy)
-from optim import SGD, WeightAverage, clip_grad_norm, learning_rate
+from optim import SGD, WeightAverage, bn_lr_scales, clip_grad_norm, learning_rate
 from runfiles import RunFileError
 
 CHECKPOINT_KIND = runfiles.CHECKPOINT_KIND
@@ -1091,7 +1091,7 @@ def new_run(args, overrides, stopper):
                          f'choose a smaller --set hidden (the method uses 128)') from None
     # Before the optimizer and the weight average copy the parameters: both start from the fitted layer.
     fit_whitening(model, cfg, data, mean, std)
-    opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov, names=model.trained_names())
+    opt = new_optimizer(model, cfg)
     average = WeightAverage(model.params, cfg.ema) if cfg.ema else None
     state = TrainState(mean=mean, std=std, data_fingerprint=data['fingerprint'])
     state.note_code_commit()
@@ -1181,9 +1181,16 @@ def forget_record(run, read, record_class, name, words):
         record_class.remove(run.path)
 
 
+def new_optimizer(model, cfg):
+    """The run's SGD: every trained parameter at the schedule's rate, BatchNorm's at the multiples
+    bn_gamma_lr and bn_beta_lr of it."""
+    return SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov, names=model.trained_names(),
+               lr_scales=bn_lr_scales(model.trained_names(), cfg.bn_gamma_lr, cfg.bn_beta_lr))
+
+
 def optimizer_from(ck, model, cfg):
     """The SGD optimizer of a checkpoint, velocities restored."""
-    opt = SGD(model.params, momentum=cfg.momentum, nesterov=cfg.nesterov, names=model.trained_names())
+    opt = new_optimizer(model, cfg)
     opt.velocity = {k: np.array(v, dtype=model.dtype) for k, v in ck.velocity.items()}
     return opt
 

@@ -25,26 +25,46 @@ class SGD:
     - names: the parameters to update (default: all of params), e.g. ``model.trained_names()``,
       which leaves out BatchNorm's running statistics: the model measures them, they have no
       gradient and no velocity
+    - lr_scales: {name: factor} of the parameters that learn at factor * lr instead of lr (0
+      keeps a parameter where it is), e.g. ``bn_lr_scales``; the others learn at lr
     """
 
-    def __init__(self, params, momentum=0.9, nesterov=False, names=None):
+    def __init__(self, params, momentum=0.9, nesterov=False, names=None, lr_scales=None):
         self.params = params
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
         names = list(params) if names is None else list(names)
         self.velocity = {k: np.zeros_like(params[k]) for k in names}
+        self.lr_scales = dict(lr_scales or {})
+        unknown = sorted(set(self.lr_scales) - set(names))
+        if unknown:
+            raise ValueError(f'lr_scales names parameters the optimizer does not update: {unknown}')
 
     def step(self, grads, lr):
         """One update of the parameters that have a velocity. grads: dict with (at least) their names; lr: float."""
         for name, v in self.velocity.items():
             p = self.params[name]
             g = grads[name]
+            rate = lr * self.lr_scales.get(name, 1.0)      # x 1.0 is exact: the plain update, bit for bit
             v *= p.dtype.type(self.momentum)
-            v -= p.dtype.type(lr) * g
+            v -= p.dtype.type(rate) * g
             if self.nesterov:
-                p += p.dtype.type(self.momentum) * v - p.dtype.type(lr) * g
+                p += p.dtype.type(self.momentum) * v - p.dtype.type(rate) * g
             else:
                 p += v
+
+
+def bn_lr_scales(names, gamma_lr=1.0, beta_lr=1.0):
+    """{name: factor} for SGD's lr_scales: BatchNorm's gammas (bnK_gamma) at gamma_lr, its betas
+    (bnK_beta) at beta_lr, among ``names`` (e.g. ``model.trained_names()``); a factor of 1 is left
+    out, so the defaults give {} and the plain update. airbench's is gamma_lr=0, beta_lr=64."""
+    scales = {}
+    for name in names:
+        if name.startswith('bn') and name.endswith('_gamma'):
+            scales[name] = float(gamma_lr)
+        elif name.startswith('bn') and name.endswith('_beta'):
+            scales[name] = float(beta_lr)
+    return {name: factor for name, factor in scales.items() if factor != 1}
 
 
 class WeightAverage:

@@ -225,13 +225,14 @@ def describe_augmentation(s):
 
 
 def describe_backbone(s):
-    """'64-64' (the method's), '64-256-256, 2 convs, BN' (BatchNorm's momentum and eps if not torch's)."""
+    """'64-64' (the method's), '64-256-256, 2 convs, BN' (BatchNorm's momentum and eps if not torch's,
+    its learning-rate multiples if not 1)."""
     text = '-'.join(str(w) for w in s['widths'])
     if s['convs_per_block'] != 1:
         text += f", {s['convs_per_block']} convs"
     if s['batchnorm']:
         defaults = Config.method_defaults()
-        text += ', BN' + ''.join(f" {k} {show(s[k])}" for k in ('bn_momentum', 'bn_eps')
+        text += ', BN' + ''.join(f" {k} {show(s[k])}" for k in ('bn_momentum', 'bn_eps', 'bn_gamma_lr', 'bn_beta_lr')
                                  if not same(s[k], defaults[k]))
     if s['whiten']:
         text += f", {s['whiten']}x{s['whiten']} whitening"
@@ -247,8 +248,8 @@ def describe_views(s):
 
 
 PRESET_COLUMNS = [
-    ('backbone', ('widths', 'convs_per_block', 'batchnorm', 'bn_momentum', 'bn_eps', 'whiten', 'identity_init'),
-     describe_backbone),
+    ('backbone', ('widths', 'convs_per_block', 'batchnorm', 'bn_momentum', 'bn_eps', 'bn_gamma_lr', 'bn_beta_lr',
+                  'whiten', 'identity_init'), describe_backbone),
     ('layout', ('seq_layout',), lambda s: f"`{s['seq_layout']}`"),
     ('cell', ('cell', 'hidden', 'readout'),
      lambda s: f"`{s['cell']}` {s['hidden']}" + (f", {s['readout']} of h_t" if s['readout'] != 'last' else '')),

@@ -98,6 +98,7 @@ def test_keys_added_after_the_first_runs_are_the_levers_the_cell_the_backbone_an
                                  'ema': 0.0, 'tta_flip': False, 'tta_translate': False, 'val_views': 'test',
                                  'widths': [64, 64],
                                  'convs_per_block': 1, 'batchnorm': False, 'bn_momentum': 0.1, 'bn_eps': 1e-5,
+                                 'bn_gamma_lr': 1.0, 'bn_beta_lr': 1.0,
                                  'whiten': 0, 'identity_init': False, 'fit_epochs': False,
                                  'calibrated_predictions': False}
 
@@ -116,6 +117,8 @@ def test_the_airbench_keys_are_checked_and_off_by_default():
                        ('tta_translate=yes', "tta_translate = 'yes' is invalid"),
                        ('identity_init=0', 'identity_init = 0 is invalid'),
                        ('readout=avg', "readout = 'avg' is invalid; it must be one of ['last', 'mean', 'max']"),
+                       ('bn_beta_lr=-1', 'bn_beta_lr = -1 is invalid; it must be a finite number >= 0'),
+                       ('bn_gamma_lr=false', 'bn_gamma_lr = False is invalid'),
                        ('schedule=triangle', "schedule = 'triangle' is invalid; it must be 'exponential', "
                                              "'cosine' or 'triangular'")):
         with pytest.raises(ConfigError) as e:
@@ -125,6 +128,13 @@ def test_the_airbench_keys_are_checked_and_off_by_default():
     with pytest.raises(ConfigError, match='alternate_flip = true .* augment, which is false') as e:
         config.with_overrides(fast, {'alternate_flip': True, 'augment': False}, 'the configuration')
     assert '\n' not in str(e.value)
+    # BatchNorm's learning rates without BatchNorm are refused too; with it they are kept.
+    with pytest.raises(ConfigError, match='bn_gamma_lr = 0 and bn_beta_lr = 64 set how fast BatchNorm learns, '
+                                          'but batchnorm is false') as e:
+        config.with_overrides(fast, {'bn_gamma_lr': 0, 'bn_beta_lr': 64}, 'the configuration')
+    assert '\n' not in str(e.value)
+    deep = config.with_overrides(config.load_presets()['deep'], {'bn_gamma_lr': 0, 'bn_beta_lr': 64}, 'x')
+    assert (deep.bn_gamma_lr, deep.bn_beta_lr) == (0, 64)
 
 
 def test_tta_mode_names_the_test_time_augmentation():

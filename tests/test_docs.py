@@ -326,6 +326,14 @@ def test_the_views_column_names_a_one_view_validation():
     assert tables.describe_views(dict(deep, tta_translate=False, tta_flip=False, val_views='one')) == 'one'
 
 
+def test_the_backbone_column_names_batchnorm_settings_that_are_not_the_defaults():
+    deep = config.load_presets()['deep'].settings()
+    assert tables.describe_backbone(deep) == '64-256-256, 2 convs, BN, identity init'
+    airbench = dict(deep, bn_momentum=0.4, bn_gamma_lr=0, bn_beta_lr=64)
+    assert tables.describe_backbone(airbench) == \
+        '64-256-256, 2 convs, BN bn_momentum 0.4 bn_gamma_lr 0 bn_beta_lr 64, identity init'
+
+
 def test_the_pages_are_up_to_date_and_kept_without_run_folders(tmp_path, capsys):
     assert tables.main(['--runs', str(tmp_path / 'no-runs'), '--check']) == 0
     out = capsys.readouterr().out

@@ -288,6 +288,28 @@ def test_a_gated_cell_and_a_readout_train_resume_and_are_recorded(data_dir, tmp_
     assert "cell='gru', not 'lstm'" in err and 'Traceback' not in err
 
 
+def test_batchnorm_rates_freeze_the_gammas_speed_the_betas_and_resume_bit_identically(data_dir, tmp_path):
+    """airbench's BatchNorm training (bn_gamma_lr 0, bn_beta_lr 64): every gamma stays exactly 1,
+    the betas move further than at the plain rate, and a run stopped mid-epoch resumes to the
+    same bits (the optimizer rebuilt from the checkpoint's configuration keeps the rates)."""
+    bn = ['--epochs', '2', '--set', 'batchnorm=true']
+    rates = ['--set', 'bn_gamma_lr=0', '--set', 'bn_beta_lr=64']
+    assert train_run(data_dir, tmp_path / 'plain', *bn) == 0
+    assert train_run(data_dir, tmp_path / 'whole', *bn, *rates) == 0
+    assert train_run(data_dir, tmp_path / 'split', *bn, *rates, interrupt_after=STEPS_PER_EPOCH + 2) == 0
+    assert resume(tmp_path / 'split' / 'ckpt.npz') == 0
+    plain, whole, split = (arrays(tmp_path / name / 'ckpt.npz') for name in ('plain', 'whole', 'split'))
+    for k in whole:
+        np.testing.assert_array_equal(whole[k], split[k], err_msg=k)
+    gammas = [f'param/bn{k}_gamma' for k in (1, 2)]
+    betas = [f'param/bn{k}_beta' for k in (1, 2)]
+    assert gammas and all(np.all(whole[k] == 1) and not np.all(plain[k] == 1) for k in gammas)
+    assert all(np.abs(whole[k]).sum() > 5 * np.abs(plain[k]).sum() > 0 for k in betas)
+    assert all(not whole[k.replace('param/', 'velocity/')].any() for k in gammas)     # a rate of 0: no velocity either
+    run_config = json.loads((tmp_path / 'whole' / 'config.json').read_text())
+    assert (run_config['bn_gamma_lr'], run_config['bn_beta_lr']) == (0, 64)
+
+
 # ---- fit_epochs: the schedule chosen to end inside the time budget ----------
 
 @pytest.mark.parametrize('done, epoch_s, left_s, most, expected', [

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from optim import SGD, clip_grad_norm, learning_rate
+from optim import SGD, bn_lr_scales, clip_grad_norm, learning_rate
 
 
 def test_learning_rate_schedule():
@@ -39,6 +39,36 @@ def test_sgd_momentum_and_nesterov():
     nes = SGD(q, momentum=0.9, nesterov=True)
     nes.step({'w': np.array([1.0])}, lr=0.1)      # v = -0.1; p += 0.9 * v - 0.1
     assert q['w'][0] == pytest.approx(0.81)
+
+
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_sgd_lr_scales_step_each_parameter_at_its_multiple_of_the_rate(nesterov):
+    g = {'a': np.array([1.0, -2.0]), 'b': np.array([3.0]), 'c': np.array([0.5])}
+    p = {'a': np.ones(2), 'b': np.ones(1), 'c': np.ones(1)}
+    opt = SGD(p, momentum=0.9, nesterov=nesterov, lr_scales={'b': 0.0, 'c': 64.0})
+    # Each parameter moves as a plain SGD at its own rate would move it: 'a' at lr, 'c' at 64 lr.
+    alone = {}
+    for k, v in p.items():
+        q = {k: np.ones_like(v)}
+        alone[k] = (q, SGD(q, momentum=0.9, nesterov=nesterov))
+    for _ in range(3):
+        opt.step(g, lr=0.01)
+        for k, (q, plain) in alone.items():
+            plain.step({k: g[k]}, lr=0.01 * {'a': 1.0, 'b': 0.0, 'c': 64.0}[k])
+    for k, (q, _) in alone.items():
+        np.testing.assert_array_equal(p[k], q[k])
+    assert p['b'][0] == 1.0 and not opt.velocity['b'].any()    # a factor of 0 keeps it where it is
+    assert p['c'][0] < p['a'][0] - 1 and np.all(p['a'] != 1)
+    with pytest.raises(ValueError, match=r"does not update: \['x'\]"):
+        SGD(p, lr_scales={'x': 2.0})
+
+
+def test_bn_lr_scales_name_the_batchnorm_parameters_and_leave_out_factors_of_one():
+    names = ['conv1_W', 'conv1_b', 'bn1_gamma', 'bn1_beta', 'bn2_gamma', 'bn2_beta', 'W_xh', 'b_h']
+    assert bn_lr_scales(names) == {}
+    assert bn_lr_scales(names, 0, 64) == {'bn1_gamma': 0.0, 'bn1_beta': 64.0, 'bn2_gamma': 0.0, 'bn2_beta': 64.0}
+    assert bn_lr_scales(names, beta_lr=2) == {'bn1_beta': 2.0, 'bn2_beta': 2.0}
+    assert bn_lr_scales(['W_xh', 'b_h'], 0, 64) == {}
 
 
 def test_clip_grad_norm():

@@ -279,6 +279,7 @@ def test_a_divergence_before_any_checkpoint_says_so(data_dir, tmp_path, capsys, 
     (['--lr', 'inf'], ['--lr: lr = inf is invalid']),
     (['--lr', 'nan'], ['--lr: lr = nan is invalid']),
     (['--set', 'min_lr=0.5'], ['min_lr = 0.5 is above lr']),
+    (['--set', 'bn_beta_lr=64'], ['bn_beta_lr = 64 sets how fast BatchNorm learns, but batchnorm is false']),
     (['--seed', '-1'], ['seed = -1']),
     (['--seed', str(2 ** 32)], [f'seed = {2 ** 32}']),
 ])
