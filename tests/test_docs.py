@@ -339,8 +339,8 @@ def test_the_pages_are_up_to_date_and_kept_without_run_folders(tmp_path, capsys)
     out = capsys.readouterr().out
     assert 'README.md presets: rewritten from presets.json' in out
     # Every block made from runs: the headline, the preset tables, calibration, the claims suite's two
-    # and one for each lever screen (14 in all).
-    assert out.count(': kept') == 1 + len(tables.PRESET_RUN_TABLES) + 1 + 2 + len(tables.LEVER_SCREENS) == 14
+    # and one for each lever screen (15 in all).
+    assert out.count(': kept') == 1 + len(tables.PRESET_RUN_TABLES) + 1 + 2 + len(tables.LEVER_SCREENS) == 15
 
 
 def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, single_view=None,
@@ -490,6 +490,13 @@ def fake_runs(tmp_path_factory):
         finished_run(deep_bn, f'mean-seed{seed}', seed, 0.70, preset='deep', **dict(short, readout='mean'))
         finished_run(deep_bn, f'bn-airbench-seed{seed}', seed, 0.68 + 0.01 * seed, preset='deep',
                      **dict(short, readout='mean', bn_momentum=0.4, bn_eps=1e-12))
+    # The eighth: airbench's BatchNorm learning rates, on deep as it is.
+    deep_bn_lr = runs / 'deep-bn-lr'
+    short = dict(short, readout='mean')
+    for seed in (0, 1):
+        finished_run(deep_bn_lr, f'deep-seed{seed}', seed, 0.70, preset='deep', **short)
+        finished_run(deep_bn_lr, f'bn-rates-airbench-seed{seed}', seed, 0.71 + 0.01 * seed, preset='deep',
+                     **dict(short, bn_gamma_lr=0, bn_beta_lr=64))
     procs = [subprocess.Popen([sys.executable, 'compare.py', *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for args in ([str(claims_dir)], [str(levers), '--baseline', str(levers / 'base-s0')],
@@ -499,7 +506,8 @@ def fake_runs(tmp_path_factory):
                           [str(deep_head), '--baseline', str(deep_head / 'deep-seed0')],
                           [str(deep_head_2), '--baseline', str(deep_head_2 / 'deep-seed0')],
                           [str(deep_readout), '--baseline', str(deep_readout / 'deep-seed3')],
-                          [str(deep_bn), '--baseline', str(deep_bn / 'mean-seed0')])]
+                          [str(deep_bn), '--baseline', str(deep_bn / 'mean-seed0')],
+                          [str(deep_bn_lr), '--baseline', str(deep_bn_lr / 'deep-seed0')])]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
@@ -601,6 +609,11 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
     deep_bn = tables.read_block(results, 'deep-bn', 'docs/results.md')
     assert '| base: `deep` | ' in deep_bn and '--set readout' not in deep_bn, deep_bn     # the preset's mean
     assert '| bn_momentum=0.4, bn_eps=1e-12 | ' in deep_bn and '-1.50 points' in deep_bn, deep_bn
+    deep_bn_lr = tables.read_block(results, 'deep-bn-lr', 'docs/results.md')
+    assert ('| bn_gamma_lr=0, bn_beta_lr=64 | `.venv/bin/python main.py --preset deep --epochs 5 --batch-size 256 '
+            '--lr 0.1 --set warmup_epochs=1 --subset 0.2 --set tta_translate=false --set bn_gamma_lr=0 '
+            '--set bn_beta_lr=64 --seed S` | 2 | 71.50% ± 0.71 (71.00, 72.00) |') in deep_bn_lr, deep_bn_lr
+    assert '+1.50 points' in deep_bn_lr, deep_bn_lr
     best = tables.read_block(results, 'best-runs', 'docs/results.md')
     assert best.startswith('Generated from the `best` runs under') and 'Seed 0: measured at' not in best
     assert '| 0 | 80.00% | 79.50% |' in best and '| 1 | 81.00% | 79.50% |' in best

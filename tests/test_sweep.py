@@ -542,6 +542,9 @@ DEEP_LEVERS_2_OPTIONS = {
     ('deep-bn', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
                         '--set tta_translate=false --set readout=mean', 'mean',
      {'mean': '', 'bn-airbench': '--set bn_momentum=0.4 --set bn_eps=1e-12'}),
+    ('deep-bn-lr', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
+                           '--set tta_translate=false', 'deep',
+     {'deep': '', 'bn-rates-airbench': '--set bn_gamma_lr=0 --set bn_beta_lr=64'}),
 ])
 def test_the_project_sweep_files_load_and_plan_the_expected_commands(tmp_path, name, preset, protocol, baseline,
                                                                      options):
