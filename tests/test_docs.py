@@ -484,15 +484,15 @@ def fake_runs(tmp_path_factory):
         finished_run(deep_readout, f'deep-seed{seed}', seed, 0.70, preset='deep', **short)
         finished_run(deep_readout, f'mean-seed{seed}', seed, 0.72 + 0.01 * (seed - 3), preset='deep',
                      **dict(short, readout='mean'))
-    # The seventh: airbench's BatchNorm statistics, on deep with the mean readout.
+    # The seventh and the eighth ran with the mean readout (the preset's since the sixth): airbench's
+    # BatchNorm statistics, then its BatchNorm learning rates.
+    short = dict(short, readout='mean')
     deep_bn = runs / 'deep-bn'
     for seed in (0, 1):
-        finished_run(deep_bn, f'mean-seed{seed}', seed, 0.70, preset='deep', **dict(short, readout='mean'))
+        finished_run(deep_bn, f'mean-seed{seed}', seed, 0.70, preset='deep', **short)
         finished_run(deep_bn, f'bn-airbench-seed{seed}', seed, 0.68 + 0.01 * seed, preset='deep',
-                     **dict(short, readout='mean', bn_momentum=0.4, bn_eps=1e-12))
-    # The eighth: airbench's BatchNorm learning rates, on deep as it is.
+                     **dict(short, bn_momentum=0.4, bn_eps=1e-12))
     deep_bn_lr = runs / 'deep-bn-lr'
-    short = dict(short, readout='mean')
     for seed in (0, 1):
         finished_run(deep_bn_lr, f'deep-seed{seed}', seed, 0.70, preset='deep', **short)
         finished_run(deep_bn_lr, f'bn-rates-airbench-seed{seed}', seed, 0.71 + 0.01 * seed, preset='deep',

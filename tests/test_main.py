@@ -303,7 +303,7 @@ def test_batchnorm_rates_freeze_the_gammas_speed_the_betas_and_resume_bit_identi
         np.testing.assert_array_equal(whole[k], split[k], err_msg=k)
     gammas = [f'param/bn{k}_gamma' for k in (1, 2)]
     betas = [f'param/bn{k}_beta' for k in (1, 2)]
-    assert gammas and all(np.all(whole[k] == 1) and not np.all(plain[k] == 1) for k in gammas)
+    assert all(np.all(whole[k] == 1) and not np.all(plain[k] == 1) for k in gammas)
     assert all(np.abs(whole[k]).sum() > 5 * np.abs(plain[k]).sum() > 0 for k in betas)
     assert all(not whole[k.replace('param/', 'velocity/')].any() for k in gammas)     # a rate of 0: no velocity either
     run_config = json.loads((tmp_path / 'whole' / 'config.json').read_text())

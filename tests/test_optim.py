@@ -45,8 +45,10 @@ def test_sgd_momentum_and_nesterov():
 def test_sgd_lr_scales_step_each_parameter_at_its_multiple_of_the_rate(nesterov):
     g = {'a': np.array([1.0, -2.0]), 'b': np.array([3.0]), 'c': np.array([0.5])}
     p = {'a': np.ones(2), 'b': np.ones(1), 'c': np.ones(1)}
-    opt = SGD(p, momentum=0.9, nesterov=nesterov, lr_scales={'b': 0.0, 'c': 64.0})
-    # Each parameter moves as a plain SGD at its own rate would move it: 'a' at lr, 'c' at 64 lr.
+    factors = {'a': 1.0, 'b': 0.0, 'c': 64.0}
+    opt = SGD(p, momentum=0.9, nesterov=nesterov, lr_scales={k: f for k, f in factors.items() if k != 'a'})
+    # Each parameter moves as a plain SGD at its own rate would move it: 'a' (not in lr_scales) at lr,
+    # 'c' at 64 lr.
     alone = {}
     for k, v in p.items():
         q = {k: np.ones_like(v)}
@@ -54,7 +56,7 @@ def test_sgd_lr_scales_step_each_parameter_at_its_multiple_of_the_rate(nesterov)
     for _ in range(3):
         opt.step(g, lr=0.01)
         for k, (q, plain) in alone.items():
-            plain.step({k: g[k]}, lr=0.01 * {'a': 1.0, 'b': 0.0, 'c': 64.0}[k])
+            plain.step({k: g[k]}, lr=0.01 * factors[k])
     for k, (q, _) in alone.items():
         np.testing.assert_array_equal(p[k], q[k])
     assert p['b'][0] == 1.0 and not opt.velocity['b'].any()    # a factor of 0 keeps it where it is
