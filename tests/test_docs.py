@@ -339,8 +339,8 @@ def test_the_pages_are_up_to_date_and_kept_without_run_folders(tmp_path, capsys)
     out = capsys.readouterr().out
     assert 'README.md presets: rewritten from presets.json' in out
     # Every block made from runs: the headline, the preset tables, calibration, the claims suite's two
-    # and one for each lever screen (15 in all).
-    assert out.count(': kept') == 1 + len(tables.PRESET_RUN_TABLES) + 1 + 2 + len(tables.LEVER_SCREENS) == 15
+    # and one for each lever screen (16 in all).
+    assert out.count(': kept') == 1 + len(tables.PRESET_RUN_TABLES) + 1 + 2 + len(tables.LEVER_SCREENS) == 16
 
 
 def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, single_view=None,
@@ -497,6 +497,12 @@ def fake_runs(tmp_path_factory):
         finished_run(deep_bn_lr, f'deep-seed{seed}', seed, 0.70, preset='deep', **short)
         finished_run(deep_bn_lr, f'bn-rates-airbench-seed{seed}', seed, 0.71 + 0.01 * seed, preset='deep',
                      **dict(short, bn_gamma_lr=0, bn_beta_lr=64))
+    # The ninth: the eighth's pair again on seeds of its own.
+    deep_bn_lr_2 = runs / 'deep-bn-lr-2'
+    for seed in (3, 4):
+        finished_run(deep_bn_lr_2, f'deep-seed{seed}', seed, 0.70, preset='deep', **short)
+        finished_run(deep_bn_lr_2, f'bn-rates-airbench-seed{seed}', seed, 0.69 - 0.01 * (seed - 3), preset='deep',
+                     **dict(short, bn_gamma_lr=0, bn_beta_lr=64))
     procs = [subprocess.Popen([sys.executable, 'compare.py', *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for args in ([str(claims_dir)], [str(levers), '--baseline', str(levers / 'base-s0')],
@@ -507,7 +513,8 @@ def fake_runs(tmp_path_factory):
                           [str(deep_head_2), '--baseline', str(deep_head_2 / 'deep-seed0')],
                           [str(deep_readout), '--baseline', str(deep_readout / 'deep-seed3')],
                           [str(deep_bn), '--baseline', str(deep_bn / 'mean-seed0')],
-                          [str(deep_bn_lr), '--baseline', str(deep_bn_lr / 'deep-seed0')])]
+                          [str(deep_bn_lr), '--baseline', str(deep_bn_lr / 'deep-seed0')],
+                          [str(deep_bn_lr_2), '--baseline', str(deep_bn_lr_2 / 'deep-seed3')])]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
@@ -614,6 +621,11 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
             '--lr 0.1 --set warmup_epochs=1 --subset 0.2 --set tta_translate=false --set bn_gamma_lr=0 '
             '--set bn_beta_lr=64 --seed S` | 2 | 71.50% ± 0.71 (71.00, 72.00) |') in deep_bn_lr, deep_bn_lr
     assert '+1.50 points' in deep_bn_lr, deep_bn_lr
+    deep_bn_lr_2 = tables.read_block(results, 'deep-bn-lr-2', 'docs/results.md')
+    assert ('| bn_gamma_lr=0, bn_beta_lr=64 | `.venv/bin/python main.py --preset deep --epochs 5 --batch-size 256 '
+            '--lr 0.1 --set warmup_epochs=1 --subset 0.2 --set tta_translate=false --set bn_gamma_lr=0 '
+            '--set bn_beta_lr=64 --seed S` | 2 | 68.50% ± 0.71 (69.00, 68.00) |') in deep_bn_lr_2, deep_bn_lr_2
+    assert '-1.50 points' in deep_bn_lr_2, deep_bn_lr_2
     best = tables.read_block(results, 'best-runs', 'docs/results.md')
     assert best.startswith('Generated from the `best` runs under') and 'Seed 0: measured at' not in best
     assert '| 0 | 80.00% | 79.50% |' in best and '| 1 | 81.00% | 79.50% |' in best

@@ -508,7 +508,7 @@ DEEP_LEVERS_OPTIONS = {
 
 # The seeds of a sweep file that does not run 0, 1 and 2: deep-readout confirms deep-head-2's
 # finding on seeds of its own.
-SWEEP_SEEDS = {'deep-readout': [3, 4, 5]}
+SWEEP_SEEDS = {'deep-readout': [3, 4, 5], 'deep-bn-lr-2': [3, 4, 5]}
 
 DEEP_LEVERS_2_OPTIONS = {
     'deep': '', 'ema-0.95': '--set ema=0.95', 'label-smoothing-0.1': '--set label_smoothing=0.1',
@@ -544,6 +544,9 @@ DEEP_LEVERS_2_OPTIONS = {
      {'mean': '', 'bn-airbench': '--set bn_momentum=0.4 --set bn_eps=1e-12'}),
     ('deep-bn-lr', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
                            '--set tta_translate=false', 'deep',
+     {'deep': '', 'bn-rates-airbench': '--set bn_gamma_lr=0 --set bn_beta_lr=64'}),
+    ('deep-bn-lr-2', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
+                             '--set tta_translate=false', 'deep',
      {'deep': '', 'bn-rates-airbench': '--set bn_gamma_lr=0 --set bn_beta_lr=64'}),
 ])
 def test_the_project_sweep_files_load_and_plan_the_expected_commands(tmp_path, name, preset, protocol, baseline,
