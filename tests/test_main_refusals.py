@@ -171,6 +171,9 @@ def test_an_interrupt_while_loading_a_resume_leaves_the_run_unchanged(stopped, t
     before = snapshot(run)
     proc = subprocess.Popen([sys.executable, str(REPO_ROOT / 'main.py'), '--resume', str(run)],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # From main.py's handler on (before it, Python is still starting up: a busy host once took
+    # more than the 0.3 s, and the interrupt hit its imports).
+    assert handler_installed(proc), 'main.py never installed its start-up interrupt handler'
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=TIMEOUT)
