@@ -50,8 +50,8 @@ dev: $(VENV)/.installed-dev
 train: venv
 	$(BIN)/python main.py $(TRAIN_ARGS)
 
-# The suite on TEST_JOBS pytest workers (pytest-xdist), each taking whole files: on 2 cores 8.3 min against
-# 10.5-12.4 one at a time. TEST_JOBS=1 runs them in this process.
+# The suite on TEST_JOBS pytest workers (pytest-xdist), each taking whole files: CI's pytest on 2 cores
+# took 5.3-5.9 min so, 10.6-10.8 min one at a time. TEST_JOBS=1 runs them in this process.
 TEST_JOBS ?= 2
 test: dev
 	$(BIN)/python -m pytest -q tests $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile)

@@ -394,6 +394,15 @@ def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, 
     return run
 
 
+def deep_screen(folder, short, base, variant, seeds=(0, 1)):
+    """The fake runs of a screen of `deep` on the schedule ``short``: for each seed the base's run,
+    then the variant's. ``base`` and ``variant`` are (name, test accuracy per seed, settings changed
+    from ``short``); the folders are NAME-seedS, as sweep.py names them."""
+    for i, seed in enumerate(seeds):
+        for name, accuracies, changes in (base, variant):
+            finished_run(folder, f'{name}-seed{seed}', seed, accuracies[i], preset='deep', **dict(short, **changes))
+
+
 def copy_of_the_pages(tmp_path):
     """A folder holding copies of README.md and docs/*.md, for tables.plan/apply to rewrite."""
     root = tmp_path / 'repo'
@@ -446,63 +455,39 @@ def fake_runs(tmp_path_factory):
     deep_levers = runs / 'deep-levers'
     short = dict(subset=0.2, epochs=4, batch_size=256, lr=0.1, warmup_epochs=1, tta_translate=False, whiten=2,
                  crop='pad', val_views='test', readout='last')
-    for seed in (0, 1):
-        finished_run(deep_levers, f'deep-seed{seed}', seed, 0.60 + 0.01 * seed, preset='deep', **short)
-        finished_run(deep_levers, f'no-whitening-seed{seed}', seed, 0.55, preset='deep', **dict(short, whiten=0))
+    deep_screen(deep_levers, short, ('deep', [0.60, 0.61], {}), ('no-whitening', [0.55, 0.55], {'whiten': 0}))
     # The second screen: the preset as it was on a short schedule, one variant changing the head. The
     # screens before the sixth pinned the last hidden state's readout when the preset took the mean.
     deep_levers_2 = runs / 'deep-levers-2'
     short = dict(subset=0.2, epochs=5, batch_size=256, lr=0.1, warmup_epochs=1, tta_translate=False,
                  readout='last')
-    for seed in (0, 1):
-        finished_run(deep_levers_2, f'deep-seed{seed}', seed, 0.65 + 0.01 * seed, preset='deep', **short)
-        finished_run(deep_levers_2, f'flat-seed{seed}', seed, 0.70, preset='deep', **dict(short, seq_layout='flat'))
+    deep_screen(deep_levers_2, short, ('deep', [0.65, 0.66], {}), ('flat', [0.70, 0.70], {'seq_layout': 'flat'}))
     # The third: the preset's weight decay against five times it (the preset holds the larger one).
     deep_weight_decay = runs / 'deep-weight-decay'
-    short = dict(subset=0.5, epochs=6, batch_size=256, lr=0.1, warmup_epochs=1, tta_translate=False,
-                 readout='last')
-    for seed in (0, 1):
-        finished_run(deep_weight_decay, f'deep-seed{seed}', seed, 0.79, preset='deep', **dict(short, weight_decay=5e-4))
-        finished_run(deep_weight_decay, f'weight-decay-2.5e-3-seed{seed}', seed, 0.80 + 0.01 * seed, preset='deep',
-                     **dict(short, weight_decay=2.5e-3))
+    deep_screen(deep_weight_decay, dict(short, subset=0.5, epochs=6), ('deep', [0.79, 0.79], {'weight_decay': 5e-4}),
+                ('weight-decay-2.5e-3', [0.80, 0.81], {'weight_decay': 2.5e-3}))
     # The fourth: the recurrent head of the preset as it is, on the second screen's schedule.
     deep_head = runs / 'deep-head'
-    short = dict(subset=0.2, epochs=5, batch_size=256, lr=0.1, warmup_epochs=1, tta_translate=False,
-                 readout='last')
-    for seed in (0, 1):
-        finished_run(deep_head, f'deep-seed{seed}', seed, 0.68, preset='deep', **short)
-        finished_run(deep_head, f'gru-seed{seed}', seed, 0.69 + 0.01 * seed, preset='deep', **dict(short, cell='gru'))
+    deep_screen(deep_head, short, ('deep', [0.68, 0.68], {}), ('gru', [0.69, 0.70], {'cell': 'gru'}))
     # The fifth: the recurrent head against flat and the rows max-pooled.
     deep_head_2 = runs / 'deep-head-2'
-    for seed in (0, 1):
-        finished_run(deep_head_2, f'deep-seed{seed}', seed, 0.70, preset='deep', **short)
-        finished_run(deep_head_2, f'rowmax-seed{seed}', seed, 0.71 + 0.01 * seed, preset='deep',
-                     **dict(short, seq_layout='rowmax'))
+    deep_screen(deep_head_2, short, ('deep', [0.70, 0.70], {}), ('rowmax', [0.71, 0.72], {'seq_layout': 'rowmax'}))
     # The sixth: the mean readout against the last hidden state, on seeds of its own.
     deep_readout = runs / 'deep-readout'
-    for seed in (3, 4):
-        finished_run(deep_readout, f'deep-seed{seed}', seed, 0.70, preset='deep', **short)
-        finished_run(deep_readout, f'mean-seed{seed}', seed, 0.72 + 0.01 * (seed - 3), preset='deep',
-                     **dict(short, readout='mean'))
-    # The seventh and the eighth ran with the mean readout (the preset's since the sixth): airbench's
-    # BatchNorm statistics, then its BatchNorm learning rates.
+    deep_screen(deep_readout, short, ('deep', [0.70, 0.70], {}), ('mean', [0.72, 0.73], {'readout': 'mean'}),
+                seeds=(3, 4))
+    # The seventh, eighth and ninth ran with the mean readout (the preset's since the sixth): airbench's
+    # BatchNorm statistics, then its BatchNorm learning rates, then those again on seeds of their own.
     short = dict(short, readout='mean')
+    bn_rates = {'bn_gamma_lr': 0, 'bn_beta_lr': 64}
     deep_bn = runs / 'deep-bn'
-    for seed in (0, 1):
-        finished_run(deep_bn, f'mean-seed{seed}', seed, 0.70, preset='deep', **short)
-        finished_run(deep_bn, f'bn-airbench-seed{seed}', seed, 0.68 + 0.01 * seed, preset='deep',
-                     **dict(short, bn_momentum=0.4, bn_eps=1e-12))
+    deep_screen(deep_bn, short, ('mean', [0.70, 0.70], {}),
+                ('bn-airbench', [0.68, 0.69], {'bn_momentum': 0.4, 'bn_eps': 1e-12}))
     deep_bn_lr = runs / 'deep-bn-lr'
-    for seed in (0, 1):
-        finished_run(deep_bn_lr, f'deep-seed{seed}', seed, 0.70, preset='deep', **short)
-        finished_run(deep_bn_lr, f'bn-rates-airbench-seed{seed}', seed, 0.71 + 0.01 * seed, preset='deep',
-                     **dict(short, bn_gamma_lr=0, bn_beta_lr=64))
-    # The ninth: the eighth's pair again on seeds of its own.
+    deep_screen(deep_bn_lr, short, ('deep', [0.70, 0.70], {}), ('bn-rates-airbench', [0.71, 0.72], bn_rates))
     deep_bn_lr_2 = runs / 'deep-bn-lr-2'
-    for seed in (3, 4):
-        finished_run(deep_bn_lr_2, f'deep-seed{seed}', seed, 0.70, preset='deep', **short)
-        finished_run(deep_bn_lr_2, f'bn-rates-airbench-seed{seed}', seed, 0.69 - 0.01 * (seed - 3), preset='deep',
-                     **dict(short, bn_gamma_lr=0, bn_beta_lr=64))
+    deep_screen(deep_bn_lr_2, short, ('deep', [0.70, 0.70], {}), ('bn-rates-airbench', [0.69, 0.68], bn_rates),
+                seeds=(3, 4))
     procs = [subprocess.Popen([sys.executable, 'compare.py', *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for args in ([str(claims_dir)], [str(levers), '--baseline', str(levers / 'base-s0')],

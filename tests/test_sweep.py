@@ -506,14 +506,19 @@ DEEP_LEVERS_OPTIONS = {
     'reflect2': '--set crop=reflect2', 'weight-decay-5e-5': '--set weight_decay=5e-05',
 }
 
-# The seeds of a sweep file that does not run 0, 1 and 2: deep-readout confirms deep-head-2's
-# finding on seeds of its own.
+# The seeds of a sweep file that does not run 0, 1 and 2: deep-readout and deep-bn-lr-2 test
+# deep-head-2's and deep-bn-lr's findings again on seeds of their own.
 SWEEP_SEEDS = {'deep-readout': [3, 4, 5], 'deep-bn-lr-2': [3, 4, 5]}
 
 DEEP_LEVERS_2_OPTIONS = {
     'deep': '', 'ema-0.95': '--set ema=0.95', 'label-smoothing-0.1': '--set label_smoothing=0.1',
     'weight-decay-2.5e-3': '--set weight_decay=0.0025', 'pixels': '--seq-layout pixels', 'flat': '--seq-layout flat',
 }
+
+# The eighth screen and its confirmation on fresh seeds: the same protocol and variants.
+BN_RATES_PROTOCOL = ('--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
+                     '--set tta_translate=false')
+BN_RATES_OPTIONS = {'deep': '', 'bn-rates-airbench': '--set bn_gamma_lr=0 --set bn_beta_lr=64'}
 
 
 @pytest.mark.parametrize('name, preset, protocol, baseline, options', [
@@ -542,12 +547,8 @@ DEEP_LEVERS_2_OPTIONS = {
     ('deep-bn', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
                         '--set tta_translate=false --set readout=mean', 'mean',
      {'mean': '', 'bn-airbench': '--set bn_momentum=0.4 --set bn_eps=1e-12'}),
-    ('deep-bn-lr', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
-                           '--set tta_translate=false', 'deep',
-     {'deep': '', 'bn-rates-airbench': '--set bn_gamma_lr=0 --set bn_beta_lr=64'}),
-    ('deep-bn-lr-2', 'deep', '--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
-                             '--set tta_translate=false', 'deep',
-     {'deep': '', 'bn-rates-airbench': '--set bn_gamma_lr=0 --set bn_beta_lr=64'}),
+    ('deep-bn-lr', 'deep', BN_RATES_PROTOCOL, 'deep', BN_RATES_OPTIONS),
+    ('deep-bn-lr-2', 'deep', BN_RATES_PROTOCOL, 'deep', BN_RATES_OPTIONS),      # the same on seeds 3-5
 ])
 def test_the_project_sweep_files_load_and_plan_the_expected_commands(tmp_path, name, preset, protocol, baseline,
                                                                      options):
