@@ -51,7 +51,7 @@ train: venv
 	$(BIN)/python main.py $(TRAIN_ARGS)
 
 # The suite on TEST_JOBS pytest workers (pytest-xdist), each taking whole files: CI's pytest on 2 cores
-# took 5.3-5.9 min so, 10.6-10.8 min one at a time. TEST_JOBS=1 runs them in this process.
+# took 5.3-8.3 min so (the host varies), 10.6-10.8 min one at a time. TEST_JOBS=1 runs them in this process.
 TEST_JOBS ?= 2
 test: dev
 	$(BIN)/python -m pytest -q tests $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile)
