@@ -91,6 +91,9 @@ class TrainState:
     schedule starts (optim.learning_rate's anchor), or None. code_commits are the commits of the code
     that trained and evaluated the run (cli.code_commit), in order, one entry per change of code
     between invocations; empty outside git and in runs started before they were recorded.
+    time_budgets_h holds the --max-hours of each invocation that trained the run, in order (None for
+    one given no budget): whether fit_epochs' epochs were fitted to an hour or fixed on the command
+    line, which config.json cannot say. Empty in runs started before it was recorded.
     """
     epoch: int = 0
     step: int = 0
@@ -114,6 +117,7 @@ class TrainState:
     most_epochs: int = None
     schedule_anchor: list = None
     code_commits: list = field(default_factory=list)
+    time_budgets_h: list = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d, cfg=None):
@@ -168,6 +172,9 @@ class TrainState:
                    'null or a string'),
                   ('code_commits', lambda: isinstance(self.code_commits, list)
                    and all(isinstance(c, str) for c in self.code_commits), 'a list of commits (strings)'),
+                  ('time_budgets_h', lambda: isinstance(self.time_budgets_h, list) and all(
+                      b is None or (number(b) and b > 0) for b in self.time_budgets_h),
+                   'a list of time budgets in hours (positive numbers or null)'),
                   ('history', lambda: isinstance(self.history, list) and len(self.history) == self.epoch
                    and all(isinstance(r, dict) for r in self.history), 'a list of one record per epoch done'),
                   ('data_fingerprint', lambda: self.data_fingerprint is None or (
@@ -853,7 +860,8 @@ def test_metrics(cfg, state, best, probs, labels, eval_s, label_names):
         test_images_per_s=len(labels) / max(eval_s, 1e-9),
         test_images=int(len(labels)), label_names=list(label_names),
         time_to_val_acc={f'{t:.2f}': time_to_accuracy(state.history, t) for t in TIME_TO_VAL_ACC},
-        data_fingerprint=state.data_fingerprint, code_commits=list(state.code_commits) or None)
+        data_fingerprint=state.data_fingerprint, code_commits=list(state.code_commits) or None,
+        time_budgets_h=list(state.time_budgets_h) or None)
 
 
 def viz_command(run_dir):
@@ -1093,7 +1101,8 @@ def new_run(args, overrides, stopper):
     fit_whitening(model, cfg, data, mean, std)
     opt = new_optimizer(model, cfg)
     average = WeightAverage(model.params, cfg.ema) if cfg.ema else None
-    state = TrainState(mean=mean, std=std, data_fingerprint=data['fingerprint'])
+    state = TrainState(mean=mean, std=std, data_fingerprint=data['fingerprint'],
+                       time_budgets_h=[args.max_hours])
     state.note_code_commit()
     # From here on a signal stops the run at its next step, with a resumable checkpoint.
     stopper.begin('training')
@@ -1149,6 +1158,7 @@ def resume_run(args, stopper):
                              announce=f're-evaluating {run.path} (training finished at epoch {state.epoch})')
             return EXIT_OK
         state.stop_reason = None
+        state.time_budgets_h.append(args.max_hours)
         forget_divergence(run)
         run.log(f'resuming {run.path} at epoch {state.epoch + 1}, step {state.step}')
         return train_and_evaluate(cfg, run, model, opt, state, data, stopper, average)

@@ -630,6 +630,10 @@ def _texts(v):
     return isinstance(v, list) and all(isinstance(s, str) for s in v)
 
 
+def _budgets(v):
+    return isinstance(v, list) and all(b is None or (_finite(b) and b > 0) for b in v)
+
+
 def _times(v):
     return isinstance(v, dict) and all(isinstance(k, str) and _or_null(_at_least_0)(x) for k, x in v.items())
 
@@ -765,6 +769,8 @@ class Metrics:
     the raw figures (the method's). time_to_val_acc, data_fingerprint, temperature and calibration
     are absent (None) in runs of earlier versions. code_commits: the commits of the code that trained
     and evaluated the run, in order (cli.code_commit; None outside git and in earlier runs).
+    time_budgets_h: the --max-hours (None: none given) of each invocation that trained the run, in
+    order; None in runs of earlier versions.
     """
     test_loss: float
     test_acc: float
@@ -790,6 +796,7 @@ class Metrics:
     temperature: float = None
     calibration: dict = None
     code_commits: list = None
+    time_budgets_h: list = None
 
     @staticmethod
     def rules(n_classes):
@@ -815,6 +822,8 @@ class Metrics:
             'calibration': (_or_null(_calibration), 'null or the raw and calibrated reports of '
                                                     'metrics.calibration_report'),
             'code_commits': (_or_null(_texts), 'null or a list of commits'),
+            'time_budgets_h': (_or_null(_budgets), 'null or a list of time budgets in hours (positive '
+                                                   'numbers or null)'),
             'per_class_acc': (_or_null(_table((c,), 'iuf', upper=1)), f'a list of {c} fractions in [0, 1]'),
             'confusion_matrix': (_or_null(_table((c, c), 'iu')), f'a {c} x {c} table of counts >= 0'),
         }

@@ -367,16 +367,26 @@ def comparison_commits(data):
 def runs_of_preset(runs, name, presets):
     """The runs whose settings are those of preset ``name`` (seed aside). With fit_epochs a run
     writes the epochs that fit its time budget into its config.json: fewer than the preset's
-    (its most) still count as the preset's."""
+    (its most) still count as the preset's, if a budget chose them. A run given a fixed --epochs
+    N and no --max-hours writes the same config.json; its metrics.json's time_budgets_h (all
+    null) tells it apart. Runs of earlier versions record no budgets and count as before."""
     want = presets[name].settings()
 
     def settings(r):
         have = r['config'].settings()
-        if have.get('fit_epochs') and want.get('fit_epochs') and have['epochs'] <= want['epochs']:
+        if (have.get('fit_epochs') and want.get('fit_epochs') and have['epochs'] <= want['epochs']
+                and given_a_budget(r['metrics'])):
             have = dict(have, epochs=want['epochs'])
         return have
     return sorted((r for r in runs if not options_for(settings(r), want) and not options_for(want, settings(r))),
                   key=lambda r: (r['config'].seed, str(r['path'])))
+
+
+def given_a_budget(metrics):
+    """Whether a run was trained under --max-hours: some invocation gave one (metrics.json's
+    time_budgets_h), or the run predates the record (None: assumed, as before it existed)."""
+    budgets = metrics.get('time_budgets_h')
+    return not isinstance(budgets, list) or any(b is not None for b in budgets)
 
 
 def commits_text(runs):

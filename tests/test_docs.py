@@ -344,10 +344,12 @@ def test_the_pages_are_up_to_date_and_kept_without_run_folders(tmp_path, capsys)
 
 
 def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, single_view=None,
-                 n_test=200, temperature=None, budget_stop_at=None, **settings):
+                 n_test=200, temperature=None, budget_stop_at=None, time_budgets_h=None, **settings):
     """A finished run folder as main.py writes it (config, history, metrics, predictions, log,
     a checkpoint at the last epoch), its test predictions right on round(acc * n_test) images.
-    budget_stop_at: the run --max-hours stopped (and evaluated) after that many epochs instead."""
+    budget_stop_at: the run --max-hours stopped (and evaluated) after that many epochs instead.
+    time_budgets_h: metrics.json's record of the --max-hours given (None: a run of an earlier
+    version, which has none)."""
     run = Path(root) / name
     run.mkdir(parents=True)
     base = config.load_presets()[preset].settings()
@@ -377,6 +379,8 @@ def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, 
         epochs = budget_stop_at
     if single_view is not None:
         metrics['single_view'] = single_view
+    if time_budgets_h is not None:
+        metrics['time_budgets_h'] = time_budgets_h
     if temperature is not None:      # as main.py's calibration writes them
         calibrated = apply_temperature(probs, temperature)
         metrics['temperature'] = temperature
@@ -744,7 +748,11 @@ def test_a_run_that_fitted_its_epochs_to_the_budget_counts_as_its_presets(tmp_pa
     finished_run(tmp_path, 'fitted', 0, 0.88, preset='deep', epochs=most - 8)
     finished_run(tmp_path, 'fixed', 1, 0.88, preset='deep', epochs=most - 8, fit_epochs=False)
     finished_run(tmp_path, 'longer', 2, 0.88, preset='deep', epochs=most + 1)
+    # main.py --preset deep --epochs 18 (no --max-hours): the same config.json, but no budget chose
+    # its epochs (metrics.json's time_budgets_h says so); one given a budget, then resumed without.
+    finished_run(tmp_path, 'fixed-no-budget', 3, 0.88, preset='deep', epochs=most - 8, time_budgets_h=[None])
+    finished_run(tmp_path, 'fitted-recorded', 4, 0.88, preset='deep', epochs=most - 8, time_budgets_h=[1.0, None])
     runs = tables.finished_runs(tmp_path, 'abc1234')
-    assert [r['path'].name for r in tables.runs_of_preset(runs, 'deep', presets)] == ['fitted']
+    assert [r['path'].name for r in tables.runs_of_preset(runs, 'deep', presets)] == ['fitted', 'fitted-recorded']
     fitted = next(r for r in runs if r['path'].name == 'fitted')
     assert tables.epochs_text(fitted['metrics'], fitted['config']) == f'{most - 8}, fitted to the budget'

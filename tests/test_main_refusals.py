@@ -241,6 +241,8 @@ CHECKPOINT_LIES = {
     'schedule anchor without a plan': (dict(state=_set('schedule_anchor', [0, 0.5])), 'schedule_anchor'),
     'most epochs without a plan': (dict(state=_set('most_epochs', 30)), 'most_epochs'),
     'code commits a string': (dict(state=_set('code_commits', 'abc1234')), 'code_commits'),
+    'time budgets a number': (dict(state=_set('time_budgets_h', 1.0)), 'time_budgets_h'),
+    'a negative time budget': (dict(state=_set('time_budgets_h', [-1.0])), 'time_budgets_h'),
     'dtype complex128': (dict(meta=_set('dtype', 'complex128')), 'complex128'),
     'hidden huge': (dict(meta=_set('hidden', 10 ** 9)), 'hidden'),
     'weights NaN': (dict(arrays=_nan_in('param')), 'not finite'),
@@ -326,6 +328,27 @@ def test_a_run_records_the_commits_of_its_code(stopped, tmp_path, recorded):
     expected = {None: [now], ('0000000',): ['0000000', now], ('NOW',): [now]}[recorded and tuple(recorded)]
     assert json.loads((run / 'metrics.json').read_text())['code_commits'] == expected
     assert main.load_checkpoint(run / 'ckpt.npz').state.code_commits == expected
+
+
+@pytest.mark.parametrize('recorded', [None, [None], [0.25]])
+def test_a_run_records_the_time_budget_of_each_invocation_that_trains_it(stopped, tmp_path, recorded):
+    """time_budgets_h: the --max-hours of the invocation that started the run (null: none given),
+    then of each resume that trains it, into the checkpoint and metrics.json; a checkpoint from
+    before the record (no key) starts it at the resume. A re-evaluation trains nothing and adds none."""
+    run = copy_run(stopped, tmp_path / 'run')
+    assert main.load_checkpoint(run / 'ckpt.npz').state.time_budgets_h == [None]     # SMOKE: no --max-hours
+    if recorded is None:
+        rewrite_checkpoint(run / 'ckpt.npz', state=lambda s: s.pop('time_budgets_h') and None)
+    else:
+        rewrite_checkpoint(run / 'ckpt.npz', state=_set('time_budgets_h', recorded))
+    proc = cli('--resume', run, '--max-hours', '0.5')
+    assert proc.returncode == 0, proc.stderr
+    expected = (recorded or []) + [0.5]
+    assert json.loads((run / 'metrics.json').read_text())['time_budgets_h'] == expected
+    assert main.load_checkpoint(run / 'ckpt.npz').state.time_budgets_h == expected
+    proc = cli('--resume', run, '--evaluate')
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / 'metrics.json').read_text())['time_budgets_h'] == expected
 
 
 def test_code_commit_names_the_checkout_and_its_changes(tmp_path):
