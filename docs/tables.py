@@ -18,7 +18,8 @@ and only the text between them is rewritten. The sources:
     claims     docs/claims.md     <runs>/claims/comparison/comparison.json   (make claims writes it)
     cells      docs/claims.md     the same file: the `pixels` RNN against the GRU and the LSTM
     levers, deep-levers, deep-levers-2, deep-weight-decay, deep-head, deep-head-2, deep-readout,
-    deep-bn, deep-bn-lr, deep-bn-lr-2 (LEVER_SCREENS)
+    deep-bn, deep-bn-lr, deep-bn-lr-2, deep-smoothing,
+    deep-overfit                     (LEVER_SCREENS)
                docs/results.md    <runs>/NAME/comparison/comparison.json of the screen NAME
                                   (make sweep SWEEP=sweeps/NAME.json writes it)
 
@@ -73,7 +74,8 @@ EXPECTED = {'no-weight-decay': 'worse', 'no-warmup': 'worse', 'constant-lr': 'wo
 # The lever screens: each a sweep sweeps/NAME.json whose comparison (<runs>/NAME/comparison/) fills the
 # block NAME of docs/results.md and the figure docs/NAME_test_accuracy.png (dashes as underscores).
 LEVER_SCREENS = ('levers', 'deep-levers', 'deep-levers-2', 'deep-weight-decay', 'deep-head', 'deep-head-2',
-                 'deep-readout', 'deep-bn', 'deep-bn-lr', 'deep-bn-lr-2')
+                 'deep-readout', 'deep-bn', 'deep-bn-lr', 'deep-bn-lr-2', 'deep-smoothing',
+                 'deep-overfit')
 
 
 def screen_figure(name):

@@ -339,8 +339,8 @@ def test_the_pages_are_up_to_date_and_kept_without_run_folders(tmp_path, capsys)
     out = capsys.readouterr().out
     assert 'README.md presets: rewritten from presets.json' in out
     # Every block made from runs: the headline, the preset tables, calibration, the claims suite's two
-    # and one for each lever screen (16 in all).
-    assert out.count(': kept') == 1 + len(tables.PRESET_RUN_TABLES) + 1 + 2 + len(tables.LEVER_SCREENS) == 16
+    # and one for each lever screen (18 in all).
+    assert out.count(': kept') == 1 + len(tables.PRESET_RUN_TABLES) + 1 + 2 + len(tables.LEVER_SCREENS) == 18
 
 
 def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, single_view=None,
@@ -398,12 +398,12 @@ def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, 
     return run
 
 
-def deep_screen(folder, short, base, variant, seeds=(0, 1)):
+def deep_screen(folder, short, base, *variants, seeds=(0, 1)):
     """The fake runs of a screen of `deep` on the schedule ``short``: for each seed the base's run,
-    then the variant's. ``base`` and ``variant`` are (name, test accuracy per seed, settings changed
+    then the variants'. ``base`` and each variant are (name, test accuracy per seed, settings changed
     from ``short``); the folders are NAME-seedS, as sweep.py names them."""
     for i, seed in enumerate(seeds):
-        for name, accuracies, changes in (base, variant):
+        for name, accuracies, changes in (base, *variants):
             finished_run(folder, f'{name}-seed{seed}', seed, accuracies[i], preset='deep', **dict(short, **changes))
 
 
@@ -492,6 +492,12 @@ def fake_runs(tmp_path_factory):
     deep_bn_lr_2 = runs / 'deep-bn-lr-2'
     deep_screen(deep_bn_lr_2, short, ('deep', [0.70, 0.70], {}), ('bn-rates-airbench', [0.69, 0.68], bn_rates),
                 seeds=(3, 4))
+    deep_smoothing = runs / 'deep-smoothing'
+    deep_screen(deep_smoothing, dict(short, epochs=15), ('deep', [0.80, 0.80], {}),
+                ('label-smoothing-0.2', [0.81, 0.82], {'label_smoothing': 0.2}))
+    deep_overfit = runs / 'deep-overfit'
+    deep_screen(deep_overfit, dict(short, epochs=15), ('deep', [0.80, 0.80], {}),
+                ('bn-rates-airbench', [0.79, 0.80], bn_rates), ('weight-decay-5e-3', [0.82, 0.82], {'weight_decay': 0.005}))
     procs = [subprocess.Popen([sys.executable, 'compare.py', *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for args in ([str(claims_dir)], [str(levers), '--baseline', str(levers / 'base-s0')],
@@ -503,7 +509,9 @@ def fake_runs(tmp_path_factory):
                           [str(deep_readout), '--baseline', str(deep_readout / 'deep-seed3')],
                           [str(deep_bn), '--baseline', str(deep_bn / 'mean-seed0')],
                           [str(deep_bn_lr), '--baseline', str(deep_bn_lr / 'deep-seed0')],
-                          [str(deep_bn_lr_2), '--baseline', str(deep_bn_lr_2 / 'deep-seed3')])]
+                          [str(deep_bn_lr_2), '--baseline', str(deep_bn_lr_2 / 'deep-seed3')],
+                          [str(deep_smoothing), '--baseline', str(deep_smoothing / 'deep-seed0')],
+                          [str(deep_overfit), '--baseline', str(deep_overfit / 'deep-seed0')])]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
@@ -615,6 +623,16 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
             '--lr 0.1 --set warmup_epochs=1 --subset 0.2 --set tta_translate=false --set bn_gamma_lr=0 '
             '--set bn_beta_lr=64 --seed S` | 2 | 68.50% ± 0.71 (69.00, 68.00) |') in deep_bn_lr_2, deep_bn_lr_2
     assert '-1.50 points' in deep_bn_lr_2, deep_bn_lr_2
+    deep_smoothing = tables.read_block(results, 'deep-smoothing', 'docs/results.md')
+    assert ('| label_smoothing=0.2 | `.venv/bin/python main.py --preset deep --epochs 15 --batch-size 256 '
+            '--lr 0.1 --set warmup_epochs=1 --subset 0.2 --set label_smoothing=0.2 --set tta_translate=false '
+            '--seed S` | 2 | 81.50% ± 0.71 (81.00, 82.00) |') in deep_smoothing, deep_smoothing
+    assert '+1.50 points' in deep_smoothing, deep_smoothing
+    deep_overfit = tables.read_block(results, 'deep-overfit', 'docs/results.md')
+    assert ('| weight_decay=0.005 | `.venv/bin/python main.py --preset deep --epochs 15 --batch-size 256 '
+            '--lr 0.1 --set warmup_epochs=1 --set weight_decay=0.005 --subset 0.2 --set tta_translate=false '
+            '--seed S` | 2 | 82.00% ± 0.00 (82.00, 82.00) |') in deep_overfit, deep_overfit
+    assert '+2.00 points' in deep_overfit and '-0.50 points' in deep_overfit, deep_overfit
     best = tables.read_block(results, 'best-runs', 'docs/results.md')
     assert best.startswith('Generated from the `best` runs under') and 'Seed 0: measured at' not in best
     assert '| 0 | 80.00% | 79.50% |' in best and '| 1 | 81.00% | 79.50% |' in best

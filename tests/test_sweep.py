@@ -519,6 +519,9 @@ DEEP_LEVERS_2_OPTIONS = {
 BN_RATES_PROTOCOL = ('--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
                      '--set tta_translate=false')
 BN_RATES_OPTIONS = {'deep': '', 'bn-rates-airbench': '--set bn_gamma_lr=0 --set bn_beta_lr=64'}
+# The tenth and eleventh screens: 9,000 images for 15 epochs (527 steps), where the model overfits.
+OVERFIT_PROTOCOL = ('--subset 0.2 --epochs 15 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
+                    '--set tta_translate=false')
 
 
 @pytest.mark.parametrize('name, preset, protocol, baseline, options', [
@@ -549,6 +552,10 @@ BN_RATES_OPTIONS = {'deep': '', 'bn-rates-airbench': '--set bn_gamma_lr=0 --set 
      {'mean': '', 'bn-airbench': '--set bn_momentum=0.4 --set bn_eps=1e-12'}),
     ('deep-bn-lr', 'deep', BN_RATES_PROTOCOL, 'deep', BN_RATES_OPTIONS),
     ('deep-bn-lr-2', 'deep', BN_RATES_PROTOCOL, 'deep', BN_RATES_OPTIONS),      # the same on seeds 3-5
+    ('deep-smoothing', 'deep', OVERFIT_PROTOCOL, 'deep', {'deep': '', 'label-smoothing-0.2': '--set label_smoothing=0.2'}),
+    ('deep-overfit', 'deep', OVERFIT_PROTOCOL, 'deep',
+     {'deep': '', 'bn-rates-airbench': BN_RATES_OPTIONS['bn-rates-airbench'],
+      'weight-decay-5e-3': '--set weight_decay=0.005'}),
 ])
 def test_the_project_sweep_files_load_and_plan_the_expected_commands(tmp_path, name, preset, protocol, baseline,
                                                                      options):
