@@ -1082,7 +1082,7 @@ def out_of_memory_advice(stopper):
 
 def load_data(cfg):
     try:
-        return load_cifar10(cfg.data_dir, subset=cfg.subset, seed=cfg.seed)
+        return load_cifar10(cfg.data_dir, subset=cfg.subset, val_fraction=cfg.val_fraction, seed=cfg.seed)
     except ValueError as e:       # e.g. a subset too small to give every class a validation image
         raise UsageError(str(e)) from None
 

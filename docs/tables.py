@@ -59,7 +59,7 @@ from config import Config, flag_name  # noqa: E402
 
 PYTHON = '.venv/bin/python'
 CLAIMS_SWEEP = REPO / 'sweeps' / 'claims.json'     # the claims suite: variants and the claim each tests
-FULL_TRAIN = 50_000                  # training images of CIFAR-10 before the 9:1 train/validation split
+FULL_TRAIN = 50_000                  # training images of CIFAR-10 before the train/validation split
 # Settings in which two runs of one preset may differ: they change neither what is trained nor what is
 # measured (calibrated_predictions only adds the calibrated probabilities to predictions.npz).
 NOT_COMPARED = ('seed', 'eval_batch_size', 'calibrated_predictions')
@@ -255,7 +255,9 @@ PRESET_COLUMNS = [
     ('layout', ('seq_layout',), lambda s: f"`{s['seq_layout']}`"),
     ('cell', ('cell', 'hidden', 'readout'),
      lambda s: f"`{s['cell']}` {s['hidden']}" + (f", {s['readout']} of h_t" if s['readout'] != 'last' else '')),
-    (f'of the {FULL_TRAIN:,} training images', ('subset',), lambda s: f"{100 * s['subset']:g}%"),
+    (f'of the {FULL_TRAIN:,} training images', ('subset', 'val_fraction'),
+     lambda s: f"{100 * s['subset']:g}%" + (f", {100 * s['val_fraction']:g}% of them held out"
+                                            if s['val_fraction'] != 0.1 else '')),
     ('epochs', ('epochs', 'fit_epochs'),
      lambda s: ('up to ' if s.get('fit_epochs') else '') + str(s['epochs'])),
     ('batch', ('batch_size',), lambda s: str(s['batch_size'])),

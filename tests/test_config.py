@@ -94,7 +94,7 @@ def test_each_bad_value_gets_one_message_whatever_its_source(argv, words):
 
 
 def test_keys_added_after_the_first_runs_are_the_levers_the_cell_the_backbone_and_what_the_evaluation_writes():
-    assert Config.defaults() == {'cell': 'rnn', 'readout': 'last', 'crop': 'paste', 'alternate_flip': False, 'label_smoothing': 0.0,
+    assert Config.defaults() == {'val_fraction': 0.1, 'cell': 'rnn', 'readout': 'last', 'crop': 'paste', 'alternate_flip': False, 'label_smoothing': 0.0,
                                  'ema': 0.0, 'tta_flip': False, 'tta_translate': False, 'val_views': 'test',
                                  'widths': [64, 64],
                                  'convs_per_block': 1, 'batchnorm': False, 'bn_momentum': 0.1, 'bn_eps': 1e-5,
@@ -135,6 +135,16 @@ def test_the_airbench_keys_are_checked_and_off_by_default():
     assert '\n' not in str(e.value)
     deep = config.with_overrides(config.load_presets()['deep'], {'bn_gamma_lr': 0, 'bn_beta_lr': 64}, 'x')
     assert (deep.bn_gamma_lr, deep.bn_beta_lr) == (0, 64)
+
+
+def test_val_fraction_is_checked_and_the_methods_tenth_by_default():
+    assert parse('--set', 'val_fraction=0.02') == {'val_fraction': 0.02}
+    assert all(p.val_fraction == 0.1 for p in config.load_presets().values())
+    for bad in ('0', '1', '1.0', '-0.1', '1.5', 'true', '"0.1"', 'NaN'):
+        with pytest.raises(ConfigError) as e:
+            parse('--set', f'val_fraction={bad}')
+        assert 'val_fraction = ' in str(e.value) and 'is invalid; it must be a fraction in (0, 1)' in str(e.value) \
+            and '\n' not in str(e.value), str(e.value)
 
 
 def test_tta_mode_names_the_test_time_augmentation():

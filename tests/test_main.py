@@ -3,6 +3,7 @@ folder, exact resume, the time budget, signals, divergence, bad input, and
 the learning-rate schedule."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -237,6 +238,25 @@ def test_set_overrides_any_preset_key(data_dir, tmp_path):
     assert cfg['standardize'] is False and cfg['schedule'] == 'cosine' and cfg['decay'] == 0.5
     state = main.load_checkpoint(str(out / 'ckpt.npz')).state
     assert state.mean is None and state.std is None
+
+
+def split_sizes(run):
+    """(train, validation) image counts from the run's train.log."""
+    train, val = re.search(r', (\d+) train / (\d+) val / ', (run / 'train.log').read_text()).groups()
+    return int(train), int(val)
+
+
+def test_val_fraction_sets_the_share_held_out_for_validation(data_dir, full_run, tmp_path):
+    out = tmp_path / 'half'
+    assert train_run(data_dir, out, '--epochs', '1', '--set', 'val_fraction=0.5') == 0
+    assert json.loads((out / 'config.json').read_text())['val_fraction'] == 0.5
+    assert json.loads((full_run / 'config.json').read_text())['val_fraction'] == 0.1
+    (train, val), (train_default, val_default) = split_sizes(out), split_sizes(full_run)
+    # The same images, split 1:1 instead of 9:1 (the split rounds per class).
+    assert train + val == train_default + val_default
+    assert abs(val - 0.5 * (train + val)) <= 10 and abs(val_default - 0.1 * (train + val)) <= 10
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['calibration']['validation']['images'] == val
 
 
 def test_real_archive_smoke_run(real_archive_dir, tmp_path):
