@@ -506,9 +506,9 @@ DEEP_LEVERS_OPTIONS = {
     'reflect2': '--set crop=reflect2', 'weight-decay-5e-5': '--set weight_decay=5e-05',
 }
 
-# The seeds of a sweep file that does not run 0, 1 and 2: deep-readout and deep-bn-lr-2 test
-# deep-head-2's and deep-bn-lr's findings again on seeds of their own.
-SWEEP_SEEDS = {'deep-readout': [3, 4, 5], 'deep-bn-lr-2': [3, 4, 5]}
+# The seeds of a sweep file that does not run 0, 1 and 2: deep-readout, deep-bn-lr-2 and deep-weight-decay-2
+# test deep-head-2's, deep-bn-lr's and deep-overfit's findings again on seeds of their own.
+SWEEP_SEEDS = {'deep-readout': [3, 4, 5], 'deep-bn-lr-2': [3, 4, 5], 'deep-weight-decay-2': [3, 4, 5]}
 
 DEEP_LEVERS_2_OPTIONS = {
     'deep': '', 'ema-0.95': '--set ema=0.95', 'label-smoothing-0.1': '--set label_smoothing=0.1',
@@ -556,6 +556,8 @@ OVERFIT_PROTOCOL = ('--subset 0.2 --epochs 15 --batch-size 256 --lr 0.1 --set wa
     ('deep-overfit', 'deep', OVERFIT_PROTOCOL, 'deep',
      {'deep': '', 'bn-rates-airbench': BN_RATES_OPTIONS['bn-rates-airbench'],
       'weight-decay-5e-3': '--set weight_decay=0.005'}),
+    ('deep-weight-decay-2', 'deep', OVERFIT_PROTOCOL, 'deep',      # the twelfth: the eleventh's on seeds 3-5
+     {'deep': '', 'weight-decay-5e-3': '--set weight_decay=0.005'}),
 ])
 def test_the_project_sweep_files_load_and_plan_the_expected_commands(tmp_path, name, preset, protocol, baseline,
                                                                      options):
