@@ -249,15 +249,20 @@ def describe_views(s):
     return views + (' (validation: one)' if s['val_views'] == 'one' and views != 'one' else '')
 
 
+def describe_images(s):
+    """The share of the training images, and of them the share held out when it is not the method's."""
+    held_out = s['val_fraction']
+    return f"{100 * s['subset']:g}%" + ('' if same(held_out, Config.method_defaults()['val_fraction'])
+                                        else f", {100 * held_out:g}% of them held out")
+
+
 PRESET_COLUMNS = [
     ('backbone', ('widths', 'convs_per_block', 'batchnorm', 'bn_momentum', 'bn_eps', 'bn_gamma_lr', 'bn_beta_lr',
                   'whiten', 'identity_init'), describe_backbone),
     ('layout', ('seq_layout',), lambda s: f"`{s['seq_layout']}`"),
     ('cell', ('cell', 'hidden', 'readout'),
      lambda s: f"`{s['cell']}` {s['hidden']}" + (f", {s['readout']} of h_t" if s['readout'] != 'last' else '')),
-    (f'of the {FULL_TRAIN:,} training images', ('subset', 'val_fraction'),
-     lambda s: f"{100 * s['subset']:g}%" + (f", {100 * s['val_fraction']:g}% of them held out"
-                                            if s['val_fraction'] != 0.1 else '')),
+    (f'of the {FULL_TRAIN:,} training images', ('subset', 'val_fraction'), describe_images),
     ('epochs', ('epochs', 'fit_epochs'),
      lambda s: ('up to ' if s.get('fit_epochs') else '') + str(s['epochs'])),
     ('batch', ('batch_size',), lambda s: str(s['batch_size'])),

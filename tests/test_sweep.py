@@ -519,7 +519,7 @@ DEEP_LEVERS_2_OPTIONS = {
 BN_RATES_PROTOCOL = ('--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
                      '--set tta_translate=false')
 BN_RATES_OPTIONS = {'deep': '', 'bn-rates-airbench': '--set bn_gamma_lr=0 --set bn_beta_lr=64'}
-# The tenth and eleventh screens: 9,000 images for 15 epochs (527 steps), where the model overfits.
+# The tenth, eleventh and twelfth screens: 9,000 images for 15 epochs (527 steps), where the model overfits.
 OVERFIT_PROTOCOL = ('--subset 0.2 --epochs 15 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
                     '--set tta_translate=false')
 
