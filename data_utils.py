@@ -780,9 +780,12 @@ def split_indices(y, subset=1.0, val_fraction=0.1, seed=0):
     val_per_class = apportion(keep_per_class, int(np.floor(val_fraction * n_keep + 0.5)))
     n_val = int(val_per_class.sum())
     if n_val == 0 or n_val == n_keep:
+        # No validation image, or no training image: a larger subset mends either; the share
+        # itself mends the side it leaves empty.
+        share = 'larger' if n_val == 0 else 'smaller'
         raise ValueError(f'subset={subset!r} keeps {n_keep} of {len(y)} images, too few to '
                          f'split into train and validation with val_fraction='
-                         f'{val_fraction!r}; use a larger subset')
+                         f'{val_fraction!r}; use a larger subset or a {share} val_fraction')
     # Shuffle, then stable-sort by label: indices grouped by class, random within.
     perm = np.random.default_rng(seed).permutation(len(y))
     by_class = perm[np.argsort(y[perm], kind='stable')]

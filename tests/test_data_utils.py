@@ -168,8 +168,11 @@ def test_bad_fractions_raise_value_error_before_touching_disk(tmp_path, kwargs):
 
 
 def test_subset_too_small_for_a_split(cifar_data_dir):
-    with pytest.raises(ValueError, match='too few'):
+    with pytest.raises(ValueError, match='too few.*; use a larger subset or a larger val_fraction$'):
         load(cifar_data_dir, subset=0.001)
+    # Every kept image held out leaves none to train on: the share is the other fix.
+    with pytest.raises(ValueError, match='too few.*; use a larger subset or a smaller val_fraction$'):
+        du.split_indices(np.arange(20) % 10, subset=1.0, val_fraction=0.99)
 
 
 def test_str_key_pickles_load_like_bytes_keys(tmp_path):
