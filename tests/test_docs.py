@@ -411,10 +411,12 @@ def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, 
 def deep_screen(folder, short, base, *variants, seeds=(0, 1)):
     """The fake runs of a screen of `deep` on the schedule ``short``: for each seed the base's run,
     then the variants'. ``base`` and each variant are (name, test accuracy per seed, settings changed
-    from ``short``); the folders are NAME-seedS, as sweep.py names them."""
+    from ``short``); the folders are NAME-seedS, as sweep.py names them. Returns compare.py's
+    arguments for the screen: the folder, with the base's first seed as the baseline."""
     for i, seed in enumerate(seeds):
         for name, accuracies, changes in (base, *variants):
             finished_run(folder, f'{name}-seed{seed}', seed, accuracies[i], preset='deep', **dict(short, **changes))
+    return [str(folder), '--baseline', str(folder / f'{base[0]}-seed{seeds[0]}')]
 
 
 def copy_of_the_pages(tmp_path):
@@ -465,68 +467,65 @@ def fake_runs(tmp_path_factory):
     # 90% times (as runs before those thresholds), so the table reads them from history.json.
     finished_run(runs / 'deep', 'deep-seed0', 0, 0.94, preset='deep', budget_stop_at=DEEP_STOP,
                  single_view={'test_acc': 0.93, 'test_loss': 0.3, 'ece': 0.04}, wall_time_s=3550.0)
+    # compare.py's arguments for each folder of runs, as make claims and make docs give them.
+    compare_args = [[str(claims_dir)], [str(levers), '--baseline', str(levers / 'base-s0')]]
     # The deep-levers screen: one view (no single_view), a short schedule of `deep`.
     deep_levers = runs / 'deep-levers'
     short = dict(subset=0.2, epochs=4, batch_size=256, lr=0.1, warmup_epochs=1, tta_translate=False, whiten=2,
                  crop='pad', val_views='test', readout='last')
-    deep_screen(deep_levers, short, ('deep', [0.60, 0.61], {}), ('no-whitening', [0.55, 0.55], {'whiten': 0}))
+    compare_args.append(deep_screen(deep_levers, short, ('deep', [0.60, 0.61], {}),
+                                    ('no-whitening', [0.55, 0.55], {'whiten': 0})))
     # The second screen: the preset as it was on a short schedule, one variant changing the head. The
     # screens before the sixth pinned the last hidden state's readout when the preset took the mean.
     deep_levers_2 = runs / 'deep-levers-2'
     short = dict(subset=0.2, epochs=5, batch_size=256, lr=0.1, warmup_epochs=1, tta_translate=False,
                  readout='last')
-    deep_screen(deep_levers_2, short, ('deep', [0.65, 0.66], {}), ('flat', [0.70, 0.70], {'seq_layout': 'flat'}))
+    compare_args.append(deep_screen(deep_levers_2, short, ('deep', [0.65, 0.66], {}),
+                                    ('flat', [0.70, 0.70], {'seq_layout': 'flat'})))
     # The third: the preset's weight decay against five times it (the preset holds the larger one).
     deep_weight_decay = runs / 'deep-weight-decay'
-    deep_screen(deep_weight_decay, dict(short, subset=0.5, epochs=6), ('deep', [0.79, 0.79], {'weight_decay': 5e-4}),
-                ('weight-decay-2.5e-3', [0.80, 0.81], {'weight_decay': 2.5e-3}))
+    compare_args.append(deep_screen(deep_weight_decay, dict(short, subset=0.5, epochs=6),
+                                    ('deep', [0.79, 0.79], {'weight_decay': 5e-4}),
+                                    ('weight-decay-2.5e-3', [0.80, 0.81], {'weight_decay': 2.5e-3})))
     # The fourth: the recurrent head of the preset as it is, on the second screen's schedule.
     deep_head = runs / 'deep-head'
-    deep_screen(deep_head, short, ('deep', [0.68, 0.68], {}), ('gru', [0.69, 0.70], {'cell': 'gru'}))
+    compare_args.append(deep_screen(deep_head, short, ('deep', [0.68, 0.68], {}),
+                                    ('gru', [0.69, 0.70], {'cell': 'gru'})))
     # The fifth: the recurrent head against flat and the rows max-pooled.
     deep_head_2 = runs / 'deep-head-2'
-    deep_screen(deep_head_2, short, ('deep', [0.70, 0.70], {}), ('rowmax', [0.71, 0.72], {'seq_layout': 'rowmax'}))
+    compare_args.append(deep_screen(deep_head_2, short, ('deep', [0.70, 0.70], {}),
+                                    ('rowmax', [0.71, 0.72], {'seq_layout': 'rowmax'})))
     # The sixth: the mean readout against the last hidden state, on seeds of its own.
     deep_readout = runs / 'deep-readout'
-    deep_screen(deep_readout, short, ('deep', [0.70, 0.70], {}), ('mean', [0.72, 0.73], {'readout': 'mean'}),
-                seeds=(3, 4))
+    compare_args.append(deep_screen(deep_readout, short, ('deep', [0.70, 0.70], {}),
+                                    ('mean', [0.72, 0.73], {'readout': 'mean'}), seeds=(3, 4)))
     # The seventh, eighth and ninth ran with the mean readout (the preset's since the sixth): airbench's
     # BatchNorm statistics, then its BatchNorm learning rates, then those again on seeds of their own.
     short = dict(short, readout='mean')
     bn_rates = {'bn_gamma_lr': 0, 'bn_beta_lr': 64}
     deep_bn = runs / 'deep-bn'
-    deep_screen(deep_bn, short, ('mean', [0.70, 0.70], {}),
-                ('bn-airbench', [0.68, 0.69], {'bn_momentum': 0.4, 'bn_eps': 1e-12}))
+    compare_args.append(deep_screen(deep_bn, short, ('mean', [0.70, 0.70], {}),
+                                    ('bn-airbench', [0.68, 0.69], {'bn_momentum': 0.4, 'bn_eps': 1e-12})))
     deep_bn_lr = runs / 'deep-bn-lr'
-    deep_screen(deep_bn_lr, short, ('deep', [0.70, 0.70], {}), ('bn-rates-airbench', [0.71, 0.72], bn_rates))
+    compare_args.append(deep_screen(deep_bn_lr, short, ('deep', [0.70, 0.70], {}),
+                                    ('bn-rates-airbench', [0.71, 0.72], bn_rates)))
     deep_bn_lr_2 = runs / 'deep-bn-lr-2'
-    deep_screen(deep_bn_lr_2, short, ('deep', [0.70, 0.70], {}), ('bn-rates-airbench', [0.69, 0.68], bn_rates),
-                seeds=(3, 4))
+    compare_args.append(deep_screen(deep_bn_lr_2, short, ('deep', [0.70, 0.70], {}),
+                                    ('bn-rates-airbench', [0.69, 0.68], bn_rates), seeds=(3, 4)))
     deep_smoothing = runs / 'deep-smoothing'
-    deep_screen(deep_smoothing, dict(short, epochs=15), ('deep', [0.80, 0.80], {}),
-                ('label-smoothing-0.2', [0.81, 0.82], {'label_smoothing': 0.2}))
+    compare_args.append(deep_screen(deep_smoothing, dict(short, epochs=15), ('deep', [0.80, 0.80], {}),
+                                    ('label-smoothing-0.2', [0.81, 0.82], {'label_smoothing': 0.2})))
     deep_overfit = runs / 'deep-overfit'
-    deep_screen(deep_overfit, dict(short, epochs=15), ('deep', [0.80, 0.80], {}),
-                ('bn-rates-airbench', [0.79, 0.80], bn_rates), ('weight-decay-5e-3', [0.82, 0.82], {'weight_decay': 0.005}))
+    compare_args.append(deep_screen(deep_overfit, dict(short, epochs=15), ('deep', [0.80, 0.80], {}),
+                                    ('bn-rates-airbench', [0.79, 0.80], bn_rates),
+                                    ('weight-decay-5e-3', [0.82, 0.82], {'weight_decay': 0.005})))
     deep_weight_decay_2 = runs / 'deep-weight-decay-2'
-    deep_screen(deep_weight_decay_2, dict(short, epochs=15), ('deep', [0.80, 0.81], {}),
-                ('weight-decay-5e-3', [0.83, 0.84], {'weight_decay': 0.005}), seeds=(3, 4))
+    compare_args.append(deep_screen(deep_weight_decay_2, dict(short, epochs=15), ('deep', [0.80, 0.81], {}),
+                                    ('weight-decay-5e-3', [0.83, 0.84], {'weight_decay': 0.005}), seeds=(3, 4)))
     procs = [subprocess.Popen([sys.executable, 'compare.py', *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-             for args in ([str(claims_dir)], [str(levers), '--baseline', str(levers / 'base-s0')],
-                          [str(deep_levers), '--baseline', str(deep_levers / 'deep-seed0')],
-                          [str(deep_levers_2), '--baseline', str(deep_levers_2 / 'deep-seed0')],
-                          [str(deep_weight_decay), '--baseline', str(deep_weight_decay / 'deep-seed0')],
-                          [str(deep_head), '--baseline', str(deep_head / 'deep-seed0')],
-                          [str(deep_head_2), '--baseline', str(deep_head_2 / 'deep-seed0')],
-                          [str(deep_readout), '--baseline', str(deep_readout / 'deep-seed3')],
-                          [str(deep_bn), '--baseline', str(deep_bn / 'mean-seed0')],
-                          [str(deep_bn_lr), '--baseline', str(deep_bn_lr / 'deep-seed0')],
-                          [str(deep_bn_lr_2), '--baseline', str(deep_bn_lr_2 / 'deep-seed3')],
-                          [str(deep_smoothing), '--baseline', str(deep_smoothing / 'deep-seed0')],
-                          [str(deep_overfit), '--baseline', str(deep_overfit / 'deep-seed0')],
-                          [str(deep_weight_decay_2), '--baseline', str(deep_weight_decay_2 / 'deep-seed3')])]
-    for proc in procs:      # 15 at once on 2 cores: minutes if the machine is busy with a sweep
+             for args in compare_args]
+    for proc in procs:      # all at once on 2 cores: minutes if the machine is busy with a sweep
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
     return runs
