@@ -125,6 +125,11 @@ class Config:
                                      since_first_runs=False)
     ema: float = setting(0.0, lambda v: 0 <= v < 1, 'a number in [0, 1): the decay of the weight '
                          'average (0 is off, e.g. 0.999)', since_first_runs=False)
+    # airbench's lookahead (optim.Lookahead): every `lookahead` steps the weights are pulled back
+    # to a slow copy that trails them, more strongly as training ends, and the last step leaves
+    # the slow copy as the model (airbench: every 5 steps).
+    lookahead: int = setting(0, lambda v: 0 <= v <= 1000, 'an integer in [0, 1000]: the steps between '
+                             'the pulls to the slow weights (0 is off, airbench uses 5)', since_first_runs=False)
     tta_flip: bool = setting(False, lambda v: True, 'true or false', since_first_runs=False)
     # airbench's TTA level 2: the flip's two views and both one-pixel shifts of each (implies the flip).
     tta_translate: bool = setting(False, lambda v: True, 'true or false', since_first_runs=False)

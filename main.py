@@ -45,7 +45,7 @@ from fast_layers import ThreadSettingError, prepare_process_for_training
 from metrics import (N_BINS, TEMPERATURE_RANGE, TIME_TO_VAL_ACC, accuracy, apply_temperature, calibration_report,
                      confusion_matrix, cross_entropy, expected_calibration_error, fit_temperature,
                      per_class_accuracy, time_to_accuracy)
-from optim import SGD, WeightAverage, bn_lr_scales, clip_grad_norm, learning_rate
+from optim import SGD, Lookahead, WeightAverage, bn_lr_scales, clip_grad_norm, learning_rate
 from runfiles import RunFileError
 
 CHECKPOINT_KIND = runfiles.CHECKPOINT_KIND
@@ -206,27 +206,30 @@ class TrainState:
         return np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
 
 
-def save_checkpoint(path, model, opt, state, cfg, average=None):
-    """Everything needed to resume: params, velocities, the weight average (if any),
-    position, history, config."""
+def save_checkpoint(path, model, opt, state, cfg, average=None, lookahead=None):
+    """Everything needed to resume: params, velocities, the weight average and the lookahead's
+    slow weights (if any), position, history, config."""
     meta = dict(model.config(), format_version=FORMAT_VERSION, kind=CHECKPOINT_KIND,
                 run_config=cfg.to_dict(), state=runfiles.to_jsonable(dataclasses.asdict(state)))
     arrays = {f'param/{k}': v for k, v in model.params.items()}
     arrays.update({f'velocity/{k}': v for k, v in opt.velocity.items()})
     if average is not None:
         arrays.update({f'average/{k}': v for k, v in average.params.items()})
+    if lookahead is not None:
+        arrays.update({f'lookahead/{k}': v for k, v in lookahead.slow.items()})
     runfiles.write_checkpoint(path, meta, arrays)
 
 
 @dataclass
 class Checkpoint:
-    """What load_checkpoint reads: the model, the optimizer's velocities and the
-    weight average ({name: array}; average None without one), the state, the config."""
+    """What load_checkpoint reads: the model, the optimizer's velocities, the weight average and
+    the lookahead's slow weights ({name: array}; None without them), the state, the config."""
     model: CNNRNN
     velocity: dict
     average: dict
     state: 'TrainState'
     cfg: Config
+    slow: dict = None
 
 
 def load_checkpoint(path):
@@ -265,9 +268,10 @@ def load_checkpoint(path):
                 raise ModelFileError(f'{path}: {prefix} of {name} {problem}; {damaged}')
         return group
     # The optimizer has a velocity for the trained parameters (all but BatchNorm's running
-    # statistics); the weight average averages every parameter.
+    # statistics); the weight average and the lookahead's slow copy hold every parameter.
     average = arrays_like_params('average', model.params) if cfg.ema else None
-    return Checkpoint(model, arrays_like_params('velocity', model.trained_names()), average, state, cfg)
+    slow = arrays_like_params('lookahead', model.params) if cfg.lookahead else None
+    return Checkpoint(model, arrays_like_params('velocity', model.trained_names()), average, state, cfg, slow)
 
 
 # Model settings added after model files first recorded their configuration (model_settings).
@@ -458,11 +462,12 @@ class Stopper:
 class Trainer:
     """The training loop of one run: epochs of steps, then validation and checkpoint."""
 
-    def __init__(self, cfg, run, model, opt, state, data, stopper, average=None):
+    def __init__(self, cfg, run, model, opt, state, data, stopper, average=None, lookahead=None):
         self.cfg, self.run, self.model, self.opt, self.state = cfg, run, model, opt, state
         self.stopper = stopper
         # With a weight average (cfg.ema), validation, best.npz and the test use the average.
         self.average = average
+        self.lookahead = lookahead      # cfg.lookahead's slow weights (optim.Lookahead), or None
         self.eval_model = averaged_model(model, average)
         mean, std = state.normalization()
         self.train_it = BatchIterator(data['X_train'], data['y_train'], cfg.batch_size, shuffle=True,
@@ -518,7 +523,7 @@ class Trainer:
                 self.add_epoch_time(time.monotonic() - t_epoch, train_time, images)
                 self.check_finite_weights()
                 save_checkpoint(self.run.file(runfiles.CHECKPOINT_NAME), self.model, self.opt, s, cfg,
-                                self.average)
+                                self.average, self.lookahead)
                 self.run.log(f'stopped at epoch {s.epoch + 1}, step {s.step}/{self.steps_per_epoch}: '
                              f'{s.stop_reason}; resumable checkpoint written')
                 return False
@@ -529,6 +534,9 @@ class Trainer:
                 raise Diverged(self.divergence_message(loss, lr), self.divergence_record(loss, lr))
             clip_grad_norm(grads, cfg.clip)
             self.opt.step(grads, lr)
+            s.global_step += 1
+            if self.lookahead is not None:
+                self.pull_to_slow_weights()
             if self.average is not None:
                 self.average.update(self.model.params)
             # Running sums of the epoch (cross-entropy without the L2 term, so it compares with val loss;
@@ -537,7 +545,6 @@ class Trainer:
             s.sum_correct += int((details['logits'].argmax(1) == y).sum())
             s.seen += len(y)
             s.step += 1
-            s.global_step += 1
             images += len(y)
             now = time.monotonic()
             train_time, t_step = train_time + now - t_step, now
@@ -547,6 +554,17 @@ class Trainer:
         bar.close()
         self.add_epoch_time(time.monotonic() - t_epoch, train_time, images)
         return True
+
+    def pull_to_slow_weights(self):
+        """cfg.lookahead: after every lookahead-th step, pull the weights to the slow copy, more
+        strongly as the schedule's end (its steps as planned now) nears; after its last step,
+        make the slow copy the model, as airbench does."""
+        total = self.cfg.epochs * self.steps_per_epoch
+        step = self.state.global_step
+        if self.lookahead.due(step):
+            self.lookahead.pull(self.model.params, self.lookahead.decay(step, total))
+        if step == total:
+            self.lookahead.finish(self.model.params)
 
     def add_epoch_time(self, wall_s, train_s, images):
         s = self.state
@@ -590,7 +608,8 @@ class Trainer:
         s.history.append(record.to_json())
         fitted = self.fit_epochs_to_budget()
         self.check_finite_weights()
-        save_checkpoint(self.run.file(runfiles.CHECKPOINT_NAME), self.model, self.opt, s, cfg, self.average)
+        save_checkpoint(self.run.file(runfiles.CHECKPOINT_NAME), self.model, self.opt, s, cfg, self.average,
+                        self.lookahead)
         if fitted:      # after the checkpoint, as on resume: both then say the same epochs
             runfiles.write_config(self.run.path, cfg.to_dict())
         runfiles.write_history(self.run.path, s.history)
@@ -1101,6 +1120,7 @@ def new_run(args, overrides, stopper):
     fit_whitening(model, cfg, data, mean, std)
     opt = new_optimizer(model, cfg)
     average = WeightAverage(model.params, cfg.ema) if cfg.ema else None
+    lookahead = Lookahead(model.params, cfg.lookahead) if cfg.lookahead else None
     state = TrainState(mean=mean, std=std, data_fingerprint=data['fingerprint'],
                        time_budgets_h=[args.max_hours])
     state.note_code_commit()
@@ -1113,7 +1133,7 @@ def new_run(args, overrides, stopper):
         runfiles.write_config(run.path, cfg.to_dict())
         run.log(f"run {run.path}: preset {cfg.preset}, {len(data['y_train'])} train / "
                 f"{len(data['y_val'])} val / {len(data['y_test'])} test images")
-        return train_and_evaluate(cfg, run, model, opt, state, data, stopper, average)
+        return train_and_evaluate(cfg, run, model, opt, state, data, stopper, average, lookahead)
     finally:
         run.lock.release()
 
@@ -1142,12 +1162,13 @@ def resume_run(args, stopper):
         # The average's update count is the number of optimizer steps: one per step.
         average = (WeightAverage(model.params, cfg.ema, averaged=ck.average, updates=state.global_step)
                    if cfg.ema else None)
+        lookahead = Lookahead(model.params, cfg.lookahead, slow=ck.slow) if cfg.lookahead else None
         opt = optimizer_from(ck, model, cfg)
         stopper.begin('training')
         changes = apply_resume_changes(args, cfg, state, data, new_lr, data_dir_given)
         if changes or adopted:
             # The checkpoint first, then config.json: both say the same before anything else runs.
-            save_checkpoint(run.file(runfiles.CHECKPOINT_NAME), model, opt, state, cfg, average)
+            save_checkpoint(run.file(runfiles.CHECKPOINT_NAME), model, opt, state, cfg, average, lookahead)
             runfiles.write_config(run.path, cfg.to_dict())
             run.log(f"resume changes: {'; '.join(changes + (['data fingerprint recorded'] if adopted else []))}")
         forget_crash(run)
@@ -1161,7 +1182,7 @@ def resume_run(args, stopper):
         state.time_budgets_h.append(args.max_hours)
         forget_divergence(run)
         run.log(f'resuming {run.path} at epoch {state.epoch + 1}, step {state.step}')
-        return train_and_evaluate(cfg, run, model, opt, state, data, stopper, average)
+        return train_and_evaluate(cfg, run, model, opt, state, data, stopper, average, lookahead)
     finally:
         run.lock.release()
 
@@ -1292,13 +1313,13 @@ def apply_resume_changes(args, cfg, state, data, new_lr, data_dir_given):
     return changes
 
 
-def train_and_evaluate(cfg, run, model, opt, state, data, stopper, average=None):
+def train_and_evaluate(cfg, run, model, opt, state, data, stopper, average=None, lookahead=None):
     stopper.begin('training')
     runfiles.point_latest_at(run.path, warn=run.log)
     run.log('config ' + json.dumps(cfg.to_dict()))
     if stopper.process_settings is not None:
         run.log(f'process {stopper.process_settings}')
-    trainer = Trainer(cfg, run, model, opt, state, data, stopper, average)
+    trainer = Trainer(cfg, run, model, opt, state, data, stopper, average, lookahead)
     try:
         trainer.train()
     except Diverged as e:

@@ -108,6 +108,56 @@ class WeightAverage:
         self.updates += 1
 
 
+class Lookahead:
+    """airbench's lookahead: a slow copy of the parameters that the trained ones are pulled back to.
+
+    Every ``every`` optimizer steps (after global step t of the schedule's T):
+        slow <- d * slow + (1 - d) * p,   then   p <- slow,   with   d = 0.95**every * (t / T)**3.
+    Early on d is near 0 and the slow copy simply follows the parameters; toward the end d nears
+    0.95**every (0.77 for every = 5) and each pull restarts SGD from an average of its last few
+    dozen steps, which damps the noise of the steps as the learning rate falls. After the last
+    step, ``finish`` leaves the slow copy itself as the model (d = 1). Unlike WeightAverage (ema),
+    which is only evaluated, the pulled-back parameters are the ones training continues from.
+
+    Every array of params takes part, BatchNorm's running statistics too (airbench pulls its whole
+    state_dict, buffers included); a frozen, fitted array (``FROZEN_PARAMS``) is left as it is.
+    The optimizer's velocities are not touched.
+
+    Inputs:
+    - params: dict name -> array (the model's; ``pull`` and ``finish`` write them in place)
+    - every: int >= 1, the steps between pulls (Config.lookahead)
+    - slow: the slow copy of a resumed run, as written by a checkpoint
+    """
+
+    def __init__(self, params, every, slow=None):
+        self.every = int(every)
+        source = params if slow is None else slow
+        self.slow = {k: np.array(source[k], dtype=v.dtype) for k, v in params.items()}
+
+    def decay(self, step, total_steps):
+        """d after global step ``step`` (1-based: the steps done) of ``total_steps``."""
+        return 0.95 ** self.every * min(1.0, step / max(1, total_steps)) ** 3
+
+    def due(self, step):
+        """Whether a pull follows global step ``step`` (the steps done)."""
+        return step % self.every == 0
+
+    def pull(self, params, decay):
+        """slow <- decay * slow + (1 - decay) * params, then params <- slow (both in place)."""
+        for name, slow in self.slow.items():
+            if name in FROZEN_PARAMS:
+                continue
+            slow *= slow.dtype.type(decay)
+            slow += slow.dtype.type(1 - decay) * params[name]
+            np.copyto(params[name], slow)
+
+    def finish(self, params):
+        """The end of training: the parameters become the slow copy (a pull with decay 1)."""
+        for name, slow in self.slow.items():
+            if name not in FROZEN_PARAMS:
+                np.copyto(params[name], slow)
+
+
 def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place so their global L2 norm is at most max_norm.
 

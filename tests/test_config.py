@@ -95,7 +95,7 @@ def test_each_bad_value_gets_one_message_whatever_its_source(argv, words):
 
 def test_keys_added_after_the_first_runs_are_the_levers_the_cell_the_backbone_and_what_the_evaluation_writes():
     assert Config.defaults() == {'val_fraction': 0.1, 'cell': 'rnn', 'readout': 'last', 'crop': 'paste', 'alternate_flip': False, 'label_smoothing': 0.0,
-                                 'ema': 0.0, 'tta_flip': False, 'tta_translate': False, 'val_views': 'test',
+                                 'ema': 0.0, 'lookahead': 0, 'tta_flip': False, 'tta_translate': False, 'val_views': 'test',
                                  'widths': [64, 64],
                                  'convs_per_block': 1, 'batchnorm': False, 'bn_momentum': 0.1, 'bn_eps': 1e-5,
                                  'bn_gamma_lr': 1.0, 'bn_beta_lr': 1.0,

@@ -116,16 +116,19 @@ def test_ema_run_evaluates_and_saves_the_average_and_resumes_exactly(data_dir, t
         np.testing.assert_array_equal(v, ckpt[k], err_msg=k)
 
 
-def test_checkpoint_of_an_ema_run_without_its_average_is_refused(data_dir, tmp_path, capsys):
-    out = tmp_path / 'ema'
-    assert train_run(data_dir, out, '--epochs', '1', '--set', 'ema=0.5', interrupt_after=3) == 0
+@pytest.mark.parametrize('lever, arrays_of', [('ema=0.5', 'average'), ('lookahead=2', 'lookahead')])
+def test_checkpoint_of_a_run_without_its_weight_copy_is_refused(data_dir, tmp_path, capsys, lever, arrays_of):
+    """A checkpoint of an ema run without its average, of a lookahead run without its slow copy."""
+    out = tmp_path / 'run'
+    assert train_run(data_dir, out, '--epochs', '1', '--set', lever, interrupt_after=3) == 0
     with np.load(out / 'ckpt.npz') as f:
-        kept = {k: f[k] for k in f.files if not k.startswith('average/')}
-    np.savez(tmp_path / 'no_average.npz', **kept)
+        assert any(k.startswith(f'{arrays_of}/') for k in f.files)
+        kept = {k: f[k] for k in f.files if not k.startswith(f'{arrays_of}/')}
+    np.savez(tmp_path / 'without.npz', **kept)
     capsys.readouterr()
-    assert resume(tmp_path / 'no_average.npz') == 2
+    assert resume(tmp_path / 'without.npz') == 2
     err = capsys.readouterr().err
-    assert 'does not match its model' in err and 'Traceback' not in err
+    assert f'optimizer state ({arrays_of}) that does not match its model' in err and 'Traceback' not in err
 
 
 # --------------------------------------------------------------------------

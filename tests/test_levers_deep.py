@@ -596,3 +596,87 @@ def test_a_bad_val_views_on_the_command_line_is_one_line_and_writes_nothing(data
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --set: val_views = 'both' is invalid") and '\n' not in err
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------
+# Lookahead (airbench's): the weights pulled back to a slow copy every few steps
+# --------------------------------------------------------------------------
+
+def test_a_pull_moves_the_slow_copy_toward_the_weights_and_the_weights_onto_it():
+    from cnn_rnn_numpy import FROZEN_PARAMS
+    from optim import Lookahead
+    rng = np.random.default_rng(0)
+    frozen = sorted(FROZEN_PARAMS)[0]
+    params = {'w': rng.normal(size=(3, 4)).astype(np.float32), frozen: rng.normal(size=(2,)).astype(np.float32)}
+    look = Lookahead(params, 5)
+    start = {k: v.copy() for k, v in params.items()}
+    params['w'] += 1.0
+    params[frozen] += 1.0               # a frozen array is never trained; if it changes, the pull leaves it
+    moved = params['w'].copy()
+    look.pull(params, 0.25)
+    expected = (np.float32(0.25) * start['w'] + np.float32(0.75) * moved)
+    np.testing.assert_allclose(look.slow['w'], expected, rtol=1e-6)
+    np.testing.assert_array_equal(params['w'], look.slow['w'])
+    np.testing.assert_array_equal(params[frozen], start[frozen] + 1.0)
+    # Decay 0 copies the weights (exactly); finish puts the slow copy back whatever the weights did.
+    params['w'] += 2.0
+    look.pull(params, 0.0)
+    np.testing.assert_array_equal(look.slow['w'], params['w'])
+    kept = look.slow['w'].copy()
+    params['w'] -= 3.0
+    look.finish(params)
+    np.testing.assert_array_equal(params['w'], kept)
+    # A resumed run's slow copy is the checkpoint's, not the weights.
+    assert np.array_equal(Lookahead(params, 5, slow={'w': start['w'], frozen: start[frozen]}).slow['w'], start['w'])
+
+
+def test_the_pull_grows_cubically_to_airbenchs_strength_at_the_end():
+    from optim import Lookahead
+    look = Lookahead({'w': np.zeros(1, np.float32)}, 5)
+    assert look.decay(0, 100) == 0.0
+    assert look.decay(50, 100) == pytest.approx(0.95 ** 5 / 8)
+    assert look.decay(100, 100) == pytest.approx(0.95 ** 5) == pytest.approx(0.7738, abs=1e-4)
+    assert look.decay(130, 100) == look.decay(100, 100)      # a re-planned, shorter schedule: no more than d_max
+    assert [s for s in range(1, 21) if look.due(s)] == [5, 10, 15, 20]
+
+
+def test_a_lookahead_run_pulls_on_schedule_ends_on_the_slow_weights_and_resumes_exactly(
+        data_dir, tmp_path, monkeypatch):
+    from optim import Lookahead
+    levers = ['--epochs', '2', '--set', 'lookahead=3']
+    pulls, finishes = [], []
+    pull, finish = Lookahead.pull, Lookahead.finish
+    monkeypatch.setattr(Lookahead, 'pull', lambda self, p, d: (pulls.append(d), pull(self, p, d))[1])
+    monkeypatch.setattr(Lookahead, 'finish', lambda self, p: (finishes.append(len(pulls)), finish(self, p))[1])
+    full = tmp_path / 'full'
+    assert train_run(data_dir, full, *levers) == 0
+    total = 2 * STEPS_PER_EPOCH                 # 16 steps: pulls after steps 3, 6, 9, 12 and 15, then the end
+    assert pulls == pytest.approx([0.95 ** 3 * (t / total) ** 3 for t in range(3, total + 1, 3)])
+    assert finishes == [len(pulls)]
+    ckpt = arrays(full / 'ckpt.npz')
+    slow = {k[len('lookahead/'):]: v for k, v in ckpt.items() if k.startswith('lookahead/')}
+    assert sorted(slow) == sorted(CNNRNN().params)
+    for name, v in slow.items():                # the model is the slow copy: best.npz of the last epoch too
+        np.testing.assert_array_equal(ckpt[f'param/{name}'], v, err_msg=name)
+    assert main.load_checkpoint(full / 'ckpt.npz').cfg.lookahead == 3
+    # The lever changes training: without it the same seed ends elsewhere.
+    plain = tmp_path / 'plain'
+    assert train_run(data_dir, plain, '--epochs', '2') == 0
+    assert not np.array_equal(arrays(plain / 'ckpt.npz')['param/W_ho'], ckpt['param/W_ho'])
+    # Stopped between two pulls (after step 4 of 16) and resumed: bit-identical, slow copy included.
+    split = tmp_path / 'split'
+    assert train_run(data_dir, split, *levers, interrupt_after=4) == 0
+    assert resume(split / 'ckpt.npz') == 0
+    resumed = arrays(split / 'ckpt.npz')
+    assert set(resumed) == set(ckpt)
+    for k, v in resumed.items():
+        np.testing.assert_array_equal(v, ckpt[k], err_msg=k)
+
+
+@pytest.mark.parametrize('value', [-1, 1001, 2.5, True, '5'])
+def test_a_bad_lookahead_is_refused_with_one_sentence(value):
+    with pytest.raises(config.ConfigError) as e:
+        config.with_overrides(config.load_presets()['fast'], {'lookahead': value}, 'preset x')
+    message = str(e.value)
+    assert f'lookahead = {value!r} is invalid; it must be an integer in [0, 1000]' in message
+    assert '\n' not in message
