@@ -786,9 +786,10 @@ def test_a_run_that_fitted_its_epochs_to_the_budget_counts_as_its_presets(tmp_pa
     # its epochs (metrics.json's time_budgets_h says so); one given a budget, then resumed without.
     finished_run(tmp_path, 'fixed-no-budget', 3, 0.88, preset='deep', epochs=most - 8, time_budgets_h=[None])
     finished_run(tmp_path, 'fitted-recorded', 4, 0.88, preset='deep', epochs=most - 8, time_budgets_h=[1.0, None])
-    # --preset deep --max-hours 1 --set val_fraction=0.02: fitted too, but another setting (a trial of
-    # the 2% validation share), so not one of the preset's rows.
-    finished_run(tmp_path, 'other-share', 5, 0.90, preset='deep', epochs=most - 4, val_fraction=0.02,
+    # --preset deep --max-hours 1 --set val_fraction=0.1: fitted too, but another setting (the sixth
+    # version's 9:1 split), so not one of the preset's rows.
+    assert presets['deep'].val_fraction != 0.1
+    finished_run(tmp_path, 'other-share', 5, 0.89, preset='deep', epochs=most - 4, val_fraction=0.1,
                  time_budgets_h=[1.0])
     runs = tables.finished_runs(tmp_path, 'abc1234')
     assert [r['path'].name for r in tables.runs_of_preset(runs, 'deep', presets)] == ['fitted', 'fitted-recorded']
