@@ -66,6 +66,17 @@ def exit_cleanly_on_interrupt_while_starting():
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _interrupted_while_starting)
     sys.excepthook = _exit_quietly_if_interrupted_while_starting
+    sys.unraisablehook = _quiet_if_interrupted_while_starting
+
+
+def _quiet_if_interrupted_while_starting(unraisable, _default=sys.unraisablehook):
+    """An interrupt whose exception Python discarded (it arrived while the import system ran one
+    of its weakref callbacks) is not a crash: _interrupted_by keeps it, and the tool ends with its
+    one line where start-up ends, so nothing is printed here ("Exception ignored in ...", with a
+    traceback, would be). Any other discarded exception is reported as Python reports it."""
+    if isinstance(unraisable.exc_value, StartupInterrupted):
+        return
+    _default(unraisable)
 
 
 def _exit_quietly_if_interrupted_while_starting(exc_type, exc, tb, _default=sys.excepthook):
