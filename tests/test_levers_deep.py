@@ -14,9 +14,9 @@ import data_utils as du
 import main
 import runfiles
 import viz
-from cnn_rnn_numpy import CNNRNN
+from cnn_rnn_numpy import CNNRNN, FROZEN_PARAMS
 from conftest import SMOKE, STEPS_PER_EPOCH, arrays, resume, train_run
-from optim import learning_rate
+from optim import Lookahead, learning_rate
 
 
 @pytest.fixture(scope='module')
@@ -603,8 +603,6 @@ def test_a_bad_val_views_on_the_command_line_is_one_line_and_writes_nothing(data
 # --------------------------------------------------------------------------
 
 def test_a_pull_moves_the_slow_copy_toward_the_weights_and_the_weights_onto_it():
-    from cnn_rnn_numpy import FROZEN_PARAMS
-    from optim import Lookahead
     rng = np.random.default_rng(0)
     frozen = sorted(FROZEN_PARAMS)[0]
     params = {'w': rng.normal(size=(3, 4)).astype(np.float32), frozen: rng.normal(size=(2,)).astype(np.float32)}
@@ -631,7 +629,6 @@ def test_a_pull_moves_the_slow_copy_toward_the_weights_and_the_weights_onto_it()
 
 
 def test_the_pull_grows_cubically_to_airbenchs_strength_at_the_end():
-    from optim import Lookahead
     look = Lookahead({'w': np.zeros(1, np.float32)}, 5)
     assert look.decay(0, 100) == 0.0
     assert look.decay(50, 100) == pytest.approx(0.95 ** 5 / 8)
@@ -642,7 +639,6 @@ def test_the_pull_grows_cubically_to_airbenchs_strength_at_the_end():
 
 def test_a_lookahead_run_pulls_on_schedule_ends_on_the_slow_weights_and_resumes_exactly(
         data_dir, tmp_path, monkeypatch):
-    from optim import Lookahead
     levers = ['--epochs', '2', '--set', 'lookahead=3']
     pulls, finishes = [], []
     pull, finish = Lookahead.pull, Lookahead.finish
