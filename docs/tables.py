@@ -19,7 +19,7 @@ and only the text between them is rewritten. The sources:
     cells      docs/claims.md     the same file: the `pixels` RNN against the GRU and the LSTM
     levers, deep-levers, deep-levers-2, deep-weight-decay, deep-head, deep-head-2, deep-readout,
     deep-bn, deep-bn-lr, deep-bn-lr-2, deep-smoothing,
-    deep-overfit, deep-weight-decay-2 (LEVER_SCREENS)
+    deep-overfit, deep-weight-decay-2, deep-lookahead (LEVER_SCREENS)
                docs/results.md    <runs>/NAME/comparison/comparison.json of the screen NAME
                                   (make sweep SWEEP=sweeps/NAME.json writes it)
 
@@ -75,7 +75,7 @@ EXPECTED = {'no-weight-decay': 'worse', 'no-warmup': 'worse', 'constant-lr': 'wo
 # block NAME of docs/results.md and the figure docs/NAME_test_accuracy.png (dashes as underscores).
 LEVER_SCREENS = ('levers', 'deep-levers', 'deep-levers-2', 'deep-weight-decay', 'deep-head', 'deep-head-2',
                  'deep-readout', 'deep-bn', 'deep-bn-lr', 'deep-bn-lr-2', 'deep-smoothing',
-                 'deep-overfit', 'deep-weight-decay-2')
+                 'deep-overfit', 'deep-weight-decay-2', 'deep-lookahead')
 
 
 def screen_figure(name):

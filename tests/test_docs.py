@@ -350,7 +350,7 @@ def test_the_pages_are_up_to_date_and_kept_without_run_folders(tmp_path, capsys)
     assert 'README.md presets: rewritten from presets.json' in out
     # Every block made from runs: the headline, the preset tables, calibration, the claims suite's two
     # and one for each lever screen (19 in all).
-    assert out.count(': kept') == 1 + len(tables.PRESET_RUN_TABLES) + 1 + 2 + len(tables.LEVER_SCREENS) == 19
+    assert out.count(': kept') == 1 + len(tables.PRESET_RUN_TABLES) + 1 + 2 + len(tables.LEVER_SCREENS) == 20
 
 
 def finished_run(root, name, seed=0, acc=0.5, preset='fast', wall_time_s=300.0, single_view=None,
@@ -522,6 +522,10 @@ def fake_runs(tmp_path_factory):
     deep_weight_decay_2 = runs / 'deep-weight-decay-2'
     compare_args.append(deep_screen(deep_weight_decay_2, dict(short, epochs=15), ('deep', [0.80, 0.81], {}),
                                     ('weight-decay-5e-3', [0.83, 0.84], {'weight_decay': 0.005}), seeds=(3, 4)))
+    # The thirteenth: airbench's lookahead, at the 9:1 split the screens before the seventh version had.
+    deep_lookahead = runs / 'deep-lookahead'
+    compare_args.append(deep_screen(deep_lookahead, dict(short, epochs=15, val_fraction=0.1),
+                                    ('deep', [0.78, 0.78], {}), ('lookahead-5', [0.77, 0.78], {'lookahead': 5})))
     procs = [subprocess.Popen([sys.executable, 'compare.py', *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for args in compare_args]
@@ -640,7 +644,11 @@ def test_the_tables_are_rewritten_from_run_folders_between_their_markers(fake_ru
             ('deep-weight-decay-2',
              '| weight_decay=0.005 | `.venv/bin/python main.py --preset deep --epochs 15 --batch-size 256 '
              '--lr 0.1 --set warmup_epochs=1 --set weight_decay=0.005 --subset 0.2 --set tta_translate=false '
-             '--seed S` | 2 | 83.50% ± 0.71 (83.00, 84.00) |', '+3.00 points')):
+             '--seed S` | 2 | 83.50% ± 0.71 (83.00, 84.00) |', '+3.00 points'),
+            ('deep-lookahead',
+             '| lookahead=5 | `.venv/bin/python main.py --preset deep --epochs 15 --batch-size 256 '
+             '--lr 0.1 --set warmup_epochs=1 --subset 0.2 --set val_fraction=0.1 --set lookahead=5 '
+             '--set tta_translate=false --seed S` | 2 | 77.50% ± 0.71 (77.00, 78.00) |', '-0.50 points')):
         block = tables.read_block(results, screen, 'docs/results.md')
         assert row in block and change in block, (screen, block)
     # The eleventh screen's other variant (airbench's BatchNorm rates) is below the base.

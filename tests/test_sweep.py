@@ -519,7 +519,7 @@ DEEP_LEVERS_2_OPTIONS = {
 BN_RATES_PROTOCOL = ('--subset 0.2 --epochs 5 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
                      '--set tta_translate=false')
 BN_RATES_OPTIONS = {'deep': '', 'bn-rates-airbench': '--set bn_gamma_lr=0 --set bn_beta_lr=64'}
-# The tenth, eleventh and twelfth screens: 9,000 images for 15 epochs (527 steps), where the model overfits.
+# The tenth to thirteenth screens: 9,000 images for 15 epochs (527 steps), where the model overfits.
 OVERFIT_PROTOCOL = ('--subset 0.2 --epochs 15 --batch-size 256 --lr 0.1 --set warmup_epochs=1 '
                     '--set tta_translate=false')
 
@@ -558,6 +558,8 @@ OVERFIT_PROTOCOL = ('--subset 0.2 --epochs 15 --batch-size 256 --lr 0.1 --set wa
       'weight-decay-5e-3': '--set weight_decay=0.005'}),
     ('deep-weight-decay-2', 'deep', OVERFIT_PROTOCOL, 'deep',      # the twelfth: the eleventh's on seeds 3-5
      {'deep': '', 'weight-decay-5e-3': '--set weight_decay=0.005'}),
+    ('deep-lookahead', 'deep', OVERFIT_PROTOCOL + ' --set val_fraction=0.1', 'deep',   # the thirteenth, at 9:1
+     {'deep': '', 'lookahead-5': '--set lookahead=5'}),
 ])
 def test_the_project_sweep_files_load_and_plan_the_expected_commands(tmp_path, name, preset, protocol, baseline,
                                                                      options):
