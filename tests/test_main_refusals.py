@@ -595,8 +595,9 @@ def test_an_interrupt_whose_exception_python_discarded_still_ends_the_start_up(d
 def test_an_interrupt_that_python_discards_while_starting_prints_nothing_of_its_own():
     """An interrupt can land while the import system runs a weakref callback, where Python discards
     the handler's exception and prints "Exception ignored in ..." with a traceback (it broke
-    test_an_interrupt_while_starting_ends_cleanly once). The tool's start-up hook keeps quiet about it; _interrupted_by still says
-    an interrupt came, and any other discarded exception is still reported."""
+    test_an_interrupt_while_starting_ends_cleanly once). The tool's start-up hook keeps quiet about
+    it; _interrupted_by still says an interrupt came, and any other discarded exception is still
+    reported."""
     code = ('import gc, weakref, cli\n'
             'cli.exit_cleanly_on_interrupt_while_starting()\n'
             'class Thing: pass\n'
